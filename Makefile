@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo   installs the package with its demo extra into .venv and runs `weightwatch demo`
+#   make test   installs everything the tests need (PyTorch CPU, JAX, Chromium) and runs them
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+LOGDIR ?= weightwatch-demo
+
+.PHONY: demo test venv lint browser
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(PY)
+
+demo: $(PY)
+	$(PIP) install -e '.[demo]'
+	$(VENV)/bin/weightwatch demo --logdir $(LOGDIR)
+
+# Debian's Chromium for the end-to-end TensorBoard checks (skipped where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core) >/dev/null 2>&1 \
+	      || echo "note: could not install chromium; browser tests will be skipped"; \
+	  else echo "note: chromium not found and not root; browser tests will be skipped"; fi; }
+
+test: $(PY) browser
+	$(PIP) install -e '.[test]'
+	$(PIP) install 'torch==2.13.0' jax jaxlib
+	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider

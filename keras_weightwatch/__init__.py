@@ -1,0 +1,38 @@
+"""keras-weightwatch: see what a Keras model's weights do, epoch by epoch.
+
+`WeightWatch` is a Keras 3 callback that snapshots every layer's weights into
+a run directory and writes TensorBoard views of them; `load_run` reads a run
+back with numpy arrays.
+"""
+
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .errors import WeightWatchError, WeightWatchWarning
+from .store import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
+
+__all__ = [
+    "Run",
+    "SnapshotRecord",
+    "TensorRecord",
+    "VerifyReport",
+    "WeightWatch",
+    "WeightWatchError",
+    "WeightWatchWarning",
+    "__version__",
+    "load_run",
+    "verify_run",
+]
+
+if TYPE_CHECKING:
+    from .callback import WeightWatch
+
+
+def __getattr__(name: str):
+    # The callback imports Keras (and its backend); reading runs needs only numpy,
+    # so `weightwatch show` and `load_run` do not pay for that import.
+    if name == "WeightWatch":
+        from .callback import WeightWatch
+
+        return WeightWatch
+    raise AttributeError(f"module 'keras_weightwatch' has no attribute {name!r}")

@@ -1,0 +1,535 @@
+"""WeightWatch: the Keras callback. It decides *when*; other modules decide *what* and *how*."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from . import _version
+from .capture import ModelInfo, Snapshot, capture_arrays, clean_logs, describe_model
+from .errors import WeightWatchError, WeightWatchWarning, received
+from .stats import tensor_stats
+from .store import RunWriter, SnapshotRecord, TensorRecord, is_run
+from .views import View, build_views
+from .worker import Worker
+
+IF_EXISTS = ("continue", "new", "error")
+RESPONSE_MODES = ("kernel", "activation")
+EVENTS_SUBDIR = "weights"
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    backend = keras.backend.backend()
+    out = {
+        "keras_weightwatch": _version.__version__,
+        "keras": keras.__version__,
+        "backend": backend,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    dist = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",), "torch": ("torch",)}
+    for name in dist.get(backend, ()):
+        try:
+            out["backend_version"] = metadata.version(name)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer >= {minimum}. {received(name, value)}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}. {received(name, value)}")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False. {received(name, value)}")
+    return bool(value)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}. {received(name, value)}")
+    return str(value)
+
+
+def _check_names(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+        raise TypeError(f"`{name}` must be a list of strings. {received(name, value)}")
+    names = list(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"`{name}` must hold only strings; found {bad[0]!r}. {received(name, value)}")
+    return names
+
+
+def _check_log_dir(log_dir: Any) -> str:
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"`log_dir` must be a path (str or os.PathLike). {received('log_dir', log_dir)}")
+    path = os.fspath(log_dir)
+    if not path:
+        raise ValueError(f"`log_dir` must not be empty. {received('log_dir', log_dir)}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"`log_dir` must be a directory (or not exist yet), but it is a file. "
+            f"{received('log_dir', log_dir)}"
+        )
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"`log_dir` cannot be written: {probe} is not a writable directory. "
+            f"{received('log_dir', log_dir)}"
+        )
+    return path
+
+
+class _Pipeline:
+    """What happens to a snapshot on the worker: store, statistics, views.
+
+    Each part fails on its own: with `strict=False`, a part that raises is
+    switched off and its error is handed to the training thread as a warning;
+    the other parts go on.
+    """
+
+    def __init__(self, writer: RunWriter, views: list[View], run_dir: str, strict: bool):
+        self.writer: RunWriter | None = writer
+        self.views = list(views)
+        self.run_dir = run_dir
+        self.strict = strict
+        self.events: Any = None
+        self._failures: list[tuple[str, BaseException]] = []
+        self._lock = threading.Lock()
+        self._prev_arrays: dict[str, np.ndarray] | None = None
+
+    def _fail(self, part: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures.append((part, exc))
+
+    def pop_failures(self) -> list[tuple[str, BaseException]]:
+        with self._lock:
+            out, self._failures = self._failures, []
+        return out
+
+    def _previous(self, snapshot: Snapshot) -> dict[str, np.ndarray] | None:
+        if self.writer is not None:
+            prev: SnapshotRecord | None = self.writer.previous(snapshot.step)
+            if prev is None:
+                return None
+            return {k: self.writer.read(r) for k, r in prev.tensors.items()}
+        return self._prev_arrays
+
+    def _events(self) -> Any:
+        if self.events is None:
+            from .summaries import EventWriter
+
+            self.events = EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR))
+        return self.events
+
+    def handle(self, job: tuple[Snapshot, dict[str, Any]]) -> None:
+        snapshot, payloads = job
+        records: dict[str, TensorRecord] | None = None
+        if self.writer is not None:
+            try:
+                records = self.writer.store_tensors(snapshot)
+            except Exception as e:
+                self.writer = None
+                self._fail("snapshots", e)
+        try:
+            prev = self._previous(snapshot)
+        except Exception:
+            prev = None
+        stats = {
+            key: tensor_stats(arr, None if prev is None else prev.get(key))
+            for key, arr in snapshot.arrays.items()
+        }
+        if self.writer is not None and records is not None:
+            try:
+                self.writer.commit_snapshot(snapshot, records, stats)
+            except Exception as e:
+                self.writer = None
+                self._fail("snapshots", e)
+        if self.writer is None:
+            self._prev_arrays = snapshot.arrays
+        for view in list(self.views):
+            try:
+                view.write(snapshot, stats, payloads.get(view.name), self._events())
+            except Exception as e:
+                self.views.remove(view)
+                self._fail(f"the {view.name} view", e)
+        if self.events is not None:
+            try:
+                self.events.flush()
+            except Exception as e:
+                self.views = []
+                self._fail("the TensorBoard event file", e)
+
+    def close(self) -> None:
+        for view in self.views:
+            try:
+                view.close()
+            except Exception as e:
+                self._fail(f"the {view.name} view", e)
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception as e:
+                self._fail("the TensorBoard event file", e)
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WeightWatch(keras.callbacks.Callback):
+    """Snapshot every layer's weights at each epoch and show them in TensorBoard.
+
+    At train begin and at the end of every `freq`-th epoch, WeightWatch copies
+    every weight of every layer, as `layer.get_weights()` returns it, into a
+    run directory that `load_run` (or numpy alone) reads back, and writes
+    TensorBoard summaries of them under `log_dir/weights`. Everything after
+    the copy (checksums, files, statistics, images) runs on a background
+    thread, so training waits only for the copy.
+
+    Steps follow `keras.callbacks.TensorBoard`: the snapshot taken after the
+    epoch with index `e` (0 for the first) has step `e`; the initial weights
+    have the step before the first epoch (-1 for a fresh `fit`). A second
+    `fit` with the same run continues it: its steps carry on after the run's
+    last step unless `initial_epoch` already does.
+
+    Args:
+        log_dir: The run directory. It may be the same `log_dir` as a
+            `keras.callbacks.TensorBoard` of the same run: WeightWatch's
+            event files go to its `weights` subdirectory.
+        freq: Take a snapshot after every `freq`-th epoch (epochs with index
+            `e % freq == 0`) and after the last epoch of `fit`. Defaults to 1.
+        histograms: Write a histogram of every weight tensor. Defaults to True.
+        kernel_images: Draw the kernels of convolution layers as image grids.
+            Defaults to True.
+        max_kernel_tiles: The most tiles one kernel grid holds. Defaults to 256.
+        feature_names: Names of the model's input features, for the top-k
+            feature table. Defaults to None (no table).
+        top_k: How many features the table lists. Defaults to 5.
+        feature_layer: The name of the Dense layer whose kernel is read for the
+            table. Defaults to None: the first Dense layer fed by the input.
+        feature_data: A sample of inputs, shape (n, features): flags features
+            whose correlation with another is 0.9 or more and gives
+            standardized weights. Defaults to None.
+        sample_images: Images (N, H, W, C in the model's input layout) to
+            convolve with the kernels of the first conv layer. Defaults to None.
+        response_mode: `"kernel"` (each kernel's plain cross-correlation with
+            the image, no bias or activation) or `"activation"` (the layer's
+            output). Defaults to `"kernel"`.
+        response_layers: Names of the conv layers whose responses are drawn.
+            Defaults to None: the first conv layer.
+        responses_dir: Also write the response grids as PNG files here.
+            Defaults to None.
+        if_exists: What to do when `log_dir` already holds a run:
+            `"continue"` appends to it (it must come from a model of the same
+            architecture), `"new"` starts a new run in `log_dir-2` (or `-3`,
+            ...), `"error"` raises. Defaults to `"continue"`.
+        strict: Raise `WeightWatchError` when writing fails, instead of
+            warning once and letting training go on. Defaults to False.
+        durable: fsync every file before it becomes part of the run, so that
+            completed snapshots survive a power loss, not only a crash.
+            Defaults to True.
+        max_queue: How many captured snapshots may wait for the background
+            writer before training waits for it. Defaults to 1.
+
+    Example:
+
+    ```python
+    from keras_weightwatch import WeightWatch, load_run
+
+    model.fit(x, y, epochs=20, callbacks=[WeightWatch("runs/exp1")])
+    run = load_run("runs/exp1")
+    run.epochs            # [0, 1, ..., 19]
+    run.weights(3)        # {"dense/kernel": array(...), ...} after epoch index 3
+    ```
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        freq: int = 1,
+        *,
+        histograms: bool = True,
+        kernel_images: bool = True,
+        max_kernel_tiles: int = 256,
+        feature_names: Sequence[str] | None = None,
+        top_k: int = 5,
+        feature_layer: str | None = None,
+        feature_data: Any = None,
+        sample_images: Any = None,
+        response_mode: str = "kernel",
+        response_layers: Sequence[str] | None = None,
+        responses_dir: str | os.PathLike | None = None,
+        if_exists: str = "continue",
+        strict: bool = False,
+        durable: bool = True,
+        max_queue: int = 1,
+    ):
+        super().__init__()
+        self.log_dir = _check_log_dir(log_dir)
+        self.freq = _check_positive_int("freq", freq)
+        self.histograms = _check_bool("histograms", histograms)
+        self.kernel_images = _check_bool("kernel_images", kernel_images)
+        self.max_kernel_tiles = _check_positive_int("max_kernel_tiles", max_kernel_tiles)
+        self.feature_names = _check_names("feature_names", feature_names)
+        if self.feature_names is not None and len(set(self.feature_names)) != len(self.feature_names):
+            dupes = sorted({n for n in self.feature_names if self.feature_names.count(n) > 1})
+            raise ValueError(
+                f"`feature_names` must be unique; {dupes} appear more than once. "
+                f"{received('feature_names', feature_names)}"
+            )
+        self.top_k = _check_positive_int("top_k", top_k)
+        if feature_layer is not None and not isinstance(feature_layer, str):
+            raise TypeError(f"`feature_layer` must be a layer name. {received('feature_layer', feature_layer)}")
+        self.feature_layer = feature_layer
+        self.feature_data = None if feature_data is None else np.asarray(feature_data)
+        if self.feature_data is not None and self.feature_data.ndim != 2:
+            raise ValueError(
+                "`feature_data` must be a 2-D array (samples, features). "
+                f"Received: feature_data with shape {self.feature_data.shape}"
+            )
+        self.sample_images = None if sample_images is None else np.asarray(sample_images)
+        self.response_mode = _check_choice("response_mode", response_mode, RESPONSE_MODES)
+        self.response_layers = _check_names("response_layers", response_layers)
+        if responses_dir is not None and not isinstance(responses_dir, (str, os.PathLike)):
+            raise TypeError(f"`responses_dir` must be a path. {received('responses_dir', responses_dir)}")
+        self.responses_dir = None if responses_dir is None else os.fspath(responses_dir)
+        self.if_exists = _check_choice("if_exists", if_exists, IF_EXISTS)
+        self.strict = _check_bool("strict", strict)
+        self.durable = _check_bool("durable", durable)
+        self.max_queue = _check_positive_int("max_queue", max_queue)
+        # Resolved at the first on_train_begin, kept for later fits of this instance.
+        self.run_dir: str | None = None
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        self._pipeline: _Pipeline | None = None
+        self._worker: Worker | None = None
+        self._views: list[View] = []
+        self._info: ModelInfo | None = None
+        self._keys: list[str] = []
+        self._pending_initial: Snapshot | None = None
+        self._offset: int | None = None
+        self._last_step: int | None = None
+        self._active = False
+
+    def get_config(self) -> dict[str, Any]:
+        """The callback's settings, as recorded in the run header."""
+        return {
+            "log_dir": self.log_dir,
+            "freq": self.freq,
+            "histograms": self.histograms,
+            "kernel_images": self.kernel_images,
+            "max_kernel_tiles": self.max_kernel_tiles,
+            "feature_names": self.feature_names,
+            "top_k": self.top_k,
+            "feature_layer": self.feature_layer,
+            "feature_data": None if self.feature_data is None else list(self.feature_data.shape),
+            "sample_images": None if self.sample_images is None else list(self.sample_images.shape),
+            "response_mode": self.response_mode,
+            "response_layers": self.response_layers,
+            "responses_dir": self.responses_dir,
+            "if_exists": self.if_exists,
+            "strict": self.strict,
+            "durable": self.durable,
+            "max_queue": self.max_queue,
+        }
+
+    def _view_settings(self) -> dict[str, Any]:
+        settings = self.get_config()
+        settings["feature_data"] = self.feature_data
+        settings["sample_images"] = self.sample_images
+        return settings
+
+    def _resolve_run_dir(self) -> str:
+        if self.run_dir is not None:
+            return self.run_dir  # a later fit of this instance continues its own run
+        path = self.log_dir
+        if is_run(path):
+            if self.if_exists == "error":
+                raise WeightWatchError(
+                    f"{path}: already holds a run; pass if_exists='continue' to append to it "
+                    "or if_exists='new' to start a new one beside it"
+                )
+            if self.if_exists == "new":
+                n = 2
+                while os.path.exists(f"{path}-{n}"):
+                    n += 1
+                path = f"{path}-{n}"
+        return path
+
+    # ------------------------------------------------------------------ errors
+    def _report(self, part: str, exc: BaseException) -> None:
+        if self.strict:
+            raise WeightWatchError(f"weightwatch: {part} failed: {exc}") from exc
+        warnings.warn(
+            f"weightwatch: {part} stopped after an error ({type(exc).__name__}: {exc}); "
+            "training goes on without it",
+            WeightWatchWarning,
+            stacklevel=3,
+        )
+
+    def _collect(self) -> None:
+        if self._pipeline is not None:
+            for part, exc in self._pipeline.pop_failures():
+                self._report(part, exc)
+        if self._worker is not None:
+            for exc in self._worker.pop_errors():
+                self._report("the background writer", exc)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._active:  # a previous fit of this instance ended with an exception
+            self._shutdown(report=False)
+        self._reset()
+        model = self.model
+        info = describe_model(model)
+        views = build_views(self._view_settings())
+        for view in views:
+            view.prepare(model, info)  # bad arguments raise here, before any epoch
+        run_dir = self._resolve_run_dir()
+        try:
+            writer = RunWriter.open(
+                run_dir,
+                info,
+                settings=self.get_config(),
+                versions=_versions(),
+                durable=self.durable,
+            )
+        except OSError as e:
+            raise WeightWatchError(f"{run_dir}: cannot create the run directory: {e}") from e
+        self.run_dir = run_dir
+        self._info = info
+        self._keys = [s.key for s in writer.specs]
+        self._views = views
+        self._pipeline = _Pipeline(writer, views, run_dir, self.strict)
+        self._worker = Worker(self._pipeline.handle, maxsize=self.max_queue)
+        self._last_step = writer.last_step
+        self._active = True
+        if not writer.has_initial() and writer.last_step is None:
+            self._pending_initial = self._capture(model, step=0, label="initial", epoch=None, logs={})
+
+    def _capture(self, model: Any, *, step: int, label: str, epoch: int | None,
+                 logs: Mapping[str, Any]) -> Snapshot:
+        arrays = capture_arrays(model)
+        if len(arrays) != len(self._keys):
+            raise WeightWatchError(
+                f"the model now has {len(arrays)} weight tensors but had {len(self._keys)} at "
+                "train begin; a model whose weights change during fit cannot be watched"
+            )
+        return Snapshot(
+            step=step,
+            label=label,
+            epoch=epoch,
+            arrays=dict(zip(self._keys, arrays)),
+            logs=clean_logs(logs),
+        )
+
+    def _payloads(self, model: Any) -> dict[str, Any]:
+        out = {}
+        for view in self._views:
+            payload = view.capture(model)
+            if payload is not None:
+                out[view.name] = payload
+        return out
+
+    def _submit(self, snapshot: Snapshot, payloads: dict[str, Any]) -> None:
+        if self._worker is None:
+            return
+        self._worker.submit((snapshot, payloads))
+        self._last_step = snapshot.step
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active or self._offset is not None:
+            return
+        last = self._last_step
+        self._offset = last + 1 - epoch if last is not None and epoch <= last else 0
+        if self._pending_initial is not None:
+            snap, self._pending_initial = self._pending_initial, None
+            snap.step = epoch + self._offset - 1
+            self._guard(lambda: self._submit(snap, self._payloads(self.model)))
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        self._guard(self._collect)
+        model = self.model
+        last_epoch = self.params.get("epochs") if self.params else None
+        due = (
+            epoch % self.freq == 0
+            or (last_epoch is not None and epoch >= last_epoch - 1)
+            or bool(getattr(model, "stop_training", False))
+        )
+        if not due:
+            return
+        if self._offset is None:
+            self._offset = 0
+        step = epoch + self._offset
+
+        def take() -> None:
+            snap = self._capture(model, step=step, label="epoch", epoch=epoch, logs=logs or {})
+            self._submit(snap, self._payloads(model))
+
+        self._guard(take)
+
+    def _guard(self, fn: Any) -> None:
+        """Run a training-thread step. On failure stop watching; raise if strict, else warn."""
+        try:
+            fn()
+        except Exception as e:
+            self._shutdown(report=False)
+            if self.strict:
+                raise
+            self._report("capturing weights", e)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        if self._pending_initial is not None and self._last_step is None:  # fit ran no epoch
+            snap, self._pending_initial = self._pending_initial, None
+            snap.step = -1
+            self._guard(lambda: self._submit(snap, {}))
+        self._shutdown(report=True)
+
+    def _shutdown(self, report: bool) -> None:
+        """Drain the worker, close files, release the run's lock; then report what failed."""
+        self._active = False
+        self._pending_initial = None
+        worker, pipeline = self._worker, self._pipeline
+        self._worker = None
+        self._pipeline = None
+        failures: list[tuple[str, BaseException]] = []
+        try:
+            if worker is not None:
+                worker.close()
+                failures += [("the background writer", e) for e in worker.pop_errors()]
+        finally:
+            if pipeline is not None:
+                pipeline.close()
+                failures = pipeline.pop_failures() + failures
+        if report:
+            for part, exc in failures:
+                self._report(part, exc)

@@ -1,0 +1,108 @@
+"""Per-tensor statistics: pure numpy, one pass, bounded memory.
+
+Statistics of non-finite data are computed over the finite values, and the
+NaN and Inf counts are reported beside them, so one NaN does not hide what
+the rest of the tensor is doing while the count still flags it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Work on at most this many elements at a time (float64 temporaries stay small).
+CHUNK = 1 << 20
+
+STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
+
+
+def _chunks(a: np.ndarray):
+    flat = np.asarray(a).reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield flat[start : start + CHUNK]
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    return np.abs(x).astype(np.float64) if x.dtype.kind == "c" else x.astype(np.float64)
+
+
+def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float]:
+    """Statistics of one weight tensor.
+
+    Args:
+        arr: The tensor (any numeric or boolean dtype, any shape, may be empty).
+        prev: The same tensor at the previous snapshot, for `update_ratio`.
+
+    Returns:
+        A dict with `l2_norm`, `mean`, `std`, `max_abs` (over finite values;
+        NaN when there is none), `nan_count`, `inf_count`, `size`, and, when
+        `prev` is given with the same shape, `update_ratio` =
+        ||arr - prev|| / ||prev|| (NaN when ||prev|| is 0 and arr changed, 0
+        when nothing changed).
+
+    Example:
+
+    >>> s = tensor_stats(np.array([3.0, 4.0]))
+    >>> s["l2_norm"], s["mean"], s["max_abs"]
+    (5.0, 3.5, 4.0)
+    """
+    n_finite = 0
+    total = 0.0
+    sumsq = 0.0
+    max_abs = -math.inf
+    nan = 0
+    inf = 0
+    for chunk in _chunks(arr):
+        x = _as_float(chunk)
+        finite = np.isfinite(x)
+        n_nan = int(np.count_nonzero(np.isnan(x)))
+        nan += n_nan
+        inf += int(x.size - np.count_nonzero(finite) - n_nan)
+        if not finite.all():
+            x = x[finite]
+        if x.size:
+            n_finite += x.size
+            total += float(x.sum())
+            sumsq += float(np.dot(x, x))
+            max_abs = max(max_abs, float(np.abs(x).max()))
+    if n_finite:
+        mean = total / n_finite
+        var = max(sumsq / n_finite - mean * mean, 0.0)
+        out = {
+            "l2_norm": math.sqrt(sumsq),
+            "mean": mean,
+            "std": math.sqrt(var),
+            "max_abs": max_abs,
+        }
+    else:
+        out = {"l2_norm": math.nan, "mean": math.nan, "std": math.nan, "max_abs": math.nan}
+    out["nan_count"] = float(nan)
+    out["inf_count"] = float(inf)
+    out["size"] = float(np.asarray(arr).size)
+    if prev is not None and np.shape(prev) == np.shape(arr):
+        out["update_ratio"] = update_ratio(arr, prev)
+    return out
+
+
+def update_ratio(arr: np.ndarray, prev: np.ndarray) -> float:
+    """||arr - prev|| / ||prev||, in float64, chunk by chunk.
+
+    Returns 0.0 when the two are equal (frozen weights), NaN when `prev` is all
+    zeros but `arr` is not, or when either holds non-finite values.
+    """
+    diff_sq = 0.0
+    prev_sq = 0.0
+    for a, p in zip(_chunks(arr), _chunks(prev)):
+        a64 = _as_float(a)
+        p64 = _as_float(p)
+        d = a64 - p64
+        diff_sq += float(np.dot(d, d))
+        prev_sq += float(np.dot(p64, p64))
+    if not (math.isfinite(diff_sq) and math.isfinite(prev_sq)):
+        return math.nan
+    if diff_sq == 0.0:
+        return 0.0
+    if prev_sq == 0.0:
+        return math.nan
+    return math.sqrt(diff_sq) / math.sqrt(prev_sq)

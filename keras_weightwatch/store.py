@@ -407,6 +407,7 @@ class Run:
         self._snapshots = tuple(sorted(snapshots, key=lambda s: s.step))
         self._by_step = {s.step: s for s in self._snapshots}
         self._verified: set[str] = set()
+        self._specs = tuple(WeightSpec.from_json(w) for w in header.get("weights", []))
 
     # -- listing
     @property
@@ -435,7 +436,7 @@ class Run:
     @property
     def specs(self) -> tuple[WeightSpec, ...]:
         """Every weight of the model, in `model.weights` order."""
-        return tuple(WeightSpec.from_json(w) for w in self.header.get("weights", []))
+        return self._specs
 
     @property
     def layers(self) -> tuple[LayerInfo, ...]:

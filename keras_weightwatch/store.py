@@ -561,10 +561,12 @@ class Run:
             raise WeightWatchError(f"{path}: not a readable .npy file ({e})") from None
         if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
             raise WeightWatchError(f"{path}: holds Python objects; refusing to load it")
-        if tuple(arr.shape) != rec.shape or arr.dtype.name != rec.stored_dtype:
+        # bfloat16 and the float8 types are stored as their raw bits (uint16, uint8).
+        file_dtype = _BITS_DTYPES.get(rec.stored_dtype, rec.stored_dtype)
+        if tuple(arr.shape) != rec.shape or arr.dtype.name != file_dtype:
             raise WeightWatchError(
                 f"{path}: holds {arr.dtype.name}{list(arr.shape)} but the snapshot says "
-                f"{rec.stored_dtype}{list(rec.shape)}"
+                f"{file_dtype}{list(rec.shape)}"
             )
         return _from_storage(arr, rec)
 

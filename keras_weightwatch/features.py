@@ -1,0 +1,257 @@
+"""Named top-k input features of a Dense kernel: pure numpy.
+
+A Dense layer fed by the model input has a kernel of shape `(features,
+units)`: row `i` holds the weights that multiply input feature `i`. The
+features are ranked by the magnitude of their weight (for one unit) or by
+the L2 norm of their row (for several units). Correlated features can trade
+weight between them, so with a sample of the inputs each feature whose
+absolute correlation with another is 0.9 or more is flagged with its
+partner, and standardized weights (weight x the feature's standard
+deviation) put features of different scales side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+CORRELATION_THRESHOLD = 0.9
+# A per-unit table (one column per unit) is added when the layer has at most this many units.
+MAX_UNIT_COLUMNS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureWeight:
+    """One input feature's weight, as ranked by `top_k_features`.
+
+    Attributes:
+        rank: 1 for the feature of largest magnitude.
+        index: The feature's position in the input (row of the kernel).
+        name: The feature's name.
+        weight: The signed weight for a single-unit layer, else the L2 norm of
+            the feature's row over the units.
+        units: The feature's weight for each unit (the kernel row).
+        std: The feature's standard deviation in the sample, or None.
+        standardized: `weight * std` (None without a sample).
+        partner: The name of the feature it is most correlated with, when
+            |correlation| >= the threshold; else None.
+        correlation: That correlation, or None.
+    """
+
+    rank: int
+    index: int
+    name: str
+    weight: float
+    units: tuple[float, ...]
+    std: float | None = None
+    standardized: float | None = None
+    partner: str | None = None
+    correlation: float | None = None
+
+
+def feature_weights(kernel: np.ndarray) -> np.ndarray:
+    """The per-feature weight: the kernel's column for one unit, else the row L2 norms.
+
+    Args:
+        kernel: A Dense kernel of shape `(features, units)`.
+
+    Returns:
+        A float64 array of shape `(features,)`.
+
+    Example:
+
+    >>> feature_weights(np.array([[3.0, 4.0], [0.0, -1.0]]))
+    array([5., 1.])
+    """
+    k = _as_kernel(kernel)
+    if k.shape[1] == 1:
+        return k[:, 0].copy()
+    return np.sqrt(np.sum(k * k, axis=1))
+
+
+def _as_kernel(kernel: np.ndarray) -> np.ndarray:
+    k = np.asarray(kernel)
+    if k.ndim != 2:
+        raise ValueError(
+            f"a Dense kernel of shape (features, units) is needed. Received: kernel.shape={k.shape}"
+        )
+    return k.astype(np.float64)
+
+
+def correlated_partners(
+    data: np.ndarray, threshold: float = CORRELATION_THRESHOLD
+) -> list[tuple[int, float] | None]:
+    """For each feature, the other feature it is most correlated with, if |r| >= threshold.
+
+    Constant features (and features with non-finite values in the sample)
+    have no correlation and are never flagged.
+
+    Args:
+        data: A sample of inputs, shape `(samples, features)`.
+        threshold: The smallest |correlation| that is flagged. Defaults to 0.9.
+
+    Returns:
+        One entry per feature: `(partner index, correlation)` or None.
+
+    Example:
+
+    >>> x = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0], [2.0, 4.1, 1.0]])
+    >>> [p if p is None else p[0] for p in correlated_partners(x)]
+    [1, 0, None]
+    """
+    x = np.asarray(data, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"`data` must be 2-D (samples, features). Received: data.shape={x.shape}")
+    n = x.shape[1]
+    out: list[tuple[int, float] | None] = [None] * n
+    if x.shape[0] < 2 or n < 2:
+        return out
+    ok = np.all(np.isfinite(x), axis=0)
+    xc = x - x.mean(axis=0)
+    norm = np.sqrt(np.sum(xc * xc, axis=0))
+    ok &= norm > 0
+    safe = np.where(ok, norm, 1.0)
+    z = np.where(ok, xc / safe, 0.0)
+    r = np.clip(z.T @ z, -1.0, 1.0)
+    np.fill_diagonal(r, 0.0)
+    r[~ok, :] = 0.0
+    r[:, ~ok] = 0.0
+    for i in range(n):
+        j = int(np.argmax(np.abs(r[i])))
+        if abs(r[i, j]) >= threshold:
+            out[i] = (j, float(r[i, j]))
+    return out
+
+
+def top_k_features(
+    kernel: np.ndarray,
+    names: Sequence[str],
+    k: int = 5,
+    data: np.ndarray | None = None,
+    threshold: float = CORRELATION_THRESHOLD,
+) -> list[FeatureWeight]:
+    """The `k` features of largest weight magnitude, largest first.
+
+    Ties keep input order. An infinite weight ranks as the largest, NaN last.
+
+    Args:
+        kernel: A Dense kernel of shape `(features, units)`.
+        names: One name per feature.
+        k: How many features to return. Defaults to 5.
+        data: A sample of inputs `(samples, features)` for the correlation
+            flags and standardized weights. Defaults to None.
+        threshold: The smallest |correlation| that is flagged. Defaults to 0.9.
+
+    Returns:
+        A list of `FeatureWeight`, at most `k` long.
+
+    Example:
+
+    >>> top = top_k_features(np.array([[0.5], [-3.0], [2.0]]), ["a", "b", "c"], k=2)
+    >>> [(f.name, f.weight) for f in top]
+    [('b', -3.0), ('c', 2.0)]
+    """
+    kern = _as_kernel(kernel)
+    names = list(names)
+    if len(names) != kern.shape[0]:
+        raise ValueError(
+            f"{len(names)} feature names for a kernel of {kern.shape[0]} input features. "
+            f"Received: names={names!r}"
+        )
+    weights = feature_weights(kern)
+    mag = np.abs(weights)
+    mag = np.where(np.isnan(mag), -1.0, mag)
+    order = np.argsort(-mag, kind="stable")[: max(int(k), 0)]
+    stds = partners = None
+    if data is not None:
+        x = np.asarray(data, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != kern.shape[0]:
+            raise ValueError(
+                f"`data` must have shape (samples, {kern.shape[0]}). Received: data.shape={x.shape}"
+            )
+        stds = x.std(axis=0)
+        partners = correlated_partners(x, threshold)
+    out = []
+    for rank, i in enumerate(order, start=1):
+        i = int(i)
+        std = None if stds is None else float(stds[i])
+        pair = None if partners is None else partners[i]
+        out.append(
+            FeatureWeight(
+                rank=rank,
+                index=i,
+                name=names[i],
+                weight=float(weights[i]),
+                units=tuple(float(v) for v in kern[i]),
+                std=std,
+                standardized=None if std is None else float(weights[i]) * std,
+                partner=None if pair is None else names[pair[0]],
+                correlation=None if pair is None else pair[1],
+            )
+        )
+    return out
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return ""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Inf" if v > 0 else "-Inf"
+    return f"{v:.4g}"
+
+
+def _cell(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | None = None) -> str:
+    """The top-k table as Markdown: rank, feature, weight (and the sample's columns).
+
+    For a layer with several units the weight column is the L2 norm over the
+    units; up to `MAX_UNIT_COLUMNS` units get a second table with the
+    per-unit weights. Numbers show 4 significant digits.
+
+    Args:
+        rows: The features, as `top_k_features` returns them.
+        units: The layer's number of units. Defaults to 1.
+        title: A line shown above the table. Defaults to None.
+
+    Returns:
+        Markdown text.
+
+    Example:
+
+    >>> print(markdown_table(top_k_features(np.array([[-3.81], [2.85]]), ["LSTAT", "RM"])))
+    | rank | feature | weight |
+    |---:|:---|---:|
+    | 1 | LSTAT | -3.81 |
+    | 2 | RM | 2.85 |
+    """
+    with_data = any(r.std is not None for r in rows)
+    head = ["rank", "feature", "weight" if units == 1 else "L2 norm over units"]
+    align = ["---:", ":---", "---:"]
+    if with_data:
+        head += ["standardized", "correlated with (r)"]
+        align += ["---:", ":---"]
+    lines = []
+    if title:
+        lines += [title, ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    for r in rows:
+        cells = [str(r.rank), _cell(r.name), _num(r.weight)]
+        if with_data:
+            flag = "" if r.partner is None else f"**{_cell(r.partner)}** ({_num(r.correlation)})"
+            cells += [_num(r.standardized), flag]
+        lines.append("| " + " | ".join(cells) + " |")
+    if 1 < units <= MAX_UNIT_COLUMNS and rows:
+        lines += ["", "Weight per unit:", ""]
+        lines.append("| feature | " + " | ".join(f"unit {u}" for u in range(units)) + " |")
+        lines.append("|:---|" + "|".join(["---:"] * units) + "|")
+        for r in rows:
+            lines.append(f"| {_cell(r.name)} | " + " | ".join(_num(v) for v in r.units) + " |")
+    return "\n".join(lines)

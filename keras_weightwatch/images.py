@@ -1,0 +1,314 @@
+"""Kernel and response grids as RGB images, and a PNG encoder: pure numpy and zlib.
+
+Colours: weights are normalised symmetrically around zero (by the largest
+finite |w| of the grid) and drawn with a diverging colour map, blue for
+negative, near-white for zero, red for positive. Kernels with exactly three
+input channels can be drawn as RGB pictures instead (zero is mid-grey, as in
+the classic AlexNet filter figure). NaN and Inf are drawn in `NONFINITE_RGB`
+(bright green, a colour the diverging map never uses). Tiles are upscaled by
+nearest neighbour, so every pixel of a tile is exactly one weight, and are
+separated by dark lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+NONFINITE_RGB = (0, 255, 0)
+SEPARATOR_RGB = (48, 48, 48)
+# RdBu-like control points from -1 to 1 (blue, light blue, near-white, light red, red).
+_CMAP_X = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+_CMAP_RGB = np.array(
+    [[33, 102, 172], [103, 169, 207], [247, 247, 247], [239, 138, 98], [178, 24, 43]],
+    dtype=np.float64,
+)
+MIN_TILE_PX = 24
+MAX_IMAGE_PX = 2048
+MAX_COLUMNS = 16
+
+
+def symmetric_limit(values: np.ndarray) -> float:
+    """The largest finite |value| (0.0 when there is none): the grid's colour scale."""
+    x = np.asarray(values, dtype=np.float64)
+    x = np.abs(x[np.isfinite(x)])
+    return float(x.max()) if x.size else 0.0
+
+
+def diverging_rgb(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Map values to colours: `-vmax` blue, 0 near-white, `+vmax` red; non-finite green.
+
+    Args:
+        values: Any real array.
+        vmax: The magnitude drawn at full colour (values beyond it are
+            clipped); 0 draws every finite value as zero.
+
+    Returns:
+        A uint8 array of shape `values.shape + (3,)`.
+
+    Example:
+
+    >>> diverging_rgb(np.array([-1.0, 0.0, 1.0, np.nan]), 1.0).tolist()
+    [[33, 102, 172], [247, 247, 247], [178, 24, 43], [0, 255, 0]]
+    """
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    t = np.where(finite, x, 0.0) / vmax if vmax > 0 else np.zeros_like(x)
+    t = np.clip(t, -1.0, 1.0)
+    out = np.empty(x.shape + (3,), dtype=np.float64)
+    for c in range(3):
+        out[..., c] = np.interp(t, _CMAP_X, _CMAP_RGB[:, c])
+    out = np.rint(out).astype(np.uint8)
+    out[~finite] = NONFINITE_RGB
+    return out
+
+
+def signed_rgb(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Draw a `(..., 3)` array as RGB: 0 is mid-grey (128), `+vmax` full channel, `-vmax` none.
+
+    Non-finite values turn their whole pixel `NONFINITE_RGB`.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    t = np.where(finite, x, 0.0) / vmax if vmax > 0 else np.zeros_like(x)
+    out = np.rint(128.0 + 127.0 * np.clip(t, -1.0, 1.0)).astype(np.uint8)
+    out[~np.all(finite, axis=-1)] = NONFINITE_RGB
+    return out
+
+
+def intensity_rgb(values: np.ndarray) -> np.ndarray:
+    """Draw an image `(h, w)` (grey) or `(h, w, 3)` (colour) min-max scaled to 0..255."""
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    lo = float(x[finite].min()) if finite.any() else 0.0
+    hi = float(x[finite].max()) if finite.any() else 0.0
+    t = (np.where(finite, x, lo) - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    v = np.rint(255.0 * t).astype(np.uint8)
+    if v.ndim == 2:
+        out = np.repeat(v[..., None], 3, axis=-1)
+        out[~finite] = NONFINITE_RGB
+    else:
+        out = v
+        out[~np.all(finite, axis=-1)] = NONFINITE_RGB
+    return out
+
+
+def upscale(img: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an `(h, w, ...)` image by an integer factor."""
+    if scale == 1:
+        return img
+    return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A grid image and where each tile sits in it.
+
+    Attributes:
+        image: uint8 RGB array `(height, width, 3)`.
+        tiles: What each tile shows, in drawing order (`(input, output)` for
+            kernels, a label for response grids).
+        origins: The `(y, x)` pixel of each tile's top-left corner.
+        scale: Pixels per weight (nearest-neighbour upscaling factor).
+        vmax: The |value| drawn at full colour.
+        total: How many tiles there would be without the cap.
+        rgb: Whether kernel tiles are drawn as RGB pictures.
+    """
+
+    image: np.ndarray
+    tiles: tuple
+    origins: tuple[tuple[int, int], ...]
+    scale: int
+    vmax: float
+    total: int
+    rgb: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.tiles) < self.total
+
+
+def _choose_scale(cell_h: int, cell_w: int, rows: int, cols: int, sep: int) -> int:
+    scale = max(1, math.ceil(MIN_TILE_PX / max(cell_h, cell_w, 1)))
+    while (
+        scale > 1
+        and max(rows * (cell_h * scale + sep), cols * (cell_w * scale + sep)) > MAX_IMAGE_PX
+    ):
+        scale -= 1
+    return scale
+
+
+def compose(
+    tiles: Sequence[np.ndarray], cols: int, scale: int | None = None, sep: int | None = None
+) -> tuple[np.ndarray, tuple[tuple[int, int], ...], int]:
+    """Lay out RGB tiles in a grid with separators; tiles are upscaled by `scale`.
+
+    Every cell is as large as the largest tile; a smaller tile sits in its
+    cell's top-left corner on the separator colour.
+
+    Returns:
+        The image, each tile's `(y, x)` origin, and the scale used.
+    """
+    n = len(tiles)
+    cols = max(1, min(cols, n))
+    rows = max(1, math.ceil(n / cols))
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] for t in tiles)
+    if scale is None:
+        scale = _choose_scale(cell_h, cell_w, rows, cols, 2)
+    if sep is None:
+        sep = 2 if scale > 1 else 1
+    h = rows * (cell_h * scale + sep) + sep
+    w = cols * (cell_w * scale + sep) + sep
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    out[:] = SEPARATOR_RGB
+    origins = []
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y = sep + r * (cell_h * scale + sep)
+        x = sep + c * (cell_w * scale + sep)
+        big = upscale(tile, scale)
+        out[y : y + big.shape[0], x : x + big.shape[1]] = big
+        origins.append((y, x))
+    return out, tuple(origins), scale
+
+
+def _spatial_2d(k: np.ndarray) -> np.ndarray:
+    """(spatial..., c, t) -> (h, w, c, t): 1-D kernels as a row, 3-D depth slices side by side."""
+    if k.ndim == 3:
+        return k[None]
+    if k.ndim == 4:
+        return k
+    if k.ndim == 5:
+        d, h, w, c, t = k.shape
+        return np.transpose(k, (1, 0, 2, 3, 4)).reshape(h, d * w, c, t)
+    raise ValueError(
+        f"a convolution kernel has 3 to 5 dimensions (spatial..., inputs, outputs). "
+        f"Received: kernel.shape={k.shape}"
+    )
+
+
+def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = None) -> Grid:
+    """All kernels of a convolution layer as one grid image.
+
+    The kernel has Keras's layout `(spatial..., inputs, outputs)` (for
+    transposed convolutions `(spatial..., outputs, inputs)`: pass it as is,
+    the second-to-last axis is then the colour axis). With `rgb` the three
+    input channels of each output form one colour tile (one tile per output);
+    otherwise there is one tile per `(input, output)` pair, inputs major, at
+    most `max_tiles` of them. 1-D kernels are drawn as one row; 3-D kernels
+    with their depth slices side by side.
+
+    Args:
+        kernel: The kernel array (3-D, 4-D or 5-D).
+        max_tiles: The most tiles drawn. Defaults to 256.
+        rgb: Draw RGB tiles. Defaults to None: when there are exactly 3
+            inputs.
+
+    Returns:
+        A `Grid`; `tiles[i]` is `(input, output)` (input None for RGB tiles).
+
+    Example:
+
+    >>> g = kernel_grid(np.ones((3, 3, 1, 5)))
+    >>> len(g.tiles), g.scale
+    (5, 8)
+    """
+    k = _spatial_2d(np.asarray(kernel))
+    h, w, c, t = k.shape
+    if rgb is None:
+        rgb = c == 3
+    if rgb and c != 3:
+        raise ValueError(
+            f"RGB tiles need 3 input channels. Received: kernel.shape={np.shape(kernel)}"
+        )
+    if rgb:
+        total = t
+        index = [(None, o) for o in range(min(t, max_tiles))]
+    else:
+        total = c * t
+        index = [(i, o) for i in range(c) for o in range(t)][:max_tiles]
+    drawn = np.stack([k[..., o] if i is None else k[..., i, o] for i, o in index])
+    vmax = symmetric_limit(drawn)
+    if rgb:
+        tiles = [signed_rgb(k[..., o], vmax) for _, o in index]
+        cols = math.ceil(math.sqrt(len(tiles)))
+    else:
+        tiles = [diverging_rgb(k[..., i, o], vmax) for i, o in index]
+        cols = t if t <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
+    image, origins, scale = compose(tiles, cols)
+    return Grid(image, tuple(index), origins, scale, vmax, total, bool(rgb))
+
+
+def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256) -> Grid:
+    """One sample image followed by its response maps, as one grid.
+
+    The image (channels last) is drawn in grey (1 channel), in colour (3
+    channels) or by its first channel, min-max scaled. The responses
+    `(h, w, outputs)` share one symmetric diverging colour scale, so their
+    strengths compare across outputs.
+
+    Args:
+        image: `(H, W, C)`.
+        responses: `(h, w, outputs)`.
+        max_tiles: The most response tiles drawn. Defaults to 256.
+
+    Returns:
+        A `Grid` whose first tile is `"image"`, then `("response", output)`.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3:
+        raise ValueError(f"the image must be (H, W, C). Received: image.shape={img.shape}")
+    res = np.asarray(responses)
+    if res.ndim != 3:
+        raise ValueError(
+            f"responses must be (h, w, outputs). Received: responses.shape={res.shape}"
+        )
+    shown = img if img.shape[-1] == 3 else img[..., 0]
+    n = min(res.shape[-1], max_tiles)
+    vmax = symmetric_limit(res[..., :n])
+    tiles = [intensity_rgb(shown)] + [diverging_rgb(res[..., o], vmax) for o in range(n)]
+    labels: tuple = ("image",) + tuple(("response", o) for o in range(n))
+    cols = len(tiles) if len(tiles) <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
+    out, origins, scale = compose(tiles, cols)
+    return Grid(out, labels, origins, scale, vmax, res.shape[-1] + 1)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(img: np.ndarray, level: int = 6) -> bytes:
+    """Encode an 8-bit grey `(h, w)` or RGB `(h, w, 3)` image as PNG (zlib only).
+
+    Example:
+
+    >>> encode_png(np.zeros((2, 2, 3), np.uint8))[:8]
+    b'\\x89PNG\\r\\n\\x1a\\n'
+    """
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        raise TypeError(f"encode_png needs a uint8 image. Received: dtype={a.dtype}")
+    if a.ndim == 2:
+        colour = 0
+        a = a[..., None]
+    elif a.ndim == 3 and a.shape[2] == 3:
+        colour = 2
+    else:
+        raise ValueError(f"encode_png needs (h, w) or (h, w, 3). Received: shape={a.shape}")
+    h, w = a.shape[:2]
+    if h < 1 or w < 1:
+        raise ValueError(f"encode_png needs a non-empty image. Received: shape={a.shape}")
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), a.reshape(h, -1)], axis=1)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + _chunk(b"IEND", b"")
+    )

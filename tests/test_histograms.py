@@ -1,0 +1,80 @@
+"""histograms: fixed bins checked against numpy.histogram; NaN, Inf and empty tensors are safe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from keras_weightwatch.histograms import DEFAULT_BINS, histogram
+
+
+@pytest.mark.parametrize("bins", [1, 7, 30])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "float16"])
+def test_matches_numpy_histogram(bins, dtype):
+    x = (np.random.default_rng(1).normal(size=(13, 17)) * 10).astype(dtype)
+    counts, edges = np.histogram(x.astype(np.float64), bins=bins)
+    h = histogram(x, bins)
+    assert h.shape == (bins, 3)
+    np.testing.assert_allclose(h[:, 0], edges[:-1])
+    np.testing.assert_allclose(h[:, 1], edges[1:])
+    np.testing.assert_array_equal(h[:, 2], counts)
+
+
+def test_nan_and_inf_are_left_out_and_never_empty_the_histogram():
+    x = np.array([1.0, 2.0, np.nan, np.inf, -np.inf, 3.0], dtype=np.float32)
+    h = histogram(x, 4)
+    assert h[0, 0] == 1.0 and h[-1, 1] == 3.0
+    assert h[:, 2].sum() == 3  # the finite values
+    assert np.all(np.isfinite(h))
+
+
+@pytest.mark.parametrize(
+    "values", [np.array([]), np.full(5, np.nan), np.array([np.inf, -np.inf]), np.zeros((0, 3))]
+)
+def test_no_finite_value_gives_zero_counts_not_an_empty_histogram(values):
+    h = histogram(values)
+    assert h.shape == (DEFAULT_BINS, 3)
+    assert h[0, 0] == -0.5 and h[-1, 1] == 0.5 and h[:, 2].sum() == 0
+
+
+def test_constant_tensor_is_one_full_bucket_around_the_value():
+    h = histogram(np.full(7, 2.5), 3)
+    np.testing.assert_allclose(h[:, 0], [2.0, 2.0 + 1 / 3, 2.0 + 2 / 3])
+    np.testing.assert_array_equal(h[:, 2], [0, 7, 0])
+
+
+def test_huge_span_does_not_overflow():
+    h = histogram(np.array([-1e308, 1e308, 0.0]), 2)
+    assert np.all(np.isfinite(h)) and h[:, 2].tolist() == [1, 2]
+    assert h[0, 0] == -1e308 and h[-1, 1] == 1e308
+
+
+def test_bool_and_complex():
+    assert histogram(np.array([True, False, True]), 2)[:, 2].tolist() == [1, 2]
+    h = histogram(np.array([3 + 4j, 0j]), 1)
+    assert h[0].tolist() == [0.0, 5.0, 2.0]
+
+
+@pytest.mark.parametrize("bins", [0, -1, 2.5, True])
+def test_bad_bins(bins):
+    with pytest.raises(ValueError, match=f"Received: bins={bins!r}"):
+        histogram(np.ones(3), bins)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    ),
+    st.integers(1, 40),
+)
+def test_counts_always_sum_to_the_finite_values(x, bins):
+    h = histogram(x, bins)
+    assert h.shape == (bins, 3)
+    assert h[:, 2].sum() == np.isfinite(x).sum()
+    assert np.all(np.isfinite(h)) and np.all(h[:, 1] >= h[:, 0])

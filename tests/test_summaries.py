@@ -1,0 +1,148 @@
+"""summaries: tags, v2 encodings read back by TensorBoard's own reader, framing, appending."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+from tensorboard.compat.proto import types_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.util import tensor_util
+
+from keras_weightwatch import summaries
+from keras_weightwatch.images import encode_png
+from keras_weightwatch.summaries import EventWriter, tag
+
+
+def _load(logdir):
+    acc = pea.EventAccumulator(str(logdir), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize(
+    "parts, expected",
+    [
+        (("dense/kernel", "l2_norm"), "dense/kernel/l2_norm"),
+        (("inner/dense_2/kernel", "histogram"), "inner/dense_2/kernel/histogram"),
+        (("features", "dense", "% lower status"), "features/dense/_lower_status"),
+        (("features", "dense", "a b:c"), "features/dense/a_b_c"),
+        (("dense/kernel#2", "mean"), "dense/kernel_2/mean"),
+        (("a//b/", "c.d-e"), "a/b/c.d-e"),
+    ],
+)
+def test_tag(parts, expected):
+    assert tag(*parts) == expected
+
+
+def test_every_kind_reads_back_with_tensorboard(tmp_path):
+    png = encode_png(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
+    buckets = np.array([[0.0, 0.5, 2.0], [0.5, 1.0, 3.0]])
+    with EventWriter(tmp_path) as w:
+        for step in (-1, 0, 1):
+            w.write(
+                step,
+                [
+                    summaries.scalar("s", step * 1.5),
+                    summaries.histogram("h", buckets + step),
+                    summaries.image("i", [png, png], 3, 2),
+                    summaries.text("t", f"| a |\n|---|\n| {step} |"),
+                ],
+                wall_time=100.0 + step,
+            )
+        w.write(2, [summaries.scalar("s", float("nan"))])
+    acc = _load(tmp_path)
+    assert sorted(acc.Tags()["tensors"]) == ["h", "i", "s", "t"]
+    assert acc.SummaryMetadata("s").plugin_data.plugin_name == "scalars"
+    assert acc.SummaryMetadata("h").plugin_data.plugin_name == "histograms"
+    assert acc.SummaryMetadata("i").plugin_data.plugin_name == "images"
+    assert acc.SummaryMetadata("t").plugin_data.plugin_name == "text"
+    scal = acc.Tensors("s")
+    assert [e.step for e in scal] == [-1, 0, 1, 2]
+    assert [e.wall_time for e in scal[:3]] == [99.0, 100.0, 101.0]
+    assert all(e.tensor_proto.dtype == types_pb2.DT_FLOAT for e in scal)
+    got = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in scal]
+    assert got[:3] == [-1.5, 0.0, 1.5] and np.isnan(got[3])
+    hist = acc.Tensors("h")
+    assert hist[0].tensor_proto.dtype == types_pb2.DT_DOUBLE
+    np.testing.assert_array_equal(tensor_util.make_ndarray(hist[2].tensor_proto), buckets + 1)
+    img = tensor_util.make_ndarray(acc.Tensors("i")[0].tensor_proto)
+    assert img.shape == (4,) and list(img[:2]) == [b"3", b"2"] and img[2] == png
+    txt = tensor_util.make_ndarray(acc.Tensors("t")[1].tensor_proto)
+    assert txt.shape == () and txt.item().decode() == "| a |\n|---|\n| 0 |"
+
+
+def test_histogram_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"Received: shape=\(3,\)"):
+        summaries.histogram("h", np.zeros(3))
+
+
+def test_framing_matches_tensorboard_crc():
+    data = b"hello weights"
+    rec = summaries.frame_record(data)
+    header = struct.pack("<Q", len(data))
+    assert rec == (
+        header
+        + struct.pack("<I", masked_crc32c(header))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
+
+
+def test_reopen_appends_to_the_same_file(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.write(0, [summaries.scalar("s", 1.0)])
+    first = w.path
+    size = os.path.getsize(first)
+    with EventWriter(tmp_path) as w2:
+        w2.write(1, [summaries.scalar("s", 2.0)])
+    assert w2.path == first and os.path.getsize(first) > size
+    assert os.listdir(tmp_path) == [os.path.basename(first)]
+    acc = _load(tmp_path)
+    assert [e.step for e in acc.Tensors("s")] == [0, 1]
+    # one file_version record only: the file starts with it and it is not repeated
+    with open(first, "rb") as f:
+        assert f.read().count(b"brain.Event:2") == 1
+
+
+def test_reopen_cuts_off_a_torn_record(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.write(0, [summaries.scalar("s", 1.0)])
+    good = os.path.getsize(w.path)
+    torn = summaries.frame_record(b"x" * 50)[:30]
+    with open(w.path, "ab") as f:
+        f.write(torn)
+    assert summaries.valid_length(w.path) == good
+    with EventWriter(tmp_path) as w2:
+        w2.write(1, [summaries.scalar("s", 2.0)])
+    assert [e.step for e in _load(tmp_path).Tensors("s")] == [0, 1]
+
+
+def test_close_twice_and_write_after_close(tmp_path):
+    w = EventWriter(tmp_path)
+    w.write(0, [])  # nothing to write: no file yet
+    assert os.listdir(tmp_path) == []
+    w.write(0, [summaries.scalar("s", 1.0)])
+    w.close()
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        w.write(1, [summaries.scalar("s", 1.0)])
+
+
+def test_writing_does_not_import_tensorflow(tmp_path):
+    code = (
+        "import sys, numpy as np\n"
+        "from keras_weightwatch import summaries\n"
+        "from keras_weightwatch.views import build_views\n"
+        f"w = summaries.EventWriter({str(tmp_path)!r})\n"
+        "w.write(0, [summaries.scalar('s', 1.0), summaries.text('t', 'x')])\n"
+        "w.close()\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+        "assert 'keras' not in sys.modules, 'keras imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

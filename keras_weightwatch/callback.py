@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _version
 from .capture import ModelInfo, Snapshot, capture_arrays, clean_logs, describe_model
+from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning, received
 from .stats import tensor_stats
 from .store import RunWriter, SnapshotRecord, TensorRecord, is_run
@@ -215,6 +216,12 @@ class WeightWatch(keras.callbacks.Callback):
     `fit` with the same run continues it: its steps carry on after the run's
     last step unless `initial_epoch` already does.
 
+    It works on every Keras backend (TensorFlow is never imported on JAX or
+    PyTorch). In a multi-process run only one process writes (the chief of a
+    TensorFlow multi-worker strategy, JAX process 0, `torch.distributed`
+    rank 0; see `distribute.is_writer`); the others take no snapshot and
+    write nothing.
+
     Args:
         log_dir: The run directory. It may be the same `log_dir` as a
             `keras.callbacks.TensorBoard` of the same run: WeightWatch's
@@ -410,6 +417,8 @@ class WeightWatch(keras.callbacks.Callback):
         views = build_views(self._view_settings())
         for view in views:
             view.prepare(model, info)  # bad arguments raise here, before any epoch
+        if not is_writer(model):
+            return  # another process of a distributed run writes; this one stays inactive
         run_dir = self._resolve_run_dir()
         try:
             writer = RunWriter.open(

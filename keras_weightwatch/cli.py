@@ -134,6 +134,35 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
+def _cmd_demo(args: argparse.Namespace, stdout: TextIO) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up notes quiet
+    from . import demo
+
+    try:
+        result = demo.run_demo(args.logdir, quick=args.quick, progress=stdout)
+    except ImportError as e:
+        if demo.EXTRA_HINT not in str(e):
+            raise
+        raise WeightWatchError(str(e)) from e
+    print(file=stdout)
+    print(demo.render_result(result), file=stdout)
+    return EXIT_OK
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train small models on scikit-learn's bundled data into runs to view (no downloads)",
+    )
+    p.add_argument("--logdir", default="weightwatch-demo",
+                   help="where the runs go (default: ./weightwatch-demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds of training instead of about a minute (for tests)")
+    p.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightwatch",
@@ -142,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_show, _add_verify):
+    for add in (_add_show, _add_verify, _add_demo):
         add(sub)
     return parser
 

@@ -1,0 +1,535 @@
+"""`weightwatch demo`: train small models on data that ships with scikit-learn and watch them.
+
+Nothing is downloaded. The demo needs the `demo` extra
+(`pip install 'keras-weightwatch[demo]'`: scikit-learn, scipy, TensorFlow)
+and trains, each into its own run directory under one log directory:
+
+- `diabetes`: a linear regression on scikit-learn's diabetes data, whose
+  10 inputs have names (age, sex, bmi, bp, s1..s6), standardized as the
+  book recommends, so the top-k feature table shows which named inputs the
+  model leans on, epoch by epoch (the book's Boston-housing flow);
+- `digits-seed1` and `digits-seed2`: the same small CNN on the 8x8 digits,
+  with two seeds; its first conv layer has kernels of shape (3, 3, 1, 5) as
+  in the course, drawn as image grids, and four test digits are filtered by
+  each kernel;
+- `photos`: a small CNN on patches of the two colour photographs scikit-learn
+  ships, whose first-layer kernels (5, 5, 3, 8) are drawn as RGB images
+  (like AlexNet's first-layer filters), with both photographs filtered by them.
+
+Then it prints the `tensorboard` command that shows it all and a
+`weightwatch diff` of the two digits runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import numpy as np
+
+from .errors import WeightWatchError, received
+
+__all__ = ["DemoResult", "DemoSettings", "render_result", "run_demo"]
+
+EXTRA_HINT = "pip install 'keras-weightwatch[demo]'"
+MARKER_FILE = ".weightwatch-demo"
+RUN_NAMES = ("diabetes", "digits-seed1", "digits-seed2", "photos")
+DIGITS_FIRST_CONV = "conv1"
+SAMPLE_DIGITS = (0, 1, 4, 7)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """How much the demo trains.
+
+    Attributes:
+        linear_epochs: Epochs of the diabetes regression.
+        cnn_epochs: Epochs of each digits CNN.
+        digits: How many digits images (of 1,797) are used, 80% for training.
+        photo_epochs: Epochs of the photographs CNN.
+        photo_patches: How many 24x24 patches of each photograph are used.
+
+    Example:
+
+    >>> from keras_weightwatch.demo import QUICK
+    >>> QUICK.cnn_epochs
+    2
+    """
+
+    linear_epochs: int = 40
+    cnn_epochs: int = 12
+    digits: int = 1797
+    photo_epochs: int = 6
+    photo_patches: int = 400
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(linear_epochs=4, cnn_epochs=2, digits=300, photo_epochs=2, photo_patches=40)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What `run_demo` wrote and found.
+
+    Attributes:
+        logdir: The log directory holding every run.
+        runs: Run name -> run directory, in training order.
+        top_features: The diabetes model's (feature, weight) pairs of largest
+            magnitude after its last epoch, largest first.
+        diff_text: The `weightwatch diff` of the two digits runs, as printed.
+        seconds: Stage name -> seconds it took.
+
+    Example:
+
+    >>> r = DemoResult("d", {}, [], "", {"import": 1.5, "diabetes": 2.0})
+    >>> r.total_seconds
+    3.5
+    """
+
+    logdir: str
+    runs: Mapping[str, str]
+    top_features: list[tuple[str, float]]
+    diff_text: str
+    seconds: Mapping[str, float]
+
+    @property
+    def total_seconds(self) -> float:
+        """The time of all stages together."""
+        return float(sum(self.seconds.values()))
+
+
+def _check_extra() -> None:
+    """Raise an ImportError naming the `demo` extra when scikit-learn or scipy is missing."""
+    missing = []
+    for module in ("sklearn", "scipy"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append({"sklearn": "scikit-learn"}.get(module, module))
+    if missing:
+        raise ImportError(
+            f"`weightwatch demo` needs {' and '.join(missing)}, which the `demo` extra "
+            f"installs: {EXTRA_HINT}"
+        )
+
+
+def _require() -> tuple[Any, Any]:
+    """Import Keras and scikit-learn's datasets, or say which extra to install."""
+    _check_extra()
+    try:
+        import keras
+    except ImportError as e:
+        raise ImportError(
+            f"`weightwatch demo` needs Keras with a working backend ({e}); the `demo` extra "
+            f"installs TensorFlow for it: {EXTRA_HINT}"
+        ) from e
+    from sklearn import datasets
+
+    return keras, datasets
+
+
+def _prepare_logdir(logdir: str) -> None:
+    """Create `logdir`, or clear the runs an earlier demo wrote there; refuse anything else."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise WeightWatchError(f"{logdir}: exists and is not a directory; pass another --logdir")
+    if os.path.isdir(logdir) and os.listdir(logdir):
+        if not os.path.isfile(os.path.join(logdir, MARKER_FILE)):
+            raise WeightWatchError(
+                f"{logdir}: exists and was not written by `weightwatch demo`; "
+                "pass another --logdir (the demo only replaces its own runs)"
+            )
+        for name in RUN_NAMES:
+            path = os.path.join(logdir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+    os.makedirs(logdir, exist_ok=True)
+    with open(os.path.join(logdir, MARKER_FILE), "w") as f:
+        f.write("Written by `weightwatch demo`; running it again replaces the runs here.\n")
+
+
+class _Progress:
+    """One line per stage: what it does, then how long it took and its result."""
+
+    def __init__(self, stream: TextIO | None, stages: int):
+        self.stream = stream
+        self.stages = stages
+        self.n = 0
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str, text: str, fn: Callable[[], Any],
+              summary: Callable[[Any], str] | None = None) -> Any:
+        self.n += 1
+        if self.stream is not None:
+            print(f"[{self.n}/{self.stages}] {text} ...", end="", file=self.stream, flush=True)
+        start = time.perf_counter()
+        result = fn()
+        took = time.perf_counter() - start
+        self.seconds[name] = took
+        if self.stream is not None:
+            tail = f"  {summary(result)}" if summary is not None else ""
+            print(f" {took:.1f} s{tail}", file=self.stream, flush=True)
+        return result
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    return ((x - ref.mean(axis=0)) / ref.std(axis=0)).astype("float32")
+
+
+def _diabetes_data(datasets: Any) -> dict[str, Any]:
+    """scikit-learn's diabetes data, split 80/20 with a fixed seed, inputs standardized.
+
+    Returns a dict with `names` (the 10 feature names), `x_train`, `y_train`,
+    `x_test`, `y_test` (float32; y is the disease progression in its own units).
+    """
+    d = datasets.load_diabetes(scaled=False)
+    order = np.random.default_rng(0).permutation(len(d.target))
+    cut = int(0.8 * len(order))
+    tr, te = order[:cut], order[cut:]
+    x = d.data.astype("float64")
+    return {
+        "names": list(d.feature_names),
+        "x_train": _standardize(x[tr], x[tr]),
+        "y_train": d.target[tr].astype("float32"),
+        "x_test": _standardize(x[te], x[tr]),
+        "y_test": d.target[te].astype("float32"),
+    }
+
+
+def _digits_data(datasets: Any, n: int = 1797) -> dict[str, Any]:
+    """scikit-learn's 8x8 digits as (N, 8, 8, 1) floats in [0, 1], split 80/20 with a fixed seed.
+
+    Also returns `samples`: one test image of each digit in `SAMPLE_DIGITS`
+    (the images filtered by the kernels), and `sample_labels`.
+    """
+    d = datasets.load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))[:n]
+    images = (d.images[order] / 16.0).astype("float32")[..., None]
+    labels = d.target[order].astype("int32")
+    cut = int(0.8 * len(order))
+    x_test, y_test = images[cut:], labels[cut:]
+    picks = []
+    for digit in SAMPLE_DIGITS:
+        hits = np.flatnonzero(y_test == digit)
+        if hits.size:
+            picks.append(int(hits[0]))
+    return {
+        "x_train": images[:cut],
+        "y_train": labels[:cut],
+        "x_test": x_test,
+        "y_test": y_test,
+        "samples": x_test[picks],
+        "sample_labels": [int(y_test[i]) for i in picks],
+    }
+
+
+def _photos_data(datasets: Any, patches: int = 400) -> dict[str, Any]:
+    """Patches of scikit-learn's two sample photographs, labelled by photograph.
+
+    Returns `x_train`, `y_train` (0 china, 1 flower), `x_test`, `y_test`: 24x24x3
+    patches in [0, 1] from the photographs at half size, and `samples`: both
+    photographs at a quarter size (2, 107, 160, 3), to be filtered by the kernels.
+    """
+    photos = np.stack(datasets.load_sample_images().images).astype("float32") / 255.0
+    half = photos[:, ::2, ::2, :]
+    rng = np.random.default_rng(0)
+    size = 24
+    xs, ys = [], []
+    for label in range(len(half)):
+        rows = rng.integers(0, half.shape[1] - size, patches)
+        cols = rng.integers(0, half.shape[2] - size, patches)
+        xs += [half[label, r:r + size, c:c + size] for r, c in zip(rows, cols)]
+        ys += [label] * patches
+    x = np.stack(xs)
+    y = np.asarray(ys, dtype="int32")
+    order = rng.permutation(len(y))
+    x, y = x[order], y[order]
+    cut = int(0.8 * len(y))
+    return {
+        "x_train": x[:cut],
+        "y_train": y[:cut],
+        "x_test": x[cut:],
+        "y_test": y[cut:],
+        "samples": np.ascontiguousarray(photos[:, ::4, ::4, :]),
+    }
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _linear_model(keras: Any, features: int) -> Any:
+    """A linear regression: one Dense unit on `features` standardized inputs."""
+    model = keras.Sequential(
+        [keras.Input((features,), name="features"), keras.layers.Dense(1, name="linear")],
+        name="linear_regression",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    return model
+
+
+def _digits_cnn(keras: Any) -> Any:
+    """The digits CNN: Conv(5 kernels 3x3) - Conv(8 kernels 3x3) - pool - Dense(10)."""
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1), name="digit"),
+            layers.Conv2D(5, 3, padding="same", activation="relu", name=DIGITS_FIRST_CONV),
+            layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2"),
+            layers.MaxPooling2D(2, name="pool"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(10, activation="softmax", name="classes"),
+        ],
+        name="digits_cnn",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _photos_cnn(keras: Any) -> Any:
+    """A fully convolutional CNN (any image size) telling the two photographs apart."""
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 3), name="image"),
+            layers.Conv2D(8, 5, padding="same", activation="relu", name="rgb_conv"),
+            layers.MaxPooling2D(2, name="pool"),
+            layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2"),
+            layers.GlobalAveragePooling2D(name="gap"),
+            layers.Dense(2, activation="softmax", name="which_photo"),
+        ],
+        name="photos_cnn",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _fit(keras: Any, model: Any, data: Mapping[str, Any], run_dir: str, epochs: int,
+         batch_size: int, watch: Any) -> dict[str, float]:
+    history = model.fit(
+        data["x_train"],
+        data["y_train"],
+        validation_data=(data["x_test"], data["y_test"]),
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=0,
+        # Keras's own TensorBoard callback writes the loss curves beside the weight
+        # views (run_dir/train, run_dir/validation); WeightWatch writes run_dir/weights.
+        callbacks=[watch, keras.callbacks.TensorBoard(log_dir=run_dir)],
+    )
+    return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+def _top_features(run_dir: str, names: list[str], k: int = 5,
+                  key: str = "linear/kernel") -> list[tuple[str, float]]:
+    """The `k` (feature, weight) pairs of largest |weight| in a run's last snapshot."""
+    from .features import top_k_features
+    from .store import load_run
+
+    kernel = load_run(run_dir).weights("last", keys=[key])[key]
+    return [(f.name, f.weight) for f in top_k_features(kernel, names, k)]
+
+
+def _diff_text(run_a: str, run_b: str) -> str:
+    """The text `weightwatch diff RUN_A RUN_B` prints."""
+    try:
+        from . import cli
+        from .diff import diff_runs
+    except ImportError:  # TODO(demo): remove once diff.py has landed
+        return "(weightwatch diff is not available yet)"
+    render = getattr(cli, "render_diff", None)
+    result = diff_runs(run_a, run_b)
+    return render(result) if render is not None else str(result)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def run_demo(
+    logdir: str | os.PathLike = "weightwatch-demo",
+    *,
+    quick: bool = False,
+    progress: TextIO | None = None,
+) -> DemoResult:
+    """Train the demo's models into `logdir` and return what was written.
+
+    The runs are `diabetes` (a linear regression with 10 named, standardized
+    features), `digits-seed1` and `digits-seed2` (one small CNN on 8x8 digits
+    trained with two seeds; first conv layer kernels (3, 3, 1, 5)) and
+    `photos` (a small CNN with RGB kernels on scikit-learn's two sample
+    photographs). Seeds are fixed, nothing is downloaded. Running it again on
+    the same `logdir` replaces the runs it wrote there; a non-empty `logdir`
+    that the demo did not write is refused.
+
+    Args:
+        logdir: The directory that receives one run directory per model.
+            Defaults to `"weightwatch-demo"`.
+        quick: Train for a few seconds only (fewer epochs and samples), for
+            tests. Defaults to False.
+        progress: Where to print one line per stage with its time. Defaults
+            to None (silent).
+
+    Returns:
+        A `DemoResult`.
+
+    Raises:
+        ImportError: scikit-learn or scipy is missing (install the `demo` extra).
+        WeightWatchError: `logdir` holds something other than an earlier demo.
+
+    Example:
+
+    >>> from keras_weightwatch.demo import run_demo
+    >>> result = run_demo("weightwatch-demo", quick=True)  # doctest: +SKIP
+    >>> sorted(result.runs)                                   # doctest: +SKIP
+    ['diabetes', 'digits-seed1', 'digits-seed2', 'photos']
+    """
+    if not isinstance(logdir, (str, os.PathLike)):
+        raise TypeError(f"`logdir` must be a path. {received('logdir', logdir)}")
+    if not isinstance(quick, bool):
+        raise TypeError(f"`quick` must be True or False. {received('quick', quick)}")
+    logdir = os.fspath(logdir)
+    settings = QUICK if quick else FULL
+    _check_extra()  # before any output
+    _prepare_logdir(logdir)
+    steps = _Progress(progress, stages=6)
+
+    keras, datasets = steps.stage(
+        "import", "loading Keras and scikit-learn's bundled data", _require
+    )
+    from .callback import WeightWatch
+
+    runs = {name: os.path.join(logdir, name) for name in RUN_NAMES}
+
+    # (a) The book's flow: a linear model whose inputs have names.
+    diabetes = _diabetes_data(datasets)
+
+    def train_diabetes() -> dict[str, float]:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = _linear_model(keras, len(diabetes["names"]))
+        watch = WeightWatch(
+            runs["diabetes"],
+            feature_names=diabetes["names"],
+            feature_data=diabetes["x_train"],
+            top_k=5,
+        )
+        return _fit(keras, model, diabetes, runs["diabetes"], settings.linear_epochs, 32, watch)
+
+    steps.stage(
+        "diabetes",
+        f"diabetes: linear regression on 10 named features, {settings.linear_epochs} epochs",
+        train_diabetes,
+        lambda logs: f"val_mae {logs['val_mae']:.1f}",
+    )
+
+    # (b), (c) The course's flow: a CNN whose first layer has (3, 3, 1, 5) kernels,
+    # trained twice with different seeds; clear_session keeps the layer names equal.
+    digits = _digits_data(datasets, settings.digits)
+
+    def train_digits(seed: int, name: str) -> dict[str, float]:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        model = _digits_cnn(keras)
+        watch = WeightWatch(runs[name], sample_images=digits["samples"])
+        return _fit(keras, model, digits, runs[name], settings.cnn_epochs, 32, watch)
+
+    for seed in (1, 2):
+        name = f"digits-seed{seed}"
+        steps.stage(
+            name,
+            f"{name}: CNN on 8x8 digits, kernels (3,3,1,5), {settings.cnn_epochs} epochs",
+            lambda seed=seed, name=name: train_digits(seed, name),
+            lambda logs: f"val_accuracy {logs['val_accuracy']:.3f}",
+        )
+
+    # (d) AlexNet-style colour kernels on the two sample photographs.
+    photos = _photos_data(datasets, settings.photo_patches)
+
+    def train_photos() -> dict[str, float]:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = _photos_cnn(keras)
+        watch = WeightWatch(runs["photos"], sample_images=photos["samples"])
+        return _fit(keras, model, photos, runs["photos"], settings.photo_epochs, 32, watch)
+
+    steps.stage(
+        "photos",
+        f"photos: CNN with RGB kernels (5,5,3,8) on photo patches, {settings.photo_epochs} epochs",
+        train_photos,
+        lambda logs: f"val_accuracy {logs['val_accuracy']:.3f}",
+    )
+
+    text = steps.stage(
+        "diff",
+        "diffing digits-seed1 and digits-seed2",
+        lambda: _diff_text(runs["digits-seed1"], runs["digits-seed2"]),
+    )
+    return DemoResult(
+        logdir=logdir,
+        runs=runs,
+        top_features=_top_features(runs["diabetes"], diabetes["names"]),
+        diff_text=text,
+        seconds=dict(steps.seconds),
+    )
+
+
+def render_result(result: DemoResult) -> str:
+    """What `weightwatch demo` prints after its progress lines.
+
+    Args:
+        result: What `run_demo` returned.
+
+    Returns:
+        The text: the runs, the diabetes model's top features, the
+        `tensorboard` command and the diff of the two digits runs.
+
+    Example:
+
+    >>> r = DemoResult("wd", {"digits-seed1": "wd/a", "digits-seed2": "wd/b"},
+    ...                [("bmi", 27.2)], "(diff)", {"all": 30.0})
+    >>> print(render_result(r).splitlines()[-4])
+      tensorboard --logdir wd --samples_per_plugin images=100
+    """
+    q = shlex.quote
+    out = [f"Done in {result.total_seconds:.1f} s. Runs written under {result.logdir}:"]
+    for name, path in result.runs.items():
+        out.append(f"  {name:<13} {path}")
+    out.append("")
+    out.append("diabetes: the 5 largest weights after the last epoch (inputs standardized):")
+    for rank, (feature, weight) in enumerate(result.top_features, 1):
+        out.append(f"  {rank}. {feature:<4} {weight:+9.3f}")
+    out.append("")
+    out.append("See every view in TensorBoard (weights, kernels, filtered images, top-k table):")
+    out.append(f"  tensorboard --logdir {q(result.logdir)} --samples_per_plugin images=100")
+    out.append("")
+    out.append(
+        f"$ weightwatch diff {q(result.runs['digits-seed1'])} {q(result.runs['digits-seed2'])}"
+    )
+    out.append(result.diff_text.rstrip("\n"))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
+    """`python -m keras_weightwatch.demo [--quick] [--logdir DIR]`, same as `weightwatch demo`."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`weightwatch demo --quick`, run in-process through cli.main: what it writes and prints."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from keras_weightwatch import demo as demo_module
+from keras_weightwatch import load_run, verify_run
+from keras_weightwatch.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run_cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("demo") / "weightwatch-demo"
+    code, out, err = _run_cli("demo", "--quick", "--logdir", str(logdir))
+    assert code == 0, err
+    return str(logdir), out
+
+
+def _section(out: str, start: str) -> list[str]:
+    lines = out.split(start, 1)[1].splitlines()[1:]
+    return lines[: lines.index("")] if "" in lines else lines
+
+
+def test_progress_has_one_line_per_stage_with_its_time(demo):
+    _, out = demo
+    stages = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(stages) == 6
+    for n, line in enumerate(stages, 1):
+        assert re.fullmatch(rf"\[{n}/6\] .+ \.\.\. \d+\.\d s(  .+)?", line), line
+    times = [float(re.search(r"\.\.\. (\d+\.\d) s", line).group(1)) for line in stages]
+    total = float(re.search(r"Done in (\d+\.\d) s", out).group(1))
+    assert total == pytest.approx(sum(times), abs=0.1 * len(times))
+
+
+def test_every_run_loads_verifies_and_has_each_epoch(demo):
+    logdir, out = demo
+    q = demo_module.QUICK
+    epochs = {"diabetes": q.linear_epochs, "digits-seed1": q.cnn_epochs,
+              "digits-seed2": q.cnn_epochs, "photos": q.photo_epochs}
+    assert sorted(epochs) == sorted(demo_module.RUN_NAMES)
+    for name, n in epochs.items():
+        path = os.path.join(logdir, name)
+        assert f"  {name:<13} {path}" in out
+        run = load_run(path)
+        assert run.epochs == list(range(n)), name
+        assert run.initial is not None and run.initial.step == -1
+        assert verify_run(path).ok, name
+        # Keras's own TensorBoard callback writes the loss curves beside the weight views.
+        for sub in ("train", "validation"):
+            files = os.listdir(os.path.join(path, sub))
+            assert any(f.startswith("events.out.tfevents") for f in files)
+        assert "val_loss" in run.logs()
+
+
+def test_diabetes_top_k_are_real_feature_names_with_the_runs_weights(demo):
+    from sklearn.datasets import load_diabetes
+
+    logdir, out = demo
+    names = list(load_diabetes().feature_names)
+    rows = _section(out, "diabetes: the 5 largest weights")
+    parsed = [re.fullmatch(r"  (\d)\. (\S+)\s+([+-]\d+\.\d{3})", row).groups() for row in rows]
+    assert [int(r) for r, _, _ in parsed] == [1, 2, 3, 4, 5]
+    kernel = np.asarray(load_run(os.path.join(logdir, "diabetes")).weights()["linear/kernel"])[:, 0]
+    expected = np.argsort(-np.abs(kernel), kind="stable")[:5]
+    assert [name for _, name, _ in parsed] == [names[i] for i in expected]
+    for (_, _, value), i in zip(parsed, expected):
+        assert float(value) == pytest.approx(kernel[i], abs=6e-4)
+    header = load_run(os.path.join(logdir, "diabetes")).settings
+    assert header["feature_names"] == names
+    assert header["feature_data"] == [353, 10]
+
+
+def test_the_two_digits_runs_match_layer_for_layer_and_differ_in_values(demo):
+    logdir, _ = demo
+    a = load_run(os.path.join(logdir, "digits-seed1"))
+    b = load_run(os.path.join(logdir, "digits-seed2"))
+    assert [s.key for s in a.specs] == [s.key for s in b.specs]
+    assert a.specs[0].key == "conv1/kernel" and a.specs[0].shape == (3, 3, 1, 5)
+    wa, wb = a.weights("initial"), b.weights("initial")
+    assert not np.array_equal(wa["conv1/kernel"], wb["conv1/kernel"])  # two seeds
+    assert a.settings["sample_images"] == [4, 8, 8, 1]
+    photos = load_run(os.path.join(logdir, "photos"))
+    assert photos.specs[0].key == "rgb_conv/kernel" and photos.specs[0].shape == (5, 5, 3, 8)
+    assert photos.settings["sample_images"] == [2, 107, 160, 3]
+
+
+def test_prints_the_tensorboard_line_and_the_diff_of_both_cnn_runs(demo):
+    logdir, out = demo
+    assert f"  tensorboard --logdir {logdir} --samples_per_plugin images=100" in out.splitlines()
+    a, b = (os.path.join(logdir, f"digits-seed{s}") for s in (1, 2))
+    assert f"$ weightwatch diff {a} {b}" in out
+    diff = out.split(f"$ weightwatch diff {a} {b}", 1)[1]
+    assert "conv1/kernel" in diff
+
+
+def test_refuses_a_non_empty_directory_it_did_not_write(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, out, err = _run_cli("demo", "--quick", "--logdir", str(tmp_path))
+    assert code == 2
+    assert err.count("\n") == 1 and "was not written by `weightwatch demo`" in err
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
+
+
+def test_a_second_demo_replaces_only_its_own_runs(tmp_path):
+    demo_module._prepare_logdir(str(tmp_path))
+    for name in ("diabetes", "photos", "mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    demo_module._prepare_logdir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [demo_module.MARKER_FILE, "mine"]
+
+
+def test_missing_demo_extra_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+    code, out, err = _run_cli("demo", "--logdir", str(tmp_path / "d"))
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "scikit-learn" in err and "pip install 'keras-weightwatch[demo]'" in err
+    assert not os.path.exists(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"logdir": 3}, TypeError, "Received: logdir=3"),
+        ({"logdir": "x", "quick": "yes"}, TypeError, "Received: quick='yes'"),
+    ],
+)
+def test_run_demo_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        demo_module.run_demo(**kwargs)
+
+
+def _events(run_dir: str) -> dict:
+    """Tag -> list of (step, ndarray) from WeightWatch's event files, read with TensorBoard."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    acc = pea.EventAccumulator(os.path.join(run_dir, "weights"), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    return {
+        t: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(t)]
+        for t in acc.Tags()["tensors"]
+    }
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    import struct
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width
+
+
+def test_tensorboard_holds_the_top_k_table_of_every_epoch_with_diabetes_names(demo):
+    from sklearn.datasets import load_diabetes
+
+    logdir, out = demo
+    names = list(load_diabetes().feature_names)
+    run = load_run(os.path.join(logdir, "diabetes"))
+    events = _events(run.path)
+    table = events["features/linear"]
+    assert [step for step, _ in table] == run.steps
+    last = table[-1][1].item().decode()
+    ranked = [row.split("|")[2].strip() for row in last.splitlines() if re.match(r"\| \d \|", row)]
+    printed = [row.split()[1] for row in _section(out, "diabetes: the 5 largest weights")]
+    assert ranked == printed and set(ranked) <= set(names)
+    kernel = np.asarray(run.weights()["linear/kernel"])[:, 0]
+    for i, name in enumerate(names):  # one scalar per feature, following its weight
+        assert float(events[f"features/linear/{name}"][-1][1]) == pytest.approx(kernel[i], rel=1e-6)
+
+
+def test_tensorboard_holds_kernel_grids_and_filtered_images(demo):
+    from keras_weightwatch import images
+
+    logdir, _ = demo
+    for name, layer, samples in (("digits-seed1", "conv1", 4), ("photos", "rgb_conv", 2)):
+        run = load_run(os.path.join(logdir, name))
+        events = _events(run.path)
+        kernel = np.asarray(run.weights()[f"{layer}/kernel"])
+        grid = events[f"{layer}/kernel/image"]
+        assert [step for step, _ in grid] == run.steps
+        expected = images.kernel_grid(kernel)
+        assert len(expected.tiles) == kernel.shape[-1]  # 5 grey tiles; 8 RGB tiles for photos
+        assert _png_size(grid[-1][1][2]) == expected.image.shape[:2]
+        responses = sorted(t for t in events if t.startswith(f"responses/{layer}/"))
+        assert responses == [f"responses/{layer}/sample_{i}" for i in range(samples)]
+        for t in responses:
+            assert [step for step, _ in events[t]] == run.steps

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -76,13 +75,17 @@ def _check_names(name: str, value: Any) -> list[str] | None:
     names = list(value)
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"`{name}` must hold only strings; found {bad[0]!r}. {received(name, value)}")
+        raise TypeError(
+            f"`{name}` must hold only strings; found {bad[0]!r}. {received(name, value)}"
+        )
     return names
 
 
 def _check_log_dir(log_dir: Any) -> str:
     if not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(f"`log_dir` must be a path (str or os.PathLike). {received('log_dir', log_dir)}")
+        raise TypeError(
+            f"`log_dir` must be a path (str or os.PathLike). {received('log_dir', log_dir)}"
+        )
     path = os.fspath(log_dir)
     if not path:
         raise ValueError(f"`log_dir` must not be empty. {received('log_dir', log_dir)}")
@@ -301,7 +304,8 @@ class WeightWatch(keras.callbacks.Callback):
         self.kernel_images = _check_bool("kernel_images", kernel_images)
         self.max_kernel_tiles = _check_positive_int("max_kernel_tiles", max_kernel_tiles)
         self.feature_names = _check_names("feature_names", feature_names)
-        if self.feature_names is not None and len(set(self.feature_names)) != len(self.feature_names):
+        names = self.feature_names
+        if names is not None and len(set(names)) != len(names):
             dupes = sorted({n for n in self.feature_names if self.feature_names.count(n) > 1})
             raise ValueError(
                 f"`feature_names` must be unique; {dupes} appear more than once. "
@@ -309,7 +313,9 @@ class WeightWatch(keras.callbacks.Callback):
             )
         self.top_k = _check_positive_int("top_k", top_k)
         if feature_layer is not None and not isinstance(feature_layer, str):
-            raise TypeError(f"`feature_layer` must be a layer name. {received('feature_layer', feature_layer)}")
+            raise TypeError(
+                f"`feature_layer` must be a layer name. {received('feature_layer', feature_layer)}"
+            )
         self.feature_layer = feature_layer
         self.feature_data = None if feature_data is None else np.asarray(feature_data)
         if self.feature_data is not None and self.feature_data.ndim != 2:
@@ -321,7 +327,9 @@ class WeightWatch(keras.callbacks.Callback):
         self.response_mode = _check_choice("response_mode", response_mode, RESPONSE_MODES)
         self.response_layers = _check_names("response_layers", response_layers)
         if responses_dir is not None and not isinstance(responses_dir, (str, os.PathLike)):
-            raise TypeError(f"`responses_dir` must be a path. {received('responses_dir', responses_dir)}")
+            raise TypeError(
+                f"`responses_dir` must be a path. {received('responses_dir', responses_dir)}"
+            )
         self.responses_dir = None if responses_dir is None else os.fspath(responses_dir)
         self.if_exists = _check_choice("if_exists", if_exists, IF_EXISTS)
         self.strict = _check_bool("strict", strict)
@@ -439,7 +447,9 @@ class WeightWatch(keras.callbacks.Callback):
         self._last_step = writer.last_step
         self._active = True
         if not writer.has_initial() and writer.last_step is None:
-            self._pending_initial = self._capture(model, step=0, label="initial", epoch=None, logs={})
+            self._pending_initial = self._capture(
+                model, step=0, label="initial", epoch=None, logs={}
+            )
 
     def _capture(self, model: Any, *, step: int, label: str, epoch: int | None,
                  logs: Mapping[str, Any]) -> Snapshot:

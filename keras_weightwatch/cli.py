@@ -41,7 +41,9 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for n, r in enumerate(cells):
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ]
         lines.append("  ".join(parts).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -54,7 +56,8 @@ def render_show(run: Run) -> str:
     m = run.model
     out = [f"run       {run.path}"]
     out.append(
-        f"written   keras-weightwatch {v.get('keras_weightwatch', '?')}, keras {v.get('keras', '?')}, "
+        f"written   keras-weightwatch {v.get('keras_weightwatch', '?')}, "
+        f"keras {v.get('keras', '?')}, "
         f"backend {v.get('backend', '?')} {v.get('backend_version', '')}".rstrip()
     )
     out.append(
@@ -122,7 +125,8 @@ def _cmd_verify(args: argparse.Namespace, stdout: TextIO) -> int:
         print(f"DAMAGED {line}", file=stdout)
     status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(
-        f"{status}: {report.snapshots} snapshots, {report.files} tensor files checked in {report.path}",
+        f"{status}: {report.snapshots} snapshots, {report.files} tensor files checked "
+        f"in {report.path}",
         file=stdout,
     )
     return EXIT_OK if report.ok else EXIT_FAILED

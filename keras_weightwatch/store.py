@@ -221,7 +221,8 @@ def _raw_bytes(arr: np.ndarray) -> memoryview:
 
 def storage_array(arr: np.ndarray, dtype_name: str, store_dtype: str | None = None) -> tuple:
     """The array as it goes into the .npy file: (array, stored dtype name, lossy)."""
-    if store_dtype is not None and dtype_name in ("float32", "float64") and store_dtype != dtype_name:
+    lossy = store_dtype is not None and store_dtype != dtype_name
+    if lossy and dtype_name in ("float32", "float64"):
         if store_dtype in _BITS_DTYPES:
             import ml_dtypes
 
@@ -267,7 +268,9 @@ def _check_name(name: Any, what: str, where: str) -> str:
 
 def _as_shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > 32:
-        raise WeightWatchError(f"{where}: shape must be a list of at most 32 sizes, found {value!r}")
+        raise WeightWatchError(
+            f"{where}: shape must be a list of at most 32 sizes, found {value!r}"
+        )
     shape = []
     for s in value:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:

@@ -1,4 +1,4 @@
-"""`weightwatch show` and `weightwatch verify`, run in-process: argv in, exit code and output out."""
+"""`weightwatch show` and `verify`, run in-process: argv in, exit code and output out."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_show_lists_epochs_layers_shapes_params_and_metrics(run_dir):
                for line in out.splitlines())
     assert any(line.split()[:4] == ["bn/moving_mean", "(3)", "float32", "no"]
                for line in out.splitlines())
-    metric_rows = {line.split()[0]: line.split()[1:] for line in out.split("metrics")[1].splitlines()[3:]}
+    metric_lines = out.split("metrics")[1].splitlines()[3:]
+    metric_rows = {line.split()[0]: line.split()[1:] for line in metric_lines}
     assert float(metric_rows["1"][0]) == pytest.approx(run.logs(1)["loss"], rel=1e-3)
     assert float(metric_rows["1"][1]) == pytest.approx(run.logs(1)["mae"], rel=1e-3)
     assert "31 parameters" in out

@@ -189,7 +189,8 @@ def test_other_architecture_is_refused_unless_new_run_asked(tmp_path):
     assert [s.shape for s in load_run(cb.run_dir).specs][0] == (4, 5)
     assert len(load_run(tmp_path / "run").specs) == 8  # the first run is untouched
     with pytest.raises(WeightWatchError, match="already holds a run"):
-        m1.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run", if_exists="error")])
+        m1.fit(x, y, epochs=1, verbose=0,
+               callbacks=[WeightWatch(tmp_path / "run", if_exists="error")])
 
 
 def test_same_architecture_other_layer_names_continues_with_the_runs_keys(tmp_path):
@@ -229,7 +230,8 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     np.testing.assert_array_equal(kernel, model.layers[0].get_weights()[0])
     import hashlib
 
-    digest = hashlib.sha256((root / snap["tensors"]["dense/kernel"]["file"]).read_bytes()).hexdigest()
+    tensor_file = root / snap["tensors"]["dense/kernel"]["file"]
+    digest = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
     assert digest == snap["tensors"]["dense/kernel"]["sha256"]
     assert set(snap["stats"]["dense/kernel"]) >= {"l2_norm", "mean", "std", "max_abs",
                                                    "nan_count", "inf_count", "update_ratio"}

@@ -29,5 +29,5 @@ browser:
 test: $(PY) browser
 	$(PIP) install -e '.[test]'
 	$(PIP) install 'torch==2.13.0' jax jaxlib
-	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks
+	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
 	$(PY) -m pytest -q -p no:cacheprovider

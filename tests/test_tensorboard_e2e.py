@@ -1,0 +1,206 @@
+"""End to end: a real `tensorboard` server on the demo's log directory, and headless Chromium.
+
+The server's HTTP data API must return exactly what the run directories hold (checked
+against numpy on `load_run`'s arrays), and the dashboards a person opens must show our
+table, images and charts (asserted on the rendered pages, whose content lives in shadow
+DOM). The same functions make the README's screenshots (docs/make_screenshots.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from keras_weightwatch import load_run
+from keras_weightwatch.cli import main
+from keras_weightwatch.demo import RUN_NAMES
+from keras_weightwatch.features import top_k_features
+from keras_weightwatch.images import kernel_grid
+from keras_weightwatch.stats import STAT_NAMES
+from keras_weightwatch.summaries import tag
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _screenshots_module():
+    path = os.path.join(ROOT, "docs", "make_screenshots.py")
+    spec = importlib.util.spec_from_file_location("make_screenshots", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_screenshots"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+shots = _screenshots_module()
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e") / "demo"
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["demo", "--quick", "--logdir", str(d)], stdout=out, stderr=err) == 0, err
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def server(logdir):
+    with shots.serve(logdir) as url:
+        yield url
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200
+        return r.read()
+
+
+def _json(server: str, path: str, **query) -> object:
+    return json.loads(_get(f"{server}{path}?{urllib.parse.urlencode(query)}"))
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    import tensorflow as tf
+
+    return tf.io.decode_png(data).numpy()
+
+
+def test_server_lists_every_run_and_exactly_our_scalar_tags(server, logdir):
+    runs = set(_json(server, "/data/runs"))
+    assert runs == {f"{r}/{sub}" for r in RUN_NAMES for sub in ("train", "validation", "weights")}
+    tags = _json(server, "/data/plugin/scalars/tags")
+    run = load_run(os.path.join(logdir, "digits-seed1"))
+    assert set(tags["digits-seed1/weights"]) == {
+        tag(s.key, stat) for s in run.specs for stat in STAT_NAMES
+    }
+    # the top-k feature scalars: one per diabetes feature, named after it
+    from sklearn.datasets import load_diabetes
+
+    names = load_diabetes().feature_names
+    feature_tags = {t for t in tags["diabetes/weights"] if t.startswith("features/")}
+    assert feature_tags == {f"features/linear/{n}" for n in names}
+
+
+def test_scalars_are_the_norms_of_the_stored_weights(server, logdir):
+    run = load_run(os.path.join(logdir, "digits-seed1"))
+    points = _json(server, "/data/plugin/scalars/scalars",
+                   run="digits-seed1/weights", tag="conv1/kernel/l2_norm")
+    assert [step for _, step, _ in points] == run.steps
+    for _, step, value in points:
+        kernel = np.asarray(run.weights(step)["conv1/kernel"], dtype=np.float64)
+        assert value == pytest.approx(np.linalg.norm(kernel), rel=1e-6)
+
+
+def test_text_table_ranks_the_features_of_every_step(server, logdir):
+    from sklearn.datasets import load_diabetes
+
+    names = list(load_diabetes().feature_names)
+    run = load_run(os.path.join(logdir, "diabetes"))
+    entries = _json(server, "/data/plugin/text/text", run="diabetes/weights", tag="features/linear")
+    assert [e["step"] for e in entries] == run.steps
+    for e in entries:
+        kernel = np.asarray(run.weights(e["step"])["linear/kernel"])[:, 0]
+        order = np.argsort(-np.abs(kernel), kind="stable")[:5]
+        cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", e["text"])]
+        rows = [cells[i : i + 5] for i in range(0, len(cells), 5)]
+        assert [r[1] for r in rows] == [names[i] for i in order]
+        assert [float(r[2]) for r in rows] == pytest.approx(kernel[order].tolist(), rel=1e-3)
+
+
+def test_images_are_the_kernel_grids_of_the_stored_weights(server, logdir):
+    for name, key in (("digits-seed1", "conv1/kernel"), ("photos", "rgb_conv/kernel")):
+        run = load_run(os.path.join(logdir, name))
+        entries = _json(server, "/data/plugin/images/images",
+                        run=f"{name}/weights", tag=tag(key, "image"))
+        assert [e["step"] for e in entries] == run.steps
+        for e in entries:
+            png = _get(f"{server}/data/plugin/images/individualImage?{e['query']}")
+            expected = kernel_grid(np.asarray(run.weights(e["step"])[key]))
+            np.testing.assert_array_equal(_decode_png(png), expected.image)
+        assert expected.rgb == (name == "photos")  # 3-channel first layer: colour tiles
+
+
+def test_histogram_counts_equal_numpy_on_the_stored_weights(server, logdir):
+    run = load_run(os.path.join(logdir, "digits-seed2"))
+    data = _json(server, "/data/plugin/histograms/histograms",
+                 run="digits-seed2/weights", tag="conv2/kernel/histogram")
+    assert [step for _, step, _ in data] == run.steps
+    for _, step, buckets in data:
+        kernel = np.asarray(run.weights(step)["conv2/kernel"]).ravel()
+        b = np.asarray(buckets)
+        edges = np.append(b[:, 0], b[-1, 1])
+        assert b[:, 2].sum() == kernel.size
+        np.testing.assert_array_equal(b[:, 2], np.histogram(kernel, bins=edges)[0])
+
+
+def _png_size(path: str) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(shots.CHROMIUM), reason="needs Debian's chromium")
+def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
+    pages = shots.take(server, str(tmp_path))
+    for s in shots.SHOTS:
+        assert _png_size(str(tmp_path / f"{s.name}.png")) == (1400, s.height)
+
+    # the text dashboard shows the last step's table first, rows in rank order
+    from sklearn.datasets import load_diabetes
+
+    names = list(load_diabetes().feature_names)
+    run = load_run(os.path.join(logdir, "diabetes"))
+    kernel = np.asarray(run.weights()["linear/kernel"])[:, 0]
+    top = [f.name for f in top_k_features(kernel[:, None], names, 5)]
+    lines = pages["features"].text.splitlines()
+    first = lines.index("rank")
+    shown = [lines[i + 1] for i in range(first, len(lines) - 1) if lines[i] in "12345"][:5]
+    assert shown == top
+    assert f"epoch {run.epochs[-1]}, step {run.steps[-1]}" in pages["features"].text
+
+    # the images dashboard shows every kernel grid, decoded at the grid's own width
+    def served(page):
+        """(run, tag, decoded width) of each image the page shows from the server."""
+        out = set()
+        for img in page.images:
+            query = urllib.parse.parse_qs(urllib.parse.urlparse(img["src"]).query)
+            if "blob_key" in query:
+                key = json.loads(base64.urlsafe_b64decode(query["blob_key"][0] + "=="))
+                out.add((key[1], key[2], img["width"]))
+        return out
+
+    widths = {}
+    for name in RUN_NAMES:
+        r = load_run(os.path.join(logdir, name))
+        for s in r.specs:
+            if s.key.endswith("/kernel") and len(s.shape) == 4:
+                widths[(f"{name}/weights", s.key)] = kernel_grid(
+                    np.asarray(r.weights()[s.key])).image.shape[1]
+    # (the filtered section and the tag groups below it may show a grid twice)
+    got = {((run, t.removesuffix("/image")), w) for run, t, w in served(pages["kernels"])}
+    assert got == set(widths.items())
+
+    # responses of samples 0 and 1 for both digits runs, each loaded in the page
+    responses = {(run, t) for run, t, w in served(pages["responses"])
+                 if t.startswith("responses/") and w > 0}
+    assert responses == {(f"digits-seed{s}/weights", f"responses/conv1/sample_{i}")
+                         for s in (1, 2) for i in (0, 1)}
+
+    for stat in STAT_NAMES:
+        assert f"conv1/kernel/{stat}" in pages["statistics"].text
+    assert pages["histograms"].text.count("conv1/kernel/histogram") >= 2
+

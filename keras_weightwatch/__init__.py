@@ -8,18 +8,38 @@ back with numpy arrays.
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .diff import (
+    DiffResult,
+    DriftResult,
+    FeatureDiff,
+    FeatureMove,
+    LayerDiff,
+    LayerDrift,
+    TensorDiff,
+    diff_runs,
+    drift,
+)
 from .errors import WeightWatchError, WeightWatchWarning
 from .store import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
 
 __all__ = [
+    "DiffResult",
+    "DriftResult",
+    "FeatureDiff",
+    "FeatureMove",
+    "LayerDiff",
+    "LayerDrift",
     "Run",
     "SnapshotRecord",
+    "TensorDiff",
     "TensorRecord",
     "VerifyReport",
     "WeightWatch",
     "WeightWatchError",
     "WeightWatchWarning",
     "__version__",
+    "diff_runs",
+    "drift",
     "load_run",
     "verify_run",
 ]

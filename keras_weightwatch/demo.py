@@ -347,14 +347,10 @@ def _top_features(run_dir: str, names: list[str], k: int = 5,
 
 def _diff_text(run_a: str, run_b: str) -> str:
     """The text `weightwatch diff RUN_A RUN_B` prints."""
-    try:
-        from . import cli
-        from .diff import diff_runs
-    except ImportError:  # TODO(demo): remove once diff.py has landed
-        return "(weightwatch diff is not available yet)"
-    render = getattr(cli, "render_diff", None)
-    result = diff_runs(run_a, run_b)
-    return render(result) if render is not None else str(result)
+    from .cli import render_diff
+    from .diff import diff_runs
+
+    return render_diff(diff_runs(run_a, run_b))
 
 
 # --------------------------------------------------------------------------- the demo

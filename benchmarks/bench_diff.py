@@ -1,0 +1,176 @@
+"""Time and memory of `weightwatch diff` on two synthetic 100M-parameter runs.
+
+Writes two runs of one made-up architecture (convolutions, then Dense layers of
+2048 units) with `store.RunWriter` (no Keras, no training), B being A plus
+noise with the units of one Dense layer permuted, then diffs them in a fresh
+process and prints the wall time, the peak of Python/numpy allocations
+(tracemalloc) and the peak resident memory (which also counts the pages of
+the memory-mapped tensor files while they are read), each relative to the
+bytes of one run.
+
+Usage:
+
+    .venv/bin/python benchmarks/bench_diff.py [--params 100_000_000] [--no-match]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def architecture(params: int) -> list[tuple[str, str, dict[str, tuple[int, ...]]]]:
+    """(layer, class, {weight: shape}) for about `params` parameters."""
+    layers = []
+    chans = [3, 64, 128, 256, 512]
+    for i in range(4):
+        layers.append((f"conv{i + 1}", "Conv2D", {
+            "kernel": (3, 3, chans[i], chans[i + 1]), "bias": (chans[i + 1],)}))
+    used = sum(math.prod(s) for _, _, w in layers for s in w.values())
+    fan_in, i = 512 * 4 * 4, 0
+    while used < params:
+        units = 2048
+        layers.append((f"dense{i + 1}", "Dense", {"kernel": (fan_in, units), "bias": (units,)}))
+        used += fan_in * units + units
+        fan_in, i = units, i + 1
+    return layers
+
+
+def write_runs(root: str, params: int) -> tuple[str, str, int]:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
+    from keras_weightwatch.store import RunWriter
+
+    arch = architecture(params)
+    specs = tuple(
+        WeightSpec(key=f"{name}/{w}", path=f"model/{name}/{w}", layer=name, shape=shape,
+                   dtype="float32", trainable=True)
+        for name, _, weights in arch for w, shape in weights.items()
+    )
+    layers = tuple(
+        LayerInfo(name, cls, sum(math.prod(s) for s in w.values()), 0, 0) for name, cls, w in arch
+    )
+    info = ModelInfo("model", "Sequential", layers, specs)
+    rng = np.random.default_rng(0)
+    # B holds dense2's units in another order (kernel columns, bias, and dense3's input rows):
+    # the same network, which the matching should recognise.
+    perm = rng.permutation(2048)
+    paths = [os.path.join(root, "a"), os.path.join(root, "b")]
+    writers = [RunWriter.open(p, info, settings={}, versions={}, durable=False) for p in paths]
+    records: list[dict] = [{}, {}]
+    try:
+        # One tensor at a time, so writing the runs needs little memory either.
+        for spec in specs:
+            a = rng.standard_normal(spec.shape, dtype=np.float32)
+            b = a + np.float32(0.05) * rng.standard_normal(spec.shape, dtype=np.float32)
+            if spec.key.startswith("dense2/"):
+                b = np.ascontiguousarray(b[..., perm])
+            elif spec.key == "dense3/kernel":
+                b = np.ascontiguousarray(b[perm])
+            for writer, arr, recs in zip(writers, (a, b), records):
+                snap = Snapshot(step=0, label="epoch", epoch=0, arrays={spec.key: arr}, logs={})
+                recs.update(store_one(writer, snap, spec))
+        for writer, recs in zip(writers, records):
+            snap = Snapshot(step=0, label="epoch", epoch=0, arrays={}, logs={"loss": 1.0})
+            writer.commit_snapshot(snap, recs)
+    finally:
+        for writer in writers:
+            writer.close()
+    total = sum(s.size for s in specs)
+    return paths[0], paths[1], total
+
+
+def store_one(writer, snap, spec) -> dict:
+    """Store one tensor of a snapshot (RunWriter.store_tensors stores every spec at once)."""
+    all_specs = writer.specs
+    writer.specs = (spec,)
+    try:
+        return writer.store_tensors(snap)
+    finally:
+        writer.specs = all_specs
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM; ru_maxrss survives exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(a: str, b: str, match: bool) -> dict:
+    """Run in a fresh process: diff A and B, return time and memory."""
+    import tracemalloc
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from keras_weightwatch import diff_runs
+
+    if match:
+        import scipy.optimize  # noqa: F401  (imported before the baseline is taken)
+    rss0 = _peak_rss()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    result = diff_runs(a, b, match=match)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss1 = _peak_rss()
+    matched = [f"{t.name} ({t.units_moved} units, cosine {t.cosine:.4f}, matched "
+               f"{t.matched_cosine:.4f})" for t in result.tensors if t.units_moved]
+    return {"seconds": seconds, "traced_peak": peak, "rss_before": rss0, "rss_peak": rss1,
+            "tensors": len(result.tensors), "moved": matched}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", type=int, default=100_000_000)
+    p.add_argument("--no-match", action="store_true", help="diff without matching units")
+    p.add_argument("--dir", default=None, help="where to write the runs (default: a temp dir)")
+    p.add_argument("--measure", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure, match=not args.no_match)))
+        return
+    root = args.dir or tempfile.mkdtemp(prefix="bench-diff-")
+    try:
+        t0 = time.perf_counter()
+        a, b, total = write_runs(root, args.params)
+        t_write = time.perf_counter() - t0
+        tensor_dir = os.path.join(a, "tensors")
+        run_bytes = sum(os.path.getsize(os.path.join(tensor_dir, f))
+                        for f in os.listdir(tensor_dir))
+        cmd = [sys.executable, __file__, "--measure", a, b]
+        cmd += ["--no-match"] if args.no_match else []
+        m = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        mib = 1 << 20
+        print(f"two runs of {total:,} float32 parameters ({run_bytes / mib:,.0f} MiB each), "
+              f"written in {t_write:.1f} s")
+        print(f"diff_runs(a, b, match={not args.no_match}): {m['seconds']:.1f} s for "
+              f"{m['tensors']} tensors, {total * 2 / m['seconds'] / 1e6:,.0f} M values/s")
+        print(f"  tracemalloc peak   {m['traced_peak'] / mib:8.1f} MiB = "
+              f"{m['traced_peak'] / run_bytes:.3f} x one run")
+        print(f"  peak RSS           {m['rss_peak'] / mib:8.1f} MiB = "
+              f"{m['rss_peak'] / run_bytes:.3f} x one run (whole process, with mapped pages; "
+              f"{m['rss_before'] / mib:.0f} MiB after imports)")
+        print(f"  units moved by the matching in: {', '.join(m['moved']) or '(none)'}")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

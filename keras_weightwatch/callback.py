@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -13,16 +14,24 @@ import keras
 import numpy as np
 
 from . import _version
-from .capture import ModelInfo, Snapshot, capture_arrays, clean_logs, describe_model
+from .capture import BufferPool, ModelInfo, Snapshot, capture_into, clean_logs, describe_model
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning, received
 from .stats import tensor_stats
-from .store import RunWriter, SnapshotRecord, TensorRecord, is_run
-from .views import View, build_views
+from .store import (
+    RunWriter,
+    SnapshotRecord,
+    TensorRecord,
+    architecture_mismatch,
+    is_run,
+    load_run,
+)
+from .views import FeatureView, KernelImageView, ResponseView, View, build_views
 from .worker import Worker
 
 IF_EXISTS = ("continue", "new", "error")
 RESPONSE_MODES = ("kernel", "activation")
+STORE_DTYPES = ("float16", "bfloat16")
 EVENTS_SUBDIR = "weights"
 
 
@@ -81,6 +90,80 @@ def _check_names(name: str, value: Any) -> list[str] | None:
     return names
 
 
+def _check_optional_int(name: str, value: Any) -> int | None:
+    return None if value is None else _check_positive_int(name, value)
+
+
+def _check_patterns(name: str, value: Any) -> list[str] | None:
+    """None, a regular expression, or a list of them; each must compile."""
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if isinstance(patterns, bytes) or not isinstance(patterns, Sequence):
+        raise TypeError(
+            f"`{name}` must be a regular expression or a list of them. {received(name, value)}"
+        )
+    patterns = list(patterns)
+    if not patterns:
+        raise ValueError(f"`{name}` must not be an empty list. {received(name, value)}")
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"`{name}` must hold only strings; found {pattern!r}. {received(name, value)}"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"`{name}`: {pattern!r} is not a valid regular expression ({e}). "
+                f"{received(name, value)}"
+            ) from None
+    return patterns
+
+
+def watched(keys_and_layers: Sequence[tuple[str, str]], include: Sequence[str] | None,
+            exclude: Sequence[str] | None) -> list[int]:
+    """Indices of the weights an include/exclude filter keeps.
+
+    A weight is kept when `include` is None or one of its patterns is found
+    (`re.search`) in the weight's key or its layer's path, and no pattern of
+    `exclude` is.
+    """
+    inc = [re.compile(p) for p in include or ()]
+    exc = [re.compile(p) for p in exclude or ()]
+
+    def hit(patterns: list[re.Pattern], key: str, layer: str) -> bool:
+        return any(p.search(key) or (layer and p.search(layer)) for p in patterns)
+
+    return [
+        i
+        for i, (key, layer) in enumerate(keys_and_layers)
+        if (include is None or hit(inc, key, layer)) and not hit(exc, key, layer)
+    ]
+
+
+def _restrict_views(views: list[View], keys: set[str]) -> None:
+    """Keep the views off weights that the include/exclude filter leaves out."""
+    for view in views:
+        if isinstance(view, KernelImageView):
+            view.kernels = [k for k in view.kernels if k[0] in keys]
+        elif isinstance(view, FeatureView) and view.key not in keys:
+            raise ValueError(
+                f"the top-k feature table reads {view.key!r}, which `include`/`exclude` leave "
+                f"out; include it or drop `feature_names`. Received: feature weight={view.key!r}"
+            )
+        elif isinstance(view, ResponseView):
+            kept = [t for t in view.targets if t["key"] in keys]
+            if not kept:
+                names = [t["key"] for t in view.targets]
+                raise ValueError(
+                    f"the responses to `sample_images` need the kernels {names}, which "
+                    "`include`/`exclude` leave out; include them or drop `sample_images`. "
+                    f"Received: response kernels={names}"
+                )
+            view.targets = kept
+
+
 def _check_log_dir(log_dir: Any) -> str:
     if not isinstance(log_dir, (str, os.PathLike)):
         raise TypeError(
@@ -116,11 +199,16 @@ class _Pipeline:
     the other parts go on.
     """
 
-    def __init__(self, writer: RunWriter, views: list[View], run_dir: str, strict: bool):
+    def __init__(self, writer: RunWriter, views: list[View], run_dir: str, strict: bool,
+                 pool: BufferPool | None = None, keep_last: int | None = None,
+                 keep_every: int | None = None):
         self.writer: RunWriter | None = writer
         self.views = list(views)
         self.run_dir = run_dir
         self.strict = strict
+        self.pool = pool
+        self.keep_last = keep_last
+        self.keep_every = keep_every
         self.events: Any = None
         self._failures: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
@@ -135,58 +223,98 @@ class _Pipeline:
             out, self._failures = self._failures, []
         return out
 
-    def _previous(self, snapshot: Snapshot) -> dict[str, np.ndarray] | None:
+    def _previous(self, snapshot: Snapshot) -> Any:
+        """A function key -> the weight at the previous snapshot (or None), read one at a time.
+
+        Reading one tensor at a time keeps at most one earlier tensor mapped.
+        """
         if self.writer is not None:
-            prev: SnapshotRecord | None = self.writer.previous(snapshot.step)
+            writer = self.writer
+            prev: SnapshotRecord | None = writer.previous(snapshot.step)
             if prev is None:
-                return None
-            return {k: self.writer.read(r) for k, r in prev.tensors.items()}
-        return self._prev_arrays
+                return lambda key: None
+            return lambda key: writer.read(prev.tensors[key]) if key in prev.tensors else None
+        arrays = self._prev_arrays
+        return lambda key: None if arrays is None else arrays.get(key)
+
+    def handle(self, job: tuple) -> None:
+        """Write one snapshot; then hand its buffers back to the pool, even on failure."""
+        buffers = job[2] if len(job) > 2 else None
+        try:
+            self._handle(job[0], job[1])
+        finally:
+            if self.pool is not None:
+                self.pool.release(buffers)
 
     def _events(self) -> Any:
         if self.events is None:
             from .summaries import EventWriter
 
-            self.events = EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR))
+            self.events = _GuardedEvents(EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR)))
         return self.events
 
-    def handle(self, job: tuple[Snapshot, dict[str, Any]]) -> None:
-        snapshot, payloads = job
+    def _stop_writer(self, exc: BaseException) -> None:
+        """Stop writing snapshots after a failure; release the run's lock right away."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: S110 - the failure being reported is the one that matters
+                pass
+        self._fail("snapshots", exc)
+
+    def _stop_events(self, exc: BaseException) -> None:
+        """The event file failed (disk full, ...): every view stops, with one warning."""
+        self.views = []
+        self._fail("the TensorBoard event file", exc)
+
+    def _handle(self, snapshot: Snapshot, payloads: dict[str, Any]) -> None:
         records: dict[str, TensorRecord] | None = None
         if self.writer is not None:
             try:
                 records = self.writer.store_tensors(snapshot)
             except Exception as e:
-                self.writer = None
-                self._fail("snapshots", e)
+                self._stop_writer(e)
         try:
             prev = self._previous(snapshot)
         except Exception:
-            prev = None
-        stats = {
-            key: tensor_stats(arr, None if prev is None else prev.get(key))
-            for key, arr in snapshot.arrays.items()
-        }
+            prev = lambda key: None  # noqa: E731
+        stats = {}
+        for key, arr in snapshot.arrays.items():
+            try:
+                before = prev(key)
+            except Exception:
+                before = None
+            stats[key] = tensor_stats(arr, before)
+            del before
         if self.writer is not None and records is not None:
             try:
                 self.writer.commit_snapshot(snapshot, records, stats)
             except Exception as e:
-                self.writer = None
-                self._fail("snapshots", e)
+                self._stop_writer(e)
+        if self.writer is not None and self.keep_last is not None:
+            try:
+                self.writer.apply_retention(self.keep_last, self.keep_every)
+            except Exception as e:
+                self.keep_last = None
+                self._fail("snapshot retention", e)
         if self.writer is None:
-            self._prev_arrays = snapshot.arrays
+            # The arrays live in reused buffers: keep a copy for the next update ratio.
+            self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
         for view in list(self.views):
             try:
                 view.write(snapshot, stats, payloads.get(view.name), self._events())
             except Exception as e:
+                if self.events is not None and self.events.error is not None:
+                    self._stop_events(self.events.error)
+                    break
                 self.views.remove(view)
                 self._fail(f"the {view.name} view", e)
-        if self.events is not None:
+        if self.events is not None and self.events.error is None:
             try:
                 self.events.flush()
             except Exception as e:
-                self.views = []
-                self._fail("the TensorBoard event file", e)
+                self._stop_events(e)
 
     def close(self) -> None:
         for view in self.views:
@@ -201,6 +329,40 @@ class _Pipeline:
                 self._fail("the TensorBoard event file", e)
         if self.writer is not None:
             self.writer.close()
+
+
+class _GuardedEvents:
+    """The run's `EventWriter`, remembering its first I/O error.
+
+    A failing event file (disk full, directory gone) is one failure, reported
+    once, not one per view that writes to it; once it failed, closing it does
+    not report the same error again.
+    """
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+        self.error: OSError | None = None
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.writer.write(*args, **kwargs)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.writer.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except OSError:
+            if self.error is None:
+                raise
 
 
 class WeightWatch(keras.callbacks.Callback):
@@ -262,7 +424,30 @@ class WeightWatch(keras.callbacks.Callback):
             completed snapshots survive a power loss, not only a crash.
             Defaults to True.
         max_queue: How many captured snapshots may wait for the background
-            writer before training waits for it. Defaults to 1.
+            writer, besides the one it is writing, before training waits for
+            it. Captures copy into reused host buffers, at most `max_queue + 1`
+            copies of the weights (one while the writer keeps up). Defaults
+            to 1.
+        store_dtype: Store float32/float64 weights in a reduced precision,
+            `"float16"` (relative error at most 2**-11, values beyond
+            +-65504 become inf) or `"bfloat16"` (relative error at most
+            2**-8, float32's range). LOSSY: loaded weights then differ from
+            `get_weights()`; each tensor's record says `lossy: true` and
+            `weightwatch show` says so. Statistics and views still use the
+            exact weights. Defaults to None (exact).
+        keep_last: Keep only the last `keep_last` epoch snapshots (plus the
+            initial one and those `keep_every` keeps), deleting older ones
+            and the tensor files no remaining snapshot needs. Defaults to
+            None (keep every snapshot).
+        keep_every: With `keep_last`, also keep every snapshot whose step is
+            a multiple of `keep_every`. Defaults to None.
+        include: A regular expression, or a list of them: watch only the
+            weights whose key (`dense/kernel`) or layer path (`dense`) one of
+            them matches (`re.search`). Defaults to None (every weight).
+        exclude: A regular expression, or a list of them: leave out the
+            weights whose key or layer path one of them matches. Excluded
+            weights are neither stored nor shown in any view. Defaults to
+            None.
 
     Example:
 
@@ -296,6 +481,11 @@ class WeightWatch(keras.callbacks.Callback):
         strict: bool = False,
         durable: bool = True,
         max_queue: int = 1,
+        store_dtype: str | None = None,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
     ):
         super().__init__()
         self.log_dir = _check_log_dir(log_dir)
@@ -335,6 +525,18 @@ class WeightWatch(keras.callbacks.Callback):
         self.strict = _check_bool("strict", strict)
         self.durable = _check_bool("durable", durable)
         self.max_queue = _check_positive_int("max_queue", max_queue)
+        if store_dtype is not None:
+            _check_choice("store_dtype", store_dtype, STORE_DTYPES + (None,))
+        self.store_dtype = store_dtype
+        self.keep_last = _check_optional_int("keep_last", keep_last)
+        self.keep_every = _check_optional_int("keep_every", keep_every)
+        if self.keep_every is not None and self.keep_last is None:
+            raise ValueError(
+                "`keep_every` needs `keep_last` (how many of the latest snapshots to keep "
+                f"besides every keep_every-th). {received('keep_every', keep_every)}"
+            )
+        self.include = _check_patterns("include", include)
+        self.exclude = _check_patterns("exclude", exclude)
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None
         self._reset()
@@ -346,6 +548,9 @@ class WeightWatch(keras.callbacks.Callback):
         self._views: list[View] = []
         self._info: ModelInfo | None = None
         self._keys: list[str] = []
+        self._watch: list[int] = []
+        self._n_weights = 0
+        self._pool: BufferPool | None = None
         self._pending_initial: Snapshot | None = None
         self._offset: int | None = None
         self._last_step: int | None = None
@@ -371,6 +576,11 @@ class WeightWatch(keras.callbacks.Callback):
             "strict": self.strict,
             "durable": self.durable,
             "max_queue": self.max_queue,
+            "store_dtype": self.store_dtype,
+            "keep_last": self.keep_last,
+            "keep_every": self.keep_every,
+            "include": self.include,
+            "exclude": self.exclude,
         }
 
     def _view_settings(self) -> dict[str, Any]:
@@ -425,8 +635,20 @@ class WeightWatch(keras.callbacks.Callback):
         views = build_views(self._view_settings())
         for view in views:
             view.prepare(model, info)  # bad arguments raise here, before any epoch
+        watch = watched([(w.key, w.layer) for w in info.weights], self.include, self.exclude)
+        if not watch and info.weights:
+            raise ValueError(
+                f"`include`/`exclude` leave none of the model's {len(info.weights)} weights to "
+                f"watch (keys such as {[w.key for w in info.weights[:3]]}). "
+                f"Received: include={self.include!r}, exclude={self.exclude!r}"
+            )
+        specs = [info.weights[i] for i in watch]
+        _restrict_views(views, {w.key for w in specs})
         if not is_writer(model):
             return  # another process of a distributed run writes; this one stays inactive
+        if self.if_exists == "new" and self.run_dir is not None and is_run(self.run_dir):
+            if architecture_mismatch(load_run(self.run_dir).specs, specs):
+                self.run_dir = None  # the model changed since the last fit: a new run beside
         run_dir = self._resolve_run_dir()
         try:
             writer = RunWriter.open(
@@ -435,14 +657,26 @@ class WeightWatch(keras.callbacks.Callback):
                 settings=self.get_config(),
                 versions=_versions(),
                 durable=self.durable,
+                store_dtype=self.store_dtype,
+                weights=specs,
             )
         except OSError as e:
-            raise WeightWatchError(f"{run_dir}: cannot create the run directory: {e}") from e
+            error = WeightWatchError(f"{run_dir}: cannot create the run directory: {e}")
+            if self.strict:
+                raise error from e
+            self._report("snapshots", error)  # a disk or permission fault: training goes on
+            return
         self.run_dir = run_dir
         self._info = info
         self._keys = [s.key for s in writer.specs]
+        self._watch = watch
+        self._n_weights = len(info.weights)
         self._views = views
-        self._pipeline = _Pipeline(writer, views, run_dir, self.strict)
+        self._worker = None
+        self._pool = BufferPool(self.max_queue + 1, alive=lambda: self._worker_alive())
+        self._pipeline = _Pipeline(
+            writer, views, run_dir, self.strict, self._pool, self.keep_last, self.keep_every
+        )
         self._worker = Worker(self._pipeline.handle, maxsize=self.max_queue)
         self._last_step = writer.last_step
         self._active = True
@@ -453,19 +687,26 @@ class WeightWatch(keras.callbacks.Callback):
 
     def _capture(self, model: Any, *, step: int, label: str, epoch: int | None,
                  logs: Mapping[str, Any]) -> Snapshot:
-        arrays = capture_arrays(model)
-        if len(arrays) != len(self._keys):
+        variables = list(model.weights)
+        if len(variables) != self._n_weights:
             raise WeightWatchError(
-                f"the model now has {len(arrays)} weight tensors but had {len(self._keys)} at "
+                f"the model now has {len(variables)} weight tensors but had {self._n_weights} at "
                 "train begin; a model whose weights change during fit cannot be watched"
             )
-        return Snapshot(
+        if self._pool is None:
+            raise WeightWatchError("weightwatch is not watching a fit")
+        arrays = capture_into([variables[i] for i in self._watch], self._pool)
+        snap = Snapshot(
             step=step,
             label=label,
             epoch=epoch,
             arrays=dict(zip(self._keys, arrays)),
             logs=clean_logs(logs),
         )
+        return snap
+
+    def _worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.alive
 
     def _payloads(self, model: Any) -> dict[str, Any]:
         out = {}
@@ -476,9 +717,17 @@ class WeightWatch(keras.callbacks.Callback):
         return out
 
     def _submit(self, snapshot: Snapshot, payloads: dict[str, Any]) -> None:
+        buffers = list(snapshot.arrays.values())  # the pool's set, in capture order
         if self._worker is None:
+            if self._pool is not None:
+                self._pool.release(buffers)
             return
-        self._worker.submit((snapshot, payloads))
+        try:
+            self._worker.submit((snapshot, payloads, buffers))
+        except BaseException:
+            if self._pool is not None:
+                self._pool.release(buffers)
+            raise
         self._last_step = snapshot.step
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -537,9 +786,10 @@ class WeightWatch(keras.callbacks.Callback):
         """Drain the worker, close files, release the run's lock; then report what failed."""
         self._active = False
         self._pending_initial = None
-        worker, pipeline = self._worker, self._pipeline
+        worker, pipeline, pool = self._worker, self._pipeline, self._pool
         self._worker = None
         self._pipeline = None
+        self._pool = None
         failures: list[tuple[str, BaseException]] = []
         try:
             if worker is not None:
@@ -549,6 +799,8 @@ class WeightWatch(keras.callbacks.Callback):
             if pipeline is not None:
                 pipeline.close()
                 failures = pipeline.pop_failures() + failures
+            if pool is not None:
+                pool.clear()
         if report:
             for part, exc in failures:
                 self._report(part, exc)

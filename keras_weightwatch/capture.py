@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -193,6 +194,122 @@ def _host_copy(variable: Any) -> np.ndarray:
 def capture_arrays(model: Any) -> list[np.ndarray]:
     """Copy every weight of the model to host memory, in `model.weights` order."""
     return [_host_copy(v) for v in model.weights]
+
+
+def _host_view(variable: Any) -> np.ndarray:
+    """The variable's value as host memory, without a copy where the backend allows it.
+
+    The result may share memory with the variable (or with a copy-on-write
+    read of it): copy it before training goes on. Falls back to
+    `variable.numpy()` (one copy) where no zero-copy path is known.
+    """
+    value = getattr(variable, "value", None)
+    module = type(value).__module__
+    try:
+        if value is not None and hasattr(value, "read_value"):  # TensorFlow ResourceVariable
+            to_numpy = getattr(value.read_value(), "_numpy", None)  # EagerTensor: no copy on CPU
+            if to_numpy is not None:
+                arr = to_numpy()
+                if isinstance(arr, np.ndarray):
+                    return arr
+        elif module.startswith("jax"):
+            return np.asarray(value)  # a view of a CPU jax.Array; a transfer otherwise
+        elif module.startswith("torch"):
+            return value.detach().cpu().numpy()  # shares storage on CPU
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        pass  # e.g. torch bfloat16, which numpy cannot view: take the documented path
+    arr = variable.numpy()
+    return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+
+
+class BufferPool:
+    """Sets of host arrays that captures copy into, reused from one snapshot to the next.
+
+    Fresh memory is slow to fault in (a new 400 MB array costs far more than
+    copying into one already touched), so each set is allocated and touched
+    once, at its first capture, and handed back with `release` once the
+    worker is done with it. At most `max_sets` sets exist: a capture that
+    finds none free allocates a new one while fewer exist, else waits for one
+    to be released (back-pressure that bounds memory to `max_sets` copies of
+    the weights). A set is created only when the others are busy, so a worker
+    that keeps up with training needs one.
+    """
+
+    def __init__(self, max_sets: int, alive: Any = None):
+        if max_sets < 1:
+            raise ValueError(f"max_sets must be >= 1. Received: max_sets={max_sets}")
+        self.max_sets = max_sets
+        self._alive = alive  # a callable: False once nothing will ever release a set
+        self._free: list[list[np.ndarray]] = []
+        self._created = 0
+        self._cond = threading.Condition()
+
+    @property
+    def created(self) -> int:
+        """How many sets exist (free or in use)."""
+        return self._created
+
+    @property
+    def in_use(self) -> int:
+        """How many sets hold a snapshot that is not released yet."""
+        with self._cond:
+            return self._created - len(self._free)
+
+    def acquire(self) -> list[np.ndarray] | None:
+        """A free set, or None when a new one may be allocated; waits while all are busy."""
+        with self._cond:
+            while not self._free:
+                if self._created < self.max_sets:
+                    self._created += 1
+                    return None
+                if self._alive is not None and not self._alive():
+                    raise RuntimeError("the weightwatch worker thread has stopped")
+                self._cond.wait(timeout=0.5)
+            return self._free.pop()
+
+    def release(self, buffers: list[np.ndarray] | None) -> None:
+        """Give a set back for the next capture. Safe to call with None."""
+        if buffers is None:
+            return
+        with self._cond:
+            self._free.append(buffers)
+            self._cond.notify()
+
+    def clear(self) -> None:
+        """Drop the free sets (their memory goes back once no snapshot refers to them)."""
+        with self._cond:
+            self._created -= len(self._free)
+            self._free = []
+
+
+def capture_into(variables: Sequence[Any], pool: BufferPool) -> list[np.ndarray]:
+    """Copy the variables into a set of the pool's buffers (one memcpy each).
+
+    Returns the set, which equals `[v.numpy() for v in variables]` bit for
+    bit; give it back with `pool.release` when done with it.
+    """
+    buffers = pool.acquire()
+    try:
+        if buffers is None:
+            return [np.array(_host_view(v), copy=True, order="C") for v in variables]
+        if len(buffers) != len(variables):
+            raise ValueError("buffer set does not match the variables")
+        for buf, v in zip(buffers, variables):
+            src = _host_view(v)
+            if src.shape != buf.shape or src.dtype != buf.dtype:
+                raise ValueError(
+                    f"weight {getattr(v, 'path', '?')} changed from {buf.dtype}{list(buf.shape)} "
+                    f"to {src.dtype}{list(src.shape)} during fit"
+                )
+            np.copyto(buf, src, casting="no")
+        return buffers
+    except BaseException:
+        if buffers is not None:
+            pool.release(buffers)
+        else:
+            with pool._cond:
+                pool._created -= 1
+        raise
 
 
 @dataclasses.dataclass

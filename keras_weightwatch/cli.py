@@ -50,6 +50,25 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
     return "\n".join(lines)
 
 
+def _count(value: object) -> int:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
+
+
+def _non_finite_lines(run: Run, limit: int = 10) -> list[str]:
+    """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
+    found = []
+    for snap in run.snapshots:
+        for key, st in snap.stats.items():
+            nan, inf = _count(st.get("nan_count")), _count(st.get("inf_count"))
+            if nan or inf:
+                found.append(f"{snap.name}: {key} ({nan} NaN, {inf} Inf)")
+    if not found:
+        return []
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return [f"NON-FINITE weights hold NaN/Inf in {len(found)} tensor snapshots: "
+            + "; ".join(found[:limit]) + more]
+
+
 def render_show(run: Run) -> str:
     """The text of `weightwatch show RUN`."""
     v = run.versions
@@ -74,6 +93,7 @@ def render_show(run: Run) -> str:
             f"precision LOSSY: float weights stored as {', '.join(sorted(lossy))} "
             "(values differ from the model's)"
         )
+    out.extend(_non_finite_lines(run))
     out.append("")
     out.append("layers")
     out.append(

@@ -276,7 +276,7 @@ def _as_shape(value: Any, where: str) -> tuple[int, ...]:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise WeightWatchError(f"{where}: shape sizes must be integers >= 0, found {value!r}")
         shape.append(s)
-    if math.prod(shape) > _MAX_ELEMENTS:
+    if math.prod(shape) > _MAX_ELEMENTS or any(s > _MAX_ELEMENTS for s in shape):
         raise WeightWatchError(f"{where}: shape {value!r} is larger than any stored tensor can be")
     return tuple(shape)
 
@@ -363,6 +363,12 @@ def _parse_snapshot(data: Any, file: str) -> SnapshotRecord:
     stats = data.get("stats", {})
     if not isinstance(stats, dict):
         raise WeightWatchError(f"{where}: stats must be an object")
+    for values in stats.values():
+        if not isinstance(values, dict) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            for v in values.values()
+        ):
+            raise WeightWatchError(f"{where}: stats must map weight keys to numbers")
     return SnapshotRecord(
         step=step,
         label=label,
@@ -547,6 +553,7 @@ class Run:
         path = os.path.join(self.path, TENSOR_DIR, rec.sha256 + ".npy")
         if os.path.islink(path):
             raise WeightWatchError(f"{path}: tensor file is a symbolic link; refusing to follow it")
+        _check_inside(self.path, path)
         return path
 
     def _load(self, rec: TensorRecord, *, mmap: bool, verify: bool) -> np.ndarray:
@@ -556,6 +563,7 @@ class Run:
             if problem:
                 raise WeightWatchError(problem)
             self._verified.add(rec.file)
+        _check_npy_header(path, rec)  # before np.load can allocate what a header claims
         try:
             arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except FileNotFoundError:
@@ -579,6 +587,50 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_inside(run: str, path: str) -> None:
+    """Refuse a path that resolves (through a symbolic link) to somewhere outside the run."""
+    root = os.path.realpath(run)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise WeightWatchError(f"{path}: resolves to a place outside the run; refusing to read it")
+
+
+def _check_npy_header(path: str, rec: TensorRecord) -> None:
+    """Check a .npy file's header and size against its record, reading no data."""
+    file_dtype = _BITS_DTYPES.get(rec.stored_dtype, rec.stored_dtype)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise WeightWatchError(f"{path}: tensor file is missing") from None
+    except Exception as e:  # any malformed header: numpy raises several kinds
+        raise WeightWatchError(f"{path}: not a readable .npy file ({e})") from None
+    if dtype.hasobject:
+        raise WeightWatchError(f"{path}: holds Python objects; refusing to load it")
+    if tuple(shape) != rec.shape or dtype.name != file_dtype:
+        raise WeightWatchError(
+            f"{path}: holds {dtype.name}{list(shape)} but the snapshot says "
+            f"{file_dtype}{list(rec.shape)}"
+        )
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise WeightWatchError(
+            f"{path}: {size} bytes, expected {expected} for {dtype.name}{list(shape)} "
+            "(truncated or replaced)"
+        )
 
 
 def _check_tensor_file(path: str, rec: TensorRecord) -> str | None:
@@ -621,8 +673,27 @@ def _read_header(path: str) -> dict[str, Any]:
         for w in weights:
             WeightSpec.from_json(w)
             _as_shape(w["shape"], HEADER_FILE)
-        for layer in header.get("model", {}).get("layers", []):
-            LayerInfo(**layer)
+        for name in ("model", "versions", "settings"):
+            if not isinstance(header.get(name, {}), dict):
+                raise TypeError(f"{name} must be an object")
+        model = header.get("model", {})
+        for name in ("total_params", "trainable_params", "non_trainable_params"):
+            if not _is_int(model.get(name, 0)):
+                raise TypeError(f"model {name} must be an integer")
+        for name in ("name", "class_name"):
+            if not isinstance(model.get(name, ""), str):
+                raise TypeError(f"model {name} must be a string")
+        if not isinstance(model.get("layers", []), list):
+            raise TypeError("model layers must be a list")
+        for layer in model.get("layers", []):
+            info = LayerInfo(**layer)
+            if not (isinstance(info.name, str) and isinstance(info.class_name, str)) or not all(
+                _is_int(n) for n in (info.params, info.trainable_params,
+                                     info.non_trainable_params)
+            ):
+                raise TypeError(f"layer entry {layer!r} has a field of the wrong type")
+        if not all(isinstance(v, str) for v in header.get("versions", {}).values()):
+            raise TypeError("versions must map names to strings")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise WeightWatchError(
             f"{os.path.join(path, HEADER_FILE)}: malformed weight or layer entry ({e})"
@@ -632,6 +703,8 @@ def _read_header(path: str) -> dict[str, Any]:
 
 def _list_snapshot_files(path: str) -> list[str]:
     snap_dir = os.path.join(path, SNAPSHOT_DIR)
+    if os.path.exists(snap_dir):
+        _check_inside(path, snap_dir)
     try:
         names = os.listdir(snap_dir)
     except FileNotFoundError:
@@ -695,7 +768,10 @@ def verify_run(path: str | os.PathLike) -> VerifyReport:
     for snap in run.snapshots:
         for key, rec in snap.tensors.items():
             if rec.file not in checked:
-                checked[rec.file] = _check_tensor_file(run._file_path(rec), rec)
+                try:
+                    checked[rec.file] = _check_tensor_file(run._file_path(rec), rec)
+                except WeightWatchError as e:
+                    checked[rec.file] = str(e)
             problem = checked[rec.file]
             if problem:
                 problems.append(f"snapshot {snap.name}, weight {key}: {problem}")
@@ -793,12 +869,14 @@ class RunWriter:
         versions: Mapping[str, str],
         durable: bool = True,
         store_dtype: str | None = None,
+        weights: Sequence[WeightSpec] | None = None,
     ) -> RunWriter:
         """Create the run, or open an existing one of the same architecture to continue it.
 
         The weight keys of an existing run are kept (matched by position), so a
         model rebuilt in another process with other auto-generated layer names
-        continues the same series.
+        continues the same series. `weights` is the subset of `model.weights`
+        the run stores (an include/exclude filter); defaults to all of them.
 
         Raises:
             WeightWatchError: the run was written by a model of another
@@ -809,7 +887,7 @@ class RunWriter:
         lock = _Lock(path)
         lock.acquire()
         try:
-            specs = list(model.weights)
+            specs = list(model.weights if weights is None else weights)
             snapshots: list[SnapshotRecord] = []
             created = _now_iso()
             if is_run(path):
@@ -874,6 +952,9 @@ class RunWriter:
         for spec in self.specs:
             arr = snapshot.arrays[spec.key]
             stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
+            # The bytes are written in C order, so the header must say so too. (Not
+            # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
+            stored = np.require(stored, requirements="C")
             header = _npy_header(stored)
             data = _raw_bytes(stored)
             h = hashlib.sha256(header)
@@ -923,6 +1004,78 @@ class RunWriter:
         self._snapshots[snapshot.step] = record
         return record
 
+    def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[str]:
+        """Remove the snapshots `retained_steps` does not keep, then their unreferenced tensors.
+
+        Crash-safe in this order: each removed snapshot's file goes first (the
+        run then no longer lists it), then every tensor file that no remaining
+        snapshot references. A process killed at any moment leaves a run whose
+        listed snapshots all load and verify; a leftover unreferenced tensor
+        file is removed by the next pass.
+
+        Returns:
+            The removed snapshot files, relative to the run directory.
+        """
+        keep = retained_steps(self.snapshots, keep_last, keep_every)
+        removed = []
+        snap_dir = os.path.join(self.path, SNAPSHOT_DIR)
+        for step in sorted(self._snapshots):
+            if step in keep:
+                continue
+            record = self._snapshots.pop(step)
+            try:
+                os.unlink(os.path.join(self.path, record.file))
+            except FileNotFoundError:
+                pass
+            removed.append(record.file)
+        if removed and self.durable:
+            _fsync_dir(snap_dir)
+        self.collect_garbage()
+        return removed
+
+    def collect_garbage(self) -> list[str]:
+        """Delete tensor files that no snapshot of the run references; return their names.
+
+        Only files named like tensors (`<sha256>.npy`) and leftover temporary
+        files (`.tmp-*`) are touched. Call it only between snapshots: the
+        tensors of a snapshot being written are not referenced yet.
+        """
+        referenced = {rec.file for s in self._snapshots.values() for rec in s.tensors.values()}
+        tensor_dir = os.path.join(self.path, TENSOR_DIR)
+        deleted = []
+        try:
+            names = os.listdir(tensor_dir)
+        except FileNotFoundError:
+            names = []
+        for name in sorted(names):
+            file = f"{TENSOR_DIR}/{name}"
+            if not (_TENSOR_FILE_RE.match(file) or name.startswith(TMP_PREFIX)):
+                continue
+            if file in referenced:
+                continue
+            try:
+                os.unlink(os.path.join(tensor_dir, name))
+            except FileNotFoundError:
+                continue
+            deleted.append(file)
+        self._files &= referenced
+        if deleted and self.durable:
+            _fsync_dir(tensor_dir)
+        return deleted
+
     def close(self) -> None:
         """Release the run's lock. Safe to call twice."""
         self._lock.release()
+
+
+def retained_steps(
+    snapshots: Sequence[SnapshotRecord], keep_last: int, keep_every: int | None = None
+) -> set[int]:
+    """The steps a retention policy keeps: the initial snapshot, the last `keep_last`
+    epoch snapshots, and every epoch snapshot whose step is a multiple of `keep_every`."""
+    epochs = sorted(s.step for s in snapshots if s.label == "epoch")
+    keep = {s.step for s in snapshots if s.label == "initial"}
+    keep.update(epochs[-keep_last:] if keep_last > 0 else [])
+    if keep_every:
+        keep.update(step for step in epochs if step % keep_every == 0)
+    return keep

@@ -1,0 +1,238 @@
+"""WeightWatch's overhead next to keras.callbacks.TensorBoard on the reference CNN.
+
+Target (issue 5): with every view on (snapshots every epoch, statistics, histograms,
+kernel grids, the top-k feature table, responses of 4 sample images), the time WeightWatch
+adds per epoch is at most 10% of what
+`keras.callbacks.TensorBoard(histogram_freq=1, write_images=True)` adds.
+
+The reference CNN: Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1 (2.0M
+parameters), 3 epochs of 6,000 images, batch 128. The images are scikit-learn's digits
+(8x8, shipped with the package, no download) scaled up 3x and padded to 28x28, repeated
+to 6,000.
+
+Three kinds of fit alternate, `--repeats` times each, each on a freshly built model with
+the same seed (so each pays the same tracing): `alone`, `tensorboard`, `weightwatch`.
+Added time = median(fit with the callback) - median(fit alone). Also reported: the
+training thread's time inside WeightWatch's hooks and the worker's time per snapshot.
+
+Run:  .venv/bin/python benchmarks/bench_overhead.py        (about 2-3 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_weightwatch  # noqa: E402
+from keras_weightwatch import WeightWatch  # noqa: E402
+from keras_weightwatch import callback as ww_callback  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = [f"python {platform.python_version()}", f"numpy {np.__version__}",
+                f"keras {keras.__version__} ({keras.backend.backend()})"]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        versions.append(f"tensorflow {tf.__version__}")
+    import tensorboard
+
+    versions.append(f"tensorboard {tensorboard.__version__}")
+    versions.append(f"keras-weightwatch {keras_weightwatch.__version__}")
+    return f"{cpu}, {cores} cores usable; " + ", ".join(versions)
+
+
+def digits(n: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = d.images.astype("float32") / 16.0  # (1797, 8, 8)
+    img = np.kron(img, np.ones((1, 3, 3), "float32"))  # 24 x 24
+    img = np.pad(img, ((0, 0), (2, 2), (2, 2)))[..., None]  # 28 x 28 x 1
+    reps = -(-n // len(img))
+    return np.tile(img, (reps, 1, 1, 1))[:n], np.tile(d.target, reps)[:n].astype("int32")
+
+
+def build() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu", name="conv2"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(256, activation="relu", name="dense"),
+            keras.layers.Dense(10, name="logits"),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+class TimedWeightWatch(WeightWatch):
+    """WeightWatch with each hook timed (the training thread's time inside it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hook_times: dict[str, list[float]] = {}
+
+    def _timed(self, name, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.hook_times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    def on_train_begin(self, logs=None):
+        self._timed("on_train_begin", super().on_train_begin, logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._timed("on_epoch_begin", super().on_epoch_begin, epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._timed("on_epoch_end", super().on_epoch_end, epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._timed("on_train_end", super().on_train_end, logs)
+
+
+WORKER_TIMES: list[float] = []
+
+
+def _time_worker():
+    real = ww_callback._Pipeline.handle
+
+    def handle(self, job):
+        t0 = time.perf_counter()
+        try:
+            real(self, job)
+        finally:
+            WORKER_TIMES.append(time.perf_counter() - t0)
+
+    ww_callback._Pipeline.handle = handle
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    _time_worker()
+    x, y = digits(args.images)
+    samples = x[:4]
+    print(f"machine: {machine()}")
+    params = build().count_params()
+    print(f"model: Conv32-Pool-Conv64-Flatten-Dense256-Dense10, {params:,} parameters; "
+          f"{args.epochs} epochs of {args.images} images, batch {args.batch}; "
+          f"{args.repeats} repeats, alternating")
+    sys.stdout.flush()
+    root = tempfile.mkdtemp(prefix="ww-bench-overhead-")
+
+    def callbacks(kind: str, tag: str):
+        if kind == "tensorboard":
+            return [keras.callbacks.TensorBoard(os.path.join(root, f"tb-{tag}"),
+                                                histogram_freq=1, write_images=True)]
+        if kind == "weightwatch":
+            return [TimedWeightWatch(
+                os.path.join(root, f"ww-{tag}"),
+                histograms=True,
+                kernel_images=True,
+                feature_layer="dense",
+                top_k=5,
+                sample_images=samples,
+            )]
+        return []
+
+    def fit(kind: str, tag: str, epochs: int):
+        model = build()
+        cbs = callbacks(kind, tag)
+        WORKER_TIMES.clear()
+        t0 = time.perf_counter()
+        model.fit(x, y, epochs=epochs, batch_size=args.batch, verbose=0, callbacks=cbs)
+        return time.perf_counter() - t0, cbs
+
+    for kind in ("alone", "tensorboard", "weightwatch"):  # warm up: imports, first traces
+        fit(kind, "warmup", 1)
+
+    times: dict[str, list[float]] = {"alone": [], "tensorboard": [], "weightwatch": []}
+    hooks: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        order = ["alone", "tensorboard", "weightwatch"]
+        order = order[r % 3:] + order[: r % 3]  # rotate, so no kind always runs first
+        for kind in order:
+            seconds, cbs = fit(kind, str(r), args.epochs)
+            times[kind].append(seconds)
+            if kind == "weightwatch":
+                for name, ts in cbs[0].hook_times.items():
+                    hooks.setdefault(name, []).extend(ts)
+                hooks.setdefault("worker", []).extend(WORKER_TIMES)
+            print(f"  repeat {r} {kind:12s} fit {seconds:6.2f} s")
+            sys.stdout.flush()
+
+    alone, tb, ww = (med(times[k]) for k in ("alone", "tensorboard", "weightwatch"))
+    tb_added = (tb - alone) / args.epochs
+    ww_added = (ww - alone) / args.epochs
+    print()
+    print(f"fit alone        {alone:6.2f} s (median of {args.repeats})")
+    print(f"fit + TensorBoard(histogram_freq=1, write_images=True) {tb:6.2f} s: "
+          f"adds {tb_added * 1e3:7.1f} ms per epoch")
+    print(f"fit + WeightWatch(every view)                          {ww:6.2f} s: "
+          f"adds {ww_added * 1e3:7.1f} ms per epoch")
+    print("training-thread time inside WeightWatch's hooks (median per call):")
+    per_epoch_hooks = 0.0
+    for name in ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_end"):
+        ts = hooks.get(name, [])
+        calls = len(ts) / args.repeats
+        per_epoch_hooks += med(ts) * calls / args.epochs
+        print(f"  {name:16s} {med(ts) * 1e3:8.1f} ms  (max {max(ts) * 1e3:7.1f} ms, "
+              f"{calls:.0f} per fit)")
+    print(f"  total per epoch  {per_epoch_hooks * 1e3:8.1f} ms")
+    wt = hooks.get("worker", [])
+    print(f"worker per snapshot: median {med(wt) * 1e3:.1f} ms (max {max(wt) * 1e3:.1f} ms, "
+          f"n={len(wt)}), on the background thread")
+    print()
+    print(f"RATIO WeightWatch added / TensorBoard added (per epoch): {ww_added / tb_added:.3f}"
+          "  (target <= 0.10)")
+    print(f"RATIO training-thread hook time / TensorBoard added:     "
+          f"{per_epoch_hooks / tb_added:.3f}")
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

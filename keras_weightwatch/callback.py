@@ -650,11 +650,15 @@ class WeightWatch(keras.callbacks.Callback):
             if architecture_mismatch(load_run(self.run_dir).specs, specs):
                 self.run_dir = None  # the model changed since the last fit: a new run beside
         run_dir = self._resolve_run_dir()
+        settings = self.get_config()
+        for view in views:
+            if isinstance(view, FeatureView):  # the kernel the table reads, for `diff`
+                settings["feature_key"] = view.key
         try:
             writer = RunWriter.open(
                 run_dir,
                 info,
-                settings=self.get_config(),
+                settings=settings,
                 versions=_versions(),
                 durable=self.durable,
                 store_dtype=self.store_dtype,

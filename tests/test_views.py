@@ -273,6 +273,10 @@ def test_features_of_a_named_layer_with_several_units(tmp_path):
     assert float(_values(acc, "features/b/h0")[0]) == 5.0
     table = _values(acc, "features/b")[0].item().decode()
     assert "| 1 | h0 | 5 |" in table and "| h0 | 3 | 4 |" in table
+    # the header records which kernel the table read, so `diff` compares the same one
+    from keras_weightwatch import load_run
+
+    assert load_run(run).settings["feature_key"] == "b/kernel"
 
 
 # ---------------------------------------------------------------- kernel images

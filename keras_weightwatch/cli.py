@@ -241,6 +241,9 @@ def render_diff(result) -> str:
             summary += f", {counts[status]} {words}"
     if result.tolerance:
         summary += f" (tolerance {_fmt_g(result.tolerance)})"
+    nonfinite = [t for t in result.tensors if t.nonfinite_a or t.nonfinite_b]
+    if nonfinite:
+        summary += f"; NON-FINITE values in {len(nonfinite)}"
     out += [summary, ""]
     head = "weight".ljust(name_w) + "".join("  " + h.rjust(w) for h, w in cols)
     out += [head, "-" * name_w + "".join("  " + "-" * w for _, w in cols)]
@@ -257,6 +260,10 @@ def render_diff(result) -> str:
             identical = all(t.identical for t in layer.tensors)
             out.append(note(layer.name or "(model)",
                             "identical" if identical else "unchanged (within tolerance)"))
+            for t in layer.tensors:
+                if t.nonfinite_a or t.nonfinite_b:
+                    out.append(f"      NON-FINITE: {t.name} holds {t.nonfinite_a} NaN/Inf in A, "
+                               f"{t.nonfinite_b} in B")
             continue
         out.append(row(layer.name or "(model)", [
             _fmt_g(layer.rel_l2), _fmt_cos(layer.cosine), _fmt_cos(layer.matched_cosine), "", "",
@@ -280,6 +287,9 @@ def render_diff(result) -> str:
                 ]))
                 if t.units_moved:
                     out.append(f"      the best matching moves {t.units_moved} units")
+            if t.nonfinite_a or t.nonfinite_b:
+                out.append(f"      NON-FINITE: {t.nonfinite_a} NaN/Inf in A, "
+                           f"{t.nonfinite_b} in B")
     out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
             "of units (kernels) of B to A's"]
     if result.features is not None:

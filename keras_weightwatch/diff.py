@@ -99,6 +99,8 @@ class TensorDiff:
         matched_rel_l2: ||B_matched - A|| / ||A||, or None.
         units_moved: How many units the best matching moves (None where no
             matching was computed for this tensor's own units).
+        nonfinite_a: How many NaN/Inf values the tensor holds in A.
+        nonfinite_b: How many NaN/Inf values it holds in B.
     """
 
     name: str
@@ -117,6 +119,8 @@ class TensorDiff:
     matched_cosine: float | None = None
     matched_rel_l2: float | None = None
     units_moved: int | None = None
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
 
     @property
     def compared(self) -> bool:
@@ -411,6 +415,8 @@ class _Sums:
     sdd: float = 0.0
     maxd: float = 0.0
     size: int = 0
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
 
     def add(self, other: _Sums) -> None:
         self.saa += other.saa
@@ -419,6 +425,8 @@ class _Sums:
         self.sdd += other.sdd
         self.maxd = float(np.maximum(self.maxd, other.maxd))  # NaN wins
         self.size += other.size
+        self.nonfinite_a += other.nonfinite_a
+        self.nonfinite_b += other.nonfinite_b
 
     def rel_l2(self) -> float:
         if self.saa > 0:
@@ -442,7 +450,13 @@ class _Sums:
         return math.sqrt(self.sdd / self.size) if self.size else 0.0
 
 
-def _sums(
+def _sums(*args: Any, **kwargs: Any):
+    """`_chunk_sums` with NaN/Inf arithmetic kept quiet: it yields NaN/Inf results, counted."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _chunk_sums(*args, **kwargs)
+
+
+def _chunk_sums(
     a2: np.ndarray,
     b2: np.ndarray,
     rows: np.ndarray | None = None,
@@ -477,7 +491,13 @@ def _sums(
         s.sdd += float(np.dot(d, d))
         if d.size:
             maxd = float(np.maximum(maxd, np.max(np.abs(d))))  # NaN wins
+            if not math.isfinite(maxd) or not math.isfinite(s.saa + s.sbb):
+                s.nonfinite_a += int(fa.size - np.count_nonzero(np.isfinite(fa)))
+                s.nonfinite_b += int(fb.size - np.count_nonzero(np.isfinite(fb)))
         if gram:
+            if not (math.isfinite(maxd) and math.isfinite(s.saa + s.sbb)):
+                # NaN/Inf would poison the whole matching: match on the finite values.
+                ca, cb = _finite(ca), _finite(cb)
             # float32 products are ample to rank units; the matched sums are exact float64.
             g += ca.T.astype(np.float32) @ cb.astype(np.float32)
             na += np.einsum("ij,ij->j", ca, ca)
@@ -486,15 +506,24 @@ def _sums(
     return s, g, na, nb
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    """`x` with NaN and +-Inf replaced by 0."""
+    return np.where(np.isfinite(x), x, 0.0)
+
+
 def _self_sums(a2: np.ndarray) -> _Sums:
     """The sums of a tensor compared with itself (bit-identical files)."""
     n_rows, units = a2.shape
     step = max(1, CHUNK_ELEMENTS // max(units, 1))
     saa = 0.0
+    nonfinite = 0
     for r0 in range(0, n_rows, step):
         fa = _f64(a2[r0 : r0 + step]).reshape(-1)
         saa += float(np.dot(fa, fa))
-    return _Sums(saa=saa, sbb=saa, sab=saa, sdd=0.0, maxd=0.0, size=int(a2.size))
+        if not math.isfinite(saa):
+            nonfinite += int(fa.size - np.count_nonzero(np.isfinite(fa)))
+    return _Sums(saa=saa, sbb=saa, sab=saa, sdd=0.0, maxd=0.0, size=int(a2.size),
+                 nonfinite_a=nonfinite, nonfinite_b=nonfinite)
 
 
 def _linear_sum_assignment():
@@ -711,6 +740,8 @@ def _finish(
         matched_cosine=None if matched is None else matched.cosine(),
         matched_rel_l2=None if matched is None else matched.rel_l2(),
         units_moved=moved,
+        nonfinite_a=s.nonfinite_a,
+        nonfinite_b=s.nonfinite_b,
     )
 
 

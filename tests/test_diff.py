@@ -513,3 +513,27 @@ def test_cli_images_writes_a_b_and_difference_grids_for_each_conv_layer(run_dir,
     code, out, err = _cli("diff", run_dir, run_dir, "--images", tb)
     assert code == 2 and "already holds TensorBoard event files" in err
     assert os.path.isdir(tb)
+
+
+def test_non_finite_values_are_counted_and_flagged(tmp_path):
+    snaps = _epochs()
+    a = write_run(tmp_path / "a", snaps)
+    planted = {k: v.copy() for k, v in snaps[-1][2].items()}
+    planted["dense/kernel"].flat[[0, 5, 7]] = [np.nan, np.inf, -np.inf]
+    b = write_run(tmp_path / "b", snaps[:-1] + [("epoch", snaps[-1][1], planted)])
+    result = diff_runs(a, b)
+    expected_b = {k: int(np.size(v) - np.isfinite(v).sum()) for k, v in planted.items()}
+    for t in result.tensors:
+        assert (t.nonfinite_a, t.nonfinite_b) == (0, expected_b[t.name]), t.name
+    t = result.tensor("dense/kernel")
+    assert t.status == "changed" and np.isnan(t.max_abs) and np.isnan(t.rel_l2)
+    text = render_diff(result)
+    assert "NON-FINITE values in 1" in text.splitlines()[2]
+    assert "NON-FINITE: 0 NaN/Inf in A, 3 in B" in text
+    doc = result.to_json()
+    row = next(r for r in doc["tensors"] if r["name"] == "dense/kernel")
+    assert (row["nonfinite_a"], row["nonfinite_b"]) == (0, 3)
+    # the same run with itself: identical, and still flagged
+    same = diff_runs(b, b).tensor("dense/kernel")
+    assert same.identical and (same.nonfinite_a, same.nonfinite_b) == (3, 3)
+    assert "NON-FINITE: dense/kernel holds 3 NaN/Inf in A, 3 in B" in render_diff(diff_runs(b, b))

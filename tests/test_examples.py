@@ -138,3 +138,32 @@ def test_fine_tuning_frozen_base_stores_frozen_tensors_once_without_drift(tmp_pa
     assert len(files) == len(base) + len(head) * len(run.snapshots)
     on_disk = sum(os.path.getsize(logdir / "tensors" / f) for f in files)
     assert f"({on_disk:,} bytes)" in out
+
+
+def test_compare_two_runs_matches_shuffled_units_and_tells_seeds_apart(tmp_path):
+    from keras_weightwatch import diff_runs
+
+    logdir = tmp_path / "compare"
+    out = run_example("compare_two_runs.py", logdir)
+    assert "seed1-shuffled computes the same function as seed1: True" in out
+    runs = {n: str(logdir / n) for n in ("seed1", "seed2", "seed1-shuffled")}
+    for n in runs.values():
+        assert verify_run(n).ok
+    # The shuffled twin holds seed1's weights, permuted: the same multiset of values.
+    a, b = load_run(runs["seed1"]).weights(), load_run(runs["seed1-shuffled"]).weights()
+    for key in ("conv/kernel", "hidden/kernel", "logits/kernel"):
+        assert not np.array_equal(a[key], b[key])
+        np.testing.assert_array_equal(np.sort(a[key], axis=None), np.sort(b[key], axis=None))
+    # The printed table is diff_runs' result; matching recovers the twin exactly.
+    for other in ("seed1-shuffled", "seed2"):
+        block = out.split(f"seed1 vs {other}: per layer", 1)[1].splitlines()[1:4]
+        printed = {r.split()[0]: (float(r.split()[1]), float(r.split()[3])) for r in block}
+        result = diff_runs(runs["seed1"], runs[other])
+        assert set(printed) == {"conv", "hidden", "logits"}
+        for layer in result.layers:
+            assert printed[layer.name] == pytest.approx(
+                (layer.cosine, layer.matched_cosine), abs=6e-5)
+            if other == "seed1-shuffled":
+                assert layer.cosine < 0.9 and layer.matched_cosine == pytest.approx(1, abs=1e-6)
+            else:
+                assert layer.matched_cosine < 0.99

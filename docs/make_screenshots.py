@@ -46,15 +46,19 @@ class Shot:
     fragment: str
     wait_for: str
     height: int = 900
+    click: str | None = None  # the text of a control to click first (a checkbox's label)
 
 
-# One picture per view. `tagFilter` is the legacy dashboards' tag regex; `_ignoreYOutliers`
-# and smoothing are left at their defaults.
+# One picture per view. `tagFilter` is the legacy dashboards' tag regex; scalars are shown
+# without smoothing and with every point in range.
 SHOTS = (
     Shot("features", "#text&tagFilter=features", "rank"),
     Shot("kernels", "#images&tagFilter=kernel%2Fimage", "kernel/image"),
+    Shot("rgb_kernels", "#images&tagFilter=rgb_conv", "rgb_conv/kernel/image", height=780),
     Shot("responses", "#images&tagFilter=responses%2Fconv1%2Fsample_%5B01%5D", "responses/conv1"),
-    Shot("statistics", "#scalars&tagFilter=conv1%2Fkernel%2F", "conv1/kernel/l2_norm"),
+    Shot("statistics",
+         "#scalars&_smoothingWeight=0&tagFilter=conv1%2Fkernel%2F",
+         "conv1/kernel/l2_norm", click="Ignore outliers in chart scaling"),
     Shot("histograms", "#histograms&tagFilter=conv1%2Fkernel%2Fhistogram",
          "conv1/kernel/histogram"),
 )
@@ -161,6 +165,8 @@ def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1
                 page = browser.new_page(viewport={"width": width, "height": shot.height})
                 page.goto(f"{url}/?darkMode=false{shot.fragment}")
                 page.get_by_text(shot.wait_for).first.wait_for(timeout=60_000)
+                if shot.click:  # e.g. show the initial weights' point that "outliers" hides
+                    page.get_by_text(shot.click).first.click()
                 page.wait_for_timeout(settle_ms)  # let images and charts finish drawing
                 page.screenshot(path=os.path.join(out_dir, f"{shot.name}.png"))
                 seen = page.evaluate(_DEEP_JS)

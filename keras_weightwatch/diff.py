@@ -101,6 +101,15 @@ class TensorDiff:
             matching was computed for this tensor's own units).
         nonfinite_a: How many NaN/Inf values the tensor holds in A.
         nonfinite_b: How many NaN/Inf values it holds in B.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> t = diff_runs("runs/exp1@initial", "runs/exp1").tensor("hidden/kernel")
+    >>> t.status, t.shape_a, t.identical, t.rel_l2 > 0, -1 <= t.cosine <= 1
+    ('changed', (4, 8), False, True, True)
+    >>> diff_runs("runs/exp1", "runs/exp1").tensor("hidden/kernel").rel_l2
+    0.0
     """
 
     name: str
@@ -149,6 +158,13 @@ class LayerDiff:
         rel_l2: ||B - A|| / ||A|| over all compared tensors of the layer.
         cosine: Cosine similarity over all compared tensors.
         matched_cosine: The same after matching units, or None.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> layer = next(x for x in diff_runs("runs/exp1", "runs/exp2").layers if x.name == "hidden")
+    >>> [t.name for t in layer.tensors], layer.matched_cosine >= layer.cosine
+    (['hidden/kernel', 'hidden/bias'], True)
     """
 
     name: str
@@ -189,6 +205,13 @@ class FeatureMove:
             norm of its kernel row).
         weight_b: Its weight in B.
         sign_flips: How many units' weights for this feature changed sign.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> move = diff_runs("runs/exp1", "runs/exp2").features.rows[0]
+    >>> move.rank_b, move.move == move.rank_a - move.rank_b, 0 <= move.sign_flips <= 8
+    (1, True, True)
     """
 
     name: str
@@ -214,6 +237,13 @@ class FeatureDiff:
         k: How many features each top-k holds.
         units: The layer's number of units.
         rows: B's top-k in order, then features that left A's top-k.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> f = diff_runs("runs/exp1", "runs/exp2").features
+    >>> f.key_a, f.k, f.units, sorted(m.name for m in f.rows)
+    ('hidden/kernel', 4, 8, ['age', 'distance', 'noise', 'rooms'])
     """
 
     key_a: str
@@ -247,6 +277,15 @@ class DiffResult:
             in one snapshot or of another shape come first, unchanged
             layers last).
         features: The named input features side by side, or None.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> result = diff_runs("runs/exp1", "runs/exp2")
+    >>> result.counts()["changed"], sorted(layer.name for layer in result.layers)
+    (4, ['hidden', 'out'])
+    >>> sorted(result.to_json()["tensors"][0])[:4]
+    ['cosine', 'identical', 'layer', 'matched_cosine']
     """
 
     a: str
@@ -300,6 +339,15 @@ class LayerDrift:
         from_initial: For each snapshot after the first, ||W_t - W_0|| /
             ||W_0||, W_0 being the first snapshot (the initial weights when
             the run has them).
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import drift
+    >>> hidden = drift("runs/exp1").layers[0]
+    >>> hidden.name, len(hidden.step_change), len(hidden.from_initial)
+    ('hidden', 20, 20)
+    >>> hidden.step_change[0] == hidden.from_initial[0]
+    True
     """
 
     name: str
@@ -315,6 +363,13 @@ class DriftResult:
         path: The run directory.
         steps: The snapshot names in order (`"initial"`, `"0"`, `"1"`, ...).
         layers: Every layer with weights, in the model's order.
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import drift
+    >>> d = drift("runs/exp1")
+    >>> d.steps[:3], [layer.name for layer in d.layers]
+    (('initial', '0', '1'), ['hidden', 'out'])
     """
 
     path: str

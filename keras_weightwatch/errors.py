@@ -32,6 +32,19 @@ class WeightWatchWarning(UserWarning):
     snapshot or a view (disk full, permission revoked, run directory deleted)
     is reported once with this warning, the affected part stops, and `fit`
     completes. `strict=True` raises `WeightWatchError` instead.
+
+    Example: turn it into an error for one block of code, as `strict=True`
+    would for the whole callback.
+
+    >>> import warnings
+    >>> from keras_weightwatch import WeightWatchWarning
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", WeightWatchWarning)
+    ...     try:
+    ...         warnings.warn("weightwatch: snapshots stopped", WeightWatchWarning)
+    ...     except WeightWatchWarning as w:
+    ...         print("stopped:", w)
+    stopped: weightwatch: snapshots stopped
     """
 
 

@@ -96,6 +96,13 @@ class TensorRecord:
             reduced-precision store).
         lossy: True when `stored_dtype` is a reduced precision of `dtype`.
         bytes: The file's size in bytes.
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import load_run
+    >>> rec = load_run("runs/exp1").snapshot(3).tensors["hidden/kernel"]
+    >>> rec.shape, rec.dtype, rec.lossy, rec.file == f"tensors/{rec.sha256}.npy"
+    ((4, 8), 'float32', False, True)
     """
 
     file: str
@@ -126,6 +133,17 @@ class SnapshotRecord:
         tensors: Weight key -> where its array is stored.
         stats: Weight key -> statistics (norm, mean, ...) computed when it was written.
         file: The snapshot file, relative to the run directory.
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import load_run
+    >>> snap = load_run("runs/exp1").snapshot(3)
+    >>> snap.step, snap.label, snap.epoch, snap.name, sorted(snap.logs)
+    (3, 'epoch', 3, '3', ['loss', 'mae'])
+    >>> sorted(snap.stats["hidden/kernel"])
+    ['inf_count', 'l2_norm', 'max_abs', 'mean', 'nan_count', 'size', 'std', 'update_ratio']
+    >>> load_run("runs/exp1").snapshot("initial").step
+    -1
     """
 
     step: int
@@ -152,6 +170,8 @@ class VerifyReport:
         snapshots: How many snapshots were checked.
         files: How many distinct tensor files were checked.
         problems: One line per damaged or missing file (empty when all is well).
+
+    Example: see `verify_run`.
     """
 
     path: str
@@ -761,6 +781,13 @@ def verify_run(path: str | os.PathLike) -> VerifyReport:
 
     Raises `WeightWatchError` only when the run cannot be opened at all; each
     damaged or missing tensor file is a line of the report's `problems`.
+
+    Example (the README's quickstart run: 21 snapshots of 4 tensors):
+
+    >>> from keras_weightwatch import verify_run
+    >>> report = verify_run("runs/exp1")
+    >>> report.ok, report.snapshots, report.files, report.problems
+    (True, 21, 84, ())
     """
     run = load_run(path)
     problems: list[str] = []

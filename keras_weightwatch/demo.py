@@ -22,13 +22,15 @@ Then it prints the `tensorboard` command that shows it all and a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 import numpy as np
@@ -119,11 +121,37 @@ def _check_extra() -> None:
         )
 
 
+@contextlib.contextmanager
+def _backend_start_up_notes_hidden() -> Iterator[None]:
+    """Keep what a backend's C++ runtime prints to file descriptor 2 while it starts out of
+    the demo's progress display (TensorFlow's oneDNN and absl notes); shown if it fails."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as notes:
+        os.dup2(notes.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                notes.seek(0)
+                sys.stderr.write(notes.read().decode(errors="replace"))
+
+
 def _require() -> tuple[Any, Any]:
     """Import Keras and scikit-learn's datasets, or say which extra to install."""
     _check_extra()
     try:
-        import keras
+        with _backend_start_up_notes_hidden():
+            import keras
+
+            keras.ops.zeros(1)  # the backend starts its runtime here
     except ImportError as e:
         raise ImportError(
             f"`weightwatch demo` needs Keras with a working backend ({e}); the `demo` extra "

@@ -202,3 +202,15 @@ def test_tensorboard_holds_kernel_grids_and_filtered_images(demo):
         assert responses == [f"responses/{layer}/sample_{i}" for i in range(samples)]
         for t in responses:
             assert [step for step, _ in events[t]] == run.steps
+
+
+def test_backend_start_up_notes_are_hidden_unless_the_start_fails(capfd):
+    with demo_module._backend_start_up_notes_hidden():
+        os.write(2, b"I0000 oneDNN custom operations are on\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ImportError), demo_module._backend_start_up_notes_hidden():
+        os.write(2, b"E0000 could not load the runtime\n")
+        raise ImportError("no backend")
+    assert capfd.readouterr().err == "E0000 could not load the runtime\n"
+    os.write(2, b"after\n")  # file descriptor 2 is back where it was
+    assert capfd.readouterr().err == "after\n"

@@ -33,7 +33,7 @@ import pytest
 from keras_weightwatch.store import RunWriter, is_run, load_run
 
 STORE_TRIALS = 50
-KERAS_TRIALS = 12
+KERAS_TRIALS = 20
 STORE_STEPS = 6  # the initial snapshot and 5 epochs
 KERAS_EPOCHS = 3
 

@@ -398,7 +398,10 @@ class WeightWatch(keras.callbacks.Callback):
             Defaults to True.
         max_kernel_tiles: The most tiles one kernel grid holds. Defaults to 256.
         feature_names: Names of the model's input features, for the top-k
-            feature table. Defaults to None (no table).
+            feature table and one scalar per feature (`features/<layer>/<name>`;
+            for a layer with more than 100 input features, only the features
+            in each snapshot's table get a scalar, see
+            `views.MAX_FEATURE_SCALARS`). Defaults to None (no table).
         top_k: How many features the table lists. Defaults to 5.
         feature_layer: The name of the Dense layer whose kernel is read for the
             table. Defaults to None: the first Dense layer fed by the input.

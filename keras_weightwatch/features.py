@@ -68,8 +68,9 @@ def feature_weights(kernel: np.ndarray) -> np.ndarray:
     """
     k = _as_kernel(kernel)
     if k.shape[1] == 1:
-        return k[:, 0].copy()
-    return np.sqrt(np.sum(k * k, axis=1))
+        return k[:, 0].astype(np.float64)
+    # Squares summed in float64 without a float64 copy of the kernel (einsum casts in blocks).
+    return np.sqrt(np.einsum("ij,ij->i", k, k, dtype=np.float64))
 
 
 def _as_kernel(kernel: np.ndarray) -> np.ndarray:
@@ -78,7 +79,7 @@ def _as_kernel(kernel: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"a Dense kernel of shape (features, units) is needed. Received: kernel.shape={k.shape}"
         )
-    return k.astype(np.float64)
+    return k
 
 
 def correlated_partners(
@@ -132,6 +133,8 @@ def top_k_features(
     k: int = 5,
     data: np.ndarray | None = None,
     threshold: float = CORRELATION_THRESHOLD,
+    *,
+    weights: np.ndarray | None = None,
 ) -> list[FeatureWeight]:
     """The `k` features of largest weight magnitude, largest first.
 
@@ -144,6 +147,8 @@ def top_k_features(
         data: A sample of inputs `(samples, features)` for the correlation
             flags and standardized weights. Defaults to None.
         threshold: The smallest |correlation| that is flagged. Defaults to 0.9.
+        weights: `feature_weights(kernel)`, when the caller has it already
+            (it is not computed again). Defaults to None.
 
     Returns:
         A list of `FeatureWeight`, at most `k` long.
@@ -161,10 +166,23 @@ def top_k_features(
             f"{len(names)} feature names for a kernel of {kern.shape[0]} input features. "
             f"Received: names={names!r}"
         )
-    weights = feature_weights(kern)
+    if weights is None:
+        weights = feature_weights(kern)
+    elif np.shape(weights) != (kern.shape[0],):
+        raise ValueError(
+            f"`weights` must have shape ({kern.shape[0]},). "
+            f"Received: weights.shape={np.shape(weights)}"
+        )
     mag = np.abs(weights)
     mag = np.where(np.isnan(mag), -1.0, mag)
-    order = np.argsort(-mag, kind="stable")[: max(int(k), 0)]
+    k = max(int(k), 0)
+    if k < mag.size // 4:
+        # Only the k largest need sorting: preselect them (ties at the cut all come along).
+        cut = np.partition(mag, mag.size - k)[mag.size - k] if k else np.inf
+        candidates = np.flatnonzero(mag >= cut)
+        order = candidates[np.argsort(-mag[candidates], kind="stable")][:k]
+    else:
+        order = np.argsort(-mag, kind="stable")[:k]
     stds = partners = None
     if data is not None:
         x = np.asarray(data, dtype=np.float64)
@@ -185,7 +203,7 @@ def top_k_features(
                 index=i,
                 name=names[i],
                 weight=float(weights[i]),
-                units=tuple(float(v) for v in kern[i]),
+                units=tuple(float(v) for v in kern[i].tolist()),
                 std=std,
                 standardized=None if std is None else float(weights[i]) * std,
                 partner=None if pair is None else names[pair[0]],

@@ -6,6 +6,8 @@ import numpy as np
 
 # The bucket count tf.summary.histogram uses by default.
 DEFAULT_BINS = 30
+# Values binned at a time: float64 temporaries of this size stay in cache.
+_BLOCK = 1 << 14
 
 
 def histogram(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
@@ -43,14 +45,19 @@ def histogram(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     x = np.asarray(values).reshape(-1)
     if x.dtype.kind == "c":
         x = np.abs(x)
-    x = x.astype(np.float64)
-    x = x[np.isfinite(x)]
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)  # bool and integers (a float array is binned as it is)
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())  # NaN if there is one; Inf if there is one
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            x = x[np.isfinite(x)]
+            if x.size:
+                lo, hi = float(x.min()), float(x.max())
     scale = 1.0
     if x.size == 0:
         lo, hi = -0.5, 0.5
         counts = np.zeros(bins)
     else:
-        lo, hi = float(x.min()), float(x.max())
         if lo == hi:
             lo, hi = lo - 0.5, hi + 0.5
         # Bins narrower than a few float64 steps cannot be told apart: widen them.
@@ -60,11 +67,43 @@ def histogram(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
             lo, hi = mid - min_width / 2.0, mid + min_width / 2.0
         elif not np.isfinite(hi - lo):  # the span overflows float64: bin at half scale
             scale = 2.0
-        counts, _ = np.histogram(x / scale, bins=bins, range=(lo / scale, hi / scale))
-        counts = counts.astype(np.float64)
+        if scale == 1.0:
+            counts = _uniform_counts(x, lo, hi, bins).astype(np.float64)
+        else:
+            counts, _ = np.histogram(
+                x.astype(np.float64) / scale, bins=bins, range=(lo / scale, hi / scale)
+            )
+            counts = counts.astype(np.float64)
     edges = np.linspace(lo / scale, hi / scale, bins + 1) * scale
     out = np.empty((bins, 3))
     out[:, 0] = edges[:-1]
     out[:, 1] = edges[1:]
     out[:, 2] = counts
     return out
+
+
+def _uniform_counts(x: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Counts of the (finite, real) values of `x`, all in `[lo, hi]`, in `bins` equal buckets.
+
+    Exactly `np.histogram(x.astype(np.float64), bins, range=(lo, hi))[0]`:
+    the same float64 edges (`np.linspace`), bucket `i` holding
+    `edges[i] <= v < edges[i + 1]` and the last one `hi` too, but without a
+    float64 copy of the whole tensor and without the range filter (every
+    value is known to be inside). Works block by block in cache-sized pieces.
+    """
+    edges = np.linspace(lo, hi, bins + 1)
+    factor = bins / (hi - lo)
+    last = bins - 1
+    counts = np.zeros(bins, dtype=np.int64)
+    for start in range(0, x.size, _BLOCK):
+        block = x[start : start + _BLOCK]
+        f = block.astype(np.float64)
+        f -= lo
+        f *= factor
+        idx = f.astype(np.intp)  # the bucket, give or take one near an edge
+        np.minimum(idx, last, out=idx)
+        # Settle values within rounding of an edge by comparing with the edges themselves.
+        idx -= block < edges[idx]
+        idx += (block >= edges[idx + 1]) & (idx != last)
+        counts += np.bincount(idx, minlength=bins)
+    return counts

@@ -233,13 +233,18 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
     else:
         total = c * t
         index = [(i, o) for i in range(c) for o in range(t)][:max_tiles]
-    drawn = np.stack([k[..., o] if i is None else k[..., i, o] for i, o in index])
+    n = len(index)
+    if rgb:  # (n, h, w, 3): filter o's three input channels
+        drawn = np.moveaxis(k[..., :n], -1, 0)
+    else:  # (n, h, w): pair (i, o) is column i * t + o of the flattened channels
+        drawn = np.moveaxis(k.reshape(h, w, c * t)[..., :n], -1, 0)
     vmax = symmetric_limit(drawn)
+    # Colour every tile in one call, then cut the result into tiles.
     if rgb:
-        tiles = [signed_rgb(k[..., o], vmax) for _, o in index]
+        tiles = list(signed_rgb(drawn, vmax))
         cols = math.ceil(math.sqrt(len(tiles)))
     else:
-        tiles = [diverging_rgb(k[..., i, o], vmax) for i, o in index]
+        tiles = list(diverging_rgb(drawn, vmax))
         cols = t if t <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
     image, origins, scale = compose(tiles, cols)
     return Grid(image, tuple(index), origins, scale, vmax, total, bool(rgb))
@@ -272,7 +277,7 @@ def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256
     shown = img if img.shape[-1] == 3 else img[..., 0]
     n = min(res.shape[-1], max_tiles)
     vmax = symmetric_limit(res[..., :n])
-    tiles = [intensity_rgb(shown)] + [diverging_rgb(res[..., o], vmax) for o in range(n)]
+    tiles = [intensity_rgb(shown)] + list(diverging_rgb(np.moveaxis(res[..., :n], -1, 0), vmax))
     labels: tuple = ("image",) + tuple(("response", o) for o in range(n))
     cols = len(tiles) if len(tiles) <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
     out, origins, scale = compose(tiles, cols)

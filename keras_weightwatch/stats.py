@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 
-# Work on at most this many elements at a time (float64 temporaries stay small).
-CHUNK = 1 << 20
+# Work on at most this many elements at a time: float64 temporaries stay small enough to
+# stay in cache, so a float32 tensor is never copied to float64 whole.
+CHUNK = 1 << 16
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
 
@@ -21,6 +22,12 @@ def _chunks(a: np.ndarray):
     flat = np.asarray(a).reshape(-1)
     for start in range(0, flat.size, CHUNK):
         yield flat[start : start + CHUNK]
+
+
+def _sumsq(x: np.ndarray) -> float:
+    # einsum, not np.dot: BLAS would hand vectors this long to its own threads, which on a
+    # busy machine fight training for the cores.
+    return float(np.einsum("i,i->", x, x))
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -47,24 +54,42 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
     >>> s["l2_norm"], s["mean"], s["max_abs"]
     (5.0, 3.5, 4.0)
     """
+    a = np.asarray(arr)
+    flat = a.reshape(-1)
+    pflat = None
+    if prev is not None and np.shape(prev) == a.shape:
+        pflat = np.asarray(prev).reshape(-1)
     n_finite = 0
     total = 0.0
     sumsq = 0.0
     max_abs = -math.inf
     nan = 0
     inf = 0
-    for chunk in _chunks(arr):
-        x = _as_float(chunk)
+    diff_sq = 0.0
+    prev_sq = 0.0
+    for start in range(0, flat.size, CHUNK):
+        x = _as_float(flat[start : start + CHUNK])
+        if pflat is not None:  # the update ratio's sums, in the same pass
+            p = _as_float(pflat[start : start + CHUNK])
+            prev_sq += _sumsq(p)
+            np.subtract(x, p, out=p)
+            diff_sq += _sumsq(p)
+        hi, lo = float(x.max()), float(x.min())
+        if math.isfinite(hi) and math.isfinite(lo):  # no NaN (it would show) and no Inf
+            n_finite += x.size
+            total += float(x.sum())
+            sumsq += _sumsq(x)
+            max_abs = max(max_abs, hi, -lo)
+            continue
         finite = np.isfinite(x)
         n_nan = int(np.count_nonzero(np.isnan(x)))
         nan += n_nan
         inf += int(x.size - np.count_nonzero(finite) - n_nan)
-        if not finite.all():
-            x = x[finite]
+        x = x[finite]
         if x.size:
             n_finite += x.size
             total += float(x.sum())
-            sumsq += float(np.dot(x, x))
+            sumsq += _sumsq(x)
             max_abs = max(max_abs, float(np.abs(x).max()))
     if n_finite:
         mean = total / n_finite
@@ -79,9 +104,9 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
         out = {"l2_norm": math.nan, "mean": math.nan, "std": math.nan, "max_abs": math.nan}
     out["nan_count"] = float(nan)
     out["inf_count"] = float(inf)
-    out["size"] = float(np.asarray(arr).size)
-    if prev is not None and np.shape(prev) == np.shape(arr):
-        out["update_ratio"] = update_ratio(arr, prev)
+    out["size"] = float(a.size)
+    if pflat is not None:
+        out["update_ratio"] = _ratio(diff_sq, prev_sq)
     return out
 
 
@@ -97,8 +122,12 @@ def update_ratio(arr: np.ndarray, prev: np.ndarray) -> float:
         a64 = _as_float(a)
         p64 = _as_float(p)
         d = a64 - p64
-        diff_sq += float(np.dot(d, d))
-        prev_sq += float(np.dot(p64, p64))
+        diff_sq += _sumsq(d)
+        prev_sq += _sumsq(p64)
+    return _ratio(diff_sq, prev_sq)
+
+
+def _ratio(diff_sq: float, prev_sq: float) -> float:
     if not (math.isfinite(diff_sq) and math.isfinite(prev_sq)):
         return math.nan
     if diff_sq == 0.0:

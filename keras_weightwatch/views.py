@@ -21,7 +21,7 @@ Tags (all made by `summaries.tag`, so they are stable across runs):
 | `StatsView` | scalars | `<weight key>/<statistic>` (`dense/kernel/l2_norm`) |
 | `HistogramView` | histograms | `<weight key>/histogram` |
 | `FeatureView` | text | `features/<layer>` |
-| `FeatureView` | scalars | `features/<layer>/<feature name>` |
+| `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
 | `KernelImageView` | images | `<weight key>/image` (`conv2d/kernel/image`) |
 | `ResponseView` | images | `responses/<layer>/sample_<i>` |
 """
@@ -37,6 +37,11 @@ import numpy as np
 from .capture import ModelInfo, Snapshot
 from .errors import received
 from .stats import STAT_NAMES
+
+# A feature layer with at most this many input features gets one scalar per feature at every
+# snapshot; a wider one (a Dense layer after a Flatten) gets scalars only for the features in
+# the snapshot's top-k table.
+MAX_FEATURE_SCALARS = 100
 
 
 class View:
@@ -196,6 +201,12 @@ class FeatureView(View):
 
     Writes a Markdown table (text dashboard) and one scalar per feature: its
     weight for a one-unit layer, else the L2 norm of its row over the units.
+    A layer with more than `max_feature_scalars` input features (a Dense
+    layer after a Flatten has thousands) gets scalars only for the features
+    in that snapshot's top-k table: the tags are the same
+    (`features/<layer>/<name>`), there are just fewer of them, and a
+    feature's series has points only at the snapshots where it ranked in the
+    top k.
 
     Args:
         feature_names: One name per input feature. Defaults to None:
@@ -206,6 +217,8 @@ class FeatureView(View):
             such as `Normalization`).
         feature_data: A sample of inputs `(samples, features)` for the
             correlation flags and standardized weights. Defaults to None.
+        max_feature_scalars: The most input features that each get a scalar
+            at every snapshot. Defaults to `MAX_FEATURE_SCALARS` (100).
     """
 
     name = "features"
@@ -216,8 +229,10 @@ class FeatureView(View):
         top_k: int = 5,
         feature_layer: str | None = None,
         feature_data: np.ndarray | None = None,
+        max_feature_scalars: int = MAX_FEATURE_SCALARS,
     ):
         self.feature_names = None if feature_names is None else list(feature_names)
+        self.max_feature_scalars = max_feature_scalars
         self.top_k = top_k
         self.feature_layer = feature_layer
         self.feature_data = feature_data
@@ -293,15 +308,20 @@ class FeatureView(View):
         from .summaries import scalar, tag, text
 
         kernel = snapshot.arrays[self.key]
-        rows = top_k_features(kernel, self.names, self.top_k, self.feature_data)
+        weights = feature_weights(kernel)  # once per snapshot: the table and the scalars
+        rows = top_k_features(
+            kernel, self.names, self.top_k, self.feature_data, weights=weights
+        )
         when = "initial weights" if snapshot.label == "initial" else f"epoch {snapshot.epoch}"
         title = (
             f"Top {len(rows)} of {len(self.names)} input features of `{self.layer_name}` "
             f"by |weight| ({when}, step {snapshot.step})"
         )
         values = [text(tag("features", self.layer_name), markdown_table(rows, self.units, title))]
-        weights = feature_weights(kernel)
-        values += [scalar(t, w) for t, w in zip(self.tags, weights)]
+        if len(self.names) <= self.max_feature_scalars:
+            values += [scalar(t, w) for t, w in zip(self.tags, weights.tolist())]
+        else:
+            values += [scalar(self.tags[r.index], r.weight) for r in rows]
         events.write(snapshot.step, values, wall_time=snapshot.time)
 
 

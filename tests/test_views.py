@@ -279,6 +279,30 @@ def test_features_of_a_named_layer_with_several_units(tmp_path):
     assert load_run(run).settings["feature_key"] == "b/kernel"
 
 
+def test_a_wide_feature_layer_gets_scalars_only_for_its_top_k_features(tmp_path):
+    from keras_weightwatch.views import MAX_FEATURE_SCALARS
+
+    n = MAX_FEATURE_SCALARS + 20
+    model = keras.Sequential([keras.Input((n,)), keras.layers.Dense(3, name="wide")])
+    model.build((None, n))
+    kernel = np.random.default_rng(0).normal(size=(n, 3)).astype("float32") * 0.01
+    top = [7, 101, 3, 60]
+    for rank, i in enumerate(top):
+        kernel[i] = 5.0 - rank
+    model.get_layer("wide").set_weights([kernel, np.zeros(3, "float32")])
+    run = str(tmp_path / "run")
+    names = [f"f{i}" for i in range(n)]
+    _fit(model, WeightWatch(run, feature_names=names, top_k=4), lr=0.0, x=np.ones((8, n), "f4"))
+    acc = _acc(run)
+    tags = {t for t in _tags_by_plugin(acc)["scalars"] if t.startswith("features/")}
+    assert tags == {f"features/wide/f{i}" for i in top}
+    for i in top:
+        norm = float(np.sqrt(np.sum(kernel[i].astype(np.float64) ** 2)))
+        values = _values(acc, f"features/wide/f{i}")
+        assert sorted(values) == [-1, 0, 1]
+        assert all(float(v) == float(np.float32(norm)) for v in values.values())
+
+
 # ---------------------------------------------------------------- kernel images
 
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 CORRELATION_THRESHOLD = 0.9
+# Correlations are computed this many at a time (a block of rows of the matrix).
+_BLOCK_ELEMENTS = 1 << 22
 # A per-unit table (one column per unit) is added when the layer has at most this many units.
 MAX_UNIT_COLUMNS = 8
 
@@ -116,15 +118,55 @@ def correlated_partners(
     ok &= norm > 0
     safe = np.where(ok, norm, 1.0)
     z = np.where(ok, xc / safe, 0.0)
-    r = np.clip(z.T @ z, -1.0, 1.0)
-    np.fill_diagonal(r, 0.0)
-    r[~ok, :] = 0.0
-    r[:, ~ok] = 0.0
-    for i in range(n):
-        j = int(np.argmax(np.abs(r[i])))
-        if abs(r[i, j]) >= threshold:
-            out[i] = (j, float(r[i, j]))
+    # Rows of the correlation matrix a block at a time: memory stays at about
+    # _BLOCK_ELEMENTS floats however many features there are.
+    block = max(1, _BLOCK_ELEMENTS // n)
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        r = np.clip(z[:, i0:i1].T @ z, -1.0, 1.0)
+        r[np.arange(i1 - i0), np.arange(i0, i1)] = 0.0  # a feature is not its own partner
+        r[:, ~ok] = 0.0
+        best = np.argmax(np.abs(r), axis=1)
+        for row, i in enumerate(range(i0, i1)):
+            j = int(best[row])
+            if ok[i] and abs(r[row, j]) >= threshold:
+                out[i] = (j, float(r[row, j]))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureData:
+    """What a sample of inputs says about each feature, computed once per sample.
+
+    Attributes:
+        stds: Each feature's standard deviation in the sample.
+        partners: For each feature, `(partner index, correlation)` of the
+            other feature it is most correlated with, if |r| >= the threshold,
+            else None (see `correlated_partners`).
+    """
+
+    stds: np.ndarray
+    partners: list[tuple[int, float] | None]
+
+    @classmethod
+    def from_sample(
+        cls, data: np.ndarray, threshold: float = CORRELATION_THRESHOLD
+    ) -> FeatureData:
+        """Standard deviations and correlated partners of a `(samples, features)` sample.
+
+        Example:
+
+        >>> x = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0], [2.0, 4.1, 1.0]])
+        >>> fd = FeatureData.from_sample(x)
+        >>> [round(float(s), 3) for s in fd.stds], [p if p is None else p[0] for p in fd.partners]
+        ([0.816, 1.656, 0.471], [1, 0, None])
+        """
+        x = np.asarray(data, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(
+                f"`data` must be 2-D (samples, features). Received: data.shape={x.shape}"
+            )
+        return cls(stds=x.std(axis=0), partners=correlated_partners(x, threshold))
 
 
 def top_k_features(
@@ -145,7 +187,8 @@ def top_k_features(
         names: One name per feature.
         k: How many features to return. Defaults to 5.
         data: A sample of inputs `(samples, features)` for the correlation
-            flags and standardized weights. Defaults to None.
+            flags and standardized weights, or its `FeatureData` computed
+            once for many calls. Defaults to None.
         threshold: The smallest |correlation| that is flagged. Defaults to 0.9.
         weights: `feature_weights(kernel)`, when the caller has it already
             (it is not computed again). Defaults to None.
@@ -185,13 +228,20 @@ def top_k_features(
         order = np.argsort(-mag, kind="stable")[:k]
     stds = partners = None
     if data is not None:
-        x = np.asarray(data, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != kern.shape[0]:
+        if not isinstance(data, FeatureData):
+            x = np.asarray(data, dtype=np.float64)
+            if x.ndim != 2 or x.shape[1] != kern.shape[0]:
+                raise ValueError(
+                    f"`data` must have shape (samples, {kern.shape[0]}). "
+                    f"Received: data.shape={x.shape}"
+                )
+            data = FeatureData.from_sample(x, threshold)
+        elif len(data.partners) != kern.shape[0]:
             raise ValueError(
-                f"`data` must have shape (samples, {kern.shape[0]}). Received: data.shape={x.shape}"
+                f"`data` describes {len(data.partners)} features for a kernel of "
+                f"{kern.shape[0]}. Received: data={data!r}"
             )
-        stds = x.std(axis=0)
-        partners = correlated_partners(x, threshold)
+        stds, partners = data.stds, data.partners
     out = []
     for rank, i in enumerate(order, start=1):
         i = int(i)

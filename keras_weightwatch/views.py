@@ -241,6 +241,7 @@ class FeatureView(View):
         self.units = 1
         self.names: list[str] = []
         self.tags: list[str] = []
+        self._data: Any = None  # FeatureData of feature_data, computed at prepare
 
     def prepare(self, model, info) -> None:
         from .summaries import tag
@@ -289,6 +290,12 @@ class FeatureView(View):
                     "`feature_data` needs at least 2 samples. "
                     f"Received: feature_data with shape {data.shape}"
                 )
+            from .features import FeatureData
+
+            # Once per fit, not per snapshot: the sample does not change.
+            self._data = FeatureData.from_sample(data)
+        else:
+            self._data = None
         keys = _weight_keys(model, info)
         self.key = keys[id(layer.kernel)]
         self.layer_name = self.key.rsplit("/", 1)[0] if "/" in self.key else layer.name
@@ -309,9 +316,7 @@ class FeatureView(View):
 
         kernel = snapshot.arrays[self.key]
         weights = feature_weights(kernel)  # once per snapshot: the table and the scalars
-        rows = top_k_features(
-            kernel, self.names, self.top_k, self.feature_data, weights=weights
-        )
+        rows = top_k_features(kernel, self.names, self.top_k, self._data, weights=weights)
         when = "initial weights" if snapshot.label == "initial" else f"epoch {snapshot.epoch}"
         title = (
             f"Top {len(rows)} of {len(self.names)} input features of `{self.layer_name}` "

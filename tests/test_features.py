@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from keras_weightwatch import features
 from keras_weightwatch.features import (
     correlated_partners,
     feature_weights,
@@ -152,3 +153,31 @@ def test_errors():
         top_k_features(np.ones(3), ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"Received: data.shape=\(4, 2\)"):
         top_k_features(np.ones((3, 1)), ["a", "b", "c"], data=np.ones((4, 2)))
+
+
+def test_correlated_partners_in_blocks_equal_the_full_matrix(monkeypatch):
+    # a block of one row at a time gives what the whole correlation matrix gives
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 12))
+    x[:, 3] = 2 * x[:, 7] + 0.01 * rng.normal(size=40)
+    x[:, 9] = -x[:, 1]
+    x[:, 5] = 1.0  # constant: never flagged, never a partner
+    with np.errstate(invalid="ignore", divide="ignore"):  # the constant column
+        r = np.corrcoef(x.T)
+    np.fill_diagonal(r, 0)
+    r[:, 5] = r[5, :] = 0
+    expected = [(int(np.argmax(np.abs(row))), row[np.argmax(np.abs(row))])
+                if np.max(np.abs(row)) >= 0.9 else None for row in r]
+    for block in (1, 5, 1 << 22):
+        monkeypatch.setattr(features, "_BLOCK_ELEMENTS", block * x.shape[1])
+        got = correlated_partners(x)
+        assert [g if g is None else g[0] for g in got] == [e if e is None else e[0]
+                                                           for e in expected]
+        for g, e in zip(got, expected):
+            if g is not None:
+                assert g[1] == pytest.approx(e[1], abs=1e-12)
+    fd = features.FeatureData.from_sample(x)
+    np.testing.assert_allclose(fd.stds, x.std(axis=0))
+    kernel = rng.normal(size=(12, 1))
+    names = [f"f{i}" for i in range(12)]
+    assert top_k_features(kernel, names, 4, fd) == top_k_features(kernel, names, 4, x)

@@ -159,7 +159,7 @@ class FeatureData:
         >>> x = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0], [2.0, 4.1, 1.0]])
         >>> fd = FeatureData.from_sample(x)
         >>> [round(float(s), 3) for s in fd.stds], [p if p is None else p[0] for p in fd.partners]
-        ([0.816, 1.656, 0.471], [1, 0, None])
+        ([0.816, 1.674, 0.471], [1, 0, None])
         """
         x = np.asarray(data, dtype=np.float64)
         if x.ndim != 2:

@@ -244,7 +244,6 @@ class FeatureView(View):
         self._data: Any = None  # FeatureData of feature_data, computed at prepare
 
     def prepare(self, model, info) -> None:
-        from .summaries import tag
 
         keras = _keras()
         if self.feature_layer is not None:
@@ -301,14 +300,24 @@ class FeatureView(View):
         self.layer_name = self.key.rsplit("/", 1)[0] if "/" in self.key else layer.name
         self.units = units
         self.names = list(names)
-        tags, seen = [], set()
-        for i, n in enumerate(self.names):
-            t = tag("features", self.layer_name, n)
-            if t in seen or t == tag("features", self.layer_name):
-                t = f"{t}_{i}"
-            seen.add(t)
-            tags.append(t)
-        self.tags = tags
+        self.tags = []  # made by the worker at the first write: thousands of names take a while
+
+    def _feature_tags(self) -> list[str]:
+        """One scalar tag per feature, unique (a name that cleans to a tag already taken
+        gets its index appended)."""
+        if len(self.tags) != len(self.names):
+            from .summaries import tag
+
+            table = tag("features", self.layer_name)
+            tags, seen = [], set()
+            for i, n in enumerate(self.names):
+                t = tag(table, n)
+                if t in seen or t == table:
+                    t = f"{t}_{i}"
+                seen.add(t)
+                tags.append(t)
+            self.tags = tags
+        return self.tags
 
     def write(self, snapshot, stats, payload, events) -> None:
         from .features import feature_weights, markdown_table, top_k_features
@@ -324,9 +333,10 @@ class FeatureView(View):
         )
         values = [text(tag("features", self.layer_name), markdown_table(rows, self.units, title))]
         if len(self.names) <= self.max_feature_scalars:
-            values += [scalar(t, w) for t, w in zip(self.tags, weights.tolist())]
+            values += [scalar(t, w) for t, w in zip(self._feature_tags(), weights.tolist())]
         else:
-            values += [scalar(self.tags[r.index], r.weight) for r in rows]
+            tags = self._feature_tags()
+            values += [scalar(tags[r.index], r.weight) for r in rows]
         events.write(snapshot.step, values, wall_time=snapshot.time)
 
 

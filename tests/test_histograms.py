@@ -78,3 +78,18 @@ def test_counts_always_sum_to_the_finite_values(x, bins):
     assert h.shape == (bins, 3)
     assert h[:, 2].sum() == np.isfinite(x).sum()
     assert np.all(np.isfinite(h)) and np.all(h[:, 1] >= h[:, 0])
+
+
+@pytest.mark.parametrize("block", [1, 7, 1000])
+def test_blockwise_counts_equal_numpy_across_block_boundaries(monkeypatch, block):
+    from keras_weightwatch import histograms as module
+
+    monkeypatch.setattr(module, "_BLOCK", block)
+    rng = np.random.default_rng(block)
+    x = rng.normal(size=2503).astype("float32")
+    x[[5, 700, 2000]] = [np.nan, np.inf, -np.inf]
+    got = histogram(x, bins=17)
+    finite = x[np.isfinite(x)].astype(np.float64)
+    counts, edges = np.histogram(finite, bins=17, range=(finite.min(), finite.max()))
+    np.testing.assert_array_equal(got[:, 2], counts)
+    np.testing.assert_allclose(got[:, 0], edges[:-1])

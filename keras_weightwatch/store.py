@@ -423,15 +423,17 @@ class Run:
 
     Example:
 
-    >>> run = load_run("runs/exp1")          # doctest: +SKIP
-    >>> run.epochs                            # doctest: +SKIP
-    [0, 1, 2]
-    >>> run.weights(2)["dense/kernel"].shape  # doctest: +SKIP
-    (13, 1)
+    >>> run = load_run("runs/exp1")  # the README's quickstart run
+    >>> run.epochs[:3], run.epochs[-1]
+    ([0, 1, 2], 19)
+    >>> run.weights(2)["hidden/kernel"].shape
+    (4, 8)
     """
 
     def __init__(self, path: str, header: Mapping[str, Any], snapshots: Sequence[SnapshotRecord]):
         self.path = path
+        # Files are found from here, so a later os.chdir does not lose the run.
+        self._root = os.path.abspath(path)
         self.header = header
         self._snapshots = tuple(sorted(snapshots, key=lambda s: s.step))
         self._by_step = {s.step: s for s in self._snapshots}
@@ -570,10 +572,10 @@ class Run:
         return order + sorted(k for k in snap.tensors if k not in seen)
 
     def _file_path(self, rec: TensorRecord) -> str:
-        path = os.path.join(self.path, TENSOR_DIR, rec.sha256 + ".npy")
+        path = os.path.join(self._root, TENSOR_DIR, rec.sha256 + ".npy")
         if os.path.islink(path):
             raise WeightWatchError(f"{path}: tensor file is a symbolic link; refusing to follow it")
-        _check_inside(self.path, path)
+        _check_inside(self._root, path)
         return path
 
     def _load(self, rec: TensorRecord, *, mmap: bool, verify: bool) -> np.ndarray:
@@ -603,7 +605,7 @@ class Run:
 
     def verify(self) -> VerifyReport:
         """Re-check every snapshot's every tensor file: present, intact, as described."""
-        return verify_run(self.path)
+        return verify_run(self._root)
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"

@@ -150,3 +150,10 @@ def test_fenced_examples_in_public_docstrings_run(readme, tmp_path):
     finally:
         os.chdir(here)
     assert ran >= 1
+
+
+def test_a_run_opened_by_a_relative_path_survives_a_chdir(readme, tmp_path, monkeypatch):
+    _, ns = readme  # load_run("runs/exp1") ran in the README's directory
+    monkeypatch.chdir(tmp_path)  # an empty directory: no runs/ here
+    np.testing.assert_array_equal(ns["run"].weights(3)["hidden/kernel"], ns["kernel"])
+    assert ns["run"].verify().ok

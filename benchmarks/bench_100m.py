@@ -23,46 +23,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import threading
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras_weightwatch  # noqa: E402
-from keras_weightwatch import WeightWatch  # noqa: E402
-from keras_weightwatch import callback as ww_callback  # noqa: E402
+from common import WORKER_TIMES, TimedWeightWatch, machine, med, time_worker  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = [f"python {platform.python_version()}", f"numpy {np.__version__}",
-                f"keras {keras.__version__} ({keras.backend.backend()})"]
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        versions.append(f"tensorflow {tf.__version__}")
-    versions.append(f"keras-weightwatch {keras_weightwatch.__version__}")
-    return f"{cpu}, {cores} cores usable; " + ", ".join(versions)
 
 
 def rss() -> int:
@@ -105,50 +77,6 @@ class GetWeightsTimer(keras.callbacks.Callback):
         del weights
 
 
-class TimedWeightWatch(WeightWatch):
-    """WeightWatch with each hook timed (the training thread's time inside it)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.hook_times: dict[str, list[float]] = {}
-
-    def _timed(self, name, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.hook_times.setdefault(name, []).append(time.perf_counter() - t0)
-
-    def on_train_begin(self, logs=None):
-        self._timed("on_train_begin", super().on_train_begin, logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._timed("on_epoch_begin", super().on_epoch_begin, epoch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._timed("on_epoch_end", super().on_epoch_end, epoch, logs)
-
-    def on_train_end(self, logs=None):
-        self.buffer_sets = self._pool.created if self._pool is not None else 0
-        self._timed("on_train_end", super().on_train_end, logs)
-
-
-WORKER_TIMES: list[float] = []
-
-
-def _time_worker():
-    real = ww_callback._Pipeline.handle
-
-    def handle(self, job):
-        t0 = time.perf_counter()
-        try:
-            real(self, job)
-        finally:
-            WORKER_TIMES.append(time.perf_counter() - t0)
-
-    ww_callback._Pipeline.handle = handle
-
-
 def build(width: int, depth: int) -> keras.Model:
     layers = [keras.Input((width,))]
     layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 1)]
@@ -156,10 +84,6 @@ def build(width: int, depth: int) -> keras.Model:
     model = keras.Sequential(layers)
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
     return model
-
-
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 def main(argv=None) -> int:
@@ -173,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="where runs are written (default: a temp dir)")
     args = p.parse_args(argv)
 
-    _time_worker()
+    time_worker()
     keras.utils.set_random_seed(0)
     model = build(args.width, args.depth)
     n_params = model.count_params()

@@ -145,6 +145,9 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(*args.measure, match=not args.no_match)))
         return
+    from machine import machine
+
+    print(f"machine: {machine()}", flush=True)
     root = args.dir or tempfile.mkdtemp(prefix="bench-diff-")
     try:
         t0 = time.perf_counter()

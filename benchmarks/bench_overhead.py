@@ -22,47 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras_weightwatch  # noqa: E402
-from keras_weightwatch import WeightWatch  # noqa: E402
-from keras_weightwatch import callback as ww_callback  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = [f"python {platform.python_version()}", f"numpy {np.__version__}",
-                f"keras {keras.__version__} ({keras.backend.backend()})"]
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        versions.append(f"tensorflow {tf.__version__}")
-    import tensorboard
-
-    versions.append(f"tensorboard {tensorboard.__version__}")
-    versions.append(f"keras-weightwatch {keras_weightwatch.__version__}")
-    return f"{cpu}, {cores} cores usable; " + ", ".join(versions)
+from common import WORKER_TIMES, TimedWeightWatch, machine, med, time_worker  # noqa: E402
 
 
 def digits(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,53 +66,6 @@ def build() -> keras.Model:
     return model
 
 
-class TimedWeightWatch(WeightWatch):
-    """WeightWatch with each hook timed (the training thread's time inside it)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.hook_times: dict[str, list[float]] = {}
-
-    def _timed(self, name, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.hook_times.setdefault(name, []).append(time.perf_counter() - t0)
-
-    def on_train_begin(self, logs=None):
-        self._timed("on_train_begin", super().on_train_begin, logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._timed("on_epoch_begin", super().on_epoch_begin, epoch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._timed("on_epoch_end", super().on_epoch_end, epoch, logs)
-
-    def on_train_end(self, logs=None):
-        self._timed("on_train_end", super().on_train_end, logs)
-
-
-WORKER_TIMES: list[float] = []
-
-
-def _time_worker():
-    real = ww_callback._Pipeline.handle
-
-    def handle(self, job):
-        t0 = time.perf_counter()
-        try:
-            real(self, job)
-        finally:
-            WORKER_TIMES.append(time.perf_counter() - t0)
-
-    ww_callback._Pipeline.handle = handle
-
-
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=6000)
@@ -152,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    _time_worker()
+    time_worker()
     x, y = digits(args.images)
     samples = x[:4]
     print(f"machine: {machine()}")

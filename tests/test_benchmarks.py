@@ -1,0 +1,63 @@
+"""The benchmark scripts keep working: each runs at a tiny size and its ratios add up.
+
+These are not timings (the numbers at this size mean nothing); they check that the
+scripts run on the current code and that each printed ratio is the quotient of the
+numbers printed beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def run(script: str, *args: str) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine: ") and "cores usable" in proc.stdout
+    return proc.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, pattern
+    return float(m.group(1))
+
+
+def test_bench_overhead_ratio_is_weightwatch_over_tensorboard():
+    out = run("bench_overhead.py", "--images", "256", "--epochs", "2", "--repeats", "1")
+    tb = number(r"TensorBoard\(histogram_freq=1, write_images=True\)\)?\s+[\d.]+ s: adds\s+"
+                r"(-?[\d.]+) ms", out)
+    ww = number(r"WeightWatch\(every view\)\s+[\d.]+ s: adds\s+(-?[\d.]+) ms", out)
+    ratio = number(r"RATIO WeightWatch added / TensorBoard added \(per epoch\): (-?[\d.]+)", out)
+    assert ratio == pytest.approx(ww / tb, abs=2e-3)
+    for hook in ("on_train_begin", "on_epoch_end", "on_train_end"):
+        assert re.search(rf"  {hook}\s+[\d.]+ ms", out), hook
+
+
+def test_bench_100m_hold_memory_and_disk_lines():
+    out = run("bench_100m.py", "--width", "128", "--depth", "2", "--repeats", "1",
+              "--steps", "2")
+    assert number(r"RATIO on_epoch_end hold / get_weights\(\): ([\d.]+)", out) >= 0
+    m = re.search(r"RATIO WeightWatch's extra memory / weight bytes: ([\d.]+)\s+\((\d+) MB / "
+                  r"(\d+) MB", out)
+    assert m
+    # every tensor changes each epoch: each snapshot stores the weights' bytes (plus headers)
+    per_snapshot = number(r"\(([\d.]+) x weight bytes each", out)
+    assert 1.0 <= per_snapshot < 1.1
+
+
+def test_bench_diff_runs_and_reports_memory():
+    out = run("bench_diff.py", "--params", "200000")
+    assert number(r"diff_runs\(a, b, match=True\): ([\d.]+) s for \d+ tensors", out) >= 0
+    assert number(r"tracemalloc peak\s+([\d.]+) MiB", out) > 0

@@ -16,7 +16,7 @@ import numpy as np
 from . import _version
 from .capture import BufferPool, ModelInfo, Snapshot, capture_into, clean_logs, describe_model
 from .distribute import is_writer
-from .errors import WeightWatchError, WeightWatchWarning, received
+from .errors import RunBusyError, WeightWatchError, WeightWatchWarning, received
 from .stats import tensor_stats
 from .store import (
     RunWriter,
@@ -189,6 +189,19 @@ def _check_log_dir(log_dir: Any) -> str:
             f"{received('log_dir', log_dir)}"
         )
     return path
+
+
+def _reserve_new_dir(path: str) -> str:
+    """`path-2` (or `-3`, ...): the first that did not exist, created here so that two
+    writers racing for a new run directory never get the same one."""
+    n = 2
+    while True:
+        candidate = f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 class _Pipeline:
@@ -603,10 +616,7 @@ class WeightWatch(keras.callbacks.Callback):
                     "or if_exists='new' to start a new one beside it"
                 )
             if self.if_exists == "new":
-                n = 2
-                while os.path.exists(f"{path}-{n}"):
-                    n += 1
-                path = f"{path}-{n}"
+                path = _reserve_new_dir(path)
         return path
 
     # ------------------------------------------------------------------ errors
@@ -658,15 +668,24 @@ class WeightWatch(keras.callbacks.Callback):
             if isinstance(view, FeatureView):  # the kernel the table reads, for `diff`
                 settings["feature_key"] = view.key
         try:
-            writer = RunWriter.open(
-                run_dir,
-                info,
-                settings=settings,
-                versions=_versions(),
-                durable=self.durable,
-                store_dtype=self.store_dtype,
-                weights=specs,
-            )
+            while True:
+                try:
+                    writer = RunWriter.open(
+                        run_dir,
+                        info,
+                        settings=settings,
+                        versions=_versions(),
+                        durable=self.durable,
+                        store_dtype=self.store_dtype,
+                        weights=specs,
+                    )
+                    break
+                except RunBusyError:
+                    # Another writer took this directory first (it may not have written
+                    # its header yet): with if_exists="new", start beside it instead.
+                    if self.if_exists != "new" or self.run_dir is not None:
+                        raise
+                    run_dir = _reserve_new_dir(self.log_dir)
         except OSError as e:
             error = WeightWatchError(f"{run_dir}: cannot create the run directory: {e}")
             if self.strict:

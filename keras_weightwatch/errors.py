@@ -25,6 +25,14 @@ class WeightWatchError(Exception):
     """
 
 
+class RunBusyError(WeightWatchError):
+    """The run directory is being written by another WeightWatch (its lock is held).
+
+    A `WeightWatchError`; `WeightWatch(if_exists="new")` catches it and starts
+    its run in a fresh directory beside the busy one instead.
+    """
+
+
 class WeightWatchWarning(UserWarning):
     """Warns that a part of the monitoring stopped while training went on.
 

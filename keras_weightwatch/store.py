@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
-from .errors import WeightWatchError
+from .errors import RunBusyError, WeightWatchError
 
 FORMAT_NAME = "keras-weightwatch-run"
 FORMAT_VERSION = 1
@@ -850,7 +850,7 @@ class _Lock:
             except OSError:
                 holder = "unknown"
             os.close(fd)
-            raise WeightWatchError(
+            raise RunBusyError(
                 f"{os.path.dirname(self.path)}: the run is being written by another WeightWatch "
                 f"({holder}); give each writer its own log_dir, or pass if_exists='new'"
             ) from None

@@ -340,3 +340,35 @@ def test_model_dependent_bad_arguments_raise_before_any_epoch(tmp_path, kwargs, 
                   callbacks=[counter, WeightWatch(tmp_path / "run", **kwargs)])
     assert counter.epochs == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_new_run_beside_a_writer_that_has_the_lock_but_no_header_yet(tmp_path):
+    # The race of two writers starting at once: the first holds the directory's lock but
+    # has not written its header. if_exists="new" starts beside it; "continue" is refused.
+    from keras_weightwatch.errors import RunBusyError
+    from keras_weightwatch.store import _Lock
+
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    (tmp_path / "run-2").mkdir()  # taken by somebody else: the next free one is -3
+    lock = _Lock(run)
+    lock.acquire()
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.build((None, 4))
+        busy = WeightWatch(run)
+        busy.set_model(model)
+        with pytest.raises(RunBusyError, match="being written by another WeightWatch"):
+            busy.on_train_begin()
+        new = WeightWatch(run, if_exists="new")
+        new.set_model(model)
+        new.on_train_begin()
+        new.on_epoch_begin(0)
+        new.on_epoch_end(0, {"loss": 1.0})
+        new.on_train_end()
+    finally:
+        lock.release()
+    assert new.run_dir == run + "-3"
+    assert_same_arrays(load_run(run + "-3").weights(0), model.get_weights())
+    assert os.listdir(tmp_path / "run-2") == []  # untouched
+    assert not os.path.exists(os.path.join(run, "weightwatch.json"))

@@ -157,3 +157,16 @@ def test_a_run_opened_by_a_relative_path_survives_a_chdir(readme, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # an empty directory: no runs/ here
     np.testing.assert_array_equal(ns["run"].weights(3)["hidden/kernel"], ns["kernel"])
     assert ns["run"].verify().ok
+
+
+def test_readme_argument_table_lists_every_argument_of_weightwatch():
+    import inspect
+
+    from keras_weightwatch import WeightWatch
+
+    table = README[README.index("## WeightWatch's arguments"):README.index("## The command line")]
+    rows = re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \|", table, re.M)
+    listed = {name for row in rows for name in row if name}
+    params = set(inspect.signature(WeightWatch.__init__).parameters) - {"self"}
+    assert listed == params
+    assert set(WeightWatch("runs/unused").get_config()) == params

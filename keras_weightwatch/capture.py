@@ -70,16 +70,24 @@ class WeightSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-    """A top-level layer with its parameter counts, as `model.summary()` lists it."""
+    """A top-level layer with its parameter counts, as `model.summary()` lists it.
+
+    `inbound` names the top-level layers whose outputs it takes (input layers
+    included), or is None where the model does not say (a subclassed model);
+    `diff` uses it to carry a matching of units only along real connections.
+    """
 
     name: str
     class_name: str
     params: int
     trainable_params: int
     non_trainable_params: int
+    inbound: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["inbound"] = None if self.inbound is None else list(self.inbound)
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +142,23 @@ def _count(weights: Sequence[Any]) -> int:
     return int(sum(math.prod(tuple(w.shape)) for w in weights))
 
 
+def _inbound(layer: Any) -> tuple[str, ...] | None:
+    """The names of the layers whose outputs `layer` takes, from its graph nodes."""
+    try:
+        nodes = list(layer._inbound_nodes)
+        if not nodes:
+            return None
+        names: list[str] = []
+        for node in nodes:
+            for parent in node.parent_nodes:
+                name = str(parent.operation.name)
+                if name not in names:
+                    names.append(name)
+        return tuple(names)
+    except (AttributeError, TypeError):  # no graph to read: a subclassed model's layers
+        return None
+
+
 def describe_model(model: Any) -> ModelInfo:
     """Read the model's architecture: top-level layers and the spec of every weight.
 
@@ -166,6 +191,7 @@ def describe_model(model: Any) -> ModelInfo:
                 params=_count(layer.weights),
                 trainable_params=_count(layer.trainable_weights),
                 non_trainable_params=_count(layer.non_trainable_weights),
+                inbound=_inbound(layer),
             )
         )
     return ModelInfo(

@@ -882,8 +882,19 @@ def diff_runs(
         groups.setdefault(_layer_of(run_a, run_b, k), []).append(k)
 
     layers: list[LayerDiff] = []
-    carry: np.ndarray | None = None  # the previous layer's matching of units
+    carry: np.ndarray | None = None  # the matching of this layer's input units
+    feeds = _weighted_feeds(run_a)
+    out_perms: dict[str, np.ndarray | None] = {}  # layer -> the matching of its outputs
     for lname, lkeys in groups.items():
+        if feeds is not None:
+            # Along the model's graph: the inputs follow the layer(s) that feed them, when
+            # all of those were matched the same way (an Add of two matched branches).
+            sources = [out_perms.get(src) for src in feeds.get(lname, ())]
+            carry = None
+            if sources and all(
+                p is not None and np.array_equal(p, sources[0]) for p in sources
+            ):
+                carry = sources[0]
         diffs: dict[str, TensorDiff] = {}
         raw_total, matched_total = _Sums(), _Sums()
         any_matched = False
@@ -963,6 +974,7 @@ def diff_runs(
         )
         if kernels or not (compared and per_channel):
             carry = next_carry if kernels else None
+        out_perms[lname] = carry
         tensors = tuple(diffs[k] for k in lkeys)
         layers.append(
             LayerDiff(
@@ -981,6 +993,36 @@ def diff_runs(
         layers=tuple(sorted(layers, key=_change_order)),
         features=features,
     )
+
+
+def _weighted_feeds(run: Run) -> dict[str, tuple[str, ...]] | None:
+    """For each top-level layer with weights, the layers with weights that feed it,
+    looking through layers without weights (Flatten, pooling, Add, activations).
+
+    None when the run does not record its graph (older runs, subclassed models): the
+    matching is then carried from each layer to the next in weight order.
+    """
+    layers = run.layers
+    if not layers or any(layer.inbound is None for layer in layers):
+        return None
+    inbound = {layer.name: layer.inbound or () for layer in layers}
+    weighted = {layer.name for layer in layers if layer.params}
+
+    def sources(name: str, seen: frozenset[str]) -> tuple[str, ...]:
+        out: list[str] = []
+        for parent in inbound.get(name, ()):
+            if parent in seen:
+                continue
+            if parent in weighted:
+                found: tuple[str, ...] = (parent,)
+            elif parent in inbound and inbound[parent]:
+                found = sources(parent, seen | {parent})
+            else:
+                found = ("<input>",)  # a model input: nothing to carry
+            out += [f for f in found if f not in out]
+        return tuple(out)
+
+    return {name: sources(name, frozenset({name})) for name in weighted}
 
 
 def _change_order(layer: LayerDiff) -> tuple:

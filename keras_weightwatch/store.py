@@ -472,7 +472,7 @@ class Run:
     @property
     def layers(self) -> tuple[LayerInfo, ...]:
         """The model's top-level layers with their parameter counts."""
-        return tuple(LayerInfo(**d) for d in self.header.get("model", {}).get("layers", []))
+        return tuple(_layer_info(d) for d in self.header.get("model", {}).get("layers", []))
 
     @property
     def model(self) -> Mapping[str, Any]:
@@ -708,11 +708,11 @@ def _read_header(path: str) -> dict[str, Any]:
         if not isinstance(model.get("layers", []), list):
             raise TypeError("model layers must be a list")
         for layer in model.get("layers", []):
-            info = LayerInfo(**layer)
+            info = _layer_info(layer)
             if not (isinstance(info.name, str) and isinstance(info.class_name, str)) or not all(
                 _is_int(n) for n in (info.params, info.trainable_params,
                                      info.non_trainable_params)
-            ):
+            ) or not (info.inbound is None or all(isinstance(n, str) for n in info.inbound)):
                 raise TypeError(f"layer entry {layer!r} has a field of the wrong type")
         if not all(isinstance(v, str) for v in header.get("versions", {}).values()):
             raise TypeError("versions must map names to strings")
@@ -721,6 +721,15 @@ def _read_header(path: str) -> dict[str, Any]:
             f"{os.path.join(path, HEADER_FILE)}: malformed weight or layer entry ({e})"
         ) from None
     return header
+
+
+def _layer_info(d: Mapping[str, Any]) -> LayerInfo:
+    """A header's layer entry (runs written before `inbound` was recorded have none)."""
+    d = dict(d)
+    inbound = d.pop("inbound", None)
+    if inbound is not None and not isinstance(inbound, list):
+        raise TypeError(f"layer inbound must be a list of names, found {inbound!r}")
+    return LayerInfo(**d, inbound=None if inbound is None else tuple(inbound))
 
 
 def _list_snapshot_files(path: str) -> list[str]:

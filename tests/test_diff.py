@@ -537,3 +537,53 @@ def test_non_finite_values_are_counted_and_flagged(tmp_path):
     same = diff_runs(b, b).tensor("dense/kernel")
     assert same.identical and (same.nonfinite_a, same.nonfinite_b) == (3, 3)
     assert "NON-FINITE: dense/kernel holds 3 NaN/Inf in A, 3 in B" in render_diff(diff_runs(b, b))
+
+
+def test_matching_follows_the_graph_of_a_branching_model(tmp_path):
+    # Two branches from the input, joined by an Add: in weight order a layer is not always
+    # fed by the one before it, so the matching must follow the recorded graph.
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    def build():
+        keras.utils.set_random_seed(3)
+        inp = keras.Input((6, 6, 1))
+        side = keras.layers.Conv2D(3, 3, padding="same", name="side")(inp)
+        a = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+        b = keras.layers.Conv2D(5, 3, padding="same", name="c2")(a)
+        proj = keras.layers.Conv2D(5, 1, name="proj")(side)
+        joined = keras.layers.Add(name="add")([proj, b])
+        out = keras.layers.Dense(2, name="out")(keras.layers.Flatten(name="flat")(joined))
+        model = keras.Model(inp, out)
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        return model
+
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 1)).astype("float32")
+    y = np.zeros((8, 2), "float32")
+    model_a = build()
+    model_b = build()
+    def key(v):  # "side/kernel", with or without the model's name in front
+        return "/".join(v.path.split("/")[-2:])
+
+    w = {key(v): v.numpy() for v in model_a.weights}
+    p_side, p_c1 = np.array([2, 0, 1]), np.array([3, 1, 0, 2])
+    # B computes the same function with side's and c1's units shuffled
+    w["side/kernel"], w["side/bias"] = w["side/kernel"][..., p_side], w["side/bias"][p_side]
+    w["proj/kernel"] = w["proj/kernel"][:, :, p_side, :]
+    w["c1/kernel"], w["c1/bias"] = w["c1/kernel"][..., p_c1], w["c1/bias"][p_c1]
+    w["c2/kernel"] = w["c2/kernel"][:, :, p_c1, :]
+    for v in model_b.weights:
+        v.assign(w[key(v)])
+    np.testing.assert_allclose(model_a.predict(x, verbose=0), model_b.predict(x, verbose=0),
+                               atol=1e-5)
+    for name, model in (("a", model_a), ("b", model_b)):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[WeightWatch(tmp_path / name, histograms=False)])
+    run = load_run(tmp_path / "a")
+    assert {layer.name: layer.inbound for layer in run.layers}["add"] == ("proj", "c2")
+    result = diff_runs(tmp_path / "a", tmp_path / "b")
+    by_name = {layer.name: layer for layer in result.layers}
+    assert by_name["side"].cosine < 0.99 and by_name["c1"].cosine < 0.99
+    for name in ("side", "c1", "c2", "proj", "out"):
+        assert by_name[name].matched_cosine == pytest.approx(1.0, abs=1e-6), name

@@ -203,23 +203,17 @@ def describe_model(model: Any) -> ModelInfo:
 
 
 def _host_copy(variable: Any) -> np.ndarray:
-    """The variable's value as a numpy array that training can no longer change.
-
-    This is `variable.numpy()`, which is what `layer.get_weights()` returns; it
-    is copied again only where the backend hands out a view of live memory
-    (PyTorch on CPU shares the parameter's storage).
-    """
-    arr = variable.numpy()
-    if not isinstance(arr, np.ndarray):
-        arr = np.asarray(arr)
-    if arr.base is not None or not arr.flags.owndata or not arr.flags.c_contiguous:
-        arr = np.array(arr, copy=True, order="C")
-    return arr
+    """The variable's value as a numpy array that training can no longer change: what
+    `capture_into` stores in a new buffer set (`_host_view`, then one copy)."""
+    return np.array(_host_view(variable), copy=True, order="C")
 
 
 def capture_arrays(model: Any) -> list[np.ndarray]:
-    """Copy every weight of the model to host memory, in `model.weights` order."""
-    return [_host_copy(v) for v in model.weights]
+    """Copy every weight of the model to host memory, in `model.weights` order.
+
+    The callback's own path (`capture_into`) with a pool of one set, used once.
+    """
+    return capture_into(list(model.weights), BufferPool(1))
 
 
 def _host_view(variable: Any) -> np.ndarray:

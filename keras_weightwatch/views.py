@@ -241,7 +241,7 @@ class FeatureView(View):
         self.units = 1
         self.names: list[str] = []
         self.tags: list[str] = []
-        self._data: Any = None  # FeatureData of feature_data, computed at prepare
+        self._data: Any = None  # FeatureData of feature_data, made at the first write
 
     def prepare(self, model, info) -> None:
 
@@ -289,12 +289,9 @@ class FeatureView(View):
                     "`feature_data` needs at least 2 samples. "
                     f"Received: feature_data with shape {data.shape}"
                 )
-            from .features import FeatureData
-
-            # Once per fit, not per snapshot: the sample does not change.
-            self._data = FeatureData.from_sample(data)
-        else:
-            self._data = None
+        # Its statistics are made once per fit by the worker, at the first write (the
+        # correlations of many features take a while): not on the training thread.
+        self._data = None
         keys = _weight_keys(model, info)
         self.key = keys[id(layer.kernel)]
         self.layer_name = self.key.rsplit("/", 1)[0] if "/" in self.key else layer.name
@@ -323,6 +320,10 @@ class FeatureView(View):
         from .features import feature_weights, markdown_table, top_k_features
         from .summaries import scalar, tag, text
 
+        if self.feature_data is not None and self._data is None:
+            from .features import FeatureData
+
+            self._data = FeatureData.from_sample(self.feature_data)
         kernel = snapshot.arrays[self.key]
         weights = feature_weights(kernel)  # once per snapshot: the table and the scalars
         rows = top_k_features(kernel, self.names, self.top_k, self._data, weights=weights)

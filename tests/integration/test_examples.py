@@ -15,7 +15,8 @@ from keras_weightwatch import load_run, verify_run
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def run_example(name: str, logdir) -> str:

@@ -16,7 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def run(script: str, *args: str) -> str:

@@ -244,7 +244,8 @@ def matrix_image(run: Run, key: str, step: str) -> tuple[np.ndarray, float, list
     Returns the RGB image, the |value| at full colour and the sampling strides.
     """
     arr = tensor_of(run, key, step)
-    a = np.asarray(arr).reshape(1, -1) if arr.ndim < 2 else np.asarray(arr).reshape(-1, arr.shape[-1])
+    a = np.asarray(arr)  # still memory-mapped: only the sampled values are read
+    a = a.reshape(1, -1) if a.ndim < 2 else a.reshape(-1, a.shape[-1])
     if a.dtype.kind not in "fiub":
         raise BadRequest(f"the tensor is not real-valued. Received: dtype={a.dtype.name}")
     strides = [max(1, math.ceil(n / MAX_MATRIX_SIDE)) for n in a.shape]
@@ -272,7 +273,7 @@ def features(run: Run) -> dict[str, Any]:
     last_top = np.argsort(-np.abs(np.nan_to_num(weights[-1], nan=-np.inf)), kind="stable")
     sent = sorted(int(i) for i in last_top[:MAX_FEATURES])
     tables = []
-    for i, s in enumerate(snaps):
+    for i in range(len(snaps)):
         rows = top_k_features(kernels[i], names, k, weights=weights[i])
         tables.append([{"rank": r.rank, "name": r.name, "index": r.index, "weight": num(r.weight)}
                        for r in rows])

@@ -33,6 +33,8 @@ STATIC_FILES = {"index.js": "text/javascript", "style.css": "text/css"}
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 """The largest body a route sends."""
 _JSON = "application/json"
+# werkzeug types `Request.application` for plain functions; here it wraps methods.
+_application: Any = wrappers.Request.application
 
 
 def _error(request, code: int, message: str):
@@ -44,7 +46,7 @@ def route(*names: str) -> Callable:
     """A WSGI route taking the checked query parameters `names`; errors become 400 / 422."""
 
     def wrap(fn: Callable) -> Callable:
-        @wrappers.Request.application
+        @_application
         @functools.wraps(fn)
         def app(self, request):
             try:
@@ -130,7 +132,7 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         }
 
     # -- static files: a fixed list, never a path taken from the request
-    @wrappers.Request.application
+    @_application
     def _static(self, request):
         name = request.path.rsplit("/static/", 1)[-1]
         if name not in STATIC_FILES:
@@ -226,7 +228,8 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         b = np.asarray(content.tensor_of(run_b, key, pair.step_b), dtype=np.float64)
         if a.shape != b.shape or not content.is_conv_kernel(run_a, key, a.shape):
             raise params.BadRequest(
-                f"the tensor is not a convolution kernel of one shape in both. Received: key={key!r}"
+                "the tensor is not a convolution kernel of one shape in both. "
+                f"Received: key={key!r}"
             )
         b = reordered(b, key, matching)
         arr = {"a": a, "b": b, "diff": b - a}[which]

@@ -20,9 +20,9 @@ const svg = (tag, attrs = {}) => {
 };
 
 // Small pixel images (kernel grids) are shown enlarged, without smoothing.
-function zoom(img) {
+function zoom(img, target = 600) {
   img.addEventListener('load', () => {
-    const f = Math.max(1, Math.min(4, Math.floor(600 / Math.max(img.naturalWidth, 1))));
+    const f = Math.max(1, Math.min(4, Math.floor(target / Math.max(img.naturalWidth, 1))));
     img.style.width = `${img.naturalWidth * f}px`;
   });
   return img;
@@ -43,7 +43,7 @@ function fmt(x) {
   if (x === null || x === undefined) return '—';
   const v = value(x);
   if (!Number.isFinite(v)) return String(x);
-  if (v === 0) return '0';
+  if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   return v.toPrecision(6);
 }
 
@@ -250,7 +250,7 @@ function showDiff(out, d, c) {
         cap.textContent = `${label} (±${fmt(m.vmax)})` +
           (which === 'b' ? (m.matched ? ', units matched to A' : ', not reordered') : '');
       }).catch((e) => { cap.textContent = `${label}: ${e.message}`; });
-      return $('figure', {}, zoom($('img', {src: url('compare_kernel.png', {...q, which}), class: 'ww-pixels'})), cap);
+      return $('figure', {}, zoom($('img', {src: url('compare_kernel.png', {...q, which}), class: 'ww-pixels'}), 420), cap);
     };
     kernels.append($('h3', {text: key}), $('div', {class: 'ww-row'},
         fig('a', 'A'), fig('b', 'B'), fig('diff', 'B − A')));

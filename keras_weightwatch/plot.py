@@ -12,8 +12,9 @@ Example:
 from keras_weightwatch import load_run, plot
 
 run = load_run("runs/exp1")
-plot.kernels(run, "conv1/kernel", step="initial")   # the kernel grid, colour scale beside it
-plot.top_k(run)                                      # the top-k features at the last step
+plot.top_k(run)                  # the top-k features at the last step: bars and a table
+plot.drift_heatmap(run)          # layers x steps, change since the initial weights
+# a convolutional run: plot.kernels(run, "conv1/kernel", step="initial")
 ```
 """
 

@@ -329,3 +329,21 @@ def test_a_run_being_written_shows_complete_snapshots_and_new_ones_on_refresh(tm
     _fit(model, root / "live", epochs=1)  # a later fit continues the run
     steps = [s["name"] for s in _json(c, "/run", run="live")["steps"]]
     assert steps == [s.name for s in load_run(root / "live").snapshots] and len(steps) > 4
+
+
+def test_change_since_initial_reads_a_bounded_amount_per_request(client, monkeypatch):
+    from keras_weightwatch.tensorboard_plugin import content
+
+    full = _json(client, "/heatmap", run="group/cnn-b", metric="initial")
+    monkeypatch.setattr(content, "HEATMAP_BUDGET_BYTES", 1)  # one snapshot per request
+    fresh = _client(client.plugin.library.logdir)
+    answers = [_json(fresh, "/heatmap", run="group/cnn-b", metric="initial") for _ in range(4)]
+    filled = [sum(v is not None for v in a["values"][0]) for a in answers]
+    assert filled == [1, 2, 3, 4] and [a["complete"] for a in answers] == [False] * 3 + [True]
+    assert answers[-1]["values"] == full["values"]
+
+
+def test_a_log_directory_that_is_itself_a_run_is_named_dot(logdir):
+    c = _client(logdir / "cnn-a")
+    assert [r["name"] for r in _json(c, "/runs")["runs"]] == ["."]
+    assert [s["name"] for s in _json(c, "/run", run=".")["steps"]] == ["initial", "0", "1", "2"]

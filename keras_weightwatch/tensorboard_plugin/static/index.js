@@ -127,7 +127,7 @@ function heatmap(where, data, run, detail) {
     ctx.fillText(k.length > 28 ? '…' + k.slice(-27) : k, 4, top + r * rowH + 12);
     data.values[r].forEach((x, c) => {
       const v = value(x), y = top + r * rowH, xpx = left + c * cell;
-      if (x === null) ctx.fillStyle = '#eee';
+      if (x === null || Number.isNaN(v)) ctx.fillStyle = '#e6e6e6';  // no value / undefined
       else if (!Number.isFinite(v)) ctx.fillStyle = '#000';
       else ctx.fillStyle = colour(v <= 0 ? 0 : Math.max(0, (Math.log10(v) - lo) / (hi - lo || 1)));
       ctx.fillRect(xpx, y, cell - 1, rowH - 1);
@@ -156,7 +156,8 @@ function heatmap(where, data, run, detail) {
   const legend = $('div', {class: 'ww-note', text:
     `Colour: ${data.metric === 'update' ? '‖Wₜ − Wₜ₋₁‖ / ‖Wₜ₋₁‖' : '‖Wₜ − W₀‖ / ‖W₀‖'}` +
     ` on a log scale from ${fmt(10 ** lo)} (pale) to ${fmt(10 ** hi)} (dark red); black: ` +
-    'not finite; a cross: the tensor holds NaN/Inf; grey: no value. Click a cell to open ' +
+    'infinite; grey: no value (the first snapshot, or a tensor that was all zeros); a cross: ' +
+    'the tensor holds NaN/Inf. Click a cell to open ' +
     'that tensor at that step.' + (data.complete ? '' : ' (still reading…)')});
   where.replaceChildren(legend, canvas);
 }
@@ -360,6 +361,12 @@ async function featuresPanel(panel) {
       chart.append(svg('polyline', {points: pts.map((p) => p.join(',')).join(' '), fill: 'none',
         stroke: PALETTE[fi % PALETTE.length], 'stroke-width': 2, 'stroke-dasharray': DASHES[ri % DASHES.length]}));
     }));
+    first.steps.forEach((st, t) => {
+      if (first.steps.length <= 20 || t % Math.ceil(first.steps.length / 20) === 0) {
+        const lab = svg('text', {x: xs(t), y: H - B + 16, 'font-size': 11, 'text-anchor': 'middle'});
+        lab.textContent = st; chart.append(lab);
+      }
+    });
     const cursor = svg('line', {x1: xs(index), x2: xs(index), y1: 5, y2: H - B, stroke: '#444', 'stroke-dasharray': '3 3'});
     chart.append(cursor);
     const legend = $('div', {class: 'ww-note'}, ...top.map((name, fi) =>

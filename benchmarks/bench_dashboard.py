@@ -112,11 +112,17 @@ def main() -> None:
             cold, size = _timed_get(q)
             cached, _ = _timed_get(q)
             print(f"compare (diff_runs with matching, over HTTP): cold {cold:.2f} s, "
-                  f"cached {cached * 1000:.1f} ms ({size} bytes)")
+                  f"cached {cached * 1000:.1f} ms ({size} bytes)", flush=True)
             if not args.no_browser:
                 c, w = first_paint(url)
                 print(f"first paint of the tab (page open -> heatmap drawn): "
                       f"fresh browser {c:.2f} s, second page {w:.2f} s")
+        # the library alone on the same runs, after the server: the plugin's own overhead
+        from keras_weightwatch import diff_runs
+
+        t0 = time.perf_counter()
+        diff_runs(a, b)
+        print(f"reference: diff_runs(a, b) in this process {time.perf_counter() - t0:.2f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -72,5 +72,6 @@ def test_bench_dashboard_times_compare_and_first_paint():
     cold = number(r"compare \(diff_runs with matching, over HTTP\): cold ([\d.]+) s", out)
     cached = number(r"cached ([\d.]+) ms", out)
     assert cold > 0 and cached > 0
+    assert number(r"reference: diff_runs\(a, b\) in this process ([\d.]+) s", out) > 0
     if "--no-browser" not in args:
         assert number(r"fresh browser ([\d.]+) s", out) > 0

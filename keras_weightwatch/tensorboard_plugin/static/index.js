@@ -111,8 +111,15 @@ function heatmap(where, data, run, detail) {
   canvas.width = left + cell * data.steps.length + 10;
   canvas.height = top + rowH * data.keys.length + 10;
   const ctx = canvas.getContext('2d');
-  const finite = data.values.flat().map(value).filter((v) => Number.isFinite(v) && v > 0);
-  const lo = Math.log10(Math.min(...finite, 1e-8)), hi = Math.log10(Math.max(...finite, 1e-7));
+  let lo = Infinity, hi = -Infinity;  // the log10 range of the positive finite values
+  for (const row of data.values) {
+    for (const x of row) {
+      const v = value(x);
+      if (Number.isFinite(v) && v > 0) { lo = Math.min(lo, Math.log10(v)); hi = Math.max(hi, Math.log10(v)); }
+    }
+  }
+  if (!Number.isFinite(lo)) { lo = -8; hi = 0; }
+  if (hi - lo < 1e-6) lo = hi - 1;
   ctx.font = '11px sans-serif';
   ctx.fillStyle = '#333';
   data.steps.forEach((s, c) => {

@@ -34,10 +34,14 @@ from machine import machine  # noqa: E402
 # The server runs the installed package's plugin; this starts one with it explicitly,
 # so the benchmark also runs from a checkout that is not installed.
 SERVER = """
-import sys
+import importlib.metadata, sys
 from tensorboard import default, program
 from keras_weightwatch.tensorboard_plugin import WeightWatchPlugin
-plugins = [p for p in default.get_plugins()] + [WeightWatchPlugin]
+plugins = default.get_plugins()
+# an installed package's entry point already loads the plugin (a second one is an error)
+if not any(e.name == "weightwatch"
+           for e in importlib.metadata.entry_points(group="tensorboard_plugins")):
+    plugins = plugins + [WeightWatchPlugin]
 tb = program.TensorBoard(plugins=plugins)
 tb.configure(argv=[None, "--logdir", sys.argv[1], "--port", sys.argv[2], "--host", "127.0.0.1",
                    "--reload_interval", "0"])
@@ -68,7 +72,10 @@ def serve(logdir: str):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(240):
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tensorboard did not start (exit code {proc.returncode})")
                 try:
                     urllib.request.urlopen(url + "/data/plugins_listing", timeout=5).read()
                     break

@@ -347,3 +347,18 @@ def test_a_log_directory_that_is_itself_a_run_is_named_dot(logdir):
     c = _client(logdir / "cnn-a")
     assert [r["name"] for r in _json(c, "/runs")["runs"]] == ["."]
     assert [s["name"] for s in _json(c, "/run", run=".")["steps"]] == ["initial", "0", "1", "2"]
+
+
+def test_heatmap_marks_every_tensor_that_holds_nan_or_inf(tmp_path):
+    model = _cnn(3)
+    weights = model.get_weights()
+    weights[-2][0, 0] = np.nan  # out/kernel: NaN spreads through training from here
+    model.set_weights(weights)
+    _fit(model, tmp_path / "nan", epochs=2)
+    run = load_run(tmp_path / "nan")
+    body = _json(_client(tmp_path), "/heatmap", run="nan")
+    expected = sorted(
+        [r, c] for r, key in enumerate(body["keys"]) for c, s in enumerate(run.snapshots)
+        if not np.isfinite(np.asarray(run.weights(s.name if s.label == "initial" else s.step)
+                                      [key])).all())
+    assert body["nonfinite"] == expected and [body["keys"].index("out/kernel"), 0] in expected

@@ -124,17 +124,21 @@ def update_heatmap(run: Run) -> dict[str, Any]:
     """Each tensor's update ratio at each snapshot, from the statistics stored with it."""
     snaps = [run.snapshots[i] for i in _columns(run)]
     keys = [s.key for s in run.specs[:MAX_ROWS]]
-    values, nonfinite = [], []
+    values = [[num(snap.stats.get(key, {}).get("update_ratio")) for snap in snaps]
+              for key in keys]
+    return {"metric": "update", "keys": keys, "steps": [s.name for s in snaps],
+            "values": values, "nonfinite": _nonfinite(snaps, keys), "complete": True}
+
+
+def _nonfinite(snaps, keys: list[str]) -> list[list[int]]:
+    """[row, column] of each tensor that held NaN or Inf at a snapshot (its stored counts)."""
+    out = []
     for r, key in enumerate(keys):
-        row = []
         for c, snap in enumerate(snaps):
             st = snap.stats.get(key, {})
-            row.append(num(st.get("update_ratio")))
             if st.get("nan_count", 0) or st.get("inf_count", 0):
-                nonfinite.append([r, c])
-        values.append(row)
-    return {"metric": "update", "keys": keys, "steps": [s.name for s in snaps],
-            "values": values, "nonfinite": nonfinite, "complete": True}
+                out.append([r, c])
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,8 @@ class _Column:
     rel_l2: dict[str, float | None]
 
 
-def _digest(*snaps) -> str:
+def pair_digest(*snaps) -> str:
+    """A digest of the snapshots' tensor files: a cache key that changes if a run is rewritten."""
     h = hashlib.sha256()
     for snap in snaps:
         for key in sorted(snap.tensors):
@@ -161,10 +166,10 @@ def initial_heatmap(run: Run, name: str, cache) -> dict[str, Any]:
     snaps = [run.snapshots[i] for i in _columns(run)]
     first = run.initial or run.snapshots[0]
     keys = [s.key for s in run.specs[:MAX_ROWS]]
-    spent, complete, values = 0, True, []
+    spent, complete = 0, True
     columns = []
     for snap in snaps:
-        ckey = ("initial", name, first.file, snap.file, _digest(first, snap))
+        ckey = ("initial", name, first.file, snap.file, pair_digest(first, snap))
         cost = sum(r.bytes for r in snap.tensors.values()) * 2
         col = cache.peek(ckey)
         if col is None and spent + cost <= max(HEATMAP_BUDGET_BYTES, cost if not spent else 0):
@@ -172,15 +177,10 @@ def initial_heatmap(run: Run, name: str, cache) -> dict[str, Any]:
             col = cache.get(ckey, lambda snap=snap: _initial_column(run, first, snap))
         complete = complete and col is not None
         columns.append(col)
-    nonfinite = []
-    for r, key in enumerate(keys):
-        values.append([None if col is None else num(col.rel_l2.get(key)) for col in columns])
-        for c, snap in enumerate(snaps):
-            st = snap.stats.get(key, {})
-            if st.get("nan_count", 0) or st.get("inf_count", 0):
-                nonfinite.append([r, c])
+    values = [[None if col is None else num(col.rel_l2.get(key)) for col in columns]
+              for key in keys]
     return {"metric": "initial", "keys": keys, "steps": [s.name for s in snaps],
-            "values": values, "nonfinite": nonfinite, "complete": complete}
+            "values": values, "nonfinite": _nonfinite(snaps, keys), "complete": complete}
 
 
 def _initial_column(run: Run, first, snap) -> _Column:
@@ -194,7 +194,7 @@ def _initial_column(run: Run, first, snap) -> _Column:
 def compare(run_a: Run, run_b: Run, pair: Pair, cache) -> DiffResult:
     """`diff_runs` of the two snapshots, cached per pair of snapshots."""
     snap_a, snap_b = snapshot_of(run_a, pair.step_a), snapshot_of(run_b, pair.step_b)
-    key = ("diff", pair.run_a, snap_a.file, pair.run_b, snap_b.file, _digest(snap_a, snap_b))
+    key = ("diff", pair.run_a, snap_a.file, pair.run_b, snap_b.file, pair_digest(snap_a, snap_b))
     return cache.get(key, lambda: diff_runs(run_a, run_b, step_a=step_arg(snap_a),
                                             step_b=step_arg(snap_b)))
 

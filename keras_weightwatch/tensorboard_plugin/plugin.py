@@ -222,7 +222,7 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         snap_a = content.snapshot_of(run_a, pair.step_a)
         snap_b = content.snapshot_of(run_b, pair.step_b)
         ident = ("match", pair.run_a, snap_a.file, pair.run_b, snap_b.file,
-                 content._digest(snap_a, snap_b))
+                 content.pair_digest(snap_a, snap_b))
         matching = self.matchings.get(ident, lambda: match_kernels(run_a, snap_a, run_b, snap_b))
         a = np.asarray(content.tensor_of(run_a, key, pair.step_a), dtype=np.float64)
         b = np.asarray(content.tensor_of(run_b, key, pair.step_b), dtype=np.float64)

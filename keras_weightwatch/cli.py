@@ -16,7 +16,7 @@ from typing import TextIO
 
 from . import _version
 from .errors import WeightWatchError
-from .store import Run, load_run, verify_run
+from .run import Run, load_run, verify_run
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (verify)

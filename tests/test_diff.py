@@ -13,7 +13,7 @@ import pytest
 from keras_weightwatch import WeightWatchError, diff_runs, drift
 from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
 from keras_weightwatch.cli import main, render_diff, render_drift
-from keras_weightwatch.store import RunWriter, load_run
+from keras_weightwatch.run import RunWriter, load_run
 
 LAYERS = [
     ("conv1", "Conv2D"),

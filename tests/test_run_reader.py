@@ -7,6 +7,7 @@ counts, Keras's own `history`, and a run written by release 0.1.0
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -18,7 +19,7 @@ from helpers import assert_same_arrays
 from tiny_models import data, functional_with_nested, sequential, subclassed
 
 from keras_weightwatch import WeightWatch, WeightWatchError, load_run, verify_run
-from keras_weightwatch.run import LayerInfo
+from keras_weightwatch.run import LayerInfo, hash_file
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-0.1.0")
 
@@ -43,6 +44,10 @@ def test_run_written_by_release_0_1_0_loads_verifies_and_equals_get_weights():
     # every checksum: 3 snapshots of 4 tensors, none shared (all change each epoch)
     assert report.ok and (report.snapshots, report.files) == (3, 12), report.problems
     assert run.verify().ok
+    for rec in {r.file: r for s in run.snapshots for r in s.tensors.values()}.values():
+        path = os.path.join(FIXTURE, "run", rec.file)
+        with open(path, "rb") as f:
+            assert hash_file(path) == rec.sha256 == hashlib.sha256(f.read()).hexdigest()
     expected = _expected_0_1_0()
     for step, arrays in expected.items():
         for mmap in (True, False):

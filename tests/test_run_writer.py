@@ -172,6 +172,7 @@ def test_a_run_written_by_0_1_0_is_continued_without_touching_its_snapshots(tmp_
     assert after.steps == [-1, 0, 1, 2] and record == after.snapshot(2)
     assert after.header["created"] == before.header["created"]
     assert after.verify().ok
+    assert before.verify().snapshots == 4  # verify lists the run again: the new one counts
     for s in before.snapshots:
         assert_same_arrays(after.weights(s.step), list(old[s.name].values()))
         assert after.snapshot(s.step) == s  # its snapshot file is not rewritten

@@ -74,7 +74,7 @@ def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
 
 def hash_file(path: str, chunk: int = 1 << 22) -> str:
     """SHA-256 of a local file."""
-    with open(path, "rb") as f:
+    with LocalStorage(os.path.dirname(path)).open_read(os.path.basename(path)) as f:
         return hash_stream(f, chunk)
 
 
@@ -412,8 +412,11 @@ class Run:
         return read_tensor(self.storage, rec, mmap=mmap)
 
     def verify(self) -> VerifyReport:
-        """Re-check every snapshot's every tensor file: present, intact, as described."""
-        return _verify(self)
+        """Re-check every snapshot's every tensor file: present, intact, as described.
+
+        The run is listed again first, so snapshots written since it was opened count too.
+        """
+        return _verify(open_run(self.storage))
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"

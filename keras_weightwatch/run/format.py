@@ -533,7 +533,7 @@ class SnapshotRecord:
             time=float(v["time"]),
             logs={str(k): float(x) for k, x in v["logs"].items()},
             tensors=tensors,
-            stats=v["stats"],
+            stats=dict(v["stats"]),
             file=file,
         )
 

@@ -188,13 +188,13 @@ class Pipeline:
         self.resumes_after = writer.last_step
         """The run's last step when this fit began (None for a new run)."""
         self.needs_initial = not writer.has_initial() and writer.last_step is None
-        self.plan = plan
-        self.strict = settings.strict
+        self.watch = plan.watch
+        self.n_weights = len(plan.info.weights)
         self.keep_last = settings.keep_last
         self.keep_every = settings.keep_every
         self.keys = [s.key for s in writer.specs]
         self.events: _GuardedEvents | None = None
-        self._views = list(plan.views)
+        self._views = list(plan.views)  # the one list of the views: a dropped one is gone
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
         self._prev_arrays: dict[str, np.ndarray] | None = None
@@ -245,13 +245,12 @@ class Pipeline:
              logs: Mapping[str, Any]) -> Snapshot:
         """Copy the watched weights into a set of the pool's buffers (step 0 until set)."""
         variables = list(model.weights)
-        n_weights = len(self.plan.info.weights)
-        if len(variables) != n_weights:
+        if len(variables) != self.n_weights:
             raise WeightWatchError(
-                f"the model now has {len(variables)} weight tensors but had {n_weights} at "
+                f"the model now has {len(variables)} weight tensors but had {self.n_weights} at "
                 "train begin; a model whose weights change during fit cannot be watched"
             )
-        arrays = capture_into([variables[i] for i in self.plan.watch], self.pool)
+        arrays = capture_into([variables[i] for i in self.watch], self.pool)
         return Snapshot(step=0, label=label, epoch=epoch, arrays=dict(zip(self.keys, arrays)),
                         logs=clean_logs(logs))
 

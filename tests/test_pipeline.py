@@ -424,3 +424,68 @@ def test_a_dropped_view_stops_everywhere_training_thread_included(tmp_path, monk
         "exploded); training goes on without it"
     ]
     assert load_run(run).steps == [-1, 0, 1, 2]
+
+
+# ------------------------------------------------------------------ a fake writer, no fit
+
+
+class _FakeWriter:
+    """What the pipeline needs of a `RunWriter`, in memory; its store fails at `fail_step`."""
+
+    def __init__(self, path, specs, fail_step=None):
+        self.path, self.specs, self.fail_step = path, tuple(specs), fail_step
+        self.last_step = None
+        self.committed: dict[int, tuple[dict, dict]] = {}
+        self.closed = 0
+
+    def has_initial(self):
+        return False
+
+    def previous(self, step):
+        return None
+
+    def store_tensors(self, snapshot):
+        if snapshot.step == self.fail_step:
+            raise OSError(28, "No space left on device")
+        return {k: None for k in snapshot.arrays}
+
+    def commit_snapshot(self, snapshot, records, stats):
+        arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
+        self.committed[snapshot.step] = (arrays, stats)
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.mark.parametrize("fail_step", [None, 0])
+def test_pipeline_with_a_fake_writer(tmp_path, fail_step):
+    from keras_weightwatch.pipeline import Plan
+    from keras_weightwatch.settings import Settings
+
+    model = _mlp()
+    settings = Settings(tmp_path / "run", histograms=False)
+    plan = Plan.make(model, settings)
+    writer = _FakeWriter(str(tmp_path / "run"), plan.specs, fail_step)
+    pipeline = Pipeline(writer, plan, settings)
+    assert pipeline.needs_initial and pipeline.resumes_after is None
+    expected = {}
+    for step in (0, 1):
+        model.layers[0].kernel.assign(np.full((4, 6), float(step + 1), "float32"))
+        expected[step] = model.get_weights()
+        pipeline.capture(model, step=step, epoch=step, logs={"loss": 1.0})
+        pipeline.join()
+    failures = pipeline.close()
+    assert writer.closed == 1  # closed once: at the failure, or at close
+    steps = [0, 1] if fail_step is None else []  # after a failed write the run stops
+    assert sorted(writer.committed) == steps
+    for step in steps:
+        arrays, stats = writer.committed[step]
+        assert_same_arrays(arrays, expected[step])
+        kernel = expected[step][0].astype(np.float64)
+        assert stats["base/kernel"]["l2_norm"] == pytest.approx(np.linalg.norm(kernel))
+    assert [(part, str(e)) for part, e in failures] == (
+        [] if fail_step is None else [("snapshots", "[Errno 28] No space left on device")]
+    )
+    # The views go on without the run: the statistics of both snapshots are in the event file.
+    assert sorted(_values(_acc(str(tmp_path / "run")), "base/kernel/l2_norm")) == [0, 1]
+    assert pipeline.pool.created == 0

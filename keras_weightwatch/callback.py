@@ -8,6 +8,7 @@ buffers, the run writer, the event file and the background worker).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from .pipeline import Pipeline, Plan, RunDirError
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
 class WeightWatch(keras.callbacks.Callback):
@@ -169,6 +171,13 @@ class WeightWatch(keras.callbacks.Callback):
         self.pipeline: Pipeline | None = None  # the fit in progress; None between fits
         self._pending_initial: Snapshot | None = None
         self._offset: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The options stay readable as attributes (`cb.freq`), as in earlier releases.
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _OPTIONS:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def get_config(self) -> dict[str, Any]:
         """The callback's settings, as recorded in the run header."""

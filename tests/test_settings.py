@@ -304,6 +304,9 @@ def test_settings_are_frozen_normalised_and_give_the_config(tmp_path):
     cb = WeightWatch(tmp_path / "run", feature_names=["a", "b"], include="dense",
                      sample_images=[[[[0.0]]]], feature_data=np.ones((3, 2)))
     assert cb.get_config() == config
+    assert cb.feature_names == ("a", "b") and cb.top_k == 5 and cb.log_dir == s.log_dir
+    with pytest.raises(AttributeError, match="no attribute 'no_such_option'"):
+        cb.no_such_option  # noqa: B018
     assert Settings.create(**{**config, "sample_images": None, "feature_data": None}) == s
 
 

@@ -207,7 +207,7 @@ class WeightWatch(keras.callbacks.Callback):
         pipeline = self.pipeline
         if pipeline is None or self._offset is not None:
             return
-        last = pipeline.resumes_after
+        last = pipeline.last_step
         self._offset = last + 1 - epoch if last is not None and epoch <= last else 0
         if self._pending_initial is not None:
             snap, self._pending_initial = self._pending_initial, None
@@ -230,7 +230,7 @@ class WeightWatch(keras.callbacks.Callback):
         pipeline = self.pipeline
         if pipeline is None:
             return
-        if self._pending_initial is not None:  # fit ran no epoch: the initial weights at -1
+        if self._pending_initial is not None and pipeline.last_step is None:  # fit ran no epoch
             snap, self._pending_initial = self._pending_initial, None
             snap.step = -1
             self._guard(lambda: pipeline.submit(snap))

@@ -185,8 +185,8 @@ class Pipeline:
     def __init__(self, writer: RunWriter, plan: Plan, settings: Settings):
         self.writer: RunWriter | None = writer
         self.run_dir = writer.path
-        self.resumes_after = writer.last_step
-        """The run's last step when this fit began (None for a new run)."""
+        self.last_step = writer.last_step
+        """The step of the last snapshot submitted, else the run's last step (None: none)."""
         self.needs_initial = not writer.has_initial() and writer.last_step is None
         self.watch = plan.watch
         self.n_weights = len(plan.info.weights)
@@ -266,6 +266,7 @@ class Pipeline:
         except BaseException:
             self.pool.release(buffers)
             raise
+        self.last_step = snapshot.step
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
                 logs: Mapping[str, Any]) -> None:

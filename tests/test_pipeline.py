@@ -467,13 +467,14 @@ def test_pipeline_with_a_fake_writer(tmp_path, fail_step):
     plan = Plan.make(model, settings)
     writer = _FakeWriter(str(tmp_path / "run"), plan.specs, fail_step)
     pipeline = Pipeline(writer, plan, settings)
-    assert pipeline.needs_initial and pipeline.resumes_after is None
+    assert pipeline.needs_initial and pipeline.last_step is None
     expected = {}
     for step in (0, 1):
         model.layers[0].kernel.assign(np.full((4, 6), float(step + 1), "float32"))
         expected[step] = model.get_weights()
         pipeline.capture(model, step=step, epoch=step, logs={"loss": 1.0})
         pipeline.join()
+        assert pipeline.last_step == step
     failures = pipeline.close()
     assert writer.closed == 1  # closed once: at the failure, or at close
     steps = [0, 1] if fail_step is None else []  # after a failed write the run stops

@@ -141,7 +141,7 @@ def _host_view(variable: Any) -> np.ndarray:
                     return arr
         elif module.startswith("jax"):
             return np.asarray(value)  # a view of a CPU jax.Array; a transfer otherwise
-        elif module.startswith("torch"):
+        elif value is not None and module.startswith("torch"):
             return value.detach().cpu().numpy()  # shares storage on CPU
     except (TypeError, ValueError, AttributeError, RuntimeError):
         pass  # e.g. torch bfloat16, which numpy cannot view: take the documented path

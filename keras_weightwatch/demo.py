@@ -37,10 +37,11 @@ import numpy as np
 
 from .errors import WeightWatchError, received
 
-__all__ = ["DemoResult", "DemoSettings", "render_result", "run_demo"]
+__all__ = ["DemoResult", "DemoSettings", "render_result", "run_and_print", "run_demo"]
 
 EXTRA_HINT = "pip install 'keras-weightwatch[demo]'"
 MARKER_FILE = ".weightwatch-demo"
+DEFAULT_LOGDIR = "weightwatch-demo"
 RUN_NAMES = ("diabetes", "digits-seed1", "digits-seed2", "photos")
 DIGITS_FIRST_CONV = "conv1"
 SAMPLE_DIGITS = (0, 1, 4, 7)
@@ -375,8 +376,8 @@ def _top_features(run_dir: str, names: list[str], k: int = 5,
 
 def _diff_text(run_a: str, run_b: str) -> str:
     """The text `weightwatch diff RUN_A RUN_B` prints."""
-    from .cli import render_diff
-    from .diff import diff_runs
+    from .compare import diff_runs
+    from .report import render_diff
 
     return render_diff(diff_runs(run_a, run_b))
 
@@ -385,7 +386,7 @@ def _diff_text(run_a: str, run_b: str) -> str:
 
 
 def run_demo(
-    logdir: str | os.PathLike = "weightwatch-demo",
+    logdir: str | os.PathLike = DEFAULT_LOGDIR,
     *,
     quick: bool = False,
     progress: TextIO | None = None,
@@ -548,11 +549,31 @@ def render_result(result: DemoResult) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
-    """`python -m keras_weightwatch.demo [--quick] [--logdir DIR]`, same as `weightwatch demo`."""
-    from .cli import main as cli_main
+def run_and_print(logdir: str | os.PathLike = DEFAULT_LOGDIR, *, quick: bool = False,
+                  stdout: TextIO | None = None) -> DemoResult:
+    """`weightwatch demo`: run the demo with progress lines, then print `render_result`."""
+    stdout = stdout or sys.stdout
+    result = run_demo(logdir, quick=quick, progress=stdout)
+    print(file=stdout)
+    print(render_result(result), file=stdout)
+    return result
 
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
+    """`python -m keras_weightwatch.demo [--quick] [--logdir DIR]`, as `weightwatch demo`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m keras_weightwatch.demo")
+    parser.add_argument("--logdir", default=DEFAULT_LOGDIR)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        run_and_print(args.logdir, quick=args.quick)
+    except (ImportError, WeightWatchError) as e:
+        print(f"weightwatch demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

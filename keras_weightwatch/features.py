@@ -13,10 +13,11 @@ deviation) put features of different scales side by side.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from .textfmt import fmt_g
 
 CORRELATION_THRESHOLD = 0.9
 # Correlations are computed this many at a time (a block of rows of the matrix).
@@ -264,13 +265,7 @@ def top_k_features(
 
 
 def _num(v: float | None) -> str:
-    if v is None:
-        return ""
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Inf" if v > 0 else "-Inf"
-    return f"{v:.4g}"
+    return fmt_g(v)
 
 
 def _cell(s: str) -> str:

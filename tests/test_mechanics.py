@@ -19,7 +19,7 @@ from helpers import assert_same_arrays
 from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
 from keras_weightwatch import callback as callback_module
 from keras_weightwatch.capture import BufferPool, describe_model
-from keras_weightwatch.cli import render_show
+from keras_weightwatch.report import render_show
 from keras_weightwatch.store import RunWriter, retained_steps
 
 BATCH_HOOKS = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shlex
 import shutil
@@ -478,7 +479,7 @@ def run_demo(
         steps.stage(
             name,
             f"{name}: CNN on 8x8 digits, kernels (3,3,1,5), {settings.cnn_epochs} epochs",
-            lambda seed=seed, name=name: train_digits(seed, name),
+            functools.partial(train_digits, seed, name),
             lambda logs: f"val_accuracy {logs['val_accuracy']:.3f}",
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 from .compare.inputs import (
     Target,
@@ -21,6 +22,7 @@ from .compare.inputs import (
 )
 from .errors import WeightWatchError
 from .naming import key_name
+from .store import Run, SnapshotRecord
 
 __all__ = ["write_diff_images"]
 
@@ -78,14 +80,7 @@ def write_diff_images(
     whats = {"A": label(run_a, snap_a), "B": label(run_b, snap_b), "B_minus_A": "B - A"}
     tags: list[str] = []
     with EventWriter(logdir) as writer:
-        for k in ordered_keys(run_a, snap_a, run_b, snap_b):
-            ra, rb = snap_a.tensors.get(k), snap_b.tensors.get(k)
-            if ra is None or rb is None or ra.shape != rb.shape:
-                continue
-            if not 3 <= len(ra.shape) <= 5 or "kernel" not in key_name(k):
-                continue
-            if pattern is not None and not pattern.search(k):
-                continue
+        for k in _kernel_keys(run_a, snap_a, run_b, snap_b, pattern):
             grids = diff_grids(load(run_a, snap_a, k, verify), load(run_b, snap_b, k, verify),
                                max_tiles=max_tiles)
             values = []
@@ -96,3 +91,18 @@ def write_diff_images(
                 tags.append(tag(k, suffix))
             writer.write(0, values)
     return tags
+
+
+def _kernel_keys(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord,
+                 pattern: re.Pattern | None) -> list[str]:
+    """The convolution kernels (3 to 5 dimensions) in both snapshots with the same shape."""
+    out = []
+    for k in ordered_keys(run_a, snap_a, run_b, snap_b):
+        ra, rb = snap_a.tensors.get(k), snap_b.tensors.get(k)
+        if ra is None or rb is None or ra.shape != rb.shape:
+            continue
+        if not 3 <= len(ra.shape) <= 5 or "kernel" not in key_name(k):
+            continue
+        if pattern is None or pattern.search(k):
+            out.append(k)
+    return out

@@ -236,13 +236,15 @@ def top_k_features(
                     f"`data` must have shape (samples, {kern.shape[0]}). "
                     f"Received: data.shape={x.shape}"
                 )
-            data = FeatureData.from_sample(x, threshold)
+            described = FeatureData.from_sample(x, threshold)
         elif len(data.partners) != kern.shape[0]:
             raise ValueError(
                 f"`data` describes {len(data.partners)} features for a kernel of "
                 f"{kern.shape[0]}. Received: data={data!r}"
             )
-        stds, partners = data.stds, data.partners
+        else:
+            described = data
+        stds, partners = described.stds, described.partners
     out = []
     for rank, i in enumerate(order, start=1):
         i = int(i)

@@ -228,12 +228,14 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
         raise ValueError(
             f"RGB tiles need 3 input channels. Received: kernel.shape={np.shape(kernel)}"
         )
+    index: list[tuple[int | None, int]]
     if rgb:
         total = t
         index = [(None, o) for o in range(min(t, max_tiles))]
     else:
         total = c * t
-        index = [(i, o) for i in range(c) for o in range(t)][:max_tiles]
+        index = [(i, o) for i in range(c) for o in range(t)]
+        index = index[:max_tiles]
     n = len(index)
     if rgb:  # (n, h, w, 3): filter o's three input channels
         drawn = np.moveaxis(k[..., :n], -1, 0)

@@ -101,3 +101,61 @@ def test_matching_follows_the_graph_of_a_branching_model(tmp_path):
     assert by_name["side"].cosine < 0.99 and by_name["c1"].cosine < 0.99
     for name in ("side", "c1", "c2", "proj", "out"):
         assert by_name[name].matched_cosine == pytest.approx(1.0, abs=1e-6), name
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def test_best_matching_recovers_a_permutation_of_units():
+    from keras_weightwatch.compare.matching import best_matching
+    from keras_weightwatch.reductions import pair_sums_gram
+
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(30, 9))
+    perm = rng.permutation(9)
+    b = a[:, perm] + 0.01 * rng.normal(size=a.shape)
+    _, gram = pair_sums_gram(a, b)
+    got = best_matching(gram)
+    # unit i of A is unit j of B where perm[j] == i
+    assert np.array_equal(got, np.argsort(perm))
+
+
+def test_best_matching_keeps_identical_units_in_place():
+    from keras_weightwatch.compare.matching import best_matching
+    from keras_weightwatch.reductions import pair_sums_gram
+
+    a = np.ones((4, 5))  # every unit the same: every matching ties
+    assert np.array_equal(best_matching(pair_sums_gram(a, a)[1]), np.arange(5))
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (3, 3, 4, 2), (2, 12, 3)])
+def test_input_rows_permute_the_input_axis_like_numpy(shape):
+    from keras_weightwatch.compare.matching import input_rows
+
+    rng = np.random.default_rng(12)
+    k = rng.normal(size=shape)
+    n = 4 if len(shape) != 3 else 12
+    carry = rng.permutation(n)
+    rows = input_rows(shape, carry)
+    if len(shape) == 2:  # a Dense kernel after a Flatten of (.., n) channels: rows repeat n
+        expect = k.reshape(-1, n, shape[-1])[:, carry].reshape(-1, shape[-1])
+    else:
+        expect = np.take(k, carry, axis=-2).reshape(-1, shape[-1])
+    np.testing.assert_array_equal(k.reshape(-1, shape[-1])[rows], expect)
+    assert input_rows((3, 3, n + 1, 2), carry) is None  # the input axis is not the carried one
+
+
+def test_carried_in_and_out_follow_the_graph_rules():
+    from keras_weightwatch.compare.matching import carried_in, carried_out
+
+    p, q = np.array([1, 0, 2]), np.array([2, 1, 0])
+    assert carried_in(None, {}, p) is p  # no graph: from the previous layer
+    assert np.array_equal(carried_in(("a", "b"), {"a": p, "b": p.copy()}, None), p)
+    assert carried_in(("a", "b"), {"a": p, "b": q}, p) is None  # branches disagree
+    assert carried_in(("a",), {"a": None}, p) is None
+    assert carried_in((), {}, p) is None
+    assert carried_out(p, q, True, [(3, 3, 3, 3)]) is q  # a matched kernel passes its own
+    assert carried_out(p, None, True, [(3,)]) is None
+    assert carried_out(p, None, False, [(3,), (3,)]) is p  # per channel: passes through
+    assert carried_out(p, None, False, [(3,), (4,)]) is None
+    assert carried_out(p, None, False, []) is None

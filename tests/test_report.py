@@ -64,3 +64,64 @@ def test_cli_drift_table_and_json(run_dir):
     assert [x["name"] for x in doc["layers"]] == ["conv1", "conv2"]
     assert doc["layers"][0]["step_change"] == pytest.approx(list(d.layers[0].step_change))
     assert render_drift(d).splitlines()[0] == lines[0]
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def test_nan_and_inf_have_one_spelling_in_every_report():
+    from keras_weightwatch import features, textfmt
+    from keras_weightwatch.compare.records import json_num
+    from keras_weightwatch.report import fmt_cos, fmt_g, fmt_num
+
+    nan, inf = float("nan"), float("inf")
+    assert fmt_g(nan) == fmt_num(nan) == fmt_cos(nan) == json_num(nan) == textfmt.NAN_TEXT
+    assert fmt_g(inf) == fmt_num(inf) == json_num(inf) == textfmt.INF_TEXT
+    assert fmt_g(-inf) == fmt_num(-inf) == json_num(-inf) == textfmt.NEG_INF_TEXT
+    assert textfmt.NAN_TEXT == str(nan) and textfmt.INF_TEXT == str(inf)  # as JSON documents it
+    rows = features.top_k_features(np.array([[np.nan], [1.0]]), ["a", "b"], 2)
+    table = features.markdown_table(rows)  # the TensorBoard text of the top-k view
+    assert "NaN" not in table and f"| {textfmt.NAN_TEXT} |" in table
+
+
+def test_drift_table_spells_a_nan_change_as_nan():
+    from keras_weightwatch.compare import DriftResult, LayerDrift
+    from keras_weightwatch.textfmt import NAN_TEXT
+
+    d = DriftResult("r", ("initial", "0", "1"),
+                    (LayerDrift("dense", (0.5, float("nan")), (0.5, float("nan"))),))
+    row = next(line for line in render_drift(d).splitlines() if line.startswith("dense"))
+    cells = row.split()
+    assert cells[1] == "█!"  # the sparkline: NaN drawn as `!`
+    assert cells[2] == NAN_TEXT and cells[3] == "0.5" and cells[4] == NAN_TEXT
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.5, 1.0], [3.0, 1.0], [0.0, 0.0], list(range(50))])
+def test_sparkline_scales_to_the_largest_value(values):
+    from keras_weightwatch.report import sparkline
+
+    bars = "▁▂▃▄▅▆▇█"
+    width = 24
+    got = sparkline(values, width)
+    if len(values) > width:  # binned: the largest of each bin
+        n = len(values)
+        values = [max(values[i * n // width:(i + 1) * n // width]) for i in range(width)]
+    top = max(values)
+    expect = "".join(bars[0] if top <= 0 else bars[int(round(v / top * 7))] for v in values)
+    assert got == expect
+
+
+def test_table_aligns_columns_under_a_ruled_header():
+    from keras_weightwatch.report import table
+
+    text = table([["a", "1"], ["long", "22"]], ["name", "n"], right=[1])
+    assert text.splitlines() == ["name   n", "----  --", "a      1", "long  22"]
+
+
+def test_numbers_in_show_and_shapes():
+    from keras_weightwatch.report import fmt_int, fmt_num, shape_text
+
+    assert fmt_int(1234567) == "1,234,567"
+    assert [fmt_num(x) for x in (0.0, 2.0, 0.12345, 1e-5, 2e6)] == [
+        "0", "2", "0.1235", f"{1e-5:.3e}", f"{2e6:.3e}"]
+    assert shape_text((3, 3, 1, 5)) == "(3, 3, 1, 5)" and shape_text(None) == "-"

@@ -40,7 +40,7 @@ from .matching import (
     input_rows,
     match_units,
 )
-from .plan import COMPARE, LayerPlan, TensorPlan, make_plan
+from .plan import COMPARE, DiffPlan, LayerPlan, TensorPlan, make_plan
 from .records import (
     STATUS_CHANGED,
     STATUS_UNCHANGED,
@@ -108,12 +108,17 @@ def diff_runs(
     tolerance = check_tolerance(tolerance)
     pattern = compile_layer(layer)
     max_match_units = check_positive_int("max_match_units", max_match_units)
-    if top_k is not None:
-        top_k = check_positive_int("top_k", top_k)
+    top_k = None if top_k is None else check_positive_int("top_k", top_k)
     run_a, snap_a = open_snapshot(a, step_a)
     run_b, snap_b = open_snapshot(b, step_b)
     plan = make_plan(run_a, snap_a, run_b, snap_b, pattern)
     ctx = _Context(run_a, snap_a, run_b, snap_b, tolerance, match, max_match_units, verify)
+    return DiffResult(a=plan.a, b=plan.b, tolerance=tolerance, layers=_execute(ctx, plan),
+                      features=feature_diff(run_a, snap_a, run_b, snap_b, top_k, verify))
+
+
+def _execute(ctx: _Context, plan: DiffPlan) -> tuple[LayerDiff, ...]:
+    """Every layer of the plan in the model's order, carrying matchings; most changed first."""
     layers: list[LayerDiff] = []
     out_perms: dict[str, Perm | None] = {}  # layer -> the matching of its outputs
     previous: Perm | None = None
@@ -122,13 +127,7 @@ def diff_runs(
         layer_diff, previous = _diff_layer(ctx, layer_plan, carry)
         out_perms[layer_plan.name] = previous
         layers.append(layer_diff)
-    return DiffResult(
-        a=plan.a,
-        b=plan.b,
-        tolerance=tolerance,
-        layers=tuple(sorted(layers, key=_change_order)),
-        features=feature_diff(run_a, snap_a, run_b, snap_b, top_k, verify),
-    )
+    return tuple(sorted(layers, key=_change_order))
 
 
 @dataclasses.dataclass(frozen=True)

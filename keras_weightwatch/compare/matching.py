@@ -47,7 +47,7 @@ def _linear_sum_assignment() -> Callable[..., Any]:
         raise ImportError(
             f"matching units needs scipy: {EXTRA_HINT} (or pass match=False)"
         ) from e
-    return linear_sum_assignment  # type: ignore[no-any-return]
+    return linear_sum_assignment
 
 
 def best_matching(gram: Gram) -> Perm:

@@ -47,7 +47,7 @@ def fmt_num(x: float) -> str:
     Example:
 
     >>> fmt_num(0.5), fmt_num(2.0), fmt_num(123456.0), fmt_num(float("nan"))
-    ('0.5', '2', '1.235e+05', 'nan')
+    ('0.5', '2', '1.235e+05', 'NaN')
     """
     if isinstance(x, float) and not math.isfinite(x):
         return nonfinite_text(x) or ""

@@ -1,17 +1,17 @@
 """How numbers are spelled in the package's text: one spelling of NaN and of Inf.
 
-The command line, the TensorBoard text tables and the JSON of a diff all write a
-non-finite number with these words (Python's own `str(float("nan"))` spelling).
-Pure Python.
+The command line, the TensorBoard text tables and the JSON of a diff and a drift
+all write a non-finite number with these words (the words the reports already use
+for counts: "3 NaN, 1 Inf"). Pure Python.
 """
 
 from __future__ import annotations
 
 import math
 
-NAN_TEXT = "nan"
-INF_TEXT = "inf"
-NEG_INF_TEXT = "-inf"
+NAN_TEXT = "NaN"
+INF_TEXT = "Inf"
+NEG_INF_TEXT = "-Inf"
 
 
 def nonfinite_text(x: float) -> str | None:
@@ -20,7 +20,7 @@ def nonfinite_text(x: float) -> str | None:
     Example:
 
     >>> nonfinite_text(float("-inf")), nonfinite_text(1.0)
-    ('-inf', None)
+    ('-Inf', None)
     """
     if math.isnan(x):
         return NAN_TEXT
@@ -35,7 +35,7 @@ def fmt_g(x: float | None, digits: int = 4) -> str:
     Example:
 
     >>> fmt_g(3.14159), fmt_g(float("nan")), fmt_g(None)
-    ('3.142', 'nan', '')
+    ('3.142', 'NaN', '')
     """
     if x is None:
         return ""

@@ -1,7 +1,7 @@
 """What a comparison finds: the records `diff_runs` and `drift` return, and the statuses.
 
 Frozen dataclasses, each with `to_json()`; a non-finite number becomes the string
-`"nan"`, `"inf"` or `"-inf"` in JSON (the package's one spelling, `textfmt`).
+`"NaN"`, `"Inf"` or `"-Inf"` in JSON (the package's one spelling, `textfmt`).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class DiffResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; non-finite numbers become the strings `"inf"`, `"-inf"`, `"nan"`."""
+        """A JSON-ready dict; non-finite numbers become the strings `"Inf"`, `"-Inf"`, `"NaN"`."""
         return {
             "a": self.a,
             "b": self.b,

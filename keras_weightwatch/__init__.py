@@ -20,7 +20,7 @@ from .compare import (
     drift,
 )
 from .errors import WeightWatchError, WeightWatchWarning
-from .store import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
+from .run import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
 
 __all__ = [
     "DiffResult",

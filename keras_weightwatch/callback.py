@@ -17,8 +17,7 @@ from . import _version
 from .capture import BufferPool, ModelInfo, Snapshot, capture_into, clean_logs, describe_model
 from .distribute import is_writer
 from .errors import RunBusyError, WeightWatchError, WeightWatchWarning, received
-from .stats import tensor_stats
-from .store import (
+from .run import (
     RunWriter,
     SnapshotRecord,
     TensorRecord,
@@ -26,6 +25,7 @@ from .store import (
     is_run,
     load_run,
 )
+from .stats import tensor_stats
 from .views import FeatureView, KernelImageView, ResponseView, View, build_views
 from .worker import Worker
 

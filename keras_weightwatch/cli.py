@@ -18,7 +18,7 @@ from . import _version
 from .compare.matching import DEFAULT_MAX_MATCH_UNITS
 from .errors import WeightWatchError
 from .report import render_diff, render_drift, render_show
-from .store import load_run, verify_run
+from .run import load_run, verify_run
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (verify)

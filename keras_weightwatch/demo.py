@@ -434,7 +434,7 @@ def _top_features(run_dir: str, names: list[str], k: int = 5,
                   key: str = "linear/kernel") -> list[tuple[str, float]]:
     """The `k` (feature, weight) pairs of largest |weight| in a run's last snapshot."""
     from .features import top_k_features
-    from .store import load_run
+    from .run import load_run
 
     kernel = load_run(run_dir).weights("last", keys=[key])[key]
     return [(f.name, f.weight) for f in top_k_features(kernel, names, k)]

@@ -22,7 +22,7 @@ from .compare.inputs import (
 )
 from .errors import WeightWatchError
 from .naming import key_name
-from .store import Run, SnapshotRecord
+from .run import Run, SnapshotRecord
 
 __all__ = ["write_diff_images"]
 

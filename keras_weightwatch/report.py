@@ -23,7 +23,7 @@ from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 
 if TYPE_CHECKING:
     from .compare.records import DiffResult, DriftResult, FeatureDiff, LayerDiff, TensorDiff
-    from .store import Run
+    from .run import Run
 
 WIDTH = 80
 """The width of the diff and drift tables."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
 from keras_weightwatch.cli import main
-from keras_weightwatch.store import RunWriter
+from keras_weightwatch.run import RunWriter
 
 LAYERS = [
     ("conv1", "Conv2D"),

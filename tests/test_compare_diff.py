@@ -9,7 +9,7 @@ from compare_runs import LAYERS, epochs, oracle, weights, write_run
 from keras_weightwatch import WeightWatchError, diff_runs
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
 from keras_weightwatch.report import render_diff
-from keras_weightwatch.store import RunWriter, load_run
+from keras_weightwatch.run import RunWriter, load_run
 
 
 @pytest.fixture

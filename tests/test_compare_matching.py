@@ -7,7 +7,7 @@ import pytest
 from compare_runs import oracle, perm_of, permuted, weights, write_run
 
 from keras_weightwatch import diff_runs
-from keras_weightwatch.store import load_run
+from keras_weightwatch.run import load_run
 
 
 def test_permuted_units_differ_raw_but_match_after_matching(tmp_path):

@@ -7,7 +7,8 @@ equals `get_weights()`, and (d) `strict=True` turns the same fault into a
 `WeightWatchError`.
 
 How faults are simulated (the tests run as root, and chmod does not stop root):
-`open` inside `keras_weightwatch.store` and `keras_weightwatch.summaries` is
+`open` inside `keras_weightwatch.run.storage` (the one module where the run's
+files are opened) and `keras_weightwatch.summaries` is
 replaced by one that, once the run holds `k` complete snapshots, fails the way
 the kernel would: ENOSPC part-way through a write (disk full), EACCES at `open`
 (permission revoked), or the run directory is really deleted with `shutil.rmtree`.
@@ -29,8 +30,8 @@ import pytest
 from helpers import assert_same_arrays
 
 from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
-from keras_weightwatch import store as store_mod
 from keras_weightwatch import summaries as summaries_mod
+from keras_weightwatch.run import storage as storage_mod
 
 EPOCHS = 4
 
@@ -100,7 +101,7 @@ class Fault:
             f = real_open(file, mode, *args, **kwargs)
             return _Faulty(f, self) if writing and inside else f
 
-        for mod in (store_mod, summaries_mod):
+        for mod in (storage_mod, summaries_mod):
             monkeypatch.setattr(mod, "open", fake_open, raising=False)
 
     def armed(self) -> bool:

@@ -20,7 +20,7 @@ from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning,
 from keras_weightwatch import callback as callback_module
 from keras_weightwatch.capture import BufferPool, describe_model
 from keras_weightwatch.report import render_show
-from keras_weightwatch.store import RunWriter, retained_steps
+from keras_weightwatch.run import LocalStorage, RunWriter, retained_steps
 
 BATCH_HOOKS = [
     f"on_{mode}_batch_{when}" for mode in ("train", "test", "predict") for when in ("begin", "end")
@@ -307,7 +307,7 @@ def test_retention_keeps_last_n_every_mth_and_initial_and_exactly_their_bytes(tm
 
 
 def test_retained_steps_policy():
-    from keras_weightwatch.store import SnapshotRecord
+    from keras_weightwatch.run import SnapshotRecord
 
     def rec(step, label="epoch"):
         return SnapshotRecord(step, label, None, 0.0, {}, {}, {}, f"snapshots/{step}")
@@ -328,31 +328,32 @@ def _fit_run(tmp_path, epochs=5):
 
 @pytest.mark.parametrize("kill_after_unlinks", [1, 2, 4, 6])
 def test_retention_killed_at_any_moment_leaves_a_run_that_loads_and_verifies(
-    tmp_path, monkeypatch, kill_after_unlinks
+    tmp_path, kill_after_unlinks
 ):
     model = _fit_run(tmp_path)
     path = str(tmp_path / "run")
     before = load_run(path)
-    writer = RunWriter.open(path, describe_model(model), settings={}, versions={}, durable=False)
-    real_unlink = os.unlink
     calls = []
 
     class Killed(BaseException):
         pass
 
-    def unlink(p, *a, **k):
-        if len(calls) == kill_after_unlinks:
-            raise Killed
-        calls.append(p)
-        real_unlink(p, *a, **k)
+    class KilledAfterUnlinks(LocalStorage):
+        """The run's storage, with the process killed at its next file removal."""
 
-    monkeypatch.setattr(os, "unlink", unlink)
+        def remove(self, name):
+            if len(calls) == kill_after_unlinks:
+                raise Killed
+            calls.append(name)
+            return super().remove(name)
+
+    writer = RunWriter.open(path, describe_model(model), settings={}, versions={}, durable=False,
+                            storage=KilledAfterUnlinks(path))
     try:
         writer.apply_retention(keep_last=1)
     except Killed:
         pass
     finally:
-        monkeypatch.setattr(os, "unlink", real_unlink)
         writer.close()
     run = load_run(path)
     assert run.verify().ok

@@ -167,7 +167,7 @@ LOCK_PROBE = r'''
 import sys
 from keras_weightwatch.capture import ModelInfo
 from keras_weightwatch.errors import WeightWatchError
-from keras_weightwatch.store import RunWriter
+from keras_weightwatch.run import RunWriter
 try:
     RunWriter.open(sys.argv[1], ModelInfo("m", "M", (), ()), settings={}, versions={})
 except WeightWatchError as e:
@@ -346,12 +346,12 @@ def test_new_run_beside_a_writer_that_has_the_lock_but_no_header_yet(tmp_path):
     # The race of two writers starting at once: the first holds the directory's lock but
     # has not written its header. if_exists="new" starts beside it; "continue" is refused.
     from keras_weightwatch.errors import RunBusyError
-    from keras_weightwatch.store import _Lock
+    from keras_weightwatch.run import LocalStorage, RunLock
 
     run = str(tmp_path / "run")
     os.makedirs(run)
     (tmp_path / "run-2").mkdir()  # taken by somebody else: the next free one is -3
-    lock = _Lock(run)
+    lock = RunLock(LocalStorage(run))
     lock.acquire()
     try:
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from ..reductions import Sums, as_2d, pair_sums, self_sums
-from ..store import Run, SnapshotRecord
+from ..run import Run, SnapshotRecord
 from .features import feature_diff
 from .inputs import (
     Target,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..errors import WeightWatchError, received
 from ..reductions import Sums, as_2d, pair_sums, self_sums
-from ..store import Run, SnapshotRecord, load_run
+from ..run import Run, SnapshotRecord, load_run
 from .inputs import compile_layer, load
 from .records import DriftResult, LayerDrift
 

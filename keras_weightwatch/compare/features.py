@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..naming import key_name
-from ..store import Run, SnapshotRecord
+from ..run import Run, SnapshotRecord
 from .inputs import load
 from .records import FeatureDiff, FeatureMove
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import WeightWatchError, received
-from ..store import Run, SnapshotRecord, load_run
+from ..run import Run, SnapshotRecord, load_run
 
 _STEP_RE = re.compile(r"^(initial|last|-?\d+)$")
 

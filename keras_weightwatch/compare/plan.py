@@ -14,7 +14,7 @@ import re
 
 from ..errors import WeightWatchError
 from ..naming import conv_kind, key_layer, key_name
-from ..store import Run, SnapshotRecord
+from ..run import Run, SnapshotRecord
 from .inputs import label, ordered_keys
 from .records import STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE
 

@@ -110,8 +110,8 @@ def test_every_public_name_has_an_example():
 
 def _modules():
     yield keras_weightwatch
-    # every module, those of subpackages (keras_weightwatch.compare.*) included
-    for info in pkgutil.walk_packages(keras_weightwatch.__path__, "keras_weightwatch."):
+    # every module, those of subpackages (keras_weightwatch.run, .compare) included
+    for info in pkgutil.walk_packages(keras_weightwatch.__path__, prefix="keras_weightwatch."):
         yield importlib.import_module(info.name)
 
 

@@ -8,7 +8,7 @@ back with numpy arrays.
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .diff import (
+from .compare import (
     DiffResult,
     DriftResult,
     FeatureDiff,

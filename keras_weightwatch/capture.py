@@ -18,25 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .naming import key_layer, strip_model_prefix, unique_keys
 from .run.format import LayerInfo, ModelInfo, WeightSpec
-
-
-def _strip_model_prefix(path: str, model_name: str) -> str:
-    prefix = model_name + "/"
-    if path.startswith(prefix) and len(path) > len(prefix):
-        return path[len(prefix) :]
-    return path
-
-
-def _unique_keys(keys: Sequence[str]) -> list[str]:
-    """Make keys unique by appending `#2`, `#3`, ... to repeats (Keras allows duplicate paths)."""
-    seen: dict[str, int] = {}
-    out = []
-    for k in keys:
-        n = seen.get(k, 0) + 1
-        seen[k] = n
-        out.append(k if n == 1 else f"{k}#{n}")
-    return out
 
 
 def _dtype_name(variable: Any) -> str:
@@ -74,16 +57,14 @@ def describe_model(model: Any) -> ModelInfo:
     variables = list(model.weights)
     trainable_ids = {id(v) for v in model.trainable_weights}
     paths = [str(getattr(v, "path", None) or v.name) for v in variables]
-    keys = _unique_keys([_strip_model_prefix(p, model.name) for p in paths])
+    keys = unique_keys([strip_model_prefix(p, model.name) for p in paths])
     specs = []
     for v, path, key in zip(variables, paths, keys):
-        base = key.split("#", 1)[0]
-        layer = base.rsplit("/", 1)[0] if "/" in base else ""
         specs.append(
             WeightSpec(
                 key=key,
                 path=path,
-                layer=layer,
+                layer=key_layer(key),
                 shape=tuple(int(s) for s in v.shape),
                 dtype=_dtype_name(v),
                 trainable=id(v) in trainable_ids,

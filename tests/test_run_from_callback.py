@@ -16,7 +16,7 @@ from helpers import assert_same_arrays
 
 from keras_weightwatch import WeightWatch, WeightWatchError, load_run
 from keras_weightwatch.capture import describe_model
-from keras_weightwatch.cli import render_show
+from keras_weightwatch.report import render_show
 from keras_weightwatch.run import LocalStorage, RunWriter, retained_steps
 
 

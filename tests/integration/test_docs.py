@@ -110,7 +110,7 @@ def test_every_public_name_has_an_example():
 
 def _modules():
     yield keras_weightwatch
-    # subpackages (keras_weightwatch.run) and their modules too
+    # every module, those of subpackages (keras_weightwatch.run, .compare) included
     for info in pkgutil.walk_packages(keras_weightwatch.__path__, prefix="keras_weightwatch."):
         yield importlib.import_module(info.name)
 

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from keras_weightwatch import WeightWatchError, load_run, verify_run
 from keras_weightwatch import cli as cli_mod
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
-from keras_weightwatch.cli import main, render_show
+from keras_weightwatch.cli import main
+from keras_weightwatch.report import render_show
 from keras_weightwatch.run import RunWriter
 
 FUZZ_JSON = 300  # random JSON values planted into the snapshot and header manifests

@@ -122,3 +122,37 @@ def test_the_graph_reader_sees_lazy_and_relative_imports():
     # the cycle finder finds a planted one
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_FUNCTION_LINES = 100
+ARCHITECTURE = os.path.join(os.path.dirname(ROOT), "docs", "ARCHITECTURE.md")
+
+
+def _function_lengths() -> list[tuple[int, str]]:
+    out = []
+    for module, path in _modules().items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                out.append((length, f"{module}.{node.name}"))
+    return out
+
+
+def test_no_function_or_method_is_longer_than_100_lines():
+    lengths = _function_lengths()
+    too_long = sorted(item for item in lengths if item[0] > MAX_FUNCTION_LINES)
+    assert not too_long, too_long
+    assert len(lengths) > 100  # the reader found the package's functions
+
+
+def test_the_architecture_page_names_exactly_the_package_modules():
+    import re
+
+    with open(ARCHITECTURE, encoding="utf-8") as f:
+        named = set(re.findall(r"`(keras_weightwatch/[\w/]+\.py)`", f.read()))
+    package = os.path.dirname(ROOT)
+    files = {os.path.relpath(p, package).replace(os.sep, "/") for p in _modules().values()}
+    assert named - files == set(), "named in docs/ARCHITECTURE.md but missing"
+    assert files - named == set(), "modules that docs/ARCHITECTURE.md does not name"

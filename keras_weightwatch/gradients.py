@@ -282,6 +282,8 @@ def _units(y: Any, index: Any) -> Any:
     batch, width = int(y.shape[0]), int(y.shape[1])
     if index is None:
         return ops.argmax(ops.stop_gradient(y), axis=-1)
+    if not isinstance(index, (int, np.integer, list, tuple, np.ndarray)):
+        return index  # a tensor (traced under jax.jit): checked by the caller
     idx = np.broadcast_to(np.asarray(index, dtype=np.int64), (batch,)) if np.ndim(index) == 0 \
         else np.asarray(index, dtype=np.int64)
     if idx.shape != (batch,) or (idx.size and (idx.min() < 0 or idx.max() >= width)):
@@ -347,36 +349,75 @@ def _torch(model: Any, flat: list[Any], pack: Callable, target: Any,
 
 def _jax(model: Any, flat: list[Any], pack: Callable, target: Any,
          want_w: bool, wrt_x: tuple[int, ...]) -> _Raw:
-    import jax
     import keras
 
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
     xs = [keras.ops.convert_to_tensor(a) for a in flat]
+    is_loss = isinstance(target, Loss)
+    index = None if is_loss or target.index is None else np.broadcast_to(
+        np.asarray(target.index, dtype=np.int32), (int(xs[0].shape[0]),))
+    key = (is_loss, want_w, wrt_x, _structure(pack(list(range(len(flat))))),
+           None if is_loss else target.output, index is None)
+    cache = _JAX_FNS.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _jax_function(weakref.ref(model), pack, is_loss, want_w, wrt_x,
+                                   None if is_loss else target.output)
+    (score, (y_pred, units)), grads = cache[key](
+        [v.value for v in model.trainable_variables],
+        [xs[i] for i in wrt_x],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.metrics_variables],
+        xs,
+        target.y if is_loss else None,
+        target.sample_weight if is_loss else None,
+        None if index is None else keras.ops.convert_to_tensor(index),
+    )
+    if index is not None:  # checked on the host: a traced index has no values to check
+        _units(keras.ops.reshape(keras.tree.flatten(y_pred)[target.output],
+                                 (len(index), -1)), target.index)
+    argnums = tuple(i for i, on in ((0, want_w), (1, bool(wrt_x))) if on)
+    parts = dict(zip(argnums, grads))
+    flat_grads = list(parts.get(0, [])) + list(parts.get(1, []))
+    return _raw(score, y_pred, units, flat_grads, len(model.trainable_variables) if want_w else 0)
 
-    def scalar(tv: list[Any], xw: list[Any]) -> tuple[Any, tuple[Any, Any]]:
+
+_JAX_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(packed: Any) -> Any:
+    """A hashable description of how `x` is structured (for the cache of jitted functions)."""
+    if isinstance(packed, dict):
+        return ("dict", tuple(packed))
+    if isinstance(packed, (list, tuple)):
+        return (type(packed).__name__, len(packed))
+    return ("array",)
+
+
+def _jax_function(ref: Any, pack: Callable, is_loss: bool, want_w: bool,
+                  wrt_x: tuple[int, ...], output: int | None) -> Callable:
+    """The jitted value-and-gradient function of one kind of request (one per model and kind).
+
+    It holds the model by a weak reference, so the cache does not keep models alive.
+    """
+    import jax
+
+    def scalar(tv: list[Any], xw: list[Any], ntv: list[Any], mv: list[Any], xs: list[Any],
+               y: Any, sw: Any, index: Any) -> tuple[Any, tuple[Any, Any]]:
+        model = ref()
         xv = list(xs)
         for i, t in zip(wrt_x, xw):
             xv[i] = t
-        if isinstance(target, Loss):
-            metrics = [v.value for v in model.metrics_variables]
+        if is_loss:
             loss, (_, y_pred, _, _) = model.compute_loss_and_updates(
-                tv, non_trainable, metrics, pack(xv), target.y, target.sample_weight,
-                training=False,
+                tv, ntv, mv, pack(xv), y, sw, training=False
             )
             return loss, (y_pred, None)
         kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
-        y_pred, _ = model.stateless_call(tv, non_trainable, pack(xv), **kwargs)
-        score, units = _score(model, pack(xv), y_pred, target)
+        y_pred, _ = model.stateless_call(tv, ntv, pack(xv), **kwargs)
+        score, units = _score(model, pack(xv), y_pred, Unit(index, output or 0))
         return score, (y_pred, units)
 
     argnums = tuple(i for i, on in ((0, want_w), (1, bool(wrt_x))) if on)
-    (score, (y_pred, units)), grads = jax.value_and_grad(scalar, argnums, has_aux=True)(
-        trainable, [xs[i] for i in wrt_x]
-    )
-    parts = dict(zip(argnums, grads))
-    flat_grads = list(parts.get(0, [])) + list(parts.get(1, []))
-    return _raw(score, y_pred, units, flat_grads, len(trainable) if want_w else 0)
+    return jax.jit(jax.value_and_grad(scalar, argnums, has_aux=True))
 
 
 def _raw(score: Any, y_pred: Any, units: Any, grads: list[Any], n_weights: int) -> _Raw:

@@ -220,8 +220,8 @@ def _check_inputs(model: Any, flat: list[Any], want_inputs: bool) -> None:
         )
     if want_inputs:
         for a in flat:
-            dtype = np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype
-            if not np.issubdtype(np.dtype(str(dtype)), np.floating):
+            dtype = _dtype(a)
+            if "float" not in dtype:
                 raise ValueError(
                     "gradients with respect to the input need float inputs (an integer "
                     f"input, e.g. token ids, has none). Received: x dtype={dtype}"
@@ -242,6 +242,13 @@ def _trainable_keys(model: Any) -> list[str]:
     keys = unique_keys([strip_model_prefix(p, model.name) for p in paths])
     by_id = {id(v): k for v, k in zip(model.weights, keys)}
     return [by_id[id(v)] for v in model.trainable_weights]
+
+
+def _dtype(a: Any) -> str:
+    """The dtype's Keras name (`"float32"`, `"int64"`, ...) of an array or backend tensor."""
+    import keras
+
+    return str(keras.backend.standardize_dtype(getattr(a, "dtype", None) or np.asarray(a).dtype))
 
 
 def _host(t: Any) -> np.ndarray:
@@ -269,7 +276,7 @@ def _score(model: Any, x: Any, y_pred: Any, target: Loss | Unit) -> tuple[Any, A
         raise ValueError(f"the model has {len(outs)} outputs. "
                          f"{received('Unit.output', target.output)}")
     y = ops.reshape(outs[target.output], (int(outs[target.output].shape[0]), -1))
-    wide = "float64" if str(y.dtype) in ("float64", "torch.float64") else "float32"
+    wide = "float64" if _dtype(y) == "float64" else "float32"
     y = ops.cast(y, wide)
     units = _units(y, target.index)
     mask = ops.one_hot(units, int(y.shape[1]), dtype=wide)

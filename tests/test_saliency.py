@@ -80,11 +80,11 @@ def test_vanilla_is_the_channel_max_of_finite_difference_gradients():
     x = images_batch(2, channels=3)
     got = saliency.vanilla(model, x)
     fd = fd_input_unit(model, x, got.classes)
-    np.testing.assert_allclose(got.maps, np.abs(fd).max(axis=-1), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.maps, np.abs(fd).max(axis=-1), rtol=1e-6, atol=1e-8)
     chosen = saliency.vanilla(model, x, class_index=1)
     np.testing.assert_array_equal(chosen.classes, [1, 1])
     np.testing.assert_allclose(chosen.maps, np.abs(fd_input_unit(model, x, [1, 1])).max(-1),
-                               rtol=1e-6, atol=1e-9)
+                               rtol=1e-6, atol=1e-8)
 
 
 def test_smoothgrad_is_the_mean_vanilla_map_of_seeded_noisy_copies():

@@ -108,6 +108,30 @@ report["sgd_max_error"] = max(float(np.abs(a - b).max())
                               for a, b in zip(g.weights.values(), applied))
 report["sgd_scale"] = max(float(np.abs(a).max()) for a in applied)
 
+# A mixed_float16 copy of the MLP (float32 variables, float16 compute) follows it.
+keras.mixed_precision.set_dtype_policy("mixed_float16")
+mixed = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"),
+                          keras.layers.Dense(2, dtype="float32")])
+keras.mixed_precision.set_dtype_policy("float32")
+mixed.compile(loss="mse")
+mixed.set_weights(w0)
+gm = gradients(mixed, data["mx"], Loss(data["my"]), weights=True)
+mlp.set_weights(w0)
+g0 = gradients(mlp, data["mx"], Loss(data["my"]), weights=True)
+report["mixed_dtypes"] = sorted({str(v.dtype) for v in gm.weights.values()})
+report["mixed_max_error"] = max(float(np.abs(a - b).max())
+                                for a, b in zip(gm.weights.values(), g0.weights.values()))
+
+# Two inputs: one gradient per input.
+ia, ib = keras.Input((3,), name="a"), keras.Input((3,), name="b")
+both = keras.Model([ia, ib], keras.layers.Dense(2, name="two")(
+    keras.layers.Concatenate()([ia, ib])))
+both.set_weights([data["m0"][:, :2], data["m1"][:2]])
+two = gradients(both, [data["mx"][:, :3], data["mx"][:, 3:]], Unit(1), inputs=True)
+arrays["two_a"], arrays["two_b"] = two.inputs
+report["two_expected"] = bool(np.allclose(np.concatenate(two.inputs, axis=1),
+                                          np.tile(data["m0"][:, 1], (8, 1)), rtol=1e-6))
+
 report["tensorflow_imported"] = "tensorflow" in sys.modules
 np.savez(os.path.join(out, "arrays.npz"), **arrays)
 with open(os.path.join(out, "report.json"), "w") as f:
@@ -161,6 +185,9 @@ def test_gradients_on_each_backend(backend, tmp_path_factory):
     assert report["fd_max_error"] <= 1e-3 * report["fd_scale"]
     assert report["sgd_max_error"] <= 1e-5 * report["sgd_scale"]
     assert report["tensorflow_imported"] is (backend == "tensorflow")
+    assert report["mixed_dtypes"] == ["float32"]
+    assert report["mixed_max_error"] <= 2e-2 * report["sgd_scale"]  # float16 precision
+    assert report["two_expected"]
     assert sorted(k for k in arrays if k.startswith("grad/")) == sorted(
         f"grad/{k}" for k in ("conv/kernel", "conv/bias", "bn/gamma", "bn/beta",
                               "dense/kernel", "dense/bias", "logits/kernel", "logits/bias"))

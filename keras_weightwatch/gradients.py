@@ -136,9 +136,13 @@ def gradients(
 
     Example:
 
-    >>> g = gradients(model, images, Unit(), inputs=True)  # doctest: +SKIP
-    >>> g.inputs.shape == images.shape, g.units  # doctest: +SKIP
-    (True, array([3, 7]))
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    >>> model.set_weights([np.array([[2.0], [-3.0]])])
+    >>> g = gradients(model, np.ones((1, 2), "float32"), Unit(0), inputs=True, weights=True)
+    >>> g.inputs, g.weights  # d(2 x0 - 3 x1)/dx = the kernel; d/dW = x
+    (array([[ 2., -3.]], dtype=float32), {'dense/kernel': array([[1.],
+           [1.]], dtype=float32)})
     """
     _check_request(weights, inputs, layer, layer_side, target)
     if layer is not None:

@@ -162,7 +162,19 @@ def gradcam(
 
 
 def gradcam_maps(activations: np.ndarray, activation_gradients: np.ndarray) -> np.ndarray:
-    """`(n, h, w, K)` activations and gradients -> `(n, h, w)` Grad-CAM maps (ReLU'd)."""
+    """`(n, h, w, K)` activations and gradients -> `(n, h, w)` Grad-CAM maps (ReLU'd).
+
+    Example: channel 0 is weighted by its mean gradient 1, channel 1 by -1.
+
+    >>> a = np.stack([np.eye(2), np.ones((2, 2))], axis=-1)[None]
+    >>> g = np.stack([np.ones((2, 2)), -np.ones((2, 2))], axis=-1)[None]
+    >>> gradcam_maps(a, 2 * g)[0]  # ReLU(2 * eye - 2 * ones)
+    array([[0., 0.],
+           [0., 0.]])
+    >>> gradcam_maps(a, np.stack([g[..., 0], 0 * g[..., 1]], axis=-1))[0]
+    array([[1., 0.],
+           [0., 1.]])
+    """
     a = np.asarray(activations, dtype=np.float64)
     g = np.asarray(activation_gradients, dtype=np.float64)
     alpha = g.mean(axis=(1, 2), keepdims=True)  # (n, 1, 1, K)
@@ -175,6 +187,9 @@ def resize_bilinear(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
     The convention of `tf.image.resize(method="bilinear", antialias=False)`:
     output pixel i samples the input at `(i + 0.5) * h / H - 0.5`, clamped to
     the edge.
+
+    >>> resize_bilinear(np.array([[[0.0, 1.0]]]), (1, 4))
+    array([[[0.  , 0.25, 0.75, 1.  ]]])
     """
     m = np.asarray(maps, dtype=np.float64)
     out_h, out_w = int(size[0]), int(size[1])

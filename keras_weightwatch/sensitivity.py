@@ -72,6 +72,15 @@ def feature_sensitivity(model: Any, x: Any, layer: str | None = None,
 
     Returns:
         A `FeatureSensitivity`.
+
+    Example: feature 1 has the larger spread but no weight, so no effect.
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    >>> model.set_weights([np.array([[2.0], [0.0]])])
+    >>> s = feature_sensitivity(model, np.array([[0.0, 1.0], [2.0, 5.0]], "float32"))
+    >>> s.std, s.scores, s.ranking()
+    (array([1., 2.]), array([2., 0.]), array([0, 1]))
     """
     sample = np.asarray(x) if layer is None else x
     if layer is None and (isinstance(x, (list, tuple, dict)) or sample.ndim < 2):

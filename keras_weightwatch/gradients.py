@@ -145,6 +145,7 @@ def gradients(
            [1.]], dtype=float32)})
     """
     _check_request(weights, inputs, layer, layer_side, target)
+    _check_loss(model, target)
     if layer is not None:
         return _layer_gradients(model, x, target, layer, layer_side)
     flat, pack = _flatten(x)
@@ -193,6 +194,15 @@ def _check_request(
                          f"{received('layer_side', side)}")
 
 
+def _check_loss(model: Any, target: Any) -> None:
+    """A Loss target needs a loss (JAX's compute_loss would return 0 without one)."""
+    if isinstance(target, Loss) and getattr(model, "loss", None) is None and not model.losses:
+        raise ValueError(
+            "Loss(y) differentiates the compiled loss; compile the model with a `loss` "
+            "first (or use Unit(...)). Received: model.loss=None"
+        )
+
+
 def _backend() -> str:
     import keras
 
@@ -219,7 +229,7 @@ def _check_inputs(model: Any, flat: list[Any], want_inputs: bool) -> None:
     expected = _model_inputs(model)
     if expected is not None and len(expected) != len(flat):
         raise ValueError(
-            f"the model takes {len(expected)} inputs; x holds {len(flat)} arrays. "
+            f"the model takes {len(expected)} input(s); x holds {len(flat)} arrays. "
             f"Received: x with {len(flat)} arrays"
         )
     if want_inputs:

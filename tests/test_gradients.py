@@ -253,7 +253,7 @@ def test_subclassed_model_gradients_work_but_layer_tensors_are_refused():
         (lambda m, x: gradients(m, x, Unit(0), inputs=True, layer_side="in"), ValueError,
          r"Received: layer_side='in'"),
         (lambda m, x: gradients(m, [x, x], Unit(0), inputs=True), ValueError,
-         r"takes 1 inputs; x holds 2 arrays"),
+         r"takes 1 input\(s\); x holds 2 arrays"),
         (lambda m, x: gradients(m, x.astype("int32"), Unit(0), inputs=True), ValueError,
          r"float inputs.*Received: x dtype=int32"),
     ],
@@ -268,5 +268,6 @@ def test_bad_requests_say_what_was_received(call, error, message):
 def test_loss_needs_a_compiled_loss():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     x, y = data()
-    with pytest.raises(ValueError, match="loss"):
+    with pytest.raises(ValueError, match=r"compile the model with a `loss`.*"
+                                         r"Received: model.loss=None"):
         gradients(model, x, Loss(y), weights=True)

@@ -132,6 +132,33 @@ arrays["two_a"], arrays["two_b"] = two.inputs
 report["two_expected"] = bool(np.allclose(np.concatenate(two.inputs, axis=1),
                                           np.tile(data["m0"][:, 1], (8, 1)), rtol=1e-6))
 
+# A subclassed model: input gradients work (the kernel's column), layer tensors are refused.
+class Sub(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2, name="dense")
+
+    def call(self, x):
+        return self.dense(x)
+
+
+sub = Sub()
+sub(data["mx"])
+gs = gradients(sub, data["mx"], Unit(0), inputs=True)
+report["subclassed_input"] = bool(np.allclose(
+    gs.inputs, np.tile(keras.ops.convert_to_numpy(sub.dense.kernel)[:, 0], (8, 1)), rtol=1e-6))
+try:
+    gradients(sub, data["mx"], Unit(0), layer="dense")
+    report["subclassed_layer_error"] = None
+except ValueError as e:
+    report["subclassed_layer_error"] = str(e)
+try:
+    gradients(keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)]), data["mx"],
+              Loss(data["my"][:, :1]), weights=True)
+    report["uncompiled_loss_error"] = None
+except ValueError as e:
+    report["uncompiled_loss_error"] = str(e)
+
 report["tensorflow_imported"] = "tensorflow" in sys.modules
 np.savez(os.path.join(out, "arrays.npz"), **arrays)
 with open(os.path.join(out, "report.json"), "w") as f:
@@ -188,6 +215,9 @@ def test_gradients_on_each_backend(backend, tmp_path_factory):
     assert report["mixed_dtypes"] == ["float32"]
     assert report["mixed_max_error"] <= 2e-2 * report["sgd_scale"]  # float16 precision
     assert report["two_expected"]
+    assert report["subclassed_input"]
+    assert "subclassed model" in report["subclassed_layer_error"]
+    assert report["uncompiled_loss_error"].endswith("Received: model.loss=None")
     assert sorted(k for k in arrays if k.startswith("grad/")) == sorted(
         f"grad/{k}" for k in ("conv/kernel", "conv/bias", "bn/gamma", "bn/beta",
                               "dense/kernel", "dense/bias", "logits/kernel", "logits/bias"))

@@ -15,6 +15,10 @@ probability; Grad-CAM's paper differentiates the score before the softmax.
   the class score with respect to it, the channel weights are G averaged over
   the positions, the map is the ReLU of the weighted sum of A's channels
   (Selvaraju et al., 2017), upsampled bilinearly to the image's size.
+  Grad-CAM suits a layer followed by global pooling; behind `Flatten` and
+  `Dense` the averaged gradients mix position-specific weights of both signs,
+  and the map can be zero everywhere (as it is for a small digits CNN after
+  five epochs, at both of its convolutions).
 
 A saliency map is a local, model-specific explanation: it says which pixels
 move this model's score for this image, not what the class looks like.

@@ -62,3 +62,14 @@ def test_bench_diff_runs_and_reports_memory():
     out = run("bench_diff.py", "--params", "200000")
     assert number(r"diff_runs\(a, b, match=True\): ([\d.]+) s for \d+ tensors", out) >= 0
     assert number(r"tracemalloc peak\s+([\d.]+) MiB", out) > 0
+
+
+def test_bench_gradients_added_time_is_the_sum_of_its_parts():
+    out = run("bench_gradients.py", "--train", "64", "--samples", "2", "--repeats", "1",
+              "--backends", "tensorflow")
+    parts = [float(m) for m in re.findall(
+        r"  (?:vanilla|smoothgrad|gradcam|weight gradients)[^\n]*?\s([\d.]+) ms  \(first", out)]
+    assert len(parts) == 4
+    added = number(r"ADDED per snapshot \(saliency \+ weight gradients\): ([\d.]+) ms", out)
+    assert added == pytest.approx(sum(parts), abs=0.25)
+    assert number(r"forward \(64 images, inference\)\s+([\d.]+) ms", out) > 0

@@ -30,4 +30,5 @@ test: $(PY) browser
 	$(PIP) install -e '.[test]'
 	$(PIP) install 'torch==2.13.0' jax jaxlib
 	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -1,7 +1,7 @@
 """Time and memory of `weightwatch diff` on two synthetic 100M-parameter runs.
 
 Writes two runs of one made-up architecture (convolutions, then Dense layers of
-2048 units) with `store.RunWriter` (no Keras, no training), B being A plus
+2048 units) with `run.RunWriter` (no Keras, no training), B being A plus
 noise with the units of one Dense layer permuted, then diffs them in a fresh
 process and prints the wall time, the peak of Python/numpy allocations
 (tracemalloc) and the peak resident memory (which also counts the pages of
@@ -49,7 +49,7 @@ def architecture(params: int) -> list[tuple[str, str, dict[str, tuple[int, ...]]
 def write_runs(root: str, params: int) -> tuple[str, str, int]:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
-    from keras_weightwatch.store import RunWriter
+    from keras_weightwatch.run import RunWriter
 
     arch = architecture(params)
     specs = tuple(

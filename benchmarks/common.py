@@ -17,7 +17,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 from machine import machine  # noqa: E402, F401 (re-exported for the scripts)
 
 from keras_weightwatch import WeightWatch  # noqa: E402
-from keras_weightwatch import callback as ww_callback  # noqa: E402
+from keras_weightwatch.pipeline import Pipeline  # noqa: E402
 
 
 class TimedWeightWatch(WeightWatch):
@@ -49,7 +49,7 @@ class TimedWeightWatch(WeightWatch):
         self._timed("on_epoch_end", super().on_epoch_end, epoch, logs)
 
     def on_train_end(self, logs=None):
-        self.buffer_sets = self._pool.created if self._pool is not None else 0
+        self.buffer_sets = self.pipeline.pool.created if self.pipeline is not None else 0
         self._timed("on_train_end", super().on_train_end, logs)
 
 
@@ -58,16 +58,16 @@ WORKER_TIMES: list[float] = []
 
 def time_worker() -> None:
     """Append the wall time of each snapshot the background worker handles to WORKER_TIMES."""
-    real = ww_callback._Pipeline.handle
 
-    def handle(self, job):
-        t0 = time.perf_counter()
-        try:
-            real(self, job)
-        finally:
-            WORKER_TIMES.append(time.perf_counter() - t0)
+    class TimedPipeline(Pipeline):
+        def handle(self, job):
+            t0 = time.perf_counter()
+            try:
+                super().handle(job)
+            finally:
+                WORKER_TIMES.append(time.perf_counter() - t0)
 
-    ww_callback._Pipeline.handle = handle
+    TimedWeightWatch.pipeline_class = TimedPipeline
 
 
 def med(xs):

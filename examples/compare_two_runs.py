@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from keras_weightwatch import WeightWatch, diff_runs, load_run  # noqa: E402
-from keras_weightwatch.cli import render_diff  # noqa: E402
+from keras_weightwatch.report import render_diff  # noqa: E402
 
 
 def load_data(n: int):

@@ -8,7 +8,7 @@ back with numpy arrays.
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .diff import (
+from .compare import (
     DiffResult,
     DriftResult,
     FeatureDiff,
@@ -20,7 +20,7 @@ from .diff import (
     drift,
 )
 from .errors import WeightWatchError, WeightWatchWarning
-from .store import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
+from .run import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
 
 __all__ = [
     "DiffResult",

@@ -18,118 +18,8 @@ from typing import Any
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class WeightSpec:
-    """One weight tensor of the model, as the run directory records it.
-
-    Attributes:
-        key: The name the run uses for the weight: `weight.path` without the
-            model's own (process-numbered) name in front, e.g. `dense/kernel`.
-        path: `weight.path` as Keras reported it when the run was written.
-        layer: The path of the layer that owns the weight (`key` without its
-            last component), used to group weights by layer.
-        shape: The weight's shape.
-        dtype: The weight's dtype name (`"float32"`, `"bfloat16"`, ...).
-        trainable: False for non-trainable weights such as BatchNorm's
-            moving statistics.
-    """
-
-    key: str
-    path: str
-    layer: str
-    shape: tuple[int, ...]
-    dtype: str
-    trainable: bool
-
-    @property
-    def size(self) -> int:
-        return int(math.prod(self.shape))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "path": self.path,
-            "layer": self.layer,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "trainable": self.trainable,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> WeightSpec:
-        return cls(
-            key=str(d["key"]),
-            path=str(d["path"]),
-            layer=str(d["layer"]),
-            shape=tuple(int(s) for s in d["shape"]),
-            dtype=str(d["dtype"]),
-            trainable=bool(d["trainable"]),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-    """A top-level layer with its parameter counts, as `model.summary()` lists it.
-
-    `inbound` names the top-level layers whose outputs it takes (input layers
-    included), or is None where the model does not say (a subclassed model);
-    `diff` uses it to carry a matching of units only along real connections.
-    """
-
-    name: str
-    class_name: str
-    params: int
-    trainable_params: int
-    non_trainable_params: int
-    inbound: tuple[str, ...] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["inbound"] = None if self.inbound is None else list(self.inbound)
-        return d
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """The architecture of a model: its layers and every weight's spec, in `model.weights` order."""
-
-    name: str
-    class_name: str
-    layers: tuple[LayerInfo, ...]
-    weights: tuple[WeightSpec, ...]
-
-    @property
-    def total_params(self) -> int:
-        return sum(w.size for w in self.weights)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "class_name": self.class_name,
-            "total_params": self.total_params,
-            "trainable_params": sum(w.size for w in self.weights if w.trainable),
-            "non_trainable_params": sum(w.size for w in self.weights if not w.trainable),
-            "layers": [layer.to_json() for layer in self.layers],
-        }
-
-
-def _strip_model_prefix(path: str, model_name: str) -> str:
-    prefix = model_name + "/"
-    if path.startswith(prefix) and len(path) > len(prefix):
-        return path[len(prefix) :]
-    return path
-
-
-def _unique_keys(keys: Sequence[str]) -> list[str]:
-    """Make keys unique by appending `#2`, `#3`, ... to repeats (Keras allows duplicate paths)."""
-    seen: dict[str, int] = {}
-    out = []
-    for k in keys:
-        n = seen.get(k, 0) + 1
-        seen[k] = n
-        out.append(k if n == 1 else f"{k}#{n}")
-    return out
+from .naming import key_layer, strip_model_prefix, unique_keys
+from .run.format import LayerInfo, ModelInfo, WeightSpec
 
 
 def _dtype_name(variable: Any) -> str:
@@ -167,16 +57,14 @@ def describe_model(model: Any) -> ModelInfo:
     variables = list(model.weights)
     trainable_ids = {id(v) for v in model.trainable_weights}
     paths = [str(getattr(v, "path", None) or v.name) for v in variables]
-    keys = _unique_keys([_strip_model_prefix(p, model.name) for p in paths])
+    keys = unique_keys([strip_model_prefix(p, model.name) for p in paths])
     specs = []
     for v, path, key in zip(variables, paths, keys):
-        base = key.split("#", 1)[0]
-        layer = base.rsplit("/", 1)[0] if "/" in base else ""
         specs.append(
             WeightSpec(
                 key=key,
                 path=path,
-                layer=layer,
+                layer=key_layer(key),
                 shape=tuple(int(s) for s in v.shape),
                 dtype=_dtype_name(v),
                 trainable=id(v) in trainable_ids,
@@ -234,7 +122,7 @@ def _host_view(variable: Any) -> np.ndarray:
                     return arr
         elif module.startswith("jax"):
             return np.asarray(value)  # a view of a CPU jax.Array; a transfer otherwise
-        elif module.startswith("torch"):
+        elif value is not None and module.startswith("torch"):
             return value.detach().cpu().numpy()  # shares storage on CPU
     except (TypeError, ValueError, AttributeError, RuntimeError):
         pass  # e.g. torch bfloat16, which numpy cannot view: take the documented path

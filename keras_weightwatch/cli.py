@@ -15,117 +15,15 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import _version
+from .compare.matching import DEFAULT_MAX_MATCH_UNITS
 from .errors import WeightWatchError
-from .store import Run, load_run, verify_run
+from .report import render_diff, render_drift, render_show
+from .run import load_run, verify_run
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (verify)
 EXIT_ERROR = 2  # bad input: usage, a missing or unreadable run
-
-
-def _fmt_int(n: int) -> str:
-    return f"{n:,}"
-
-
-def _fmt_num(x: float) -> str:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.4f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
-    return f"{x:.3e}"
-
-
-def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[int] = ()) -> str:
-    """A plain-text table with a header row; columns in `right` are right-aligned."""
-    cells = [list(header)] + [list(r) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate(cells):
-        parts = [
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-        ]
-        lines.append("  ".join(parts).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _count(value: object) -> int:
-    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
-
-
-def _non_finite_lines(run: Run, limit: int = 10) -> list[str]:
-    """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
-    found = []
-    for snap in run.snapshots:
-        for key, st in snap.stats.items():
-            nan, inf = _count(st.get("nan_count")), _count(st.get("inf_count"))
-            if nan or inf:
-                found.append(f"{snap.name}: {key} ({nan} NaN, {inf} Inf)")
-    if not found:
-        return []
-    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
-    return [f"NON-FINITE weights hold NaN/Inf in {len(found)} tensor snapshots: "
-            + "; ".join(found[:limit]) + more]
-
-
-def render_show(run: Run) -> str:
-    """The text of `weightwatch show RUN`."""
-    v = run.versions
-    m = run.model
-    out = [f"run       {run.path}"]
-    out.append(
-        f"written   keras-weightwatch {v.get('keras_weightwatch', '?')}, "
-        f"keras {v.get('keras', '?')}, "
-        f"backend {v.get('backend', '?')} {v.get('backend_version', '')}".rstrip()
-    )
-    out.append(
-        f"model     {m.get('name', '?')} ({m.get('class_name', '?')}): "
-        f"{_fmt_int(int(m.get('total_params', 0)))} parameters, "
-        f"{_fmt_int(int(m.get('trainable_params', 0)))} trainable, "
-        f"{_fmt_int(int(m.get('non_trainable_params', 0)))} non-trainable"
-    )
-    names = [s.name for s in run.snapshots]
-    out.append(f"snapshots {len(names)}: {', '.join(names) if names else '(none complete yet)'}")
-    lossy = {r.stored_dtype for s in run.snapshots for r in s.tensors.values() if r.lossy}
-    if lossy:
-        out.append(
-            f"precision LOSSY: float weights stored as {', '.join(sorted(lossy))} "
-            "(values differ from the model's)"
-        )
-    out.extend(_non_finite_lines(run))
-    out.append("")
-    out.append("layers")
-    out.append(
-        table(
-            [(layer.name, layer.class_name, _fmt_int(layer.params)) for layer in run.layers],
-            ["name", "class", "params"],
-            right=[2],
-        )
-    )
-    out.append("")
-    out.append("weights")
-    out.append(
-        table(
-            [
-                (s.key, "(" + ", ".join(map(str, s.shape)) + ")", s.dtype,
-                 "yes" if s.trainable else "no", _fmt_int(s.size))
-                for s in run.specs
-            ],
-            ["key", "shape", "dtype", "trainable", "params"],
-            right=[4],
-        )
-    )
-    history = run.history()
-    if history:
-        metrics = sorted(history)
-        rows = []
-        for s in run.snapshots:
-            rows.append([s.name] + [_fmt_num(s.logs[k]) if k in s.logs else "-" for k in metrics])
-        out.append("")
-        out.append("metrics")
-        out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
-    return "\n".join(out)
+DEMO_LOGDIR = "weightwatch-demo"  # `demo.run_demo`'s default too (demo is imported lazily)
 
 
 def _cmd_show(args: argparse.Namespace, stdout: TextIO) -> int:
@@ -165,13 +63,11 @@ def _cmd_demo(args: argparse.Namespace, stdout: TextIO) -> int:
     from . import demo
 
     try:
-        result = demo.run_demo(args.logdir, quick=args.quick, progress=stdout)
+        demo.run_and_print(args.logdir, quick=args.quick, stdout=stdout)
     except ImportError as e:
         if demo.EXTRA_HINT not in str(e):
             raise
         raise WeightWatchError(str(e)) from e
-    print(file=stdout)
-    print(demo.render_result(result), file=stdout)
     return EXIT_OK
 
 
@@ -180,194 +76,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train small models on scikit-learn's bundled data into runs to view (no downloads)",
     )
-    p.add_argument("--logdir", default="weightwatch-demo",
-                   help="where the runs go (default: ./weightwatch-demo)")
+    p.add_argument("--logdir", default=DEMO_LOGDIR,
+                   help=f"where the runs go (default: ./{DEMO_LOGDIR})")
     p.add_argument("--quick", action="store_true",
                    help="a few seconds of training instead of about a minute (for tests)")
     p.set_defaults(func=_cmd_demo)
-
-
-# --------------------------------------------------------------------------- diff and drift
-
-_SPARKS = "▁▂▃▄▅▆▇█"
-_WIDTH = 80
-
-
-def _fmt_g(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return ""
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
-
-
-def _fmt_cos(x: float | None) -> str:
-    if x is None:
-        return ""
-    return "nan" if math.isnan(x) else f"{x:.4f}"
-
-
-def _fit(name: str, width: int) -> str:
-    """`name`, shortened from the left with `…` to at most `width` characters."""
-    return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
-def _shape_text(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
-
-
-def render_diff(result) -> str:
-    """The text of `weightwatch diff A B`: layers most changed first, in 80 columns.
-
-    Args:
-        result: A `diff.DiffResult`.
-
-    Returns:
-        The text (no trailing newline).
-    """
-    cols = [("rel_l2", 8), ("cosine", 7), ("matched", 7), ("max|B-A|", 9), ("rms", 9)]
-    name_w = _WIDTH - sum(w + 2 for _, w in cols)
-    counts = result.counts()
-    out = [f"A  {result.a}", f"B  {result.b}"]
-    summary = (
-        f"{len(result.tensors)} tensors: {counts['changed']} changed, "
-        f"{counts['unchanged']} unchanged"
-    )
-    for status, words in (("only_a", "only in A"), ("only_b", "only in B"),
-                          ("shape_changed", "shape changed")):
-        if counts[status]:
-            summary += f", {counts[status]} {words}"
-    if result.tolerance:
-        summary += f" (tolerance {_fmt_g(result.tolerance)})"
-    nonfinite = [t for t in result.tensors if t.nonfinite_a or t.nonfinite_b]
-    if nonfinite:
-        summary += f"; NON-FINITE values in {len(nonfinite)}"
-    out += [summary, ""]
-    head = "weight".ljust(name_w) + "".join("  " + h.rjust(w) for h, w in cols)
-    out += [head, "-" * name_w + "".join("  " + "-" * w for _, w in cols)]
-
-    def row(name: str, values: Sequence[str]) -> str:
-        cells = "".join("  " + v.rjust(w) for v, (_, w) in zip(values, cols))
-        return (_fit(name, name_w).ljust(name_w) + cells).rstrip()
-
-    def note(name: str, text: str) -> str:
-        return (_fit(name, name_w).ljust(name_w) + "  " + text).rstrip()
-
-    for layer in result.layers:
-        if layer.unchanged:
-            identical = all(t.identical for t in layer.tensors)
-            out.append(note(layer.name or "(model)",
-                            "identical" if identical else "unchanged (within tolerance)"))
-            for t in layer.tensors:
-                if t.nonfinite_a or t.nonfinite_b:
-                    out.append(f"      NON-FINITE: {t.name} holds {t.nonfinite_a} NaN/Inf in A, "
-                               f"{t.nonfinite_b} in B")
-            continue
-        out.append(row(layer.name or "(model)", [
-            _fmt_g(layer.rel_l2), _fmt_cos(layer.cosine), _fmt_cos(layer.matched_cosine), "", "",
-        ]))
-        for t in layer.tensors:
-            name = "  " + t.name
-            if t.status == "only_a":
-                out.append(note(name, f"only in A {_shape_text(t.shape_a)}"))
-            elif t.status == "only_b":
-                out.append(note(name, f"only in B {_shape_text(t.shape_b)}"))
-            elif t.status == "shape_changed":
-                out.append(note(name, f"shape {_shape_text(t.shape_a)} -> "
-                                      f"{_shape_text(t.shape_b)}"))
-            elif t.unchanged:
-                out.append(note(name, "identical" if t.identical else
-                                f"unchanged (max|B-A| {_fmt_g(t.max_abs)})"))
-            else:
-                out.append(row(name, [
-                    _fmt_g(t.rel_l2), _fmt_cos(t.cosine), _fmt_cos(t.matched_cosine),
-                    _fmt_g(t.max_abs), _fmt_g(t.rms),
-                ]))
-                if t.units_moved:
-                    out.append(f"      the best matching moves {t.units_moved} units")
-            if t.nonfinite_a or t.nonfinite_b:
-                out.append(f"      NON-FINITE: {t.nonfinite_a} NaN/Inf in A, "
-                           f"{t.nonfinite_b} in B")
-    out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
-            "of units (kernels) of B to A's"]
-    if result.features is not None:
-        f = result.features
-        out += ["", f"top {f.k} input features of {f.key_b} by |weight|, A -> B"
-                + ("" if f.units == 1 else f" (L2 norm over {f.units} units)")]
-        frows = []
-        for r in f.rows:
-            move = "=" if r.move == 0 else f"{r.move:+d}"
-            flip = ""
-            if r.sign_flips:
-                flip = "flipped" if f.units == 1 else f"{r.sign_flips} units flipped"
-            frows.append([r.name, str(r.rank_a), str(r.rank_b), move, _fmt_g(r.weight_a),
-                          _fmt_g(r.weight_b), flip])
-        out.append(table(frows, ["feature", "rank A", "rank B", "move", "weight A", "weight B",
-                                 "sign"], right=[1, 2, 3, 4, 5]))
-    return "\n".join(out)
-
-
-def sparkline(values: Sequence[float], width: int = 24) -> str:
-    """Unicode bars for `values` scaled to their largest finite value; NaN and Inf as `!`.
-
-    More values than `width` are binned (the largest of each bin is drawn).
-
-    Example:
-
-    >>> sparkline([0.0, 0.5, 1.0])
-    '▁▅█'
-    """
-    vals = [float(v) for v in values]
-    if len(vals) > width:
-        n = len(vals)
-        bins = [vals[i * n // width:(i + 1) * n // width] for i in range(width)]
-        vals = [max(b, key=lambda v: (math.isfinite(v), v)) if b else 0.0 for b in bins]
-    finite = [v for v in vals if math.isfinite(v)]
-    top = max(finite, default=0.0)
-    out = []
-    for v in vals:
-        if not math.isfinite(v):
-            out.append("!")
-        elif top <= 0:
-            out.append(_SPARKS[0])
-        else:
-            out.append(_SPARKS[min(len(_SPARKS) - 1, int(round(v / top * (len(_SPARKS) - 1))))])
-    return "".join(out)
-
-
-def render_drift(result) -> str:
-    """The text of `weightwatch drift RUN`: per layer, change per step and since the start.
-
-    Args:
-        result: A `diff.DriftResult`.
-
-    Returns:
-        The text (no trailing newline).
-    """
-    steps = list(result.steps)
-    first = steps[0]
-    out = [f"run        {result.path}", f"snapshots  {len(steps)}: {', '.join(steps)}"]
-    out.append("per step   ||W_t - W_prev|| / ||W_prev||, each layer's tensors together")
-    out.append(f"from {first}".ljust(11)
-               + f"||W_t - W_{first}|| / ||W_{first}|| at the last snapshot")
-    out.append("")
-    spark_w = min(24, max(8, len(steps) - 1))
-    cols = [("per step", spark_w), ("last", 9), ("max", 9), (f"from {first}", 12)]
-    name_w = _WIDTH - sum(w + 2 for _, w in cols)
-    out.append("layer".ljust(name_w) + "".join(
-        "  " + (h.ljust(w) if i == 0 else h.rjust(w)) for i, (h, w) in enumerate(cols)))
-    out.append("-" * name_w + "".join("  " + "-" * w for _, w in cols))
-    for layer in result.layers:
-        ch = list(layer.step_change)
-        finite = [v for v in ch if not math.isnan(v)]
-        cells = [sparkline(ch, spark_w).ljust(spark_w), _fmt_g(ch[-1]).rjust(9),
-                 _fmt_g(max(finite) if finite else math.nan).rjust(9),
-                 _fmt_g(layer.from_initial[-1]).rjust(12)]
-        out.append((_fit(layer.name or "(model)", name_w).ljust(name_w)
-                    + "".join("  " + c for c in cells)).rstrip())
-    return "\n".join(out)
 
 
 def _layer_regex(text: str) -> str:
@@ -403,17 +116,18 @@ def _positive_int(text: str) -> int:
 def _cmd_diff(args: argparse.Namespace, stdout: TextIO) -> int:
     import json
 
-    from . import diff
+    from .compare import EXTRA_HINT, diff_runs
+    from .diff_images import write_diff_images
 
     try:
-        result = diff.diff_runs(
+        result = diff_runs(
             args.a, args.b, tolerance=args.tolerance, layer=args.layer, match=not args.no_match,
             max_match_units=args.max_match_units, top_k=args.top_k,
         )
         if args.images:
-            diff.write_diff_images(args.a, args.b, args.images, layer=args.layer)
+            write_diff_images(args.a, args.b, args.images, layer=args.layer)
     except ImportError as e:
-        if diff.EXTRA_HINT not in str(e):
+        if EXTRA_HINT not in str(e):
             raise
         raise WeightWatchError(str(e)) from e
     if args.json:
@@ -445,8 +159,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
                    help="rows of the named-feature comparison (default: the run's top_k)")
     p.add_argument("--no-match", action="store_true",
                    help="skip the matching of units (no scipy needed)")
-    p.add_argument("--max-match-units", type=_positive_int, default=2048, metavar="N",
-                   help="match only layers with at most N units (default: 2048)")
+    p.add_argument("--max-match-units", type=_positive_int, default=DEFAULT_MAX_MATCH_UNITS,
+                   metavar="N", help="match only layers with at most N units "
+                   f"(default: {DEFAULT_MAX_MATCH_UNITS})")
     p.add_argument("--images", metavar="DIR",
                    help="write A's, B's and B-A's kernel grids of each conv layer to a new "
                    "TensorBoard run directory DIR")
@@ -456,9 +171,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _cmd_drift(args: argparse.Namespace, stdout: TextIO) -> int:
     import json
 
-    from . import diff
+    from .compare import drift
 
-    result = diff.drift(args.run, layer=args.layer)
+    result = drift(args.run, layer=args.layer)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
     else:

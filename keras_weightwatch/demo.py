@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shlex
 import shutil
@@ -31,16 +32,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
 from .errors import WeightWatchError, received
 
-__all__ = ["DemoResult", "DemoSettings", "render_result", "run_demo"]
+__all__ = ["DemoResult", "DemoSettings", "render_result", "run_and_print", "run_demo"]
 
 EXTRA_HINT = "pip install 'keras-weightwatch[demo]'"
 MARKER_FILE = ".weightwatch-demo"
+DEFAULT_LOGDIR = "weightwatch-demo"
 RUN_NAMES = ("diabetes", "digits-seed1", "digits-seed2", "photos")
 DIGITS_FIRST_CONV = "conv1"
 SAMPLE_DIGITS = (0, 1, 4, 7)
@@ -363,11 +365,76 @@ def _fit(keras: Any, model: Any, data: Mapping[str, Any], run_dir: str, epochs: 
     return {k: float(v[-1]) for k, v in history.history.items()}
 
 
+def _train(keras: Any, build: Callable[[], Any], data: Mapping[str, Any], run_dir: str,
+           epochs: int, seed: int, **watch_args: Any) -> dict[str, float]:
+    """Build and train one demo model with a fixed seed, watched into `run_dir`."""
+    from .callback import WeightWatch
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = build()
+    watch = WeightWatch(run_dir, **watch_args)
+    return _fit(keras, model, data, run_dir, epochs, 32, watch)
+
+
+class _Stage(NamedTuple):
+    """One stage of the demo, as `_Progress.stage` runs it."""
+
+    name: str
+    text: str
+    fn: Callable[[], Any]
+    summary: Callable[[Any], str]
+
+
+def _accuracy(logs: Mapping[str, float]) -> str:
+    return f"val_accuracy {logs['val_accuracy']:.3f}"
+
+
+def _training_stages(keras: Any, datasets: Any, diabetes: Mapping[str, Any],
+                     runs: Mapping[str, str], settings: DemoSettings) -> list[_Stage]:
+    """The demo's four trainings, in order."""
+    # (a) The book's flow: a linear model whose inputs have names.
+    out = [_Stage(
+        "diabetes",
+        f"diabetes: linear regression on 10 named features, {settings.linear_epochs} epochs",
+        functools.partial(
+            _train, keras, functools.partial(_linear_model, keras, len(diabetes["names"])),
+            diabetes, runs["diabetes"], settings.linear_epochs, 0,
+            feature_names=diabetes["names"], feature_data=diabetes["x_train"], top_k=5,
+        ),
+        lambda logs: f"val_mae {logs['val_mae']:.1f}",
+    )]
+    # (b), (c) The course's flow: a CNN whose first layer has (3, 3, 1, 5) kernels,
+    # trained twice with different seeds; clear_session keeps the layer names equal.
+    digits = _digits_data(datasets, settings.digits)
+    for seed in (1, 2):
+        name = f"digits-seed{seed}"
+        out.append(_Stage(
+            name,
+            f"{name}: CNN on 8x8 digits, kernels (3,3,1,5), {settings.cnn_epochs} epochs",
+            functools.partial(_train, keras, functools.partial(_digits_cnn, keras), digits,
+                              runs[name], settings.cnn_epochs, seed,
+                              sample_images=digits["samples"]),
+            _accuracy,
+        ))
+    # (d) AlexNet-style colour kernels on the two sample photographs.
+    photos = _photos_data(datasets, settings.photo_patches)
+    out.append(_Stage(
+        "photos",
+        f"photos: CNN with RGB kernels (5,5,3,8) on photo patches, {settings.photo_epochs} epochs",
+        functools.partial(_train, keras, functools.partial(_photos_cnn, keras), photos,
+                          runs["photos"], settings.photo_epochs, 0,
+                          sample_images=photos["samples"]),
+        _accuracy,
+    ))
+    return out
+
+
 def _top_features(run_dir: str, names: list[str], k: int = 5,
                   key: str = "linear/kernel") -> list[tuple[str, float]]:
     """The `k` (feature, weight) pairs of largest |weight| in a run's last snapshot."""
     from .features import top_k_features
-    from .store import load_run
+    from .run import load_run
 
     kernel = load_run(run_dir).weights("last", keys=[key])[key]
     return [(f.name, f.weight) for f in top_k_features(kernel, names, k)]
@@ -375,8 +442,8 @@ def _top_features(run_dir: str, names: list[str], k: int = 5,
 
 def _diff_text(run_a: str, run_b: str) -> str:
     """The text `weightwatch diff RUN_A RUN_B` prints."""
-    from .cli import render_diff
-    from .diff import diff_runs
+    from .compare import diff_runs
+    from .report import render_diff
 
     return render_diff(diff_runs(run_a, run_b))
 
@@ -385,7 +452,7 @@ def _diff_text(run_a: str, run_b: str) -> str:
 
 
 def run_demo(
-    logdir: str | os.PathLike = "weightwatch-demo",
+    logdir: str | os.PathLike = DEFAULT_LOGDIR,
     *,
     quick: bool = False,
     progress: TextIO | None = None,
@@ -435,69 +502,10 @@ def run_demo(
     keras, datasets = steps.stage(
         "import", "loading Keras and scikit-learn's bundled data", _require
     )
-    from .callback import WeightWatch
-
     runs = {name: os.path.join(logdir, name) for name in RUN_NAMES}
-
-    # (a) The book's flow: a linear model whose inputs have names.
     diabetes = _diabetes_data(datasets)
-
-    def train_diabetes() -> dict[str, float]:
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(0)
-        model = _linear_model(keras, len(diabetes["names"]))
-        watch = WeightWatch(
-            runs["diabetes"],
-            feature_names=diabetes["names"],
-            feature_data=diabetes["x_train"],
-            top_k=5,
-        )
-        return _fit(keras, model, diabetes, runs["diabetes"], settings.linear_epochs, 32, watch)
-
-    steps.stage(
-        "diabetes",
-        f"diabetes: linear regression on 10 named features, {settings.linear_epochs} epochs",
-        train_diabetes,
-        lambda logs: f"val_mae {logs['val_mae']:.1f}",
-    )
-
-    # (b), (c) The course's flow: a CNN whose first layer has (3, 3, 1, 5) kernels,
-    # trained twice with different seeds; clear_session keeps the layer names equal.
-    digits = _digits_data(datasets, settings.digits)
-
-    def train_digits(seed: int, name: str) -> dict[str, float]:
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(seed)
-        model = _digits_cnn(keras)
-        watch = WeightWatch(runs[name], sample_images=digits["samples"])
-        return _fit(keras, model, digits, runs[name], settings.cnn_epochs, 32, watch)
-
-    for seed in (1, 2):
-        name = f"digits-seed{seed}"
-        steps.stage(
-            name,
-            f"{name}: CNN on 8x8 digits, kernels (3,3,1,5), {settings.cnn_epochs} epochs",
-            lambda seed=seed, name=name: train_digits(seed, name),
-            lambda logs: f"val_accuracy {logs['val_accuracy']:.3f}",
-        )
-
-    # (d) AlexNet-style colour kernels on the two sample photographs.
-    photos = _photos_data(datasets, settings.photo_patches)
-
-    def train_photos() -> dict[str, float]:
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(0)
-        model = _photos_cnn(keras)
-        watch = WeightWatch(runs["photos"], sample_images=photos["samples"])
-        return _fit(keras, model, photos, runs["photos"], settings.photo_epochs, 32, watch)
-
-    steps.stage(
-        "photos",
-        f"photos: CNN with RGB kernels (5,5,3,8) on photo patches, {settings.photo_epochs} epochs",
-        train_photos,
-        lambda logs: f"val_accuracy {logs['val_accuracy']:.3f}",
-    )
-
+    for stage in _training_stages(keras, datasets, diabetes, runs, settings):
+        steps.stage(*stage)
     text = steps.stage(
         "diff",
         "diffing digits-seed1 and digits-seed2",
@@ -548,11 +556,31 @@ def render_result(result: DemoResult) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
-    """`python -m keras_weightwatch.demo [--quick] [--logdir DIR]`, same as `weightwatch demo`."""
-    from .cli import main as cli_main
+def run_and_print(logdir: str | os.PathLike = DEFAULT_LOGDIR, *, quick: bool = False,
+                  stdout: TextIO | None = None) -> DemoResult:
+    """`weightwatch demo`: run the demo with progress lines, then print `render_result`."""
+    stdout = stdout or sys.stdout
+    result = run_demo(logdir, quick=quick, progress=stdout)
+    print(file=stdout)
+    print(render_result(result), file=stdout)
+    return result
 
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
+    """`python -m keras_weightwatch.demo [--quick] [--logdir DIR]`, as `weightwatch demo`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m keras_weightwatch.demo")
+    parser.add_argument("--logdir", default=DEFAULT_LOGDIR)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        run_and_print(args.logdir, quick=args.quick)
+    except (ImportError, WeightWatchError) as e:
+        print(f"weightwatch demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,7 +29,7 @@ def _chief_of(task_type: str | None, task_id: Any, cluster: Mapping[str, Any] | 
     if task_type == "chief":
         return True
     if task_type == "worker":
-        has_chief = bool(cluster) and "chief" in cluster
+        has_chief = cluster is not None and "chief" in cluster
         return not has_chief and int(task_id or 0) == 0
     # evaluator, ps: they do not train the model whose weights are watched.
     return False

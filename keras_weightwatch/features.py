@@ -13,10 +13,11 @@ deviation) put features of different scales side by side.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from .textfmt import fmt_g
 
 CORRELATION_THRESHOLD = 0.9
 # Correlations are computed this many at a time (a block of rows of the matrix).
@@ -235,13 +236,15 @@ def top_k_features(
                     f"`data` must have shape (samples, {kern.shape[0]}). "
                     f"Received: data.shape={x.shape}"
                 )
-            data = FeatureData.from_sample(x, threshold)
+            described = FeatureData.from_sample(x, threshold)
         elif len(data.partners) != kern.shape[0]:
             raise ValueError(
                 f"`data` describes {len(data.partners)} features for a kernel of "
                 f"{kern.shape[0]}. Received: data={data!r}"
             )
-        stds, partners = data.stds, data.partners
+        else:
+            described = data
+        stds, partners = described.stds, described.partners
     out = []
     for rank, i in enumerate(order, start=1):
         i = int(i)
@@ -264,13 +267,7 @@ def top_k_features(
 
 
 def _num(v: float | None) -> str:
-    if v is None:
-        return ""
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Inf" if v > 0 else "-Inf"
-    return f"{v:.4g}"
+    return fmt_g(v)
 
 
 def _cell(s: str) -> str:

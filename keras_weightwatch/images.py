@@ -17,6 +17,7 @@ import math
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -227,12 +228,14 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
         raise ValueError(
             f"RGB tiles need 3 input channels. Received: kernel.shape={np.shape(kernel)}"
         )
+    index: list[tuple[int | None, int]]
     if rgb:
         total = t
         index = [(None, o) for o in range(min(t, max_tiles))]
     else:
         total = c * t
-        index = [(i, o) for i in range(c) for o in range(t)][:max_tiles]
+        index = [(i, o) for i in range(c) for o in range(t)]
+        index = index[:max_tiles]
     n = len(index)
     if rgb:  # (n, h, w, 3): filter o's three input channels
         drawn = np.moveaxis(k[..., :n], -1, 0)
@@ -317,3 +320,41 @@ def encode_png(img: np.ndarray, level: int = 6) -> bytes:
         + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
         + _chunk(b"IEND", b"")
     )
+
+
+class DiffGrids(NamedTuple):
+    """The kernel grids of one tensor in snapshot A, in snapshot B, and of B - A."""
+
+    a: Grid
+    b: Grid
+    b_minus_a: Grid
+
+
+def diff_grids(kernel_a: np.ndarray, kernel_b: np.ndarray, perm: np.ndarray | None = None,
+               max_tiles: int = 256) -> DiffGrids:
+    """Kernel grids of A, of B and of B - A, each on its own colour scale.
+
+    Args:
+        kernel_a: A's kernel (3 to 5 dimensions, output units last).
+        kernel_b: B's kernel, of the same shape.
+        perm: B's units in the order of A's (`perm[i]` = the unit of B matched
+            to unit i of A), so tile i of B and of B - A shows the unit matched
+            to A's tile i. Defaults to None: B as stored.
+        max_tiles: The most tiles per grid. Defaults to 256.
+
+    Returns:
+        A `DiffGrids`.
+
+    Example:
+
+    >>> k = np.arange(2 * 2 * 1 * 3, dtype=float).reshape(2, 2, 1, 3)
+    >>> g = diff_grids(k, k[..., ::-1], perm=np.array([2, 1, 0]))
+    >>> bool(np.all(g.a.image == g.b.image))
+    True
+    """
+    ka = np.asarray(kernel_a, dtype=np.float64)
+    kb = np.asarray(kernel_b, dtype=np.float64)
+    if perm is not None:
+        kb = kb[..., np.asarray(perm)]
+    return DiffGrids(kernel_grid(ka, max_tiles=max_tiles), kernel_grid(kb, max_tiles=max_tiles),
+                     kernel_grid(kb - ka, max_tiles=max_tiles))

@@ -11,6 +11,9 @@ import math
 
 import numpy as np
 
+from .reductions import pair_sums
+from .reductions import sumsq as _sumsq
+
 # Work on at most this many elements at a time, so a float32 tensor is never copied to
 # float64 whole (8 MB temporaries). Larger chunks mean fewer Python steps holding the GIL
 # between numpy calls, which the training thread would wait for: measured with
@@ -18,18 +21,6 @@ import numpy as np
 CHUNK = 1 << 20
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
-
-
-def _chunks(a: np.ndarray):
-    flat = np.asarray(a).reshape(-1)
-    for start in range(0, flat.size, CHUNK):
-        yield flat[start : start + CHUNK]
-
-
-def _sumsq(x: np.ndarray) -> float:
-    # einsum, not np.dot: BLAS would hand vectors this long to its own threads, which on a
-    # busy machine fight training for the cores.
-    return float(np.einsum("i,i->", x, x))
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -113,20 +104,19 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
 
 
 def update_ratio(arr: np.ndarray, prev: np.ndarray) -> float:
-    """||arr - prev|| / ||prev||, in float64, chunk by chunk.
+    """||arr - prev|| / ||prev||, in float64, chunk by chunk (`reductions.pair_sums`).
 
     Returns 0.0 when the two are equal (frozen weights), NaN when `prev` is all
-    zeros but `arr` is not, or when either holds non-finite values.
+    zeros but `arr` is not, or when either holds non-finite values. Complex
+    values count by their magnitude, as in `tensor_stats`.
     """
-    diff_sq = 0.0
-    prev_sq = 0.0
-    for a, p in zip(_chunks(arr), _chunks(prev)):
-        a64 = _as_float(a)
-        p64 = _as_float(p)
-        d = a64 - p64
-        diff_sq += _sumsq(d)
-        prev_sq += _sumsq(p64)
-    return _ratio(diff_sq, prev_sq)
+    s = pair_sums(_column(prev), _column(arr))  # A = prev, B = arr
+    return _ratio(s.sdd, s.saa)
+
+
+def _column(x: np.ndarray) -> np.ndarray:
+    a = np.asarray(x)
+    return (np.abs(a) if a.dtype.kind == "c" else a).reshape(-1, 1)
 
 
 def _ratio(diff_sq: float, prev_sq: float) -> float:

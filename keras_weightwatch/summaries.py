@@ -28,6 +28,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -233,10 +234,10 @@ class EventWriter:
     def __init__(self, logdir: str | os.PathLike):
         self.logdir = os.fspath(logdir)
         self.path: str | None = None
-        self._file = None
+        self._file: BinaryIO | None = None
         self._closed = False
 
-    def _open(self):
+    def _open(self) -> BinaryIO:
         if self._closed:
             raise ValueError(f"the event writer for {self.logdir} is closed")
         if self._file is None:
@@ -245,7 +246,7 @@ class EventWriter:
             if existing:
                 path = existing[-1]
                 keep = valid_length(path)
-                f = open(path, "r+b")
+                f: BinaryIO = open(path, "r+b")
                 f.truncate(keep)
                 f.seek(keep)
                 new = keep == 0

@@ -24,7 +24,7 @@ class Worker:
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1. Received: maxsize={maxsize}")
         self._handler = handler
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -57,6 +57,10 @@ class Worker:
                 return
             except queue.Full:
                 continue
+
+    def join(self) -> None:
+        """Wait until every job submitted so far is handled."""
+        self._queue.join()
 
     def pop_errors(self) -> list[BaseException]:
         """The errors raised by the handler since the last call, oldest first."""

@@ -14,3 +14,19 @@ def assert_same_arrays(got: dict, expected: list) -> None:
         assert a.dtype == b.dtype, key
         assert np.array_equal(a, b, equal_nan=True), key
         assert a.tobytes() == np.ascontiguousarray(b).tobytes(), key
+
+
+def fd_input_unit(model, x, units, eps=1e-6):
+    """Central differences of sum_b y[b, units[b]] with respect to x."""
+    g = np.zeros_like(x)
+
+    def score(z):
+        y = np.asarray(model(z, training=False)).reshape(len(z), -1)
+        return y[np.arange(len(z)), units].sum()
+
+    for j in range(x.size):
+        hi, lo = x.copy(), x.copy()
+        hi.flat[j] += eps
+        lo.flat[j] -= eps
+        g.flat[j] = (score(hi) - score(lo)) / (2 * eps)
+    return g

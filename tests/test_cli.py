@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
+from compare_runs import cli, epochs, oracle, permuted, weights, write_run
 
 from keras_weightwatch import WeightWatch, load_run
 from keras_weightwatch.cli import main
@@ -92,3 +95,83 @@ def test_usage_error_exits_2(capsys):
     code, _, _ = _run_cli("frobnicate")
     assert code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- diff and drift
+
+
+@pytest.fixture
+def numpy_run(tmp_path):
+    """A run written with numpy alone (see compare_runs)."""
+    return write_run(tmp_path / "run", epochs())
+
+
+def test_cli_diff_json_has_every_tensor_with_name_rel_l2_and_cosine(tmp_path):
+    w = weights(np.random.default_rng(9))
+    v = permuted(w)
+    del v["out/bias"]
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)])
+    code, out, err = cli("diff", a, b, "--json")
+    assert code == 0 and err == ""
+    doc = json.loads(out)
+    tensors = {t["name"]: t for t in doc["tensors"]}
+    assert set(tensors) == set(w)
+    for key in v:
+        assert tensors[key]["rel_l2"] == pytest.approx(oracle(w[key], v[key])["rel_l2"], rel=1e-9)
+        assert tensors[key]["cosine"] == pytest.approx(oracle(w[key], v[key])["cosine"], rel=1e-9)
+    assert tensors["out/bias"]["status"] == "only_a" and tensors["out/bias"]["rel_l2"] is None
+    assert tensors["conv1/kernel"]["matched_cosine"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cli_diff_layer_filter_and_epoch_vs_epoch(numpy_run):
+    code, out, err = cli("diff", f"{numpy_run}@initial", f"{numpy_run}@0", "--layer", "^dense/",
+                          "--json")
+    assert code == 0 and err == ""
+    doc = json.loads(out)
+    assert [t["name"] for t in doc["tensors"]] == ["dense/kernel", "dense/bias"]
+    snaps = epochs()
+    for t in doc["tensors"]:
+        expect = oracle(snaps[0][2][t["name"]], snaps[1][2][t["name"]])
+        assert t["rel_l2"] == pytest.approx(expect["rel_l2"], rel=1e-10)
+        assert t["max_abs"] == pytest.approx(expect["max_abs"], rel=1e-10)
+    assert doc["a"].endswith("@initial") and doc["b"].endswith("@0")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["diff", "{tmp}/missing", "{run}"], "no such run directory"),
+        (["diff", "{run}@7", "{run}"], "no snapshot at step 7"),
+        (["diff", "{run}@seven", "{run}"], "is not a step"),
+        (["diff", "{run}", "{other}"], "no weight tensor in common"),
+        (["diff", "{run}", "{run}", "--layer", "nothing"], "matches 'nothing'"),
+        (["drift", "{tmp}/missing"], "no such run directory"),
+        (["drift", "{one}"], "at least two snapshots"),
+    ],
+)
+def test_cli_errors_are_one_line_on_stderr_and_exit_2(tmp_path, numpy_run, argv, message):
+    other = write_run(tmp_path / "other", [("epoch", 0, {"x/kernel": np.ones((2, 2), "f4")})],
+                      layers=[("x", "Dense")])
+    one = write_run(tmp_path / "one", epochs(1))
+    args = [a.format(tmp=tmp_path, run=numpy_run, other=other, one=one) for a in argv]
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("weightwatch: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_usage_errors_exit_2(numpy_run, capsys):
+    for argv in (["diff", numpy_run, numpy_run, "--layer", "("],
+                 ["diff", numpy_run, numpy_run, "--tolerance", "-1"], ["diff", numpy_run]):
+        code, out, _ = cli(*argv)
+        assert code == 2 and out == ""
+        assert "usage: weightwatch" in capsys.readouterr().err
+
+
+def test_cli_without_scipy_names_the_extra(numpy_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    code, out, err = cli("diff", numpy_run + "@0", numpy_run)
+    assert code == 2 and "pip install 'keras-weightwatch[diff]'" in err
+    code, out, err = cli("diff", numpy_run + "@0", numpy_run, "--no-match")
+    assert code == 0 and "conv1/kernel" in out

@@ -176,3 +176,20 @@ def test_png_errors():
         encode_png(np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"Received: shape=\(2, 2, 4\)"):
         encode_png(np.zeros((2, 2, 4), np.uint8))
+
+
+def test_diff_grids_draw_a_b_reordered_by_the_matching_and_the_difference():
+    from keras_weightwatch.images import diff_grids
+
+    rng = np.random.default_rng(21)
+    a = rng.normal(size=(3, 3, 2, 4))
+    perm = np.array([2, 0, 3, 1])
+    b = np.empty_like(a)
+    b[..., perm] = a + 0.5  # B's unit perm[i] is A's unit i, shifted
+    plain = diff_grids(a, b)
+    assert np.array_equal(plain.a.image, kernel_grid(a).image)
+    assert np.array_equal(plain.b.image, kernel_grid(b).image)
+    assert np.array_equal(plain.b_minus_a.image, kernel_grid(b - a).image)
+    matched = diff_grids(a, b, perm=perm)
+    assert np.array_equal(matched.b.image, kernel_grid(b[..., perm]).image)
+    assert np.array_equal(matched.b_minus_a.image, kernel_grid(np.full_like(a, 0.5)).image)

@@ -75,3 +75,14 @@ def test_bench_dashboard_times_compare_and_first_paint():
     assert number(r"reference: diff_runs\(a, b\) in this process ([\d.]+) s", out) > 0
     if "--no-browser" not in args:
         assert number(r"fresh browser ([\d.]+) s", out) > 0
+
+
+def test_bench_gradients_added_time_is_the_sum_of_its_parts():
+    out = run("bench_gradients.py", "--train", "64", "--samples", "2", "--repeats", "1",
+              "--backends", "tensorflow")
+    parts = [float(m) for m in re.findall(
+        r"  (?:vanilla|smoothgrad|gradcam|weight gradients)[^\n]*?\s([\d.]+) ms  \(first", out)]
+    assert len(parts) == 4
+    added = number(r"ADDED per snapshot \(saliency \+ weight gradients\): ([\d.]+) ms", out)
+    assert added == pytest.approx(sum(parts), abs=0.25)
+    assert number(r"forward \(64 images, inference\)\s+([\d.]+) ms", out) > 0

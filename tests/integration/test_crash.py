@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_weightwatch.store import RunWriter, is_run, load_run
+from keras_weightwatch.run import RunWriter, is_run, load_run
 
 STORE_TRIALS = 50
 KERAS_TRIALS = 20
@@ -41,7 +41,7 @@ SERVER = r'''
 import json, os, signal, sys, time
 import numpy as np
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
-from keras_weightwatch.store import RunWriter
+from keras_weightwatch.run import RunWriter
 
 def store_arrays(step):
     rng = np.random.default_rng(1000 + step)
@@ -78,7 +78,7 @@ def keras_child(run, ref, epochs, resume):
     import hashlib
     import keras
     from keras_weightwatch import WeightWatch, load_run
-    from keras_weightwatch.store import is_run
+    from keras_weightwatch.run import is_run
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(640, name="wide"),
                               keras.layers.Dense(640, name="deep"),
                               keras.layers.Dense(1, name="out")])

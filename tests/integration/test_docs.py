@@ -110,8 +110,9 @@ def test_every_public_name_has_an_example():
 
 def _modules():
     yield keras_weightwatch
-    for info in pkgutil.iter_modules(keras_weightwatch.__path__):
-        yield importlib.import_module(f"keras_weightwatch.{info.name}")
+    # every module, those of subpackages (keras_weightwatch.run, .compare) included
+    for info in pkgutil.walk_packages(keras_weightwatch.__path__, prefix="keras_weightwatch."):
+        yield importlib.import_module(info.name)
 
 
 def test_doctests_of_every_module_pass(in_readme_dir):

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from keras_weightwatch import WeightWatchError, load_run, verify_run
 from keras_weightwatch import cli as cli_mod
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
-from keras_weightwatch.cli import main, render_show
-from keras_weightwatch.store import RunWriter
+from keras_weightwatch.cli import main
+from keras_weightwatch.report import render_show
+from keras_weightwatch.run import RunWriter
 
 FUZZ_JSON = 300  # random JSON values planted into the snapshot and header manifests
 FUZZ_BYTES = 250  # byte-level damage of manifest files
@@ -300,9 +301,9 @@ def test_symlinks_out_of_the_run_are_refused(base_run, tmp_path):
 
 
 def test_oversized_manifest_is_refused(base_run, monkeypatch):
-    from keras_weightwatch import store
+    from keras_weightwatch.run import format as run_format
 
-    monkeypatch.setattr(store, "_MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(run_format, "MAX_JSON_BYTES", 100)
     with pytest.raises(WeightWatchError, match=r"too large to be one"):
         load_run(base_run)
 
@@ -311,7 +312,10 @@ def test_no_pickle_anywhere_in_the_package():
     import keras_weightwatch
 
     pkg = os.path.dirname(keras_weightwatch.__file__)
-    for name in os.listdir(pkg):
+    names = [os.path.relpath(os.path.join(d, n), pkg)
+             for d, _, files in os.walk(pkg) for n in files]  # subpackages (run/) too
+    assert os.path.join("run", "reader.py") in names
+    for name in names:
         if name.endswith(".py"):
             with open(os.path.join(pkg, name)) as f:
                 text = f.read()

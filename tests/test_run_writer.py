@@ -1,121 +1,30 @@
-"""WeightWatch snapshots every weight, exactly as get_weights() returns it (TensorFlow backend)."""
+"""`keras_weightwatch.run.writer`: `RunWriter`, continuing runs, content addressing, the lock.
+
+References: `model.get_weights()` recorded during `fit`, the bytes `np.save`
+writes, and the run written by release 0.1.0 (tests/fixtures/run-0.1.0).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
 import pytest
 from helpers import assert_same_arrays
+from tiny_models import data, sequential
 
 from keras_weightwatch import WeightWatch, WeightWatchError, load_run
+from keras_weightwatch.capture import Snapshot
+from keras_weightwatch.run import ModelInfo, RunWriter
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-0.1.0")
 
 
-def _data(n=32, d=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype("float32")
-    y = (x @ rng.normal(size=(d, 1))).astype("float32")
-    return x, y
-
-
-def sequential():
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(3, activation="relu"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(1),
-        ]
-    )
-
-
-def functional_with_nested():
-    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="inner")
-    inp = keras.Input((4,))
-    h = keras.layers.Dense(3, activation="tanh")(inp)
-    h = inner(h)
-    out = keras.layers.Dense(1)(h)
-    return keras.Model(inp, out)
-
-
-class Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.a = keras.layers.Dense(3, activation="relu")
-        self.b = keras.layers.Dense(1)
-        self.scale = self.add_weight(shape=(1,), initializer="ones", name="scale")
-
-    def call(self, x):
-        return self.b(self.a(x)) * self.scale
-
-
-def subclassed():
-    m = Subclassed()
-    m(np.zeros((1, 4), "float32"))
-    return m
-
-
-@pytest.mark.parametrize("build", [sequential, functional_with_nested, subclassed])
-def test_snapshots_equal_get_weights_bit_for_bit(tmp_path, recorder, build):
-    keras.utils.set_random_seed(1)
-    model = build()
-    model.compile(optimizer="adam", loss="mse")
-    x, y = _data()
-    before = [np.array(w, copy=True) for w in model.get_weights()]
-    model.fit(x, y, epochs=3, batch_size=8, verbose=0,
-              callbacks=[WeightWatch(tmp_path / "run"), recorder])
-
-    run = load_run(tmp_path / "run")
-    assert run.epochs == [0, 1, 2]
-    assert run.steps == [-1, 0, 1, 2]
-    assert run.initial is not None and run.initial.step == -1
-    assert_same_arrays(run.weights("initial"), before)
-    assert_same_arrays(run.weights("initial"), recorder.initial)
-    for epoch in (0, 1, 2):
-        assert_same_arrays(run.weights(epoch), recorder.epochs[epoch])
-    # Keys are weight paths without the model's own name, in model.weights order.
-    expected_keys = [w.path.removeprefix(model.name + "/") for w in model.weights]
-    assert list(run.weights(2)) == expected_keys
-    assert run.verify().ok
-
-
-def test_keys_trainable_flags_and_logs(tmp_path):
-    keras.utils.set_random_seed(2)
-    model = sequential()
-    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
-    x, y = _data()
-    hist = model.fit(x, y, epochs=2, batch_size=8, verbose=0,
-                     callbacks=[WeightWatch(tmp_path / "run")])
-    run = load_run(tmp_path / "run")
-    flags = {s.key: s.trainable for s in run.specs}
-    assert flags["batch_normalization/moving_mean"] is False
-    assert flags["batch_normalization/moving_variance"] is False
-    assert flags["batch_normalization/gamma"] is True
-    assert flags["dense/kernel"] is True
-    for epoch in (0, 1):
-        logs = run.logs(epoch)
-        assert logs["loss"] == pytest.approx(hist.history["loss"][epoch], rel=1e-6)
-        assert logs["mae"] == pytest.approx(hist.history["mae"][epoch], rel=1e-6)
-    assert run.logs("initial") == {}
-    # Per-layer parameter counts as model.summary() shows them.
-    counts = {layer.name: layer.params for layer in run.layers}
-    assert counts == {layer.name: layer.count_params() for layer in model.layers}
-    assert run.model["total_params"] == model.count_params()
-
-
-def test_freq_takes_every_nth_epoch_and_the_last(tmp_path, recorder):
-    keras.utils.set_random_seed(3)
-    model = sequential()
-    model.compile(optimizer="sgd", loss="mse")
-    x, y = _data()
-    model.fit(x, y, epochs=6, batch_size=8, verbose=0,
-              callbacks=[WeightWatch(tmp_path / "run", freq=4), recorder])
-    run = load_run(tmp_path / "run")
-    assert run.epochs == [0, 4, 5]
-    assert_same_arrays(run.weights(4), recorder.epochs[4])
-    assert_same_arrays(run.weights("last"), recorder.epochs[5])
+# ------------------------------------------------------------------ what fit writes
 
 
 def test_frozen_layer_is_stored_once(tmp_path):
@@ -124,7 +33,7 @@ def test_frozen_layer_is_stored_once(tmp_path):
     model = keras.Sequential([keras.Input((4,)), base, keras.layers.Dense(1, name="head")])
     base.trainable = False
     model.compile(optimizer="adam", loss="mse")
-    x, y = _data()
+    x, y = data()
     model.fit(x, y, epochs=4, batch_size=8, verbose=0,
               callbacks=[WeightWatch(tmp_path / "run")])
     run = load_run(tmp_path / "run")
@@ -149,7 +58,7 @@ def test_second_fit_continues_the_run(tmp_path, recorder):
     keras.utils.set_random_seed(5)
     model = sequential()
     model.compile(optimizer="adam", loss="mse")
-    x, y = _data()
+    x, y = data()
     cb = WeightWatch(tmp_path / "run")
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
     # Same instance, epochs restart at 0: the steps carry on after the run's last step.
@@ -164,7 +73,7 @@ def test_initial_epoch_continues_in_a_new_callback(tmp_path, recorder):
     keras.utils.set_random_seed(6)
     model = sequential()
     model.compile(optimizer="adam", loss="mse")
-    x, y = _data()
+    x, y = data()
     model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
     model.fit(x, y, epochs=5, initial_epoch=3, batch_size=8, verbose=0,
               callbacks=[WeightWatch(tmp_path / "run"), recorder])
@@ -175,7 +84,7 @@ def test_initial_epoch_continues_in_a_new_callback(tmp_path, recorder):
 
 
 def test_other_architecture_is_refused_unless_new_run_asked(tmp_path):
-    x, y = _data()
+    x, y = data()
     m1 = sequential()
     m1.compile(optimizer="adam", loss="mse")
     m1.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
@@ -194,7 +103,7 @@ def test_other_architecture_is_refused_unless_new_run_asked(tmp_path):
 
 
 def test_same_architecture_other_layer_names_continues_with_the_runs_keys(tmp_path):
-    x, y = _data()
+    x, y = data()
     m1 = sequential()
     m1.compile(optimizer="adam", loss="mse")
     m1.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
@@ -218,7 +127,7 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     keras.utils.set_random_seed(7)
     model = sequential()
     model.compile(optimizer="adam", loss="mse")
-    x, y = _data()
+    x, y = data()
     model.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
     # Read a snapshot with json and numpy alone, as docs/FORMAT.md describes.
     root = tmp_path / "run"
@@ -237,3 +146,89 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
                                                    "nan_count", "inf_count", "update_ratio"}
     assert snap["stats"]["dense/kernel"]["l2_norm"] == pytest.approx(
         float(np.linalg.norm(kernel.astype(np.float64))), rel=1e-12)
+
+
+# ------------------------------------------------------------------ RunWriter itself
+
+
+def _fixture_copy(tmp_path) -> tuple[str, ModelInfo]:
+    run = str(tmp_path / "run")
+    shutil.copytree(os.path.join(FIXTURE, "run"), run)
+    header = load_run(run).header
+    return run, ModelInfo.from_json(header["model"], header["weights"])
+
+
+def test_a_run_written_by_0_1_0_is_continued_without_touching_its_snapshots(tmp_path):
+    run, info = _fixture_copy(tmp_path)
+    before = load_run(run)
+    old = {s.name: before.weights(s.step) for s in before.snapshots}
+    writer = RunWriter.open(run, info, settings=dict(before.settings), versions={"x": "1"})
+    assert writer.last_step == 1 and writer.has_initial()
+    arrays = {k: np.asarray(a) + 1 for k, a in old["1"].items()}
+    snap = Snapshot(step=2, label="epoch", epoch=2, arrays=arrays, logs={"loss": 0.1})
+    record = writer.commit_snapshot(snap, writer.store_tensors(snap), {})
+    writer.close()
+    after = load_run(run)
+    assert after.steps == [-1, 0, 1, 2] and record == after.snapshot(2)
+    assert after.header["created"] == before.header["created"]
+    assert after.verify().ok
+    assert before.verify().snapshots == 4  # verify lists the run again: the new one counts
+    for s in before.snapshots:
+        assert_same_arrays(after.weights(s.step), list(old[s.name].values()))
+        assert after.snapshot(s.step) == s  # its snapshot file is not rewritten
+    assert_same_arrays(after.weights(2), list(arrays.values()))
+
+
+def test_stored_files_are_the_bytes_np_save_writes(tmp_path):
+    run, info = _fixture_copy(tmp_path)
+    arrays = {s.key: np.random.default_rng(1).normal(size=s.shape).astype(s.dtype)
+              for s in info.weights}
+    arrays["hidden/kernel"] = np.asfortranarray(arrays["hidden/kernel"])  # written in C order
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    snap = Snapshot(step=5, label="epoch", epoch=5, arrays=arrays, logs={})
+    records = writer.store_tensors(snap)
+    writer.close()
+    for key, rec in records.items():
+        bio = io.BytesIO()
+        np.save(bio, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+        with open(os.path.join(run, rec.file), "rb") as f:
+            assert f.read() == bio.getvalue(), key
+        assert rec.bytes == len(bio.getvalue())
+
+
+def test_writer_read_goes_through_the_checks_of_every_read(tmp_path):
+    # RunWriter.read (update ratios against the previous snapshot) refuses a file whose
+    # header disagrees with its record instead of returning another array.
+    run, info = _fixture_copy(tmp_path)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    try:
+        prev = writer.previous(2)
+        assert prev is not None and prev.step == 1
+        rec = prev.tensors["hidden/kernel"]
+        np.testing.assert_array_equal(writer.read(rec), load_run(run).weights(1)[
+            "hidden/kernel"])
+        bio = io.BytesIO()
+        np.save(bio, np.zeros(12, "float32"), allow_pickle=False)
+        with open(os.path.join(run, rec.file), "wb") as f:
+            f.write(bio.getvalue())
+        with pytest.raises(WeightWatchError, match=r"holds float32\[12\] but the snapshot says "
+                                                   r"float32\[4, 3\]"):
+            writer.read(rec)
+    finally:
+        writer.close()
+
+
+def test_collect_garbage_removes_only_unreferenced_tensors_and_temporaries(tmp_path):
+    run, info = _fixture_copy(tmp_path)
+    stray = os.path.join(run, "tensors", "a" * 64 + ".npy")
+    tmp = os.path.join(run, "tensors", ".tmp-123")
+    other = os.path.join(run, "tensors", "notes.txt")
+    for path in (stray, tmp, other):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    deleted = writer.collect_garbage()
+    writer.close()
+    assert sorted(deleted) == ["tensors/.tmp-123", f"tensors/{'a' * 64}.npy"]
+    assert os.path.exists(other)
+    assert load_run(run).verify().ok

@@ -1,4 +1,5 @@
-"""Faults while writing: training never dies because of monitoring (issue 7).
+"""The pipeline: back-pressure, the event file, a dropped view, and faults while writing
+(training never dies because of monitoring).
 
 Each scenario injects one fault into the run directory's I/O while `fit` runs and
 checks that (a) `fit` completes, (b) exactly one `WeightWatchWarning` names what
@@ -7,7 +8,8 @@ equals `get_weights()`, and (d) `strict=True` turns the same fault into a
 `WeightWatchError`.
 
 How faults are simulated (the tests run as root, and chmod does not stop root):
-`open` inside `keras_weightwatch.store` and `keras_weightwatch.summaries` is
+`open` inside `keras_weightwatch.run.storage` (the one module where the run's
+files are opened) and `keras_weightwatch.summaries` is
 replaced by one that, once the run holds `k` complete snapshots, fails the way
 the kernel would: ENOSPC part-way through a write (disk full), EACCES at `open`
 (permission revoked), or the run directory is really deleted with `shutil.rmtree`.
@@ -20,22 +22,112 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import re
 import shutil
+import threading
+import time
 import warnings
 
 import keras
 import numpy as np
 import pytest
+from fit_helpers import EpochCounter, _mlp
+from fit_helpers import _data as _mlp_data
 from helpers import assert_same_arrays
+from view_helpers import (
+    _acc,
+    _cnn,
+    _fit,
+    _values,
+)
 
 from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
-from keras_weightwatch import store as store_mod
 from keras_weightwatch import summaries as summaries_mod
+from keras_weightwatch.pipeline import Pipeline
+from keras_weightwatch.run import storage as storage_mod
+from keras_weightwatch.views import ResponseView
+
+
+@pytest.mark.parametrize("max_queue", [1, 2])
+def test_slow_writer_makes_training_wait_instead_of_growing_memory(tmp_path, max_queue):
+    gate = threading.Event()
+    lock = threading.Lock()
+    counts = {"captured": 0, "handled": 0, "peak_alive": 0}
+
+    class GatedPipeline(Pipeline):
+        def take(self, *args, **kwargs):
+            out = super().take(*args, **kwargs)  # the copy into the pool's buffers
+            with lock:
+                counts["captured"] += 1
+                counts["peak_alive"] = max(counts["peak_alive"],
+                                           counts["captured"] - counts["handled"])
+            return out
+
+        def write(self, snapshot, payloads):
+            gate.wait(timeout=60)  # the writer is stuck until the test lets it go
+            super().write(snapshot, payloads)
+            with lock:
+                counts["handled"] += 1
+
+    counter = EpochCounter()
+    cb = WeightWatch(tmp_path / "run", max_queue=max_queue)
+    cb.pipeline_class = GatedPipeline
+    seen = {}
+
+    def observe():
+        try:
+            # Writer holds the initial snapshot; max_queue epoch snapshots wait in the queue;
+            # the next epoch end finds no free buffer and waits.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(counter.ends) < max_queue + 1:
+                time.sleep(0.01)
+            time.sleep(0.5)
+            seen["ends"] = list(counter.ends)
+            pipeline = cb.pipeline
+            seen["created"] = pipeline.pool.created if pipeline is not None else None
+            seen["in_use"] = pipeline.pool.in_use if pipeline is not None else None
+            with lock:
+                seen["captured"] = counts["captured"]
+        finally:
+            gate.set()
+
+    watcher = threading.Thread(target=observe)
+    watcher.start()
+    x, y = _mlp_data()
+    model = _mlp()
+    model.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[counter, cb])
+    watcher.join()
+    # Training stood still at the end of epoch index max_queue while the writer was stuck.
+    assert seen["ends"] == list(range(max_queue + 1))
+    assert seen["captured"] == max_queue + 1  # initial + max_queue epochs; the next one waits
+    assert seen["created"] == seen["in_use"] == max_queue + 1
+    assert counts["peak_alive"] == max_queue + 1
+    assert counts["captured"] == counts["handled"] == 6
+    run = load_run(tmp_path / "run")
+    assert run.steps == [-1, 0, 1, 2, 3, 4]
+    assert run.verify().ok
+
+
+def test_fitting_twice_with_one_callback_appends_to_one_event_file(tmp_path):
+    model = _cnn()
+    run = str(tmp_path / "run")
+    cb = WeightWatch(run)
+    _fit(model, cb)
+    files = os.listdir(os.path.join(run, "weights"))
+    _fit(model, cb)
+    assert os.listdir(os.path.join(run, "weights")) == files and len(files) == 1
+    _fit(model, WeightWatch(run), epochs=1)  # another instance continuing the run
+    assert os.listdir(os.path.join(run, "weights")) == files
+    acc = _acc(run)
+    assert sorted(_values(acc, "conv/kernel/l2_norm")) == [-1, 0, 1, 2, 3, 4]
+    assert sorted(_values(acc, "conv/kernel/image")) == [-1, 0, 1, 2, 3, 4]
+    assert load_run(run).steps == [-1, 0, 1, 2, 3, 4]
+
 
 EPOCHS = 4
 
 
-def _model():
+def _fault_model():
     keras.utils.set_random_seed(11)
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(3, name="h"), keras.layers.Dense(1, name="o")]
@@ -44,7 +136,7 @@ def _model():
     return model
 
 
-def _data():
+def _fault_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 4)).astype("float32")
     return x, x[:, :1] * 2.0
@@ -100,7 +192,7 @@ class Fault:
             f = real_open(file, mode, *args, **kwargs)
             return _Faulty(f, self) if writing and inside else f
 
-        for mod in (store_mod, summaries_mod):
+        for mod in (storage_mod, summaries_mod):
             monkeypatch.setattr(mod, "open", fake_open, raising=False)
 
     def armed(self) -> bool:
@@ -147,13 +239,13 @@ class _DeleteRunDir(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
-            self.ww._worker._queue.join()  # the earlier snapshots are complete
+            self.ww.pipeline.join()  # the earlier snapshots are complete
             shutil.rmtree(self.run)
 
 
-def _fit(run, *, extra_first=(), epochs=EPOCHS, recorder=None, **kwargs):
-    model = _model()
-    x, y = _data()
+def _fit_faulty(run, *, extra_first=(), epochs=EPOCHS, recorder=None, **kwargs):
+    model = _fault_model()
+    x, y = _fault_data()
     ww = WeightWatch(run, **kwargs)
     callbacks = [*extra_first, *([recorder] if recorder else []), ww]
     hist = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, callbacks=callbacks)
@@ -178,7 +270,7 @@ def test_write_fault_warns_once_and_fit_completes(tmp_path, monkeypatch, recorde
     run = str(tmp_path / "run")
     fault = fault_cls(monkeypatch, run, after=after)
     with pytest.warns(WeightWatchWarning) as record:
-        model, ww, hist = _fit(run, recorder=recorder)
+        model, ww, hist = _fit_faulty(run, recorder=recorder)
     assert len(hist.history["loss"]) == EPOCHS  # training went on to the end
     assert fault.fired >= 1
     msgs = _only_weightwatch(record)
@@ -203,13 +295,12 @@ def test_write_fault_warns_once_and_fit_completes(tmp_path, monkeypatch, recorde
     monkeypatch.undo()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _fit(run, epochs=1)
+        _fit_faulty(run, epochs=1)
     assert load_run(run).steps == (expected_steps + [expected_steps[-1] + 1] if expected_steps
                                    else [-1, 0])
 
 
 def re_search(pattern, text):
-    import re
 
     return re.search(pattern, text) is not None
 
@@ -220,7 +311,7 @@ def test_strict_raises_on_a_write_fault(tmp_path, monkeypatch, recorder, fault_c
     fault_cls(monkeypatch, run, after=2)
     # Whichever part writes next hits the fault first (the event file, for a full disk).
     with pytest.raises(WeightWatchError, match=r"weightwatch: .* failed: \[Errno (28|13)\]"):
-        _fit(run, strict=True, recorder=recorder)
+        _fit_faulty(run, strict=True, recorder=recorder)
     monkeypatch.undo()
     loaded = load_run(run)
     assert loaded.steps == [-1, 0]
@@ -230,8 +321,8 @@ def test_strict_raises_on_a_write_fault(tmp_path, monkeypatch, recorder, fault_c
 
 def test_run_directory_deleted_mid_run(tmp_path, recorder):
     run = str(tmp_path / "run")
-    model = _model()
-    x, y = _data()
+    model = _fault_model()
+    x, y = _fault_data()
     ww = WeightWatch(run)
     with pytest.warns(WeightWatchWarning) as record:
         hist = model.fit(x, y, epochs=EPOCHS, batch_size=16, verbose=0,
@@ -246,8 +337,8 @@ def test_run_directory_deleted_mid_run(tmp_path, recorder):
 
 def test_run_directory_deleted_mid_run_strict(tmp_path):
     run = str(tmp_path / "run")
-    model = _model()
-    x, y = _data()
+    model = _fault_model()
+    x, y = _fault_data()
     ww = WeightWatch(run, strict=True)
     with pytest.raises(WeightWatchError, match="snapshots failed"):
         model.fit(x, y, epochs=EPOCHS, batch_size=16, verbose=0,
@@ -263,7 +354,7 @@ def test_failing_view_stops_alone(tmp_path, monkeypatch, recorder):
     monkeypatch.setattr(views.HistogramView, "write", boom)
     run = str(tmp_path / "run")
     with pytest.warns(WeightWatchWarning) as record:
-        _fit(run, recorder=recorder)
+        _fit_faulty(run, recorder=recorder)
     msgs = _only_weightwatch(record)
     assert msgs == [
         "weightwatch: the histograms view stopped after an error (RuntimeError: histogram "
@@ -278,9 +369,125 @@ def test_fault_at_train_begin_warns_and_trains(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     fault = PermissionRevoked(monkeypatch, run, after=0, at_train_begin=True)
     with pytest.warns(WeightWatchWarning, match=r"Permission denied") as record:
-        _, _, hist = _fit(run)
+        _, _, hist = _fit_faulty(run)
     assert len(hist.history["loss"]) == EPOCHS
     assert fault.fired >= 1
     assert len(_only_weightwatch(record)) == 1
     with pytest.raises(WeightWatchError, match="Permission denied"):
-        _fit(run, strict=True)
+        _fit_faulty(run, strict=True)
+
+
+# ------------------------------------------------------------------ a dropped view stops everywhere
+
+
+class _JoinWorker(keras.callbacks.Callback):
+    """Placed before WeightWatch: each epoch end waits until the worker wrote what it was given."""
+
+    def __init__(self, ww):
+        super().__init__()
+        self.ww = ww
+        self.views: list[list[str]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ww.pipeline.join()
+        self.views.append([v.name for v in self.ww.pipeline.views])
+
+
+def test_a_dropped_view_stops_everywhere_training_thread_included(tmp_path, monkeypatch):
+    # An activation-response view runs a forward pass of a sub-model on the training thread
+    # at every snapshot; once its `write` fails on the worker, that must stop too.
+    calls = []
+    real_capture = ResponseView.capture
+
+    def capture(self, model):
+        calls.append(len(calls))
+        return real_capture(self, model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("responses exploded")
+
+    monkeypatch.setattr(ResponseView, "capture", capture)
+    monkeypatch.setattr(ResponseView, "write", boom)
+    model = _cnn(filters=2)
+    model.compile(optimizer="sgd", loss="mse")
+    run = str(tmp_path / "run")
+    ww = WeightWatch(run, sample_images=np.ones((1, 8, 8, 1), "float32"),
+                     response_mode="activation", kernel_images=False)
+    join = _JoinWorker(ww)
+    x, y = np.zeros((8, 8, 8, 1), "float32"), np.zeros((8, 2), "float32")
+    with pytest.warns(WeightWatchWarning) as record:
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[join, ww])
+    assert calls == [0]  # the initial snapshot's payload only: the view was off from then on
+    assert join.views == [["stats", "histograms"]] * 3
+    msgs = _only_weightwatch(record)
+    assert msgs == [
+        "weightwatch: the responses view stopped after an error (RuntimeError: responses "
+        "exploded); training goes on without it"
+    ]
+    assert load_run(run).steps == [-1, 0, 1, 2]
+
+
+# ------------------------------------------------------------------ a fake writer, no fit
+
+
+class _FakeWriter:
+    """What the pipeline needs of a `RunWriter`, in memory; its store fails at `fail_step`."""
+
+    def __init__(self, path, specs, fail_step=None):
+        self.path, self.specs, self.fail_step = path, tuple(specs), fail_step
+        self.last_step = None
+        self.committed: dict[int, tuple[dict, dict]] = {}
+        self.closed = 0
+
+    def has_initial(self):
+        return False
+
+    def previous(self, step):
+        return None
+
+    def store_tensors(self, snapshot):
+        if snapshot.step == self.fail_step:
+            raise OSError(28, "No space left on device")
+        return {k: None for k in snapshot.arrays}
+
+    def commit_snapshot(self, snapshot, records, stats):
+        arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
+        self.committed[snapshot.step] = (arrays, stats)
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.mark.parametrize("fail_step", [None, 0])
+def test_pipeline_with_a_fake_writer(tmp_path, fail_step):
+    from keras_weightwatch.pipeline import Plan
+    from keras_weightwatch.settings import Settings
+
+    model = _mlp()
+    settings = Settings(tmp_path / "run", histograms=False)
+    plan = Plan.make(model, settings)
+    writer = _FakeWriter(str(tmp_path / "run"), plan.specs, fail_step)
+    pipeline = Pipeline(writer, plan, settings)
+    assert pipeline.needs_initial and pipeline.last_step is None
+    expected = {}
+    for step in (0, 1):
+        model.layers[0].kernel.assign(np.full((4, 6), float(step + 1), "float32"))
+        expected[step] = model.get_weights()
+        pipeline.capture(model, step=step, epoch=step, logs={"loss": 1.0})
+        pipeline.join()
+        assert pipeline.last_step == step
+    failures = pipeline.close()
+    assert writer.closed == 1  # closed once: at the failure, or at close
+    steps = [0, 1] if fail_step is None else []  # after a failed write the run stops
+    assert sorted(writer.committed) == steps
+    for step in steps:
+        arrays, stats = writer.committed[step]
+        assert_same_arrays(arrays, expected[step])
+        kernel = expected[step][0].astype(np.float64)
+        assert stats["base/kernel"]["l2_norm"] == pytest.approx(np.linalg.norm(kernel))
+    assert [(part, str(e)) for part, e in failures] == (
+        [] if fail_step is None else [("snapshots", "[Errno 28] No space left on device")]
+    )
+    # The views go on without the run: the statistics of both snapshots are in the event file.
+    assert sorted(_values(_acc(str(tmp_path / "run")), "base/kernel/l2_norm")) == [0, 1]
+    assert pipeline.pool.created == 0

@@ -1,0 +1,52 @@
+"""Compare the weights of two runs, or of two snapshots of one run: pure numpy.
+
+- `records`: what a comparison returns (`TensorDiff`, `LayerDiff`, `FeatureMove`,
+  `FeatureDiff`, `DiffResult`, `LayerDrift`, `DriftResult`) and the statuses.
+- `inputs`: `RUN@STEP` targets, open runs, argument checks.
+- `plan`: the pure-data plan of a diff (tensors by layer, status, units axis, feeds).
+- `diff`: `diff_runs`, which executes the plan layer by layer.
+- `matching`: the best one-to-one matching of units, carried along the graph.
+- `features`: the named input features of A and B side by side.
+- `drift`: `drift`, each layer of one run through its snapshots.
+"""
+
+from .diff import diff_runs
+from .drift import drift
+from .inputs import split_target
+from .matching import DEFAULT_MAX_MATCH_UNITS, EXTRA_HINT
+from .records import (
+    STATUS_CHANGED,
+    STATUS_ONLY_A,
+    STATUS_ONLY_B,
+    STATUS_SHAPE,
+    STATUS_UNCHANGED,
+    STATUSES,
+    DiffResult,
+    DriftResult,
+    FeatureDiff,
+    FeatureMove,
+    LayerDiff,
+    LayerDrift,
+    TensorDiff,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MATCH_UNITS",
+    "EXTRA_HINT",
+    "STATUSES",
+    "STATUS_CHANGED",
+    "STATUS_ONLY_A",
+    "STATUS_ONLY_B",
+    "STATUS_SHAPE",
+    "STATUS_UNCHANGED",
+    "DiffResult",
+    "DriftResult",
+    "FeatureDiff",
+    "FeatureMove",
+    "LayerDiff",
+    "LayerDrift",
+    "TensorDiff",
+    "diff_runs",
+    "drift",
+    "split_target",
+]

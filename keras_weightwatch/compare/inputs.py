@@ -1,0 +1,120 @@
+"""What a comparison is given: `RUN@STEP` targets, open runs, the checks of its arguments.
+
+Every function that takes a user's argument here raises an error ending
+`Received: name=value`; reading a tensor goes through `load`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from ..errors import WeightWatchError, received
+from ..run import Run, SnapshotRecord, load_run
+
+_STEP_RE = re.compile(r"^(initial|last|-?\d+)$")
+
+Target = str | os.PathLike | Run
+"""A run directory, `"path@step"`, or an open `Run`."""
+
+
+def split_target(target: str | os.PathLike) -> tuple[str, str]:
+    """Split `RUN@STEP` into the run directory and the step (`"last"` when absent).
+
+    STEP is an epoch step, `initial` or `last`. A directory whose own name
+    holds `@` is taken whole when it exists.
+
+    Example:
+
+    >>> split_target("runs/exp1@3")
+    ('runs/exp1', '3')
+    >>> split_target("runs/exp1")
+    ('runs/exp1', 'last')
+    """
+    text = os.fspath(target)
+    if "@" in text and not os.path.isdir(text):
+        path, step = text.rsplit("@", 1)
+        if not _STEP_RE.match(step):
+            raise WeightWatchError(
+                f"{text}: {step!r} is not a step; use RUN@EPOCH, RUN@initial or RUN@last"
+            )
+        return path, step
+    return text, "last"
+
+
+def _step_value(step: str | int) -> str | int:
+    if isinstance(step, str) and step not in ("initial", "last"):
+        return int(step)
+    return step
+
+
+def open_snapshot(target: Target, step: str | int | None) -> tuple[Run, SnapshotRecord]:
+    """The run and the snapshot a target names (`step`, when given, wins over `@STEP`)."""
+    if isinstance(target, Run):
+        run, text_step = target, "last"
+    elif isinstance(target, (str, os.PathLike)):
+        path, text_step = split_target(target)
+        run = load_run(path)
+    else:
+        raise TypeError(
+            f"a run must be a path, 'path@step' or a Run. {received('run', target)}"
+        )
+    snap = run.snapshot(_step_value(text_step) if step is None else step)
+    return run, snap
+
+
+def label(run: Run, snap: SnapshotRecord) -> str:
+    """A snapshot as `path@step`."""
+    return f"{run.path}@{snap.name}"
+
+
+def load(run: Run, snap: SnapshotRecord, key: str, verify: bool) -> np.ndarray:
+    """One tensor of a snapshot (memory-mapped)."""
+    return run.weights(snap.step, keys=[key], verify=verify)[key]
+
+
+def ordered_keys(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord
+                 ) -> list[str]:
+    """Keys of A in A's weight order, then keys only in B in B's order."""
+    def order(run: Run, snap: SnapshotRecord) -> list[str]:
+        keys = [s.key for s in run.specs if s.key in snap.tensors]
+        return keys + sorted(k for k in snap.tensors if k not in set(keys))
+
+    ka = order(run_a, snap_a)
+    kb = order(run_b, snap_b)
+    seen = set(ka)
+    return ka + [k for k in kb if k not in seen]
+
+
+def compile_layer(layer: str | re.Pattern | None) -> re.Pattern | None:
+    """The `layer=` regular expression, compiled (None: every weight)."""
+    if layer is None or isinstance(layer, re.Pattern):
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a regular expression string. {received('layer', layer)}")
+    try:
+        return re.compile(layer)
+    except re.error as e:
+        raise ValueError(
+            f"`layer` is not a valid regular expression ({e}). {received('layer', layer)}"
+        ) from None
+
+
+def check_tolerance(tolerance: Any) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)):
+        raise TypeError(f"`tolerance` must be a number >= 0. {received('tolerance', tolerance)}")
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise ValueError(f"`tolerance` must be a number >= 0. {received('tolerance', tolerance)}")
+    return float(tolerance)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer >= 1. {received(name, value)}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1. {received(name, value)}")
+    return int(value)

@@ -1,0 +1,168 @@
+"""The plan of a diff: pure data, made from the runs' records before any tensor is read.
+
+`make_plan` decides, for two snapshots, which tensors are compared and how: the
+tensors grouped by layer in the model's order, each one's status (compared, or
+only in one snapshot, or of another shape), the axis of its units where a
+matching of units applies, and which layers feed each layer (along the model's
+recorded graph). `diff_runs` then executes the plan layer by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ..errors import WeightWatchError
+from ..naming import conv_kind, key_layer, key_name
+from ..run import Run, SnapshotRecord
+from .inputs import label, ordered_keys
+from .records import STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE
+
+COMPARE = "compare"
+"""The plan status of a tensor in both snapshots with the same shape."""
+INPUT = "<input>"
+"""The name `feeds` gives to a model input (nothing to carry from)."""
+_DENSE = "Dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """One weight key of A or B, and how it is compared."""
+
+    key: str
+    status: str
+    """`COMPARE`, or the diff status `only_a`, `only_b` or `shape_changed`."""
+    shape_a: tuple[int, ...] | None
+    shape_b: tuple[int, ...] | None
+    units_axis: int | None = None
+    """The axis of its units (-1 or -2) when a matching of units applies to it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """The tensors of one layer, in the model's weight order."""
+
+    name: str
+    tensors: tuple[TensorPlan, ...]
+    feeds: tuple[str, ...] | None
+    """The layers with weights that feed this one (through layers without weights), or
+    None where the run records no graph: the matching then follows the weight order."""
+
+    @property
+    def compared(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.status == COMPARE)
+
+    @property
+    def kernel(self) -> TensorPlan | None:
+        """The tensor whose units are matched: the layer's first with a units axis."""
+        return next((t for t in self.compared if t.units_axis is not None), None)
+
+    def order(self) -> tuple[TensorPlan, ...]:
+        """The compared tensors, kernel first: its matching also orders the layer's bias."""
+        kernel = self.kernel
+        first = () if kernel is None else (kernel,)
+        return first + tuple(t for t in self.compared if t is not kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffPlan:
+    """Every layer of a diff of snapshot A with snapshot B, in the model's order."""
+
+    a: str
+    b: str
+    layers: tuple[LayerPlan, ...]
+
+
+def make_plan(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord,
+              pattern: re.Pattern | None = None) -> DiffPlan:
+    """Plan the diff of two snapshots; `pattern` keeps only the keys it matches."""
+    label_a, label_b = label(run_a, snap_a), label(run_b, snap_b)
+    keys = ordered_keys(run_a, snap_a, run_b, snap_b)
+    if pattern is not None:
+        keys = [k for k in keys if pattern.search(k)]
+        if not keys:
+            raise WeightWatchError(
+                f"no weight of {label_a} or {label_b} matches {pattern.pattern!r}"
+            )
+    if not any(k in snap_a.tensors and k in snap_b.tensors for k in keys):
+        raise WeightWatchError(f"{label_a} and {label_b} have no weight tensor in common")
+    classes = {layer.name: layer.class_name for layer in run_a.layers}
+    layer_of = _layer_lookup(run_a, run_b)
+    groups: dict[str, list[TensorPlan]] = {}
+    for k in keys:
+        lname = layer_of.get(k, key_layer(k))
+        groups.setdefault(lname, []).append(_tensor_plan(k, snap_a, snap_b, classes.get(lname)))
+    feeds = weighted_feeds(run_a)
+    layers = tuple(
+        LayerPlan(name, tuple(tensors), None if feeds is None else feeds.get(name, ()))
+        for name, tensors in groups.items()
+    )
+    return DiffPlan(a=label_a, b=label_b, layers=layers)
+
+
+def _layer_lookup(run_a: Run, run_b: Run) -> dict[str, str]:
+    """Key -> layer path, from A's specs first, then B's."""
+    out = {s.key: s.layer for s in run_b.specs}
+    out.update({s.key: s.layer for s in run_a.specs})
+    return out
+
+
+def _tensor_plan(key: str, snap_a: SnapshotRecord, snap_b: SnapshotRecord,
+                 layer_class: str | None) -> TensorPlan:
+    ra, rb = snap_a.tensors.get(key), snap_b.tensors.get(key)
+    shape_a = None if ra is None else ra.shape
+    shape_b = None if rb is None else rb.shape
+    if ra is None or rb is None:
+        return TensorPlan(key, STATUS_ONLY_A if rb is None else STATUS_ONLY_B, shape_a, shape_b)
+    if ra.shape != rb.shape:
+        return TensorPlan(key, STATUS_SHAPE, shape_a, shape_b)
+    return TensorPlan(key, COMPARE, shape_a, shape_b, units_axis(layer_class, key, ra.shape))
+
+
+def units_axis(layer_class: str | None, key: str, shape: tuple[int, ...]) -> int | None:
+    """The axis of a kernel's units (-1 or -2), or None when its units are not matched.
+
+    Dense and convolution layers (and weights of an unknown layer class named
+    `kernel`) match the units of their kernel: the last axis, the one before it
+    for a transposed convolution, the pointwise kernel's for a separable one.
+    """
+    if layer_class is None or layer_class == _DENSE:
+        axis, kernel = -1, "kernel"
+    else:
+        kind = conv_kind(layer_class)
+        if kind is None or kind.units_axis is None:
+            return None
+        axis, kernel = kind.units_axis, kind.matched_kernel
+    if key_name(key) != kernel or not 1 - axis <= len(shape) <= 5:
+        return None
+    return axis
+
+
+def weighted_feeds(run: Run) -> dict[str, tuple[str, ...]] | None:
+    """For each top-level layer with weights, the layers with weights that feed it,
+    looking through layers without weights (Flatten, pooling, Add, activations).
+
+    None when the run does not record its graph (older runs, subclassed models): the
+    matching is then carried from each layer to the next in weight order.
+    """
+    layers = run.layers
+    if not layers or any(layer.inbound is None for layer in layers):
+        return None
+    inbound = {layer.name: layer.inbound or () for layer in layers}
+    weighted = {layer.name for layer in layers if layer.params}
+
+    def sources(name: str, seen: frozenset[str]) -> tuple[str, ...]:
+        out: list[str] = []
+        for parent in inbound.get(name, ()):
+            if parent in seen:
+                continue
+            if parent in weighted:
+                found: tuple[str, ...] = (parent,)
+            elif parent in inbound and inbound[parent]:
+                found = sources(parent, seen | {parent})
+            else:
+                found = (INPUT,)  # a model input: nothing to carry
+            out += [f for f in found if f not in out]
+        return tuple(out)
+
+    return {name: sources(name, frozenset({name})) for name in weighted}

@@ -1,0 +1,345 @@
+"""What a comparison finds: the records `diff_runs` and `drift` return, and the statuses.
+
+Frozen dataclasses, each with `to_json()`; a non-finite number becomes the string
+`"NaN"`, `"Inf"` or `"-Inf"` in JSON (the package's one spelling, `textfmt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..textfmt import nonfinite_text
+
+STATUS_CHANGED = "changed"
+STATUS_UNCHANGED = "unchanged"
+STATUS_ONLY_A = "only_a"
+STATUS_ONLY_B = "only_b"
+STATUS_SHAPE = "shape_changed"
+STATUSES = (STATUS_CHANGED, STATUS_UNCHANGED, STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE)
+"""Every status of a `TensorDiff`, in the order `DiffResult.counts()` lists them."""
+STRUCTURAL = (STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE)
+"""The statuses of a tensor that is not compared: only in one snapshot, or of another shape."""
+
+
+def json_num(v: Any) -> Any:
+    """`v`, or its text when it is a non-finite float (JSON has no NaN or Inf)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return nonfinite_text(v)
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDiff:
+    """How one weight tensor differs between snapshot A and snapshot B.
+
+    Attributes:
+        name: The weight key (`conv1/kernel`).
+        layer: The layer it belongs to (`conv1`).
+        status: `"changed"`, `"unchanged"`, `"only_a"`, `"only_b"` or
+            `"shape_changed"`.
+        shape_a: Its shape in A (None when only in B).
+        shape_b: Its shape in B (None when only in A).
+        size: Number of elements compared (0 unless both shapes agree).
+        identical: Bit-identical in both snapshots.
+        norm_a: ||A|| (None unless compared).
+        norm_b: ||B||.
+        rel_l2: ||B - A|| / ||A|| (0 when both are zero, inf when only A is).
+        cosine: <A, B> / (||A|| ||B||) (1 when both are zero, 0 when one is).
+        max_abs: max |B - A|.
+        rms: sqrt(mean((B - A)^2)).
+        matched_cosine: The cosine after B's units were matched one-to-one to
+            A's (and B's inputs aligned with the previous layer's matching);
+            None where no matching applies.
+        matched_rel_l2: ||B_matched - A|| / ||A||, or None.
+        units_moved: How many units the best matching moves (None where no
+            matching was computed for this tensor's own units).
+        nonfinite_a: How many NaN/Inf values the tensor holds in A.
+        nonfinite_b: How many NaN/Inf values it holds in B.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> t = diff_runs("runs/exp1@initial", "runs/exp1").tensor("hidden/kernel")
+    >>> t.status, t.shape_a, t.identical, t.rel_l2 > 0, -1 <= t.cosine <= 1
+    ('changed', (4, 8), False, True, True)
+    >>> diff_runs("runs/exp1", "runs/exp1").tensor("hidden/kernel").rel_l2
+    0.0
+    """
+
+    name: str
+    layer: str
+    status: str
+    shape_a: tuple[int, ...] | None
+    shape_b: tuple[int, ...] | None
+    size: int = 0
+    identical: bool = False
+    norm_a: float | None = None
+    norm_b: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    max_abs: float | None = None
+    rms: float | None = None
+    matched_cosine: float | None = None
+    matched_rel_l2: float | None = None
+    units_moved: int | None = None
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+
+    @property
+    def compared(self) -> bool:
+        """True when the tensor is in both snapshots with the same shape."""
+        return self.status not in STRUCTURAL
+
+    @property
+    def unchanged(self) -> bool:
+        return self.status == STATUS_UNCHANGED
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("shape_a", "shape_b"):
+            d[k] = None if d[k] is None else list(d[k])
+        d["unchanged"] = self.unchanged
+        return {k: json_num(v) for k, v in d.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDiff:
+    """The tensors of one layer, with the change of the layer as a whole.
+
+    Attributes:
+        name: The layer path (`conv1`, `block/dense_2`).
+        tensors: Its tensors, in the model's weight order.
+        rel_l2: ||B - A|| / ||A|| over all compared tensors of the layer.
+        cosine: Cosine similarity over all compared tensors.
+        matched_cosine: The same after matching units, or None.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> layer = next(x for x in diff_runs("runs/exp1", "runs/exp2").layers if x.name == "hidden")
+    >>> [t.name for t in layer.tensors], layer.matched_cosine >= layer.cosine
+    (['hidden/kernel', 'hidden/bias'], True)
+    """
+
+    name: str
+    tensors: tuple[TensorDiff, ...]
+    rel_l2: float | None
+    cosine: float | None
+    matched_cosine: float | None
+
+    @property
+    def unchanged(self) -> bool:
+        return all(t.unchanged for t in self.tensors)
+
+    @property
+    def structural(self) -> bool:
+        """True when a tensor is only in one snapshot or changed shape."""
+        return any(not t.compared for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rel_l2": json_num(self.rel_l2),
+            "cosine": json_num(self.cosine),
+            "matched_cosine": json_num(self.matched_cosine),
+            "unchanged": self.unchanged,
+            "tensors": [t.name for t in self.tensors],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMove:
+    """One named input feature in the top-k rankings of A and B.
+
+    Attributes:
+        name: The feature's name.
+        rank_a: Its rank by |weight| in A (1 = largest).
+        rank_b: Its rank in B.
+        weight_a: Its weight in A (signed for a one-unit layer, else the L2
+            norm of its kernel row).
+        weight_b: Its weight in B.
+        sign_flips: How many units' weights for this feature changed sign.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> move = diff_runs("runs/exp1", "runs/exp2").features.rows[0]
+    >>> move.rank_b, move.move == move.rank_a - move.rank_b, 0 <= move.sign_flips <= 8
+    (1, True, True)
+    """
+
+    name: str
+    rank_a: int
+    rank_b: int
+    weight_a: float
+    weight_b: float
+    sign_flips: int
+
+    @property
+    def move(self) -> int:
+        """Places gained from A to B (positive: it rose)."""
+        return self.rank_a - self.rank_b
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDiff:
+    """The top-k named input features of A and B side by side.
+
+    Attributes:
+        key_a: The kernel read in A (`dense/kernel`).
+        key_b: The kernel read in B.
+        k: How many features each top-k holds.
+        units: The layer's number of units.
+        rows: B's top-k in order, then features that left A's top-k.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> f = diff_runs("runs/exp1", "runs/exp2").features
+    >>> f.key_a, f.k, f.units, sorted(m.name for m in f.rows)
+    ('hidden/kernel', 4, 8, ['age', 'distance', 'noise', 'rooms'])
+    """
+
+    key_a: str
+    key_b: str
+    k: int
+    units: int
+    rows: tuple[FeatureMove, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_a": self.key_a,
+            "key_b": self.key_b,
+            "k": self.k,
+            "units": self.units,
+            "rows": [
+                {**{k: json_num(v) for k, v in dataclasses.asdict(r).items()}, "move": r.move}
+                for r in self.rows
+            ],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffResult:
+    """What `diff_runs` found.
+
+    Attributes:
+        a: Snapshot A as `path@step`.
+        b: Snapshot B as `path@step`.
+        tolerance: A tensor with max |B - A| <= tolerance is unchanged.
+        layers: Every layer, most changed first (layers with a tensor only
+            in one snapshot or of another shape come first, unchanged
+            layers last).
+        features: The named input features side by side, or None.
+
+    Example (the README's quickstart runs, exp1 and exp2 from two seeds):
+
+    >>> from keras_weightwatch import diff_runs
+    >>> result = diff_runs("runs/exp1", "runs/exp2")
+    >>> result.counts()["changed"], sorted(layer.name for layer in result.layers)
+    (4, ['hidden', 'out'])
+    >>> sorted(result.to_json()["tensors"][0])[:4]
+    ['cosine', 'identical', 'layer', 'matched_cosine']
+    """
+
+    a: str
+    b: str
+    tolerance: float
+    layers: tuple[LayerDiff, ...]
+    features: FeatureDiff | None = None
+
+    @property
+    def tensors(self) -> tuple[TensorDiff, ...]:
+        """Every tensor of either snapshot, layer by layer."""
+        return tuple(t for layer in self.layers for t in layer.tensors)
+
+    def tensor(self, name: str) -> TensorDiff:
+        """The diff of the tensor with key `name`."""
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def counts(self) -> dict[str, int]:
+        """How many tensors have each status."""
+        out = dict.fromkeys(STATUSES, 0)
+        for t in self.tensors:
+            out[t.status] += 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite numbers become the strings `"Inf"`, `"-Inf"`, `"NaN"`."""
+        return {
+            "a": self.a,
+            "b": self.b,
+            "tolerance": self.tolerance,
+            "counts": self.counts(),
+            "layers": [layer.to_json() for layer in self.layers],
+            "tensors": [t.to_json() for t in self.tensors],
+            "features": None if self.features is None else self.features.to_json(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDrift:
+    """How one layer moved through the snapshots of a run.
+
+    Attributes:
+        name: The layer path.
+        step_change: For each snapshot after the first, ||W_t - W_prev|| /
+            ||W_prev|| over the layer's tensors.
+        from_initial: For each snapshot after the first, ||W_t - W_0|| /
+            ||W_0||, W_0 being the first snapshot (the initial weights when
+            the run has them).
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import drift
+    >>> hidden = drift("runs/exp1").layers[0]
+    >>> hidden.name, len(hidden.step_change), len(hidden.from_initial)
+    ('hidden', 20, 20)
+    >>> hidden.step_change[0] == hidden.from_initial[0]
+    True
+    """
+
+    name: str
+    step_change: tuple[float, ...]
+    from_initial: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftResult:
+    """What `drift` found.
+
+    Attributes:
+        path: The run directory.
+        steps: The snapshot names in order (`"initial"`, `"0"`, `"1"`, ...).
+        layers: Every layer with weights, in the model's order.
+
+    Example (the README's quickstart run):
+
+    >>> from keras_weightwatch import drift
+    >>> d = drift("runs/exp1")
+    >>> d.steps[:3], [layer.name for layer in d.layers]
+    (('initial', '0', '1'), ['hidden', 'out'])
+    """
+
+    path: str
+    steps: tuple[str, ...]
+    layers: tuple[LayerDrift, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "steps": list(self.steps),
+            "layers": [
+                {
+                    "name": layer.name,
+                    "step_change": [json_num(v) for v in layer.step_change],
+                    "from_initial": [json_num(v) for v in layer.from_initial],
+                }
+                for layer in self.layers
+            ],
+        }

@@ -1,0 +1,464 @@
+"""The work behind the callback: what happens to the weights once it decided to take them.
+
+`Plan.make(model, settings)` runs at train begin and holds every check that
+needs the model (each view's `prepare` and `restrict`, `Settings.validate`),
+so bad arguments raise before the first epoch. `Pipeline.open(plan, settings,
+previous_run_dir)` then opens the run and becomes the one owner of the views,
+the host buffer pool, the run writer, the TensorBoard event file and the
+background worker. On the training thread the callback only asks it to
+`take` a copy of the weights and `submit` it (or both at once: `capture`);
+everything else happens on the worker (`write`): the tensors, their
+statistics and the views.
+
+Each part fails on its own: a part that raises is switched off (a view is
+dropped everywhere, so its `capture` stops running on the training thread
+too) and its error is kept for the callback to report (`pop_failures`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _version
+from .capture import (
+    BufferPool,
+    ModelInfo,
+    Snapshot,
+    WeightSpec,
+    capture_into,
+    clean_logs,
+    describe_model,
+)
+from .errors import RunBusyError, WeightWatchError
+from .run import RunWriter, SnapshotRecord, TensorRecord, architecture_mismatch, is_run, load_run
+from .settings import Settings
+from .stats import tensor_stats
+from .views import FeatureView, View, build_views
+from .worker import Worker
+
+EVENTS_SUBDIR = "weights"
+
+Failure = tuple[str, BaseException]
+
+
+class RunDirError(WeightWatchError):
+    """The run directory cannot be created or opened (a disk or permission fault)."""
+
+
+def versions() -> dict[str, str]:
+    """The versions the run header records: this package, Keras, its backend, numpy, Python."""
+    from importlib import metadata
+
+    import keras
+
+    backend = keras.backend.backend()
+    out = {
+        "keras_weightwatch": _version.__version__,
+        "keras": keras.__version__,
+        "backend": backend,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    dist = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",), "torch": ("torch",)}
+    for name in dist.get(backend, ()):
+        try:
+            out["backend_version"] = metadata.version(name)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What train begin decided for a model: its description, the views, the watched weights."""
+
+    info: ModelInfo
+    views: tuple[View, ...]
+    watch: tuple[int, ...]
+    """Indices into `model.weights` of the weights the include/exclude filter keeps."""
+
+    @classmethod
+    def make(cls, model: Any, settings: Settings) -> Plan:
+        """Describe the model and check the settings against it (raises before any epoch)."""
+        info = describe_model(model)
+        views = build_views(settings)
+        for view in views:
+            view.prepare(model, info)
+        watch = settings.validate(info)
+        keys = {info.weights[i].key for i in watch}
+        for view in views:
+            view.restrict(keys)
+        return cls(info, tuple(views), watch)
+
+    @property
+    def specs(self) -> list[WeightSpec]:
+        return [self.info.weights[i] for i in self.watch]
+
+    @property
+    def feature_key(self) -> str | None:
+        """The kernel the top-k feature table reads, recorded in the header for `diff`."""
+        return next((v.key for v in self.views if isinstance(v, FeatureView)), None)
+
+
+# ------------------------------------------------------------------ the run directory
+
+
+def reserve_new_dir(path: str) -> str:
+    """`path-2` (or `-3`, ...): the first that did not exist, created here so that two
+    writers racing for a new run directory never get the same one."""
+    n = 2
+    while True:
+        candidate = f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def _run_dir(settings: Settings, previous: str | None) -> str:
+    """Where this fit writes: the previous fit's run, or `log_dir` by `if_exists`."""
+    if previous is not None:
+        return previous  # a later fit of this instance continues its own run
+    path = settings.log_dir
+    if is_run(path):
+        if settings.if_exists == "error":
+            raise WeightWatchError(
+                f"{path}: already holds a run; pass if_exists='continue' to append to it "
+                "or if_exists='new' to start a new one beside it"
+            )
+        if settings.if_exists == "new":
+            path = reserve_new_dir(path)
+    return path
+
+
+def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWriter:
+    """Open (or create) the run this fit writes to.
+
+    `previous` is the run an earlier fit of the same callback wrote; with
+    `if_exists="new"`, a model whose architecture changed since starts a new
+    run beside it (with the other choices `RunWriter.open` refuses it).
+    """
+    specs = plan.specs
+    if settings.if_exists == "new" and previous is not None and is_run(previous):
+        if architecture_mismatch(load_run(previous).specs, specs):
+            previous = None
+    run_dir = _run_dir(settings, previous)
+    try:
+        while True:
+            try:
+                return RunWriter.open(
+                    run_dir, plan.info, settings=settings.header(plan.feature_key),
+                    versions=versions(), durable=settings.durable,
+                    store_dtype=settings.store_dtype, weights=specs,
+                )
+            except RunBusyError:
+                # Another writer took this directory first (it may not have written
+                # its header yet): with if_exists="new", start beside it instead.
+                if settings.if_exists != "new" or previous is not None:
+                    raise
+                run_dir = reserve_new_dir(settings.log_dir)
+    except OSError as e:
+        raise RunDirError(f"{run_dir}: cannot create the run directory: {e}") from e
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+class Pipeline:
+    """The one owner of a fit's views, buffers, run writer, event file and worker.
+
+    Args:
+        writer: The open run (see `open_writer`); closed by `close`.
+        plan: The model's plan (`Plan.make`).
+        settings: The callback's settings.
+    """
+
+    def __init__(self, writer: RunWriter, plan: Plan, settings: Settings):
+        self.writer: RunWriter | None = writer
+        self.run_dir = writer.path
+        self.last_step = writer.last_step
+        """The step of the last snapshot submitted, else the run's last step (None: none)."""
+        self.needs_initial = not writer.has_initial() and writer.last_step is None
+        self.watch = plan.watch
+        self.n_weights = len(plan.info.weights)
+        self.keep_last = settings.keep_last
+        self.keep_every = settings.keep_every
+        self.keys = [s.key for s in writer.specs]
+        self.events: _GuardedEvents | None = None
+        self._views = list(plan.views)  # the one list of the views: a dropped one is gone
+        self._failures: list[Failure] = []
+        self._lock = threading.Lock()
+        self._prev_arrays: dict[str, np.ndarray] | None = None
+        self._worker: Worker | None = None
+        self.pool = BufferPool(settings.max_queue + 1, alive=self._worker_alive)
+        self._worker = Worker(self.handle, maxsize=settings.max_queue)
+
+    @classmethod
+    def open(cls, plan: Plan, settings: Settings, previous_run_dir: str | None) -> Pipeline:
+        """Open the run (see `open_writer`) and start the pipeline that writes it."""
+        writer = open_writer(plan, settings, previous_run_dir)
+        try:
+            return cls(writer, plan, settings)
+        except BaseException:
+            writer.close()
+            raise
+
+    @property
+    def views(self) -> list[View]:
+        """The views still on (a view that failed is off everywhere)."""
+        with self._lock:
+            return list(self._views)
+
+    def _worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.alive
+
+    def _fail(self, part: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures.append((part, exc))
+
+    def _drop(self, view: View, exc: BaseException) -> None:
+        with self._lock:
+            if view in self._views:
+                self._views.remove(view)
+        self._fail(f"the {view.name} view", exc)
+
+    def pop_failures(self) -> list[Failure]:
+        """What failed since the last call: the parts that stopped, then the worker's errors."""
+        with self._lock:
+            out, self._failures = self._failures, []
+        if self._worker is not None:
+            out += [("the background writer", e) for e in self._worker.pop_errors()]
+        return out
+
+    # ------------------------------------------------------------ training thread
+
+    def take(self, model: Any, *, label: str, epoch: int | None,
+             logs: Mapping[str, Any]) -> Snapshot:
+        """Copy the watched weights into a set of the pool's buffers (step 0 until set)."""
+        variables = list(model.weights)
+        if len(variables) != self.n_weights:
+            raise WeightWatchError(
+                f"the model now has {len(variables)} weight tensors but had {self.n_weights} at "
+                "train begin; a model whose weights change during fit cannot be watched"
+            )
+        arrays = capture_into([variables[i] for i in self.watch], self.pool)
+        return Snapshot(step=0, label=label, epoch=epoch, arrays=dict(zip(self.keys, arrays)),
+                        logs=clean_logs(logs))
+
+    def submit(self, snapshot: Snapshot, model: Any = None) -> None:
+        """Queue a snapshot for the worker, with the payloads the views compute from `model`
+        (None: no payloads). Waits while the queue is full."""
+        buffers = list(snapshot.arrays.values())  # the pool's set, in capture order
+        try:
+            payloads = {} if model is None else self._payloads(model)
+            if self._worker is None:
+                raise WeightWatchError("weightwatch is not watching a fit")
+            self._worker.submit((snapshot, payloads, buffers))
+        except BaseException:
+            self.pool.release(buffers)
+            raise
+        self.last_step = snapshot.step
+
+    def capture(self, model: Any, *, step: int, epoch: int | None,
+                logs: Mapping[str, Any]) -> None:
+        """Take the weights after an epoch and hand them to the worker."""
+        snapshot = self.take(model, label="epoch", epoch=epoch, logs=logs)
+        snapshot.step = step
+        self.submit(snapshot, model)
+
+    def _payloads(self, model: Any) -> dict[str, Any]:
+        out = {}
+        for view in self.views:
+            payload = view.capture(model)
+            if payload is not None:
+                out[view.name] = payload
+        return out
+
+    def join(self) -> None:
+        """Wait until every submitted snapshot is written."""
+        if self._worker is not None:
+            self._worker.join()
+
+    # ------------------------------------------------------------ worker thread
+
+    def handle(self, job: tuple[Snapshot, dict[str, Any], list[np.ndarray]]) -> None:
+        """The worker's job: write one snapshot, then hand its buffers back, even on failure."""
+        snapshot, payloads, buffers = job
+        try:
+            self.write(snapshot, payloads)
+        finally:
+            self.pool.release(buffers)
+
+    def write(self, snapshot: Snapshot, payloads: Mapping[str, Any]) -> None:
+        """Store the snapshot, its statistics, retention; then every view's summaries."""
+        records = self._store(snapshot)
+        stats = self._stats(snapshot)
+        self._commit(snapshot, records, stats)
+        if self.writer is None:
+            # The arrays live in reused buffers: keep a copy for the next update ratio.
+            self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
+        self._write_views(snapshot, stats, payloads)
+
+    def _store(self, snapshot: Snapshot) -> dict[str, TensorRecord] | None:
+        if self.writer is None:
+            return None
+        try:
+            return self.writer.store_tensors(snapshot)
+        except Exception as e:
+            self._stop_writer(e)
+            return None
+
+    def _previous(self, snapshot: Snapshot) -> Callable[[str], Any]:
+        """A function key -> the weight at the previous snapshot (or None), read one at a time.
+
+        Reading one tensor at a time keeps at most one earlier tensor mapped.
+        """
+        if self.writer is not None:
+            writer = self.writer
+            prev: SnapshotRecord | None = writer.previous(snapshot.step)
+            if prev is None:
+                return lambda key: None
+            return lambda key: writer.read(prev.tensors[key]) if key in prev.tensors else None
+        arrays = self._prev_arrays
+        return lambda key: None if arrays is None else arrays.get(key)
+
+    def _stats(self, snapshot: Snapshot) -> dict[str, dict[str, float]]:
+        try:
+            prev = self._previous(snapshot)
+        except Exception:
+            prev = lambda key: None  # noqa: E731
+        stats = {}
+        for key, arr in snapshot.arrays.items():
+            try:
+                before = prev(key)
+            except Exception:
+                before = None
+            stats[key] = tensor_stats(arr, before)
+            del before
+        return stats
+
+    def _commit(self, snapshot: Snapshot, records: dict[str, TensorRecord] | None,
+                stats: dict[str, dict[str, float]]) -> None:
+        if self.writer is not None and records is not None:
+            try:
+                self.writer.commit_snapshot(snapshot, records, stats)
+            except Exception as e:
+                self._stop_writer(e)
+        if self.writer is not None and self.keep_last is not None:
+            try:
+                self.writer.apply_retention(self.keep_last, self.keep_every)
+            except Exception as e:
+                self.keep_last = None
+                self._fail("snapshot retention", e)
+
+    def _events(self) -> _GuardedEvents:
+        if self.events is None:
+            from .summaries import EventWriter
+
+            self.events = _GuardedEvents(EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR)))
+        return self.events
+
+    def _write_views(self, snapshot: Snapshot, stats: Mapping[str, Mapping[str, float]],
+                     payloads: Mapping[str, Any]) -> None:
+        for view in self.views:
+            try:
+                view.write(snapshot, stats, payloads.get(view.name), self._events())
+            except Exception as e:
+                if self.events is not None and self.events.error is not None:
+                    self._stop_events(self.events.error)
+                    break
+                self._drop(view, e)
+        if self.events is not None and self.events.error is None:
+            try:
+                self.events.flush()
+            except Exception as e:
+                self._stop_events(e)
+
+    def _stop_writer(self, exc: BaseException) -> None:
+        """Stop writing snapshots after a failure; release the run's lock right away."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: S110 - the failure being reported is the one that matters
+                pass
+        self._fail("snapshots", exc)
+
+    def _stop_events(self, exc: BaseException) -> None:
+        """The event file failed (disk full, ...): every view stops, with one warning."""
+        with self._lock:
+            self._views = []
+        self._fail("the TensorBoard event file", exc)
+
+    # ------------------------------------------------------------ train end
+
+    def close(self) -> list[Failure]:
+        """Drain the worker, close the views, the event file and the run (releasing its
+        lock), drop the free buffers; return everything that failed, in order."""
+        worker_errors: list[Failure] = []
+        try:
+            if self._worker is not None:
+                self._worker.close()
+                worker_errors = [("the background writer", e) for e in self._worker.pop_errors()]
+        finally:
+            self._worker = None
+            self._close_parts()
+            self.pool.clear()
+        return self.pop_failures() + worker_errors
+
+    def _close_parts(self) -> None:
+        for view in self.views:
+            try:
+                view.close()
+            except Exception as e:
+                self._fail(f"the {view.name} view", e)
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception as e:
+                self._fail("the TensorBoard event file", e)
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _GuardedEvents:
+    """The run's `EventWriter`, remembering its first I/O error.
+
+    A failing event file (disk full, directory gone) is one failure, reported
+    once, not one per view that writes to it; once it failed, closing it does
+    not report the same error again.
+    """
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+        self.error: OSError | None = None
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.writer.write(*args, **kwargs)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.writer.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except OSError:
+            if self.error is None:
+                raise

@@ -1,0 +1,337 @@
+"""The text the command line and the demo print: reports of runs, diffs and drifts.
+
+Pure functions of library results (`Run`, `DiffResult`, `DriftResult`) to text:
+`render_show`, `render_diff`, `render_drift`, and the pieces they share (`table`,
+`sparkline`, the number formats). Non-finite numbers are spelled as `textfmt`
+spells them. Imports no Keras and no other part of the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .compare.records import (
+    STATUS_CHANGED,
+    STATUS_ONLY_A,
+    STATUS_ONLY_B,
+    STATUS_SHAPE,
+    STATUS_UNCHANGED,
+)
+from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
+
+if TYPE_CHECKING:
+    from .compare.records import DiffResult, DriftResult, FeatureDiff, LayerDiff, TensorDiff
+    from .run import Run
+
+WIDTH = 80
+"""The width of the diff and drift tables."""
+_SPARKS = "▁▂▃▄▅▆▇█"
+_STATUS_WORDS = ((STATUS_ONLY_A, "only in A"), (STATUS_ONLY_B, "only in B"),
+                 (STATUS_SHAPE, "shape changed"))
+_DIFF_COLUMNS = (("rel_l2", 8), ("cosine", 7), ("matched", 7), ("max|B-A|", 9), ("rms", 9))
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def fmt_int(n: int) -> str:
+    """`12,345`."""
+    return f"{n:,}"
+
+
+def fmt_num(x: float) -> str:
+    """A metric: up to 4 decimals for everyday sizes, else 3 significant digits in e-notation.
+
+    Example:
+
+    >>> fmt_num(0.5), fmt_num(2.0), fmt_num(123456.0), fmt_num(float("nan"))
+    ('0.5', '2', '1.235e+05', 'NaN')
+    """
+    if isinstance(x, float) and not math.isfinite(x):
+        return nonfinite_text(x) or ""
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
+    return f"{x:.3e}"
+
+
+def fmt_cos(x: float | None) -> str:
+    """A cosine with 4 decimals; "" for None."""
+    if x is None:
+        return ""
+    return NAN_TEXT if math.isnan(x) else f"{x:.4f}"
+
+
+def shape_text(shape: Sequence[int] | None) -> str:
+    """`(3, 3, 1, 5)`; `-` for None."""
+    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _fit(name: str, width: int) -> str:
+    """`name`, shortened from the left with `…` to at most `width` characters."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+# --------------------------------------------------------------------------- show
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[int] = ()) -> str:
+    """A plain-text table with a header row; columns in `right` are right-aligned."""
+    cells = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate(cells):
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _count(value: object) -> int:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
+
+
+def _non_finite_lines(run: Run, limit: int = 10) -> list[str]:
+    """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
+    found = []
+    for snap in run.snapshots:
+        for key, st in snap.stats.items():
+            nan, inf = _count(st.get("nan_count")), _count(st.get("inf_count"))
+            if nan or inf:
+                found.append(f"{snap.name}: {key} ({nan} NaN, {inf} Inf)")
+    if not found:
+        return []
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return [f"NON-FINITE weights hold NaN/Inf in {len(found)} tensor snapshots: "
+            + "; ".join(found[:limit]) + more]
+
+
+def render_show(run: Run) -> str:
+    """The text of `weightwatch show RUN`."""
+    v = run.versions
+    m = run.model
+    out = [f"run       {run.path}"]
+    out.append(
+        f"written   keras-weightwatch {v.get('keras_weightwatch', '?')}, "
+        f"keras {v.get('keras', '?')}, "
+        f"backend {v.get('backend', '?')} {v.get('backend_version', '')}".rstrip()
+    )
+    out.append(
+        f"model     {m.get('name', '?')} ({m.get('class_name', '?')}): "
+        f"{fmt_int(int(m.get('total_params', 0)))} parameters, "
+        f"{fmt_int(int(m.get('trainable_params', 0)))} trainable, "
+        f"{fmt_int(int(m.get('non_trainable_params', 0)))} non-trainable"
+    )
+    names = [s.name for s in run.snapshots]
+    out.append(f"snapshots {len(names)}: {', '.join(names) if names else '(none complete yet)'}")
+    lossy = {r.stored_dtype for s in run.snapshots for r in s.tensors.values() if r.lossy}
+    if lossy:
+        out.append(
+            f"precision LOSSY: float weights stored as {', '.join(sorted(lossy))} "
+            "(values differ from the model's)"
+        )
+    out.extend(_non_finite_lines(run))
+    out.append("")
+    out.append("layers")
+    out.append(
+        table(
+            [(layer.name, layer.class_name, fmt_int(layer.params)) for layer in run.layers],
+            ["name", "class", "params"],
+            right=[2],
+        )
+    )
+    out.append("")
+    out.append("weights")
+    out.append(
+        table(
+            [
+                (s.key, shape_text(s.shape), s.dtype,
+                 "yes" if s.trainable else "no", fmt_int(s.size))
+                for s in run.specs
+            ],
+            ["key", "shape", "dtype", "trainable", "params"],
+            right=[4],
+        )
+    )
+    history = run.history()
+    if history:
+        metrics = sorted(history)
+        rows = []
+        for s in run.snapshots:
+            rows.append([s.name] + [fmt_num(s.logs[k]) if k in s.logs else "-" for k in metrics])
+        out.append("")
+        out.append("metrics")
+        out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
+    return "\n".join(out)
+
+# --------------------------------------------------------------------------- diff
+
+
+def render_diff(result: DiffResult) -> str:
+    """The text of `weightwatch diff A B`: layers most changed first, in 80 columns.
+
+    Args:
+        result: A `DiffResult`.
+
+    Returns:
+        The text (no trailing newline).
+    """
+    name_w = WIDTH - sum(w + 2 for _, w in _DIFF_COLUMNS)
+    out = [f"A  {result.a}", f"B  {result.b}", _diff_summary(result), ""]
+    out.append("weight".ljust(name_w) + "".join("  " + h.rjust(w) for h, w in _DIFF_COLUMNS))
+    out.append("-" * name_w + "".join("  " + "-" * w for _, w in _DIFF_COLUMNS))
+    for layer in result.layers:
+        out += _layer_lines(layer, name_w)
+    out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
+            "of units (kernels) of B to A's"]
+    if result.features is not None:
+        out += ["", *_feature_lines(result.features)]
+    return "\n".join(out)
+
+
+def _diff_summary(result: DiffResult) -> str:
+    counts = result.counts()
+    summary = (
+        f"{len(result.tensors)} tensors: {counts[STATUS_CHANGED]} changed, "
+        f"{counts[STATUS_UNCHANGED]} unchanged"
+    )
+    for status, words in _STATUS_WORDS:
+        if counts[status]:
+            summary += f", {counts[status]} {words}"
+    if result.tolerance:
+        summary += f" (tolerance {fmt_g(result.tolerance)})"
+    nonfinite = [t for t in result.tensors if t.nonfinite_a or t.nonfinite_b]
+    if nonfinite:
+        summary += f"; NON-FINITE values in {len(nonfinite)}"
+    return summary
+
+
+def _row(name: str, values: Sequence[str], name_w: int) -> str:
+    cells = "".join("  " + v.rjust(w) for v, (_, w) in zip(values, _DIFF_COLUMNS))
+    return (_fit(name, name_w).ljust(name_w) + cells).rstrip()
+
+
+def _note(name: str, text: str, name_w: int) -> str:
+    return (_fit(name, name_w).ljust(name_w) + "  " + text).rstrip()
+
+
+def _layer_lines(layer: LayerDiff, name_w: int) -> list[str]:
+    name = layer.name or "(model)"
+    if layer.unchanged:
+        identical = all(t.identical for t in layer.tensors)
+        out = [_note(name, "identical" if identical else "unchanged (within tolerance)", name_w)]
+        for t in layer.tensors:
+            if t.nonfinite_a or t.nonfinite_b:
+                out.append(f"      NON-FINITE: {t.name} holds {t.nonfinite_a} NaN/Inf in A, "
+                           f"{t.nonfinite_b} in B")
+        return out
+    out = [_row(name, [fmt_g(layer.rel_l2), fmt_cos(layer.cosine),
+                       fmt_cos(layer.matched_cosine), "", ""], name_w)]
+    for t in layer.tensors:
+        out += _tensor_lines(t, name_w)
+    return out
+
+
+def _tensor_lines(t: TensorDiff, name_w: int) -> list[str]:
+    name = "  " + t.name
+    if t.status == STATUS_ONLY_A:
+        out = [_note(name, f"only in A {shape_text(t.shape_a)}", name_w)]
+    elif t.status == STATUS_ONLY_B:
+        out = [_note(name, f"only in B {shape_text(t.shape_b)}", name_w)]
+    elif t.status == STATUS_SHAPE:
+        out = [_note(name, f"shape {shape_text(t.shape_a)} -> {shape_text(t.shape_b)}", name_w)]
+    elif t.unchanged:
+        out = [_note(name, "identical" if t.identical else
+                     f"unchanged (max|B-A| {fmt_g(t.max_abs)})", name_w)]
+    else:
+        out = [_row(name, [fmt_g(t.rel_l2), fmt_cos(t.cosine), fmt_cos(t.matched_cosine),
+                           fmt_g(t.max_abs), fmt_g(t.rms)], name_w)]
+        if t.units_moved:
+            out.append(f"      the best matching moves {t.units_moved} units")
+    if t.nonfinite_a or t.nonfinite_b:
+        out.append(f"      NON-FINITE: {t.nonfinite_a} NaN/Inf in A, {t.nonfinite_b} in B")
+    return out
+
+
+def _feature_lines(f: FeatureDiff) -> list[str]:
+    out = [f"top {f.k} input features of {f.key_b} by |weight|, A -> B"
+           + ("" if f.units == 1 else f" (L2 norm over {f.units} units)")]
+    rows = []
+    for r in f.rows:
+        move = "=" if r.move == 0 else f"{r.move:+d}"
+        flip = ""
+        if r.sign_flips:
+            flip = "flipped" if f.units == 1 else f"{r.sign_flips} units flipped"
+        rows.append([r.name, str(r.rank_a), str(r.rank_b), move, fmt_g(r.weight_a),
+                     fmt_g(r.weight_b), flip])
+    out.append(table(rows, ["feature", "rank A", "rank B", "move", "weight A", "weight B",
+                            "sign"], right=[1, 2, 3, 4, 5]))
+    return out
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """Unicode bars for `values` scaled to their largest finite value; NaN and Inf as `!`.
+
+    More values than `width` are binned (the largest of each bin is drawn).
+
+    Example:
+
+    >>> sparkline([0.0, 0.5, 1.0])
+    '▁▅█'
+    """
+    vals = [float(v) for v in values]
+    if len(vals) > width:
+        n = len(vals)
+        bins = [vals[i * n // width:(i + 1) * n // width] for i in range(width)]
+        vals = [max(b, key=lambda v: (math.isfinite(v), v)) if b else 0.0 for b in bins]
+    finite = [v for v in vals if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    out = []
+    for v in vals:
+        if not math.isfinite(v):
+            out.append("!")
+        elif top <= 0:
+            out.append(_SPARKS[0])
+        else:
+            out.append(_SPARKS[min(len(_SPARKS) - 1, int(round(v / top * (len(_SPARKS) - 1))))])
+    return "".join(out)
+
+
+def render_drift(result: DriftResult) -> str:
+    """The text of `weightwatch drift RUN`: per layer, change per step and since the start.
+
+    Args:
+        result: A `DriftResult`.
+
+    Returns:
+        The text (no trailing newline).
+    """
+    steps = list(result.steps)
+    first = steps[0]
+    out = [f"run        {result.path}", f"snapshots  {len(steps)}: {', '.join(steps)}"]
+    out.append("per step   ||W_t - W_prev|| / ||W_prev||, each layer's tensors together")
+    out.append(f"from {first}".ljust(11)
+               + f"||W_t - W_{first}|| / ||W_{first}|| at the last snapshot")
+    out.append("")
+    spark_w = min(24, max(8, len(steps) - 1))
+    cols = [("per step", spark_w), ("last", 9), ("max", 9), (f"from {first}", 12)]
+    name_w = WIDTH - sum(w + 2 for _, w in cols)
+    out.append("layer".ljust(name_w) + "".join(
+        "  " + (h.ljust(w) if i == 0 else h.rjust(w)) for i, (h, w) in enumerate(cols)))
+    out.append("-" * name_w + "".join("  " + "-" * w for _, w in cols))
+    for layer in result.layers:
+        ch = list(layer.step_change)
+        finite = [v for v in ch if not math.isnan(v)]
+        cells = [sparkline(ch, spark_w).ljust(spark_w), fmt_g(ch[-1]).rjust(9),
+                 fmt_g(max(finite) if finite else math.nan).rjust(9),
+                 fmt_g(layer.from_initial[-1]).rjust(12)]
+        out.append((_fit(layer.name or "(model)", name_w).ljust(name_w)
+                    + "".join("  " + c for c in cells)).rstrip())
+    return "\n".join(out)

@@ -1,0 +1,61 @@
+"""The run directory: its format, reading it, writing it, and where its files live.
+
+- `format`: names, records (`TensorRecord`, `SnapshotRecord`, `WeightSpec`,
+  `LayerInfo`, `ModelInfo`), their JSON, one declarative check per record, and
+  the dtype conversions of stored tensors. No file access.
+- `reader`: `load_run`, `Run`, `verify_run`, `is_run`; every array read goes
+  through one check of its `.npy` file against its record.
+- `writer`: `RunWriter` (atomic, content-addressed writes), its `RunLock`, and
+  retention.
+- `storage`: `Storage`, the one seam where files are touched, and
+  `LocalStorage`, a run in a local directory.
+
+Reading a run needs numpy only.
+"""
+
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_FILE,
+    LOCK_FILE,
+    SNAPSHOT_DIR,
+    TENSOR_DIR,
+    LayerInfo,
+    ModelInfo,
+    SnapshotRecord,
+    TensorRecord,
+    WeightSpec,
+    architecture_mismatch,
+    storage_array,
+)
+from .reader import Run, VerifyReport, hash_file, is_run, load_run, open_run, verify_run
+from .storage import LocalStorage, Storage
+from .writer import RunLock, RunWriter, retained_steps
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HEADER_FILE",
+    "LOCK_FILE",
+    "SNAPSHOT_DIR",
+    "TENSOR_DIR",
+    "LayerInfo",
+    "LocalStorage",
+    "ModelInfo",
+    "Run",
+    "RunLock",
+    "RunWriter",
+    "SnapshotRecord",
+    "Storage",
+    "TensorRecord",
+    "VerifyReport",
+    "WeightSpec",
+    "architecture_mismatch",
+    "hash_file",
+    "is_run",
+    "load_run",
+    "open_run",
+    "retained_steps",
+    "storage_array",
+    "verify_run",
+]

@@ -1,0 +1,492 @@
+"""Reading a run: `load_run`, `Run`, `verify_run`, and the checks every read goes through.
+
+Only complete snapshots are listed; every tensor is checked against its
+record (the .npy header's shape and dtype, the file's size, and once per
+file its SHA-256) before numpy sees it, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import WeightWatchError
+from . import format as fmt
+from .format import (
+    HEADER_FILE,
+    SNAPSHOT_DIR,
+    SNAPSHOT_FILE_RE,
+    TENSOR_DIR,
+    LayerInfo,
+    SnapshotRecord,
+    TensorRecord,
+    WeightSpec,
+    check_header,
+    check_layout,
+    from_storage,
+)
+from .storage import LocalStorage, Storage
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """The result of re-checking every file of a run.
+
+    Attributes:
+        path: The run directory.
+        snapshots: How many snapshots were checked.
+        files: How many distinct tensor files were checked.
+        problems: One line per damaged or missing file (empty when all is well).
+
+    Example: see `verify_run`.
+    """
+
+    path: str
+    snapshots: int
+    files: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
+    """SHA-256 of everything a binary file object has left to read."""
+    h = hashlib.sha256()
+    while True:
+        b = f.read(chunk)
+        if not b:
+            break
+        h.update(b)
+    return h.hexdigest()
+
+
+def hash_file(path: str, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a local file."""
+    with LocalStorage(os.path.dirname(path)).open_read(os.path.basename(path)) as f:
+        return hash_stream(f, chunk)
+
+
+# --------------------------------------------------------------------------- tensor files
+
+
+def tensor_name(rec: TensorRecord) -> str:
+    """The run-relative name of a record's .npy file (always `tensors/<sha256>.npy`)."""
+    return f"{TENSOR_DIR}/{rec.sha256}.npy"
+
+
+def _safe_tensor_name(storage: Storage, rec: TensorRecord) -> str:
+    """The record's file, refused when it is a link or resolves outside the run."""
+    name = tensor_name(rec)
+    if storage.is_link(name):
+        raise WeightWatchError(
+            f"{storage.where(name)}: tensor file is a symbolic link; refusing to follow it"
+        )
+    if not storage.is_inside(name):
+        raise WeightWatchError(
+            f"{storage.where(name)}: resolves to a place outside the run; refusing to read it"
+        )
+    return name
+
+
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), dtype
+
+
+def check_npy_header(storage: Storage, name: str, rec: TensorRecord) -> None:
+    """Check a .npy file's header and size against its record, reading no data."""
+    where = storage.where(name)
+    try:
+        with storage.open_read(name) as f:
+            shape, dtype = _read_npy_header(f)
+            offset = f.tell()
+        size = storage.size(name)
+    except FileNotFoundError:
+        raise WeightWatchError(f"{where}: tensor file is missing") from None
+    except Exception as e:  # any malformed header: numpy raises several kinds
+        raise WeightWatchError(f"{where}: not a readable .npy file ({e})") from None
+    check_layout(where, shape, dtype, rec)
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise WeightWatchError(
+            f"{where}: {size} bytes, expected {expected} for {dtype.name}{list(shape)} "
+            "(truncated or replaced)"
+        )
+
+
+def read_tensor(storage: Storage, rec: TensorRecord, *, mmap: bool) -> np.ndarray:
+    """A stored tensor as the weight's dtype, after the checks of `check_layout`.
+
+    The one way arrays come out of a run: the file's header is checked before
+    numpy can allocate what it claims, and the loaded array once more.
+    """
+    name = _safe_tensor_name(storage, rec)
+    where = storage.where(name)
+    check_npy_header(storage, name, rec)
+    try:
+        arr = storage.load_npy(name, mmap=mmap)
+    except FileNotFoundError:
+        raise WeightWatchError(f"{where}: tensor file is missing") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise WeightWatchError(f"{where}: not a readable .npy file ({e})") from None
+    check_layout(where, arr.shape, arr.dtype, rec)
+    return from_storage(arr, rec)
+
+
+def check_tensor_file(storage: Storage, rec: TensorRecord) -> str | None:
+    """None when the record's file is present and intact, else one line saying what is wrong."""
+    try:
+        name = _safe_tensor_name(storage, rec)
+    except WeightWatchError as e:
+        return str(e)
+    where = storage.where(name)
+    try:
+        size = storage.size(name)
+    except FileNotFoundError:
+        return f"{where}: missing"
+    except OSError as e:
+        return f"{where}: cannot read ({e.strerror or e})"
+    if rec.bytes >= 0 and size != rec.bytes:
+        return f"{where}: {size} bytes, expected {rec.bytes} (truncated or replaced)"
+    try:
+        with storage.open_read(name) as f:
+            digest = hash_stream(f)
+    except OSError as e:
+        return f"{where}: cannot read ({e.strerror or e})"
+    if digest != rec.sha256:
+        return (
+            f"{where}: checksum mismatch (sha256 {digest[:12]}..., expected {rec.sha256[:12]}...)"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def read_json(storage: Storage, name: str, what: str) -> Any:
+    """A run's JSON file, refused when it is a link, too large, or not JSON."""
+    where = storage.where(name)
+    try:
+        if storage.is_link(name):
+            raise WeightWatchError(f"{where}: {what} is a symbolic link; refusing to follow it")
+        size = storage.size(name)
+        if size > fmt.MAX_JSON_BYTES:
+            raise WeightWatchError(f"{where}: {what} is {size} bytes, too large to be one")
+        with storage.open_read(name) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise WeightWatchError(f"{where}: {what} not found") from None
+    except IsADirectoryError:
+        raise WeightWatchError(f"{where}: {what} is a directory") from None
+    except OSError as e:
+        raise WeightWatchError(f"{where}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightWatchError(f"{where}: {what} is not valid JSON ({e})") from None
+
+
+def read_header(storage: Storage) -> dict[str, Any]:
+    return check_header(read_json(storage, HEADER_FILE, "run header"), storage.where(HEADER_FILE))
+
+
+def list_snapshot_files(storage: Storage) -> list[str]:
+    """The names of the snapshot files (complete snapshots), sorted."""
+    if storage.exists(SNAPSHOT_DIR) and not storage.is_inside(SNAPSHOT_DIR):
+        raise WeightWatchError(
+            f"{storage.where(SNAPSHOT_DIR)}: resolves to a place outside the run; "
+            "refusing to read it"
+        )
+    try:
+        names = storage.listdir(SNAPSHOT_DIR)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise WeightWatchError(
+            f"{storage.where(SNAPSHOT_DIR)}: cannot list snapshots ({e.strerror or e})"
+        ) from None
+    return sorted(n for n in names if SNAPSHOT_FILE_RE.match(n))
+
+
+def read_snapshots(storage: Storage) -> list[SnapshotRecord]:
+    snaps = []
+    for name in list_snapshot_files(storage):
+        file = f"{SNAPSHOT_DIR}/{name}"
+        data = read_json(storage, file, "snapshot")
+        snaps.append(SnapshotRecord.from_json(data, file, where=storage.where(file)))
+    if len({s.step for s in snaps}) != len(snaps):
+        raise WeightWatchError(f"{storage.path}: two snapshot files claim the same step")
+    return snaps
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A run directory written by `WeightWatch`, opened for reading.
+
+    Open one with `load_run(path)`. Arrays are memory-mapped from their `.npy`
+    files and checked against their SHA-256 when read, so a large run opens
+    instantly and a damaged file raises `WeightWatchError` instead of
+    returning wrong numbers.
+
+    Steps are TensorBoard steps: the epoch index Keras passes to callbacks
+    (0 after the first epoch); the initial snapshot has the step before the
+    first epoch and is also reachable as `"initial"`. `"last"` names the last
+    snapshot.
+
+    Example:
+
+    >>> run = load_run("runs/exp1")  # the README's quickstart run
+    >>> run.epochs[:3], run.epochs[-1]
+    ([0, 1, 2], 19)
+    >>> run.weights(2)["hidden/kernel"].shape
+    (4, 8)
+    """
+
+    def __init__(self, path: str, header: Mapping[str, Any], snapshots: Sequence[SnapshotRecord],
+                 storage: Storage | None = None):
+        self.path = path
+        self.storage: Storage = storage if storage is not None else LocalStorage(path)
+        self.header = header
+        self._snapshots = tuple(sorted(snapshots, key=lambda s: s.step))
+        self._by_step = {s.step: s for s in self._snapshots}
+        self._verified: set[str] = set()
+        self._specs = tuple(WeightSpec.from_json(w) for w in header.get("weights", []))
+
+    # -- listing
+    @property
+    def snapshots(self) -> tuple[SnapshotRecord, ...]:
+        """Every complete snapshot, ordered by step."""
+        return self._snapshots
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps of all snapshots, the initial one included."""
+        return [s.step for s in self._snapshots]
+
+    @property
+    def epochs(self) -> list[int]:
+        """The steps of the snapshots taken after an epoch, in order."""
+        return [s.step for s in self._snapshots if s.label == "epoch"]
+
+    @property
+    def initial(self) -> SnapshotRecord | None:
+        """The snapshot of the weights before training, if the run has one."""
+        for s in self._snapshots:
+            if s.label == "initial":
+                return s
+        return None
+
+    @property
+    def specs(self) -> tuple[WeightSpec, ...]:
+        """Every weight of the model, in `model.weights` order."""
+        return self._specs
+
+    @property
+    def layers(self) -> tuple[LayerInfo, ...]:
+        """The model's top-level layers with their parameter counts."""
+        return tuple(LayerInfo.from_json(d) for d in self.model.get("layers", []))
+
+    @property
+    def model(self) -> Mapping[str, Any]:
+        """The model's description as recorded in the header."""
+        return self.header.get("model", {})
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The callback's settings when the run was last written."""
+        return self.header.get("settings", {})
+
+    @property
+    def versions(self) -> Mapping[str, str]:
+        """Package, Keras and backend versions that wrote the run."""
+        return self.header.get("versions", {})
+
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        """Each recorded metric as a list of (step, value), in step order."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for s in self._snapshots:
+            for name, value in s.logs.items():
+                out.setdefault(name, []).append((s.step, value))
+        return out
+
+    # -- access
+    def snapshot(self, step: int | str = "last") -> SnapshotRecord:
+        """The snapshot at `step` (an int, `"initial"` or `"last"`)."""
+        if not self._snapshots:
+            raise WeightWatchError(f"{self.path}: the run has no complete snapshot yet")
+        if step == "last":
+            return self._snapshots[-1]
+        if step == "initial":
+            init = self.initial
+            if init is None:
+                raise WeightWatchError(f"{self.path}: the run has no initial snapshot")
+            return init
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(
+                f"step must be an int, 'initial' or 'last'. Received: step={step!r}"
+            )
+        try:
+            return self._by_step[int(step)]
+        except KeyError:
+            raise WeightWatchError(
+                f"{self.path}: no snapshot at step {step}; steps are {self.steps}"
+            ) from None
+
+    def logs(self, step: int | str = "last") -> dict[str, float]:
+        """The loss and metrics recorded with the snapshot at `step`."""
+        return dict(self.snapshot(step).logs)
+
+    def weights(
+        self,
+        step: int | str = "last",
+        *,
+        keys: Iterable[str] | None = None,
+        mmap: bool = True,
+        verify: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Weight key -> array, as `get_weights()` returned it at `step`.
+
+        Args:
+            step: An int step, `"initial"` or `"last"`. Defaults to `"last"`.
+            keys: Only these weights. Defaults to all of them.
+            mmap: Memory-map the arrays (read-only) instead of reading them.
+                Defaults to True.
+            verify: Check each file's SHA-256 once before returning it.
+                Defaults to True.
+        """
+        snap = self.snapshot(step)
+        wanted = self._ordered_keys(snap) if keys is None else list(keys)
+        out = {}
+        for key in wanted:
+            if key not in snap.tensors:
+                raise WeightWatchError(
+                    f"{self.path}: snapshot {snap.name} has no weight {key!r}"
+                )
+            out[key] = self._load(snap.tensors[key], mmap=mmap, verify=verify)
+        return out
+
+    def tensor(self, key: str, step: int | str = "last", *, mmap: bool = True) -> np.ndarray:
+        """One weight's array at `step`."""
+        return self.weights(step, keys=[key], mmap=mmap)[key]
+
+    def iter_tensors(
+        self, step: int | str = "last", *, verify: bool = True
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (key, memory-mapped array) one at a time, for runs too large to hold."""
+        snap = self.snapshot(step)
+        for key in self._ordered_keys(snap):
+            yield key, self._load(snap.tensors[key], mmap=True, verify=verify)
+
+    def _ordered_keys(self, snap: SnapshotRecord) -> list[str]:
+        """The snapshot's keys in `model.weights` order (the order `get_weights()` uses)."""
+        order = [s.key for s in self.specs if s.key in snap.tensors]
+        seen = set(order)
+        return order + sorted(k for k in snap.tensors if k not in seen)
+
+    def _load(self, rec: TensorRecord, *, mmap: bool, verify: bool) -> np.ndarray:
+        if verify and rec.file not in self._verified:
+            problem = check_tensor_file(self.storage, rec)
+            if problem:
+                raise WeightWatchError(problem)
+            self._verified.add(rec.file)
+        return read_tensor(self.storage, rec, mmap=mmap)
+
+    def verify(self) -> VerifyReport:
+        """Re-check every snapshot's every tensor file: present, intact, as described.
+
+        The run is listed again first, so snapshots written since it was opened count too.
+        """
+        return _verify(open_run(self.storage))
+
+    def __repr__(self) -> str:
+        return f"Run({self.path!r}, steps={self.steps})"
+
+
+def open_run(storage: Storage) -> Run:
+    """The run a storage holds (what `load_run` does for a local directory)."""
+    if not storage.isdir():
+        raise WeightWatchError(f"{storage.path}: no such run directory")
+    header = read_header(storage)
+    return Run(storage.path, header, read_snapshots(storage), storage)
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory written by `WeightWatch`.
+
+    Only complete snapshots are listed: a snapshot whose writing was
+    interrupted is invisible. Nothing is unpickled, ever.
+
+    Args:
+        path: The run directory (the callback's `log_dir`).
+
+    Returns:
+        A `Run`.
+
+    Raises:
+        WeightWatchError: the directory is missing, is not a run, or its
+            header or a snapshot file is malformed.
+
+    Example:
+
+    >>> run = load_run("runs/exp1")   # doctest: +SKIP
+    >>> run.weights("initial")        # doctest: +SKIP
+    {'dense/kernel': memmap(...), 'dense/bias': memmap(...)}
+    """
+    return open_run(LocalStorage(path))
+
+
+def is_run(path: str | os.PathLike[str] | Storage) -> bool:
+    """True when `path` (a directory, or a storage) holds a run header."""
+    storage = LocalStorage(path) if isinstance(path, (str, os.PathLike)) else path
+    return storage.isfile(HEADER_FILE)
+
+
+def _verify(run: Run) -> VerifyReport:
+    problems: list[str] = []
+    checked: dict[str, str | None] = {}
+    for snap in run.snapshots:
+        for key, rec in snap.tensors.items():
+            if rec.file not in checked:
+                checked[rec.file] = check_tensor_file(run.storage, rec)
+            problem = checked[rec.file]
+            if problem:
+                problems.append(f"snapshot {snap.name}, weight {key}: {problem}")
+    return VerifyReport(
+        path=run.path, snapshots=len(run.snapshots), files=len(checked), problems=tuple(problems)
+    )
+
+
+def verify_run(path: str | os.PathLike[str]) -> VerifyReport:
+    """Re-check every checksum of a run; see `Run.verify`.
+
+    Raises `WeightWatchError` only when the run cannot be opened at all; each
+    damaged or missing tensor file is a line of the report's `problems`.
+
+    Example (the README's quickstart run: 21 snapshots of 4 tensors):
+
+    >>> from keras_weightwatch import verify_run
+    >>> report = verify_run("runs/exp1")
+    >>> report.ok, report.snapshots, report.files, report.problems
+    (True, 21, 84, ())
+    """
+    return _verify(load_run(path))

@@ -1,0 +1,206 @@
+"""Where a run's files live: the one seam through which the reader and the writer touch them.
+
+`Storage` is what `reader` and `writer` need from a place that holds a run:
+names are relative to the run (`"tensors/<sha256>.npy"`, `"snapshots"`, `""`
+for the run itself). `LocalStorage` keeps them in a local directory; another
+implementation (an object store) can stand behind the same methods.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from typing import BinaryIO, Protocol
+
+import numpy as np
+
+from .format import TMP_PREFIX
+
+
+class LockHeld(OSError):
+    """Another process holds the lock; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, holder: str):
+        super().__init__(f"held by {holder}")
+        self.holder = holder
+
+
+class LockHandle(Protocol):
+    def release(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The file operations of a run. Missing files raise `FileNotFoundError`."""
+
+    path: str
+
+    def where(self, name: str = "") -> str:
+        """The name as messages show it."""
+        ...
+
+    def exists(self, name: str = "") -> bool: ...
+
+    def isdir(self, name: str = "") -> bool: ...
+
+    def isfile(self, name: str) -> bool: ...
+
+    def is_link(self, name: str) -> bool:
+        """True for a symbolic link (which a reader refuses to follow)."""
+        ...
+
+    def is_inside(self, name: str) -> bool:
+        """False when the name resolves (through links) to a place outside the run."""
+        ...
+
+    def size(self, name: str) -> int: ...
+
+    def open_read(self, name: str) -> BinaryIO: ...
+
+    def load_npy(self, name: str, *, mmap: bool) -> np.ndarray:
+        """A .npy file's array, memory-mapped read-only where `mmap` and the place allow."""
+        ...
+
+    def listdir(self, name: str) -> list[str]: ...
+
+    def makedirs(self, name: str) -> None: ...
+
+    def write_atomic(self, name: str, chunks: Iterable[bytes | memoryview], durable: bool) -> None:
+        """Write the file whole or not at all (readers never see it half written)."""
+        ...
+
+    def remove(self, name: str) -> bool:
+        """Delete a file; False when it was not there."""
+        ...
+
+    def sync_dir(self, name: str) -> None:
+        """Make the directory's entries (files created, renamed, removed) durable."""
+        ...
+
+    def lock(self, name: str, owner: str) -> LockHandle:
+        """Hold an exclusive lock named `name` until `release`; raises `LockHeld`."""
+        ...
+
+
+class _FileLock:
+    """An flock(2) held on an open descriptor; closing the descriptor releases it."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+class LocalStorage:
+    """A run in a local directory.
+
+    Args:
+        path: The run directory. Files are found from its absolute path, so a
+            later `os.chdir` does not lose the run; messages show `path` as given.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self.root = os.path.abspath(self.path)
+
+    def _full(self, name: str) -> str:
+        return os.path.join(self.root, name) if name else self.root
+
+    def where(self, name: str = "") -> str:
+        return os.path.join(self.path, name) if name else self.path
+
+    def exists(self, name: str = "") -> bool:
+        return os.path.exists(self._full(name))
+
+    def isdir(self, name: str = "") -> bool:
+        return os.path.isdir(self._full(name))
+
+    def isfile(self, name: str) -> bool:
+        return os.path.isfile(self._full(name))
+
+    def is_link(self, name: str) -> bool:
+        return os.path.islink(self._full(name))
+
+    def is_inside(self, name: str) -> bool:
+        root = os.path.realpath(self.root)
+        return os.path.commonpath([root, os.path.realpath(self._full(name))]) == root
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self._full(name))
+
+    def open_read(self, name: str) -> BinaryIO:
+        return open(self._full(name), "rb")
+
+    def load_npy(self, name: str, *, mmap: bool) -> np.ndarray:
+        arr = np.load(self._full(name), mmap_mode="r" if mmap else None, allow_pickle=False)
+        return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+
+    def listdir(self, name: str) -> list[str]:
+        return os.listdir(self._full(name))
+
+    def makedirs(self, name: str) -> None:
+        os.makedirs(self._full(name), exist_ok=True)
+
+    def write_atomic(self, name: str, chunks: Iterable[bytes | memoryview], durable: bool) -> None:
+        """Write via a temporary file in the same directory, then rename it into place."""
+        path = self._full(name)
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def remove(self, name: str) -> bool:
+        try:
+            os.unlink(self._full(name))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sync_dir(self, name: str) -> None:
+        try:
+            fd = os.open(self._full(name), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def lock(self, name: str, owner: str) -> LockHandle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return _FileLock(None)
+        fd = os.open(self._full(name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(fd)
+            raise LockHeld(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{owner}\n".encode(), 0)
+        return _FileLock(fd)

@@ -1,0 +1,346 @@
+"""Writing a run: `RunWriter`, its lock, and retention.
+
+Every file is written under a temporary name and renamed into place. Tensor
+files are written before the snapshot file that names them, so a snapshot is
+visible only once all its tensors are stored: a process killed at any moment
+leaves a run whose listed snapshots all load and verify. Tensor files are
+content-addressed, so a tensor that did not change since an earlier snapshot
+(a frozen layer) is stored once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import RunBusyError, WeightWatchError
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_FILE,
+    LOCK_FILE,
+    SNAPSHOT_DIR,
+    TENSOR_DIR,
+    TENSOR_FILE_RE,
+    TMP_PREFIX,
+    ModelInfo,
+    SnapshotRecord,
+    TensorRecord,
+    WeightSpec,
+    architecture_mismatch,
+    json_bytes,
+    npy_header,
+    raw_bytes,
+    snapshot_file_name,
+    storage_array,
+)
+from .reader import is_run, open_run, read_tensor
+from .storage import LocalStorage, LockHandle, LockHeld, Storage
+
+if TYPE_CHECKING:
+    from ..capture import Snapshot
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLock:
+    """The exclusive lock a writer holds on a run from `RunWriter.open` to `close`.
+
+    Args:
+        storage: Where the run is; the lock is its `.weightwatch.lock` file.
+
+    Example: hold a run the way a writer does, so that another writer is refused.
+
+    >>> lock = RunLock(LocalStorage("runs/exp1"))  # doctest: +SKIP
+    >>> lock.acquire()                              # doctest: +SKIP
+    >>> lock.release()                              # doctest: +SKIP
+    """
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._handle: LockHandle | None = None
+
+    def acquire(self) -> None:
+        """Take the lock. Raises `RunBusyError` naming the holder when another has it."""
+        try:
+            self._handle = self.storage.lock(LOCK_FILE, f"pid {os.getpid()}")
+        except LockHeld as e:
+            raise RunBusyError(
+                f"{self.storage.path}: the run is being written by another WeightWatch "
+                f"({e.holder}); give each writer its own log_dir, or pass if_exists='new'"
+            ) from None
+
+    def release(self) -> None:
+        """Let go of the lock. Safe to call twice."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.release()
+
+
+def retained_steps(
+    snapshots: Sequence[SnapshotRecord], keep_last: int, keep_every: int | None = None
+) -> set[int]:
+    """The steps a retention policy keeps: the initial snapshot, the last `keep_last`
+    epoch snapshots, and every epoch snapshot whose step is a multiple of `keep_every`."""
+    epochs = sorted(s.step for s in snapshots if s.label == "epoch")
+    keep = {s.step for s in snapshots if s.label == "initial"}
+    keep.update(epochs[-keep_last:] if keep_last > 0 else [])
+    if keep_every:
+        keep.update(step for step in epochs if step % keep_every == 0)
+    return keep
+
+
+def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
+        list[WeightSpec], list[SnapshotRecord], str | None]:
+    """The specs, snapshots and creation time of the run a writer continues (if any).
+
+    The weight keys of an existing run are kept (matched by position), so a
+    model rebuilt with other auto-generated layer names continues the same series.
+    """
+    if not is_run(storage):
+        return specs, [], None
+    old = open_run(storage)
+    problem = architecture_mismatch(old.specs, specs)
+    if problem:
+        raise WeightWatchError(
+            f"{storage.path}: holds a run of another architecture ({problem}); pass "
+            "if_exists='new' to start a new run beside it, or choose another log_dir"
+        )
+    kept = [dataclasses.replace(new, key=o.key, layer=o.layer) for o, new in zip(old.specs, specs)]
+    return kept, list(old.snapshots), old.header.get("created")
+
+
+class RunWriter:
+    """Writes snapshots into a run directory; the only code that creates its files.
+
+    Use `RunWriter.open(...)`, then for each snapshot `store_tensors(snapshot)`
+    (its arrays) and `commit_snapshot(snapshot, records, stats)` (its snapshot
+    file, which makes it visible), optionally `apply_retention(...)`, then
+    `close()`. One writer holds the run's lock from `open` to `close`.
+
+    Example (no Keras needed: a `ModelInfo` and a `Snapshot` of numpy arrays):
+
+    >>> writer = RunWriter.open("runs/x", info, settings={}, versions={})  # doctest: +SKIP
+    >>> records = writer.store_tensors(snapshot)                         # doctest: +SKIP
+    >>> writer.commit_snapshot(snapshot, records).name                   # doctest: +SKIP
+    '0'
+    >>> writer.close()                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, path: str, header: dict[str, Any], specs: Sequence[WeightSpec],
+                 snapshots: Sequence[SnapshotRecord], durable: bool, store_dtype: str | None,
+                 storage: Storage | None = None):
+        self.path = path
+        self.storage: Storage = storage if storage is not None else LocalStorage(path)
+        self.header = header
+        self.specs = tuple(specs)
+        self.durable = durable
+        self.store_dtype = store_dtype
+        self._snapshots = {s.step: s for s in snapshots}
+        self._files: set[str] = {
+            rec.file for s in snapshots for rec in s.tensors.values()
+        }
+        self._lock = RunLock(self.storage)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        model: ModelInfo,
+        *,
+        settings: Mapping[str, Any],
+        versions: Mapping[str, str],
+        durable: bool = True,
+        store_dtype: str | None = None,
+        weights: Sequence[WeightSpec] | None = None,
+        storage: Storage | None = None,
+    ) -> RunWriter:
+        """Create the run, or open an existing one of the same architecture to continue it.
+
+        The weight keys of an existing run are kept (matched by position), so a
+        model rebuilt in another process with other auto-generated layer names
+        continues the same series. `weights` is the subset of `model.weights`
+        the run stores (an include/exclude filter); defaults to all of them.
+        `storage` is where the run's files go; defaults to the local directory
+        `path`.
+
+        Raises:
+            WeightWatchError: the run was written by a model of another
+                architecture, or another writer holds it.
+        """
+        storage = storage if storage is not None else LocalStorage(path)
+        storage.makedirs(TENSOR_DIR)
+        storage.makedirs(SNAPSHOT_DIR)
+        lock = RunLock(storage)
+        lock.acquire()
+        try:
+            specs, snapshots, created = _continued_specs(
+                storage, list(model.weights if weights is None else weights))
+            header = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": created or _now_iso(),
+                "updated": _now_iso(),
+                "versions": dict(versions),
+                "model": model.to_json(),
+                "weights": [s.to_json() for s in specs],
+                "settings": dict(settings),
+            }
+            writer = cls(path, header, specs, snapshots, durable, store_dtype, storage)
+            writer._lock = lock
+            storage.write_atomic(HEADER_FILE, [json_bytes(header)], durable)
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def snapshots(self) -> list[SnapshotRecord]:
+        return [self._snapshots[k] for k in sorted(self._snapshots)]
+
+    @property
+    def last_step(self) -> int | None:
+        return max(self._snapshots) if self._snapshots else None
+
+    def has_initial(self) -> bool:
+        return any(s.label == "initial" for s in self._snapshots.values())
+
+    def previous(self, step: int) -> SnapshotRecord | None:
+        """The latest snapshot strictly before `step`."""
+        earlier = [k for k in self._snapshots if k < step]
+        return self._snapshots[max(earlier)] if earlier else None
+
+    def read(self, rec: TensorRecord) -> np.ndarray:
+        """A stored tensor, memory-mapped (used for update ratios against an earlier snapshot).
+
+        Goes through the same checks as every read of a run (`reader.read_tensor`).
+        """
+        return read_tensor(self.storage, rec, mmap=True)
+
+    def store_tensors(self, snapshot: Snapshot) -> dict[str, TensorRecord]:
+        """Write the snapshot's arrays that are not stored yet; return every tensor's record."""
+        records: dict[str, TensorRecord] = {}
+        wrote = False
+        for spec in self.specs:
+            rec, chunks = self._encode(snapshot.arrays[spec.key], spec)
+            if rec.file not in self._files and not self.storage.isfile(rec.file):
+                self.storage.write_atomic(rec.file, chunks, self.durable)
+                wrote = True
+            self._files.add(rec.file)
+            records[spec.key] = rec
+        if wrote and self.durable:
+            self.storage.sync_dir(TENSOR_DIR)
+        return records
+
+    def _encode(self, arr: np.ndarray, spec: WeightSpec) -> tuple[TensorRecord, list[Any]]:
+        """A tensor's record and the bytes of its .npy file (header, then data)."""
+        stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
+        # The bytes are written in C order, so the header must say so too. (Not
+        # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
+        stored = np.require(stored, requirements="C")
+        header = npy_header(stored)
+        data = raw_bytes(stored)
+        h = hashlib.sha256(header)
+        h.update(data)
+        sha = h.hexdigest()
+        rec = TensorRecord(
+            file=f"{TENSOR_DIR}/{sha}.npy",
+            sha256=sha,
+            shape=tuple(arr.shape),
+            dtype=spec.dtype,
+            stored_dtype=stored_dtype,
+            lossy=lossy,
+            bytes=len(header) + data.nbytes,
+        )
+        return rec, [header, data]
+
+    def commit_snapshot(
+        self,
+        snapshot: Snapshot,
+        records: Mapping[str, TensorRecord],
+        stats: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> SnapshotRecord:
+        """Make the snapshot visible by writing its snapshot file, last."""
+        file = f"{SNAPSHOT_DIR}/{snapshot_file_name(snapshot.label, snapshot.step)}"
+        draft = SnapshotRecord(
+            step=snapshot.step,
+            label=snapshot.label,
+            epoch=snapshot.epoch,
+            time=snapshot.time,
+            logs=dict(snapshot.logs),
+            tensors=dict(records),
+            stats={k: dict(v) for k, v in (stats or {}).items()},
+            file=file,
+        )
+        body = json_bytes(draft.to_json())
+        self.storage.write_atomic(file, [body], self.durable)
+        if self.durable:
+            self.storage.sync_dir(SNAPSHOT_DIR)
+        # What a reader will find: the record parsed back from the bytes just written.
+        record = SnapshotRecord.from_json(json.loads(body), file, where=self.storage.where(file))
+        self._snapshots[snapshot.step] = record
+        return record
+
+    def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[str]:
+        """Remove the snapshots `retained_steps` does not keep, then their unreferenced tensors.
+
+        Crash-safe in this order: each removed snapshot's file goes first (the
+        run then no longer lists it), then every tensor file that no remaining
+        snapshot references. A process killed at any moment leaves a run whose
+        listed snapshots all load and verify; a leftover unreferenced tensor
+        file is removed by the next pass.
+
+        Returns:
+            The removed snapshot files, relative to the run directory.
+        """
+        keep = retained_steps(self.snapshots, keep_last, keep_every)
+        removed = []
+        for step in sorted(self._snapshots):
+            if step in keep:
+                continue
+            record = self._snapshots.pop(step)
+            self.storage.remove(record.file)
+            removed.append(record.file)
+        if removed and self.durable:
+            self.storage.sync_dir(SNAPSHOT_DIR)
+        self.collect_garbage()
+        return removed
+
+    def collect_garbage(self) -> list[str]:
+        """Delete tensor files that no snapshot of the run references; return their names.
+
+        Only files named like tensors (`<sha256>.npy`) and leftover temporary
+        files (`.tmp-*`) are touched. Call it only between snapshots: the
+        tensors of a snapshot being written are not referenced yet.
+        """
+        referenced = {rec.file for s in self._snapshots.values() for rec in s.tensors.values()}
+        deleted = []
+        try:
+            names = self.storage.listdir(TENSOR_DIR)
+        except FileNotFoundError:
+            names = []
+        for name in sorted(names):
+            file = f"{TENSOR_DIR}/{name}"
+            if not (TENSOR_FILE_RE.match(file) or name.startswith(TMP_PREFIX)):
+                continue
+            if file in referenced:
+                continue
+            if self.storage.remove(file):
+                deleted.append(file)
+        self._files &= referenced
+        if deleted and self.durable:
+            self.storage.sync_dir(TENSOR_DIR)
+        return deleted
+
+    def close(self) -> None:
+        """Release the run's lock. Safe to call twice."""
+        self._lock.release()

@@ -1,0 +1,37 @@
+"""The TensorBoard views that WeightWatch writes at each snapshot.
+
+One module per view; `base` holds the `View` protocol (its hooks: `prepare`,
+`restrict`, `capture`, `write`, `close`) and `build.build_views(settings)`
+turns `Settings` into the list of views. Importing this package imports
+neither Keras nor TensorFlow: the views import Keras when they first need it.
+
+Tags (all made by `summaries.tag`, so they are stable across runs):
+
+| view | plugin | tag |
+|---|---|---|
+| `StatsView` | scalars | `<weight key>/<statistic>` (`dense/kernel/l2_norm`) |
+| `HistogramView` | histograms | `<weight key>/histogram` |
+| `FeatureView` | text | `features/<layer>` |
+| `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
+| `KernelImageView` | images | `<weight key>/image` (`conv2d/kernel/image`) |
+| `ResponseView` | images | `responses/<layer>/sample_<i>` |
+"""
+
+from .base import View
+from .build import build_views
+from .features import MAX_FEATURE_SCALARS, FeatureView
+from .histograms import HistogramView
+from .kernels import KernelImageView
+from .responses import ResponseView
+from .stats import StatsView
+
+__all__ = [
+    "MAX_FEATURE_SCALARS",
+    "FeatureView",
+    "HistogramView",
+    "KernelImageView",
+    "ResponseView",
+    "StatsView",
+    "View",
+    "build_views",
+]

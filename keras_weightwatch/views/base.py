@@ -1,0 +1,89 @@
+"""The View protocol, and the model helpers views share (training thread only).
+
+A view has four hooks:
+
+- `prepare(model, info)` runs on the training thread at train begin. It checks
+  the view's arguments against the model (a feature layer that does not exist,
+  sample images of the wrong shape) and raises `ValueError`/`TypeError` before
+  any epoch runs.
+- `restrict(keys)` runs right after it, with the keys of the weights that the
+  include/exclude filter keeps: the view drops what it would read of the others,
+  or raises when it cannot do without them.
+- `capture(model)` runs on the training thread at each snapshot, for the rare
+  view that needs Keras to compute something (a layer's activations). It
+  returns a payload of numpy arrays, or None.
+- `write(snapshot, stats, payload, events)` runs on the background worker with
+  numpy arrays only, and writes summaries through `events`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from typing import Any
+
+from ..capture import ModelInfo, Snapshot
+from ..errors import received
+
+Stats = Mapping[str, Mapping[str, float]]
+
+
+class View:
+    """Base class of a view; see the module docstring."""
+
+    name = "view"
+
+    def prepare(self, model: Any, info: ModelInfo) -> None:
+        """Check arguments against the model (training thread, train begin)."""
+
+    def restrict(self, keys: Set[str]) -> None:
+        """Keep off the weights the include/exclude filter leaves out (train begin)."""
+
+    def capture(self, model: Any) -> Any:
+        """Compute a payload that needs Keras (training thread, each snapshot)."""
+        return None
+
+    def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
+        """Write this view's summaries for one snapshot (worker thread)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release whatever the view holds (train end)."""
+
+
+def keras_module() -> Any:
+    """Keras, imported when a view first needs it (reading runs never does)."""
+    import keras
+
+    return keras
+
+
+def all_layers(model: Any) -> list[Any]:
+    """Every layer of the model, nested ones included, in model order."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=True))
+    return list(getattr(model, "layers", []))
+
+
+def weight_keys(model: Any, info: ModelInfo) -> dict[int, str]:
+    """id(variable) -> the run's key for it."""
+    return {id(v): spec.key for v, spec in zip(model.weights, info.weights)}
+
+
+def find_layer(model: Any, name: str, arg: str) -> Any:
+    """The layer called `name`, nested ones included; else a ValueError about argument `arg`."""
+    for layer in all_layers(model):
+        if layer.name == name:
+            return layer
+    names = [layer.name for layer in all_layers(model)]
+    raise ValueError(
+        f"`{arg}`: the model has no layer named {name!r} (it has {names}). {received(arg, name)}"
+    )
+
+
+def model_inputs(model: Any) -> list[Any]:
+    """The model's symbolic inputs, or [] for a model that has none known (subclassed)."""
+    try:
+        return list(model.inputs)
+    except (AttributeError, ValueError):
+        return []

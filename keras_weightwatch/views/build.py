@@ -1,0 +1,45 @@
+"""Settings -> the list of views, in writing order."""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .base import View
+from .features import FeatureView
+from .histograms import HistogramView
+from .kernels import KernelImageView
+from .responses import ResponseView
+from .stats import StatsView
+
+
+def build_views(settings: Settings) -> list[View]:
+    """The views the settings ask for, in writing order.
+
+    Returns:
+        Statistics always; histograms, the feature table, kernel images and
+        responses when the settings ask for them.
+    """
+    views: list[View] = [StatsView()]
+    if settings.histograms:
+        views.append(HistogramView())
+    if settings.wants_features:
+        views.append(
+            FeatureView(
+                settings.feature_names,
+                settings.top_k,
+                settings.feature_layer,
+                settings.feature_data,
+            )
+        )
+    if settings.kernel_images:
+        views.append(KernelImageView(settings.max_kernel_tiles))
+    if settings.sample_images is not None:
+        views.append(
+            ResponseView(
+                settings.sample_images,
+                settings.response_mode,
+                settings.response_layers,
+                settings.max_kernel_tiles,
+                settings.responses_dir,
+            )
+        )
+    return views

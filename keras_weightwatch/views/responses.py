@@ -1,0 +1,245 @@
+"""`ResponseView`: sample images and their responses to the kernels of Conv2D layers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence, Set
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..capture import ModelInfo, Snapshot
+from ..errors import received
+from ..settings import Settings
+from .base import Stats, View, find_layer, keras_module, model_inputs, weight_keys
+
+
+class _Target(NamedTuple):
+    """One Conv2D layer whose responses are drawn, with what computing them needs."""
+
+    layer: str
+    key: str
+    """The run's key of the layer's kernel."""
+    channels_first: bool
+    padding: str
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    fed_by_input: bool
+    """Whether the model input feeds the layer directly (no sub-model needed in kernel mode)."""
+
+
+def _shape(x: np.ndarray) -> str:
+    return f"Received: sample_images with shape {x.shape}"
+
+
+def _write_png(path: str, png: bytes) -> None:
+    """Write a file atomically: a reader never sees half of it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(png)
+    os.replace(tmp, path)
+
+
+class ResponseView(View):
+    """Sample images and their responses to each kernel of Conv2D layers.
+
+    In `"kernel"` mode a response is the cross-correlation of the layer's
+    input with one kernel (see `responses.correlate`: the layer's padding,
+    strides and dilation, no bias, no activation), computed on the worker
+    from the snapshot's kernel; for a layer that is not fed by the model input
+    directly, its input is computed at each snapshot by a sub-model. In
+    `"activation"` mode it is the layer's output, computed by a sub-model.
+
+    Args:
+        sample_images: `(N, H, W, C)` (or `(N, C, H, W)` for a channels_first
+            model), in the model's input layout.
+        mode: `"kernel"` or `"activation"`. Defaults to `"kernel"`.
+        layers: Names of Conv2D layers. Defaults to None: the first one.
+        max_tiles: The most response tiles per image. Defaults to 256.
+        out_dir: Also write the grids as PNG files here
+            (`<layer>/sample_<i>/step_<step>.png`). Defaults to None.
+    """
+
+    name = "responses"
+
+    def __init__(
+        self,
+        sample_images: np.ndarray,
+        mode: str = Settings.response_mode,
+        layers: Sequence[str] | None = Settings.response_layers,
+        max_tiles: int = Settings.max_kernel_tiles,
+        out_dir: str | None = Settings.responses_dir,
+    ):
+        self.sample_images = sample_images
+        self.mode = mode
+        self.layer_names = None if layers is None else list(layers)
+        self.max_tiles = max_tiles
+        self.out_dir = out_dir
+        self.targets: list[_Target] = []
+        self._submodels: dict[str, Any] = {}
+        self._images_nhwc: np.ndarray | None = None
+        self._model_images: np.ndarray | None = None
+
+    # ------------------------------------------------------------ train begin
+
+    def _model_input(self, model: Any) -> Any:
+        """The model's one input, checked against the sample images' shape."""
+        x = self.sample_images
+        inputs = model_inputs(model)
+        if len(inputs) != 1:
+            raise ValueError(
+                "`sample_images` needs a model with exactly one (known) input; this model has "
+                f"{len(inputs)}. {_shape(x)}"
+            )
+        expected = tuple(inputs[0].shape)
+        if len(expected) != 4 or any(
+            e is not None and int(e) != int(g) for e, g in zip(expected[1:], x.shape[1:])
+        ):
+            raise ValueError(
+                f"`sample_images` must match the model input shape {expected}. {_shape(x)}"
+            )
+        return inputs[0]
+
+    def _chosen_layers(self, model: Any) -> list[Any]:
+        """The Conv2D layers to draw: those named, or the first one at the top level."""
+        conv2d = keras_module().layers.Conv2D
+        top = list(getattr(model, "layers", []))
+        if self.layer_names is None:
+            chosen = [layer for layer in top if isinstance(layer, conv2d)][:1]
+            if not chosen:
+                raise ValueError(
+                    "`sample_images` needs a Conv2D layer in the model (at its top level) or "
+                    f"`response_layers=`. {_shape(self.sample_images)}"
+                )
+            return chosen
+        chosen = []
+        for name in self.layer_names:
+            layer = find_layer(model, name, "response_layers")
+            if not any(layer is t for t in top):
+                raise ValueError(
+                    f"`response_layers`: {name!r} is inside a nested model; name a layer at "
+                    f"the model's top level. {received('response_layers', self.layer_names)}"
+                )
+            if not isinstance(layer, conv2d) or getattr(layer, "groups", 1) != 1:
+                raise ValueError(
+                    f"`response_layers` must name Conv2D layers (groups=1); {name!r} is a "
+                    f"{type(layer).__name__}. {received('response_layers', self.layer_names)}"
+                )
+            chosen.append(layer)
+        return chosen
+
+    def _target(self, layer: Any, model_input: Any, keys: Mapping[int, str]) -> _Target:
+        if self.mode == "kernel" and layer.padding not in ("valid", "same"):
+            raise ValueError(
+                f"`response_layers`: {layer.name!r} has padding={layer.padding!r}; kernel "
+                "responses support 'valid' and 'same'."
+            )
+        return _Target(
+            layer=layer.name,
+            key=keys[id(layer.kernel)],
+            channels_first=layer.data_format == "channels_first",
+            padding=layer.padding,
+            strides=tuple(layer.strides),
+            dilation=tuple(layer.dilation_rate),
+            fed_by_input=layer.input is model_input,
+        )
+
+    def prepare(self, model: Any, info: ModelInfo) -> None:
+        x = self.sample_images
+        model_input = self._model_input(model)
+        chosen = self._chosen_layers(model)
+        keys = weight_keys(model, info)
+        channels_first = chosen[0].data_format == "channels_first"
+        self._images_nhwc = np.moveaxis(x, 1, -1) if channels_first else x
+        dtype = str(getattr(model_input, "dtype", None) or "float32")
+        self._model_images = np.asarray(x, dtype=dtype)
+        self.targets = [self._target(layer, model_input, keys) for layer in chosen]
+        keras = keras_module()
+        self._submodels = {}
+        for layer, target in zip(chosen, self.targets):
+            if self.mode == "activation":
+                self._submodels[layer.name] = keras.Model(model_input, layer.output)
+            elif not target.fed_by_input:
+                self._submodels[layer.name] = keras.Model(model_input, layer.input)
+
+    def restrict(self, keys: Set[str]) -> None:
+        kept = [t for t in self.targets if t.key in keys]
+        if not kept:
+            names = [t.key for t in self.targets]
+            raise ValueError(
+                f"the responses to `sample_images` need the kernels {names}, which "
+                "`include`/`exclude` leave out; include them or drop `sample_images`. "
+                f"Received: response kernels={names}"
+            )
+        self.targets = kept
+        names_kept = {t.layer for t in kept}
+        self._submodels = {n: m for n, m in self._submodels.items() if n in names_kept}
+
+    # ------------------------------------------------------------ each snapshot
+
+    def _images(self) -> np.ndarray:
+        """The sample images, channels last (set by `prepare`)."""
+        if self._images_nhwc is None:
+            raise ValueError("ResponseView: `prepare` has not run")
+        return self._images_nhwc
+
+    def capture(self, model: Any) -> dict[str, np.ndarray] | None:
+        if not self._submodels:
+            return None
+        keras = keras_module()
+        out = {}
+        for name, sub in self._submodels.items():
+            y = sub(self._model_images, training=False)
+            out[name] = np.asarray(keras.ops.convert_to_numpy(y))
+        return out
+
+    def responses(
+        self, snapshot: Snapshot, payload: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """Layer name -> responses `(N, h, w, outputs)` (channels last) for one snapshot."""
+        from ..responses import correlate
+
+        out = {}
+        for t in self.targets:
+            if self.mode == "activation" or not t.fed_by_input:
+                if payload is None or t.layer not in payload:
+                    continue
+                arr = payload[t.layer]
+                if t.channels_first:
+                    arr = np.moveaxis(arr, 1, -1)
+                if self.mode == "activation":
+                    out[t.layer] = arr
+                    continue
+                layer_in = arr
+            else:
+                layer_in = self._images()
+            out[t.layer] = correlate(
+                layer_in, snapshot.arrays[t.key], t.strides, t.padding, t.dilation
+            )
+        return out
+
+    def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
+        from ..images import encode_png, response_grid
+        from ..summaries import image, tag
+
+        images = self._images()
+        values = []
+        for name, res in self.responses(snapshot, payload).items():
+            for i in range(res.shape[0]):
+                grid = response_grid(images[i], res[i], self.max_tiles)
+                png = encode_png(grid.image)
+                h, w = grid.image.shape[:2]
+                desc = (
+                    f"Sample {i} and its {self.mode} response to each of the {res.shape[-1]} "
+                    f"kernels of `{name}` ({len(grid.tiles) - 1} shown); blue < 0 < red, "
+                    f"|r| = {grid.vmax:.4g} at full colour"
+                )
+                values.append(image(tag("responses", name, f"sample_{i}"), [png], w, h, desc))
+                if self.out_dir is not None:
+                    sample_dir = os.path.join(self.out_dir, name, f"sample_{i}")
+                    _write_png(os.path.join(sample_dir, f"step_{snapshot.step}.png"), png)
+        events.write(snapshot.step, values, wall_time=snapshot.time)
+
+    def close(self) -> None:
+        self._submodels = {}

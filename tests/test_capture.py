@@ -1,0 +1,116 @@
+"""capture: the copy of the weights into reused host buffers, bit for bit for every dtype."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_same_arrays
+
+from keras_weightwatch import WeightWatch, load_run
+from keras_weightwatch.capture import BufferPool, capture_into
+
+
+def test_buffer_pool_bound_and_no_hang_when_the_worker_is_gone():
+    pool = BufferPool(2, alive=lambda: False)
+    assert pool.acquire() is None and pool.acquire() is None  # two sets may be created
+    assert pool.created == 2 and pool.in_use == 2
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker thread has stopped"):
+        pool.acquire()  # nothing will ever release a set: raise, never hang
+    assert time.monotonic() - t0 < 5
+    bufs = [np.zeros(3)]
+    pool.release(bufs)
+    assert pool.in_use == 1
+    assert pool.acquire() is bufs
+    with pytest.raises(ValueError, match="Received: max_sets=0"):
+        BufferPool(0)
+
+
+ODD_NAME = 'count:1 *?<>|\\"é\t%~'  # not legal in file names on some systems; no "/"
+
+
+class Counters(keras.layers.Layer):
+    """Integer, boolean and zero-size variables, non-trainable, updated by `call`."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(), dtype="int32", trainable=False,
+                                     initializer="zeros", name=ODD_NAME)
+        self.flags = self.add_weight(shape=(3,), dtype="bool", trainable=False,
+                                     initializer="zeros", name="flags")
+        self.empty = self.add_weight(shape=(0, 3), initializer="zeros", name="empty",
+                                     trainable=False)
+        self.empty_cols = self.add_weight(shape=(4, 0), initializer="zeros", name="empty_cols",
+                                          trainable=False)
+        self.big_ints = self.add_weight(shape=(2,), dtype="int64", trainable=False,
+                                        initializer="zeros", name="big")
+
+    def call(self, x):
+        self.count.assign_add(1)
+        self.flags.assign(keras.ops.logical_not(self.flags))
+        self.big_ints.assign_add(keras.ops.convert_to_tensor([2**40, -(2**40)], "int64"))
+        return x
+
+
+def _odd_model():
+    inp = keras.Input((4,))
+    h = keras.layers.Dropout(0.1)(inp)  # no weights
+    h = Counters(name="counters")(h)
+    shared = keras.layers.Dense(3, name="shared")  # one layer, two branches
+    a = shared(h)
+    b = shared(keras.layers.Activation("tanh")(h))
+    h = keras.layers.Concatenate()([a, b])
+    h = keras.layers.Flatten()(h)  # no weights
+    out = keras.layers.Dense(1, name="out")(h)
+    return keras.Model(inp, out)
+
+
+def _data(n=16, d=4):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype("float32")
+    return x, x[:, :1] * 3.0
+
+
+def test_odd_layers_and_dtypes_snapshot_and_load(tmp_path, recorder):
+    keras.utils.set_random_seed(21)
+    model = _odd_model()
+    model.compile(optimizer="adam", loss="mse")
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0,
+              callbacks=[recorder, WeightWatch(tmp_path / "run")])
+    run = load_run(tmp_path / "run")
+    assert run.steps == [-1, 0, 1, 2]
+    assert run.verify().ok
+    assert_same_arrays(run.weights("initial"), recorder.initial)
+    for epoch in range(3):
+        assert_same_arrays(run.weights(epoch), recorder.epochs[epoch])
+    specs = {s.key: s for s in run.specs}
+    assert specs[f"counters/{ODD_NAME}"].dtype == "int32"
+    assert specs["counters/flags"].dtype == "bool"
+    assert specs["counters/empty"].shape == (0, 3)
+    assert not specs["counters/flags"].trainable
+    # 2 batches per epoch: the counter moved, the flags flipped twice, int64 kept exactly.
+    assert int(run.tensor(f"counters/{ODD_NAME}", 2)) == 6
+    assert run.tensor("counters/big", 2).tolist() == [6 * 2**40, -6 * 2**40]
+    # The shared layer's weights are stored once per snapshot, under one key.
+    assert [k for k in specs if k.startswith("shared/")] == ["shared/kernel", "shared/bias"]
+    # Tensor files are named by content only: the odd weight name never reaches the disk.
+    names = os.listdir(tmp_path / "run" / "tensors")
+    assert all(len(n) == 68 and n.endswith(".npy") for n in names)
+
+
+def test_capture_into_reuses_the_released_set_and_equals_numpy():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    variables = list(model.weights)
+    pool = BufferPool(1)
+    first = capture_into(variables, pool)
+    assert_same_arrays(dict(enumerate(first)), model.get_weights())
+    pool.release(first)
+    model.layers[0].kernel.assign(np.full((3, 2), 4.0, "float32"))
+    second = capture_into(variables, pool)
+    assert all(a is b for a, b in zip(first, second))  # the same buffers, written again
+    assert_same_arrays(dict(enumerate(second)), model.get_weights())
+    assert pool.created == 1 and pool.in_use == 1

@@ -1,0 +1,166 @@
+"""`diff_runs` executing its plan: runs made with numpy, numpy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from compare_runs import LAYERS, epochs, oracle, weights, write_run
+
+from keras_weightwatch import WeightWatchError, diff_runs
+from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
+from keras_weightwatch.report import render_diff
+from keras_weightwatch.run import RunWriter, load_run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return write_run(tmp_path / "run", epochs())
+
+
+def test_store_writes_non_c_order_arrays_as_they_are(tmp_path):
+    # Fortran-ordered, strided and 0-d arrays come back equal from a RunWriter-written run.
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 4)).astype("float32")
+    arrays = {"f/kernel": np.asfortranarray(base), "s/kernel": base[:, ::2],
+              "p/kernel": base[:, [3, 1, 0, 2]], "c/count": np.array(7, "int32")}
+    path = str(tmp_path / "run")
+    writer = RunWriter.open(path, ModelInfo("m", "Sequential", (), tuple(
+        WeightSpec(key=k, path=f"m/{k}", layer=k.split("/")[0], shape=a.shape,
+                   dtype=a.dtype.name, trainable=True) for k, a in arrays.items())),
+        settings={}, versions={}, durable=False)
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays=arrays, logs={})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    got = load_run(path).weights(0)
+    for k, a in arrays.items():
+        assert got[k].shape == a.shape and got[k].dtype == a.dtype
+        np.testing.assert_array_equal(got[k], a)
+
+
+@pytest.mark.parametrize("step", ["initial", "0", "last"])
+def test_a_run_diffed_with_itself_is_unchanged_everywhere(run_dir, step):
+    result = diff_runs(f"{run_dir}@{step}", f"{run_dir}@{step}")
+    run = load_run(run_dir)
+    assert {t.name for t in result.tensors} == {s.key for s in run.specs}
+    for t in result.tensors:
+        assert t.status == "unchanged" and t.identical, t.name
+        assert t.rel_l2 == 0.0 and t.cosine == 1.0 and t.max_abs == 0.0 and t.rms == 0.0
+        arr = run.tensor(t.name, "initial" if step == "initial" else int(step) if step != "last"
+                         else "last")
+        assert t.norm_a == pytest.approx(np.linalg.norm(np.asarray(arr, np.float64)), rel=1e-12)
+    for key in ("conv1/kernel", "conv2/kernel", "dense/kernel"):
+        t = result.tensor(key)
+        assert t.matched_cosine == pytest.approx(1.0, abs=1e-12) and t.units_moved == 0
+    assert all(layer.unchanged for layer in result.layers)
+
+
+def test_a_planted_change_shows_with_exact_values_and_nowhere_else(tmp_path):
+    w = weights(np.random.default_rng(4))
+    v = dict(w)
+    v["dense/kernel"] = w["dense/kernel"].copy()
+    v["dense/kernel"][2, 3] += 0.5
+    v["dense/kernel"][7, 0] *= -3.0
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)])
+    result = diff_runs(a, b)
+    changed = [t for t in result.tensors if t.status != "unchanged"]
+    assert [t.name for t in changed] == ["dense/kernel"]
+    t = changed[0]
+    expect = oracle(w["dense/kernel"], v["dense/kernel"])
+    for name, value in expect.items():
+        assert getattr(t, name) == pytest.approx(value, rel=1e-12), name
+    assert result.layers[0].name == "dense"
+    assert result.layers[0].rel_l2 == pytest.approx(
+        np.linalg.norm(np.float64(v["dense/kernel"]) - w["dense/kernel"])
+        / np.sqrt(np.sum(np.float64(w["dense/kernel"]) ** 2) + np.sum(np.float64(w["dense/bias"])
+                                                                      ** 2)), rel=1e-12)
+    assert all(x.identical for x in result.tensors if x.name != "dense/kernel")
+
+
+def test_tolerance_counts_a_tiny_change_as_unchanged_but_not_identical(tmp_path):
+    w = weights(np.random.default_rng(6))
+    v = dict(w, **{"out/bias": w["out/bias"] + np.float32(1e-6)})
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)])
+    assert diff_runs(a, b).tensor("out/bias").status == "changed"
+    t = diff_runs(a, b, tolerance=1e-5).tensor("out/bias")
+    assert t.status == "unchanged" and not t.identical
+    assert t.max_abs == pytest.approx(float(abs(np.float64(v["out/bias"][0]) - w["out/bias"][0])))
+
+
+def test_epoch_vs_epoch_within_one_run(run_dir):
+    snaps = epochs()
+    result = diff_runs(f"{run_dir}@initial", f"{run_dir}@1")
+    assert result.a.endswith("@initial") and result.b.endswith("@1")
+    w0, w2 = snaps[0][2], snaps[2][2]
+    for key in w0:
+        t = result.tensor(key)
+        if key == "out/bias":
+            assert t.identical
+            continue
+        if key == "conv1/bias":  # zero initial bias: rel_l2 is infinite, cosine 0
+            assert t.rel_l2 == np.inf and t.cosine == 0.0
+            continue
+        for name, value in oracle(w0[key], w2[key]).items():
+            assert getattr(t, name) == pytest.approx(value, rel=1e-10), (key, name)
+
+
+def test_tensors_only_in_one_run_or_of_another_shape(tmp_path):
+    w = weights(np.random.default_rng(7))
+    v = {k: x for k, x in w.items() if not k.startswith("out/")}
+    v["dense/kernel"] = np.ones((24, 7), "float32")
+    v["extra/kernel"] = np.ones((7, 2), "float32")
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)], layers=LAYERS[:4] + [("extra", "Dense")])
+    result = diff_runs(a, b)
+    status = {t.name: t.status for t in result.tensors}
+    assert status["out/kernel"] == status["out/bias"] == "only_a"
+    assert status["extra/kernel"] == "only_b"
+    assert status["dense/kernel"] == "shape_changed"
+    assert result.tensor("dense/kernel").shape_b == (24, 7)
+    assert all(layer.structural for layer in result.layers[:3])
+    assert set(status) == set(w) | set(v)
+
+
+def test_layer_filter_and_argument_errors(run_dir):
+    result = diff_runs(run_dir + "@0", run_dir, layer="^conv")
+    assert {t.name for t in result.tensors} == {"conv1/kernel", "conv1/bias", "conv2/kernel",
+                                               "conv2/bias"}
+    with pytest.raises(ValueError, match=r"Received: tolerance=-1"):
+        diff_runs(run_dir, run_dir, tolerance=-1)
+    with pytest.raises(TypeError, match=r"Received: tolerance='x'"):
+        diff_runs(run_dir, run_dir, tolerance="x")
+    with pytest.raises(ValueError, match=r"Received: layer='\('"):
+        diff_runs(run_dir, run_dir, layer="(")
+    with pytest.raises(ValueError, match=r"Received: max_match_units=0"):
+        diff_runs(run_dir, run_dir, max_match_units=0)
+    with pytest.raises(TypeError, match=r"Received: run=3"):
+        diff_runs(3, run_dir)
+    with pytest.raises(WeightWatchError, match=r"no snapshot at step 9"):
+        diff_runs(run_dir + "@9", run_dir)
+    with pytest.raises(WeightWatchError, match=r"matches 'nothing'"):
+        diff_runs(run_dir, run_dir, layer="nothing")
+
+
+def test_non_finite_values_are_counted_and_flagged(tmp_path):
+    snaps = epochs()
+    a = write_run(tmp_path / "a", snaps)
+    planted = {k: v.copy() for k, v in snaps[-1][2].items()}
+    planted["dense/kernel"].flat[[0, 5, 7]] = [np.nan, np.inf, -np.inf]
+    b = write_run(tmp_path / "b", snaps[:-1] + [("epoch", snaps[-1][1], planted)])
+    result = diff_runs(a, b)
+    expected_b = {k: int(np.size(v) - np.isfinite(v).sum()) for k, v in planted.items()}
+    for t in result.tensors:
+        assert (t.nonfinite_a, t.nonfinite_b) == (0, expected_b[t.name]), t.name
+    t = result.tensor("dense/kernel")
+    assert t.status == "changed" and np.isnan(t.max_abs) and np.isnan(t.rel_l2)
+    text = render_diff(result)
+    assert "NON-FINITE values in 1" in text.splitlines()[2]
+    assert "NON-FINITE: 0 NaN/Inf in A, 3 in B" in text
+    doc = result.to_json()
+    row = next(r for r in doc["tensors"] if r["name"] == "dense/kernel")
+    assert (row["nonfinite_a"], row["nonfinite_b"]) == (0, 3)
+    # the same run with itself: identical, and still flagged
+    same = diff_runs(b, b).tensor("dense/kernel")
+    assert same.identical and (same.nonfinite_a, same.nonfinite_b) == (3, 3)
+    assert "NON-FINITE: dense/kernel holds 3 NaN/Inf in A, 3 in B" in render_diff(diff_runs(b, b))

@@ -1,0 +1,249 @@
+"""`keras_weightwatch.run.storage`: the one seam where a run's files are touched.
+
+`LocalStorage` against the file system it wraps; and a run written and read
+entirely through an in-memory `Storage` (no file on disk at all), which shows
+that the reader and the writer do every file operation through the seam.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from keras_weightwatch import WeightWatchError
+from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
+from keras_weightwatch.errors import RunBusyError
+from keras_weightwatch.run import (
+    LocalStorage,
+    RunLock,
+    RunWriter,
+    is_run,
+    load_run,
+    open_run,
+)
+from keras_weightwatch.run.storage import LockHeld
+
+
+class MemoryStorage:
+    """A `Storage` that keeps a run's files in a dict; it records every operation."""
+
+    def __init__(self, path: str = "mem://run"):
+        self.path = path
+        self.files: dict[str, bytes] = {}
+        self.dirs: set[str] = {""}
+        self.ops: list[str] = []
+        self.locked = False
+
+    def where(self, name=""):
+        return f"{self.path}/{name}" if name else self.path
+
+    def exists(self, name=""):
+        return name in self.files or name in self.dirs
+
+    def isdir(self, name=""):
+        return name in self.dirs
+
+    def isfile(self, name):
+        return name in self.files
+
+    def is_link(self, name):
+        return False
+
+    def is_inside(self, name):
+        return True
+
+    def size(self, name):
+        if name not in self.files:
+            raise FileNotFoundError(name)
+        return len(self.files[name])
+
+    def open_read(self, name):
+        self.ops.append(f"read {name}")
+        if name not in self.files:
+            raise FileNotFoundError(name)
+        return io.BytesIO(self.files[name])
+
+    def load_npy(self, name, *, mmap):
+        self.ops.append(f"load {name}")
+        return np.load(io.BytesIO(self.files[name]), allow_pickle=False)
+
+    def listdir(self, name):
+        if name not in self.dirs:
+            raise FileNotFoundError(name)
+        prefix = name + "/"
+        return [f[len(prefix):] for f in self.files if f.startswith(prefix)]
+
+    def makedirs(self, name):
+        self.dirs.add(name)
+
+    def write_atomic(self, name, chunks, durable):
+        self.ops.append(f"write {name}")
+        self.files[name] = b"".join(bytes(c) for c in chunks)
+
+    def remove(self, name):
+        self.ops.append(f"remove {name}")
+        return self.files.pop(name, None) is not None
+
+    def sync_dir(self, name):
+        self.ops.append(f"sync {name}")
+
+    def lock(self, name, owner):
+        if self.locked:
+            raise LockHeld("pid 1")
+        self.locked = True
+        storage = self
+
+        class Handle:
+            def release(self):
+                storage.locked = False
+
+        return Handle()
+
+
+ARRAYS = {"dense/kernel": np.arange(12, dtype="float32").reshape(3, 4),
+          "dense/bias": np.array([0.5, -1.0, 2.0, 0.0], "float32")}
+
+
+def _info() -> ModelInfo:
+    return ModelInfo("m", "Sequential", (), tuple(
+        WeightSpec(k, f"m/{k}", "dense", a.shape, a.dtype.name, True) for k, a in ARRAYS.items()))
+
+
+def _write(storage, steps=(-1, 0, 1), path="unused-local-path", durable=True):
+    writer = RunWriter.open(path, _info(), settings={"freq": 1}, versions={}, durable=durable,
+                            storage=storage)
+    for step in steps:
+        arrays = {k: a + step for k, a in ARRAYS.items()}
+        snap = Snapshot(step=step, label="initial" if step == -1 else "epoch",
+                        epoch=None if step == -1 else step, arrays=arrays, logs={"loss": 1.0})
+        writer.commit_snapshot(snap, writer.store_tensors(snap))
+    return writer
+
+
+def test_a_run_lives_entirely_behind_the_seam(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mem = MemoryStorage()
+    writer = _write(mem)
+    writer.close()
+    assert os.listdir(tmp_path) == []  # nothing went to the local disk
+    assert is_run(mem) and not is_run(tmp_path)
+    run = open_run(mem)
+    assert run.steps == [-1, 0, 1] and run.path == "mem://run"
+    for step in run.steps:
+        for key, arr in run.weights(step).items():
+            np.testing.assert_array_equal(arr, ARRAYS[key] + step)
+    report = run.verify()
+    assert report.ok and (report.snapshots, report.files) == (3, 6)
+    # Tensor files are written before the snapshot file that names them, durably.
+    writes = [op for op in mem.ops if op.startswith(("write", "sync"))]
+    assert writes[0] == "write weightwatch.json"
+    first_snapshot = writes.index("write snapshots/initial.json")
+    assert writes[first_snapshot - 1] == "sync tensors"
+    assert all(w.startswith("write tensors/") for w in writes[1:first_snapshot - 1])
+    # A damaged byte behind the seam is found by the checksum.
+    name = run.snapshot(0).tensors["dense/kernel"].file
+    mem.files[name] = mem.files[name][:-1] + b"\x01"
+    with pytest.raises(WeightWatchError, match=r"mem://run/tensors/.*checksum mismatch"):
+        open_run(mem).weights(0)
+
+
+def test_retention_and_lock_go_through_the_seam():
+    mem = MemoryStorage()
+    writer = _write(mem, steps=(-1, 0, 1, 2, 3), durable=False)
+    with pytest.raises(RunBusyError, match=r"mem://run: the run is being written by another "
+                                           r"WeightWatch \(pid 1\)"):
+        RunWriter.open("x", _info(), settings={}, versions={}, storage=mem)
+    removed = writer.apply_retention(keep_last=1)
+    writer.close()
+    assert removed == [f"snapshots/epoch_00000{i}.json" for i in (0, 1, 2)]
+    run = open_run(mem)
+    assert run.steps == [-1, 3]  # the initial snapshot and the last one
+    referenced = {r.file for s in run.snapshots for r in s.tensors.values()}
+    assert {f for f in mem.files if f.startswith("tensors/")} == referenced
+    assert not mem.locked
+
+
+# ------------------------------------------------------------------ LocalStorage
+
+
+def test_local_write_atomic_replaces_whole_and_leaves_nothing_on_failure(tmp_path):
+    s = LocalStorage(tmp_path)
+    s.makedirs("d")
+    s.write_atomic("d/f", [b"ab", memoryview(b"cd")], durable=True)
+    assert (tmp_path / "d" / "f").read_bytes() == b"abcd"
+
+    def chunks():
+        yield b"xy"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        s.write_atomic("d/f", chunks(), durable=False)
+    assert (tmp_path / "d" / "f").read_bytes() == b"abcd"  # the old content, whole
+    assert os.listdir(tmp_path / "d") == ["f"]  # no temporary file left behind
+
+
+def test_local_listing_size_remove_and_reading(tmp_path):
+    s = LocalStorage(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"12345")
+    assert s.isdir() and s.isfile("a.bin") and not s.isfile("b.bin") and s.exists("a.bin")
+    assert s.size("a.bin") == 5 and s.listdir("") == ["a.bin"]
+    with s.open_read("a.bin") as f:
+        assert f.read() == b"12345"
+    assert s.remove("a.bin") is True and s.remove("a.bin") is False
+    with pytest.raises(FileNotFoundError):
+        s.listdir("missing")
+    np.save(tmp_path / "t.npy", np.arange(3.0))
+    mapped = s.load_npy("t.npy", mmap=True)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(s.load_npy("t.npy", mmap=False), np.arange(3.0))
+
+
+def test_local_paths_are_absolute_so_chdir_does_not_lose_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_bytes(b"1")
+    s = LocalStorage("run")
+    monkeypatch.chdir("/")
+    assert s.isfile("x") and s.where("x") == os.path.join("run", "x")
+
+
+def test_local_links_and_places_outside_the_run_are_seen(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "outside").write_bytes(b"secret")
+    os.symlink(tmp_path / "outside", tmp_path / "run" / "link")
+    s = LocalStorage(tmp_path / "run")
+    assert s.is_link("link") and not s.is_inside("link")
+    (tmp_path / "run" / "plain").write_bytes(b"")
+    assert not s.is_link("plain") and s.is_inside("plain")
+
+
+def test_local_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
+    s = LocalStorage(tmp_path)
+    first = s.lock(".lock", "pid 42")
+    assert (tmp_path / ".lock").read_text() == "pid 42\n"
+    # flock is per open file description, so a second open in this process is refused too.
+    with pytest.raises(LockHeld) as e:
+        s.lock(".lock", "pid 43")
+    assert e.value.holder == "pid 42"
+    first.release()
+    first.release()  # safe twice
+    assert (tmp_path / ".lock").read_text() == ""
+    s.lock(".lock", "pid 43").release()
+
+
+def test_run_lock_refuses_a_writer_while_held(tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    lock = RunLock(LocalStorage(run))
+    lock.acquire()
+    try:
+        with pytest.raises(RunBusyError, match=rf"{run}: the run is being written by another "
+                                               rf"WeightWatch \(pid {os.getpid()}\)"):
+            RunWriter.open(run, _info(), settings={}, versions={})
+    finally:
+        lock.release()
+    RunWriter.open(run, _info(), settings={}, versions={}).close()
+    assert load_run(run).steps == []

@@ -1,0 +1,122 @@
+"""views.responses: responses of sample images to kernels, against scipy and a sub-model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from scipy.signal import correlate2d
+from view_helpers import (
+    _acc,
+    _cnn,
+    _fit,
+    _image,
+    _images,
+    _values,
+    cb_views,
+)
+
+from keras_weightwatch import WeightWatch
+from keras_weightwatch.images import response_grid
+from keras_weightwatch.views import ResponseView
+
+
+def _scipy_responses(images, kernel):
+    return np.stack(
+        [
+            np.stack(
+                [
+                    sum(
+                        correlate2d(im[..., c], kernel[..., c, o], mode="valid")
+                        for c in range(im.shape[-1])
+                    )
+                    for o in range(kernel.shape[-1])
+                ],
+                axis=-1,
+            )
+            for im in images
+        ]
+    )
+
+
+def test_kernel_responses_equal_scipy_correlation(tmp_path, recorder):
+    model = _cnn(filters=4, channels=3, activation="relu")
+    samples = _images(2, channels=3, seed=5)
+    run = str(tmp_path / "run")
+    pngs = tmp_path / "pngs"
+    cb = WeightWatch(run, sample_images=samples, responses_dir=pngs)
+    _fit(model, cb, extra=[recorder])
+    acc = _acc(run)
+    view = next(v for v in cb_views(cb, model) if isinstance(v, ResponseView))
+    for step, weights in ((-1, recorder.initial), (1, recorder.epochs[1])):
+        ref = _scipy_responses(samples, weights[0].astype(np.float64))
+        snap = type("S", (), {"arrays": {"conv/kernel": weights[0]}})()
+        np.testing.assert_allclose(view.responses(snap, None)["conv"], ref, rtol=1e-6, atol=1e-6)
+        for i in range(2):
+            img = _image(acc, f"responses/conv/sample_{i}", step)
+            expected = response_grid(samples[i], ref[i]).image
+            assert np.abs(img.astype(int) - expected).max() <= 1
+            with open(pngs / "conv" / f"sample_{i}" / f"step_{step}.png", "rb") as f:
+                assert f.read() == _values(acc, f"responses/conv/sample_{i}")[step][2]
+
+
+def test_activation_responses_equal_a_sub_model_output(tmp_path):
+    model = _cnn(filters=3, activation="relu")
+    samples = _images(2, seed=6)
+    run = str(tmp_path / "run")
+    _fit(model, WeightWatch(run, sample_images=samples, response_mode="activation"))
+    sub = keras.Model(model.inputs[0], model.get_layer("conv").output)
+    ref = keras.ops.convert_to_numpy(sub(samples))
+    view = next(
+        v
+        for v in cb_views(
+            WeightWatch(run, sample_images=samples, response_mode="activation"), model
+        )
+        if isinstance(v, ResponseView)
+    )
+    np.testing.assert_allclose(view.capture(model)["conv"], ref, rtol=1e-6)
+    assert ref.min() >= 0  # relu: the layer's output, not the plain correlation
+    acc = _acc(run)
+    for i in range(2):
+        img = _image(acc, f"responses/conv/sample_{i}", 1)
+        assert np.abs(img.astype(int) - response_grid(samples[i], ref[i]).image).max() <= 1
+
+
+def test_kernel_responses_of_a_deeper_layer_use_its_input(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Rescaling(2.0, name="scale"),
+            keras.layers.Conv2D(2, 3, padding="same", name="c"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    samples = _images(1, seed=7)
+    cb = WeightWatch(tmp_path / "run", sample_images=samples, response_layers=["c"])
+    view = next(v for v in cb_views(cb, model) if isinstance(v, ResponseView))
+    payload = view.capture(model)
+    np.testing.assert_allclose(payload["c"], samples * 2.0)
+    kernel = model.get_layer("c").get_weights()[0]
+    snap = type("S", (), {"arrays": {"c/kernel": kernel}})()
+    ref = np.stack(
+        [correlate2d(samples[0, :, :, 0] * 2.0, kernel[:, :, 0, o], mode="same") for o in range(2)],
+        axis=-1,
+    )
+    np.testing.assert_allclose(view.responses(snap, payload)["c"][0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_first_kernel_responses(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((3, 8, 8)),
+            keras.layers.Conv2D(2, 3, data_format="channels_first", name="c"),
+        ]
+    )
+    samples = np.moveaxis(_images(1, channels=3, seed=8), -1, 1)  # (1, 3, 8, 8)
+    cb = WeightWatch(tmp_path / "run", sample_images=samples)
+    view = next(v for v in cb_views(cb, model) if isinstance(v, ResponseView))
+    kernel = model.get_layer("c").get_weights()[0]
+    snap = type("S", (), {"arrays": {"c/kernel": kernel}})()
+    got = view.responses(snap, None)["c"]
+    ref = _scipy_responses(np.moveaxis(samples, 1, -1), kernel.astype(np.float64))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import html
-import math
 
 from . import DiffResult, Run
+from .textfmt import nonfinite_text
 
 MAX_ROWS = 50
 """Rows a summary table shows before it says how many it left out."""
@@ -14,7 +14,8 @@ MAX_ROWS = 50
 def _num(x: float | None) -> str:
     if x is None:
         return "—"
-    return f"{x:.6g}" if math.isfinite(x) else str(x)
+    text = nonfinite_text(x)
+    return f"{x:.6g}" if text is None else text
 
 
 def _table(head: list[str], rows: list[list[str]], total: int) -> str:

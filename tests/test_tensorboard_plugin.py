@@ -106,8 +106,8 @@ def _png(client, path, **query) -> np.ndarray:
 
 
 def _value(x):
-    """JSON numbers as the library writes them: non-finite ones as "nan", "inf", "-inf"."""
-    return float(x) if x in ("nan", "inf", "-inf") else x
+    """JSON numbers as the library writes them: non-finite ones as the words NaN, Inf, -Inf."""
+    return float(x) if isinstance(x, str) and x.lower() in ("nan", "inf", "-inf") else x
 
 
 def test_runs_are_listed_by_relative_path_and_the_plugin_is_active(client, logdir):

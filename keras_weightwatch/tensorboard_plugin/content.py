@@ -22,6 +22,7 @@ from .. import DiffResult, Run, diff_runs
 from ..features import feature_weights, top_k_features
 from ..images import Grid, diverging_rgb, kernel_grid, symmetric_limit
 from ..naming import conv_kind, key_name
+from ..textfmt import nonfinite_text
 from .params import BadRequest, Pair
 
 MAX_ROWS = 2000
@@ -43,13 +44,12 @@ MAX_MATCH_UNITS = 2048
 
 
 def num(x: float | None) -> float | str | None:
-    """A JSON-ready number: non-finite values as `"nan"`, `"inf"`, `"-inf"` (as `to_json`)."""
+    """A JSON-ready number: non-finite values spelled as the diff's JSON spells them."""
     if x is None:
         return None
     x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    text = nonfinite_text(x)
+    return x if text is None else text
 
 
 def snapshot_of(run: Run, step: str):

@@ -37,8 +37,9 @@ async function fetchJSON(route, params = {}) {
   return body;
 }
 
-// Numbers as the library's JSON gives them: floats, or "nan" / "inf" / "-inf".
-const value = (x) => (typeof x === 'string' ? Number(x.replace('inf', 'Infinity')) : x);
+// Numbers as the library's JSON gives them: floats, or the words NaN, Inf, -Inf.
+const WORDS = {'nan': NaN, 'inf': Infinity, '-inf': -Infinity};
+const value = (x) => (typeof x === 'string' ? (WORDS[x.toLowerCase()] ?? Number(x)) : x);
 function fmt(x) {
   if (x === null || x === undefined) return '—';
   const v = value(x);

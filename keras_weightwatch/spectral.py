@@ -303,6 +303,8 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     if total > max_evals:
         return _metrics(mats, shape, None, None,
                         f"{total} eigenvalues exceed max_evals={max_evals}; only norm computed")
+    if not np.isfinite(mats).all():
+        return _metrics(mats, shape, None, None, "the tensor has NaN or Inf values")
     evals = eigenvalues(mats)
     usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
     if usable < min_evals:
@@ -364,10 +366,14 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
             spell them, e.g. `"dense"` or `"block/conv"`). Defaults to None: every layer.
         min_evals, max_evals: As for `tensor_spectral`.
 
-    Example:
+    Example: the README's quickstart run, whose kernels are too small for a fit of alpha.
 
-    >>> result = spectral("runs/exp1", step=3)  # doctest: +SKIP
-    >>> result.tensors["hidden/kernel"].alpha    # doctest: +SKIP
+    >>> result = spectral("runs/exp1", step=3)
+    >>> list(result.tensors)
+    ['hidden/kernel', 'out/kernel']
+    >>> m = result.tensors["hidden/kernel"]
+    >>> m.matrix_shape, m.num_eigenvalues, m.reason
+    ((4, 8), 4, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 4')
     """
     if isinstance(run, (str, os.PathLike)):
         from . import load_run

@@ -93,6 +93,14 @@ def test_small_and_huge_tensors_say_why_alpha_is_missing():
     assert big.to_json()["alpha"] is None
 
 
+def test_a_diverged_kernel_gets_nan_metrics_and_a_reason():
+    a = np.random.default_rng(3).standard_normal((60, 60))
+    a[5, 7] = np.nan
+    m = tensor_spectral(a, "Dense")
+    assert math.isnan(m.spectral_norm) and math.isnan(m.alpha) and math.isnan(m.norm)
+    assert m.reason == "the tensor has NaN or Inf values"
+
+
 @pytest.mark.parametrize("name, value, error", [
     ("min_evals", 10, ValueError), ("min_evals", 50.0, TypeError), ("max_evals", 0, ValueError),
 ])

@@ -68,7 +68,7 @@ EVALS_THRESHOLD = 1e-5
 TRACY_WIDOM_99 = 2.0234
 """The 99th percentile of the Tracy–Widom (β=1) law: the margin above the Marchenko–Pastur
 edge, in units of the largest eigenvalue's fluctuation, that a spike must clear."""
-_BLOCK = 1 << 20  # elements of one block of KS distances (8 MB of float64)
+_BLOCK = 1 << 20  # elements of one block of KS distances (two buffers of 8 MB of float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,22 +242,35 @@ def fit_power_law(evals: np.ndarray, threshold: float = EVALS_THRESHOLD) -> Powe
 def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """KS distance of each candidate's fit: max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|.
 
-    Candidates are taken in blocks of rows; a block of rows [a, b) needs only the columns
-    j >= a, and entries j < i are clipped to k = 0, where both CDFs are 0.
+    Candidates are taken in blocks of rows, in two reused buffers of `_BLOCK` elements; a
+    block of rows [a, b) needs only the columns j >= a, and its entries j < i (all in its
+    first b - a columns) are clipped to k = 0, where both CDFs are 0.
     """
     size = logs.size
-    out = np.ones(size - 1)
+    cands = size - 1
+    out = np.ones(cands)
+    inv_n = 1.0 / (size - np.arange(cands, dtype=np.float64))
+    slope = np.where(valid, 1.0 - alphas, 0.0)  # invalid rows are set to 1 below
+    offset = np.arange(cands, dtype=np.float64) * inv_n  # i / n_i
+    cols = np.arange(size, dtype=np.float64)
+    half = max(min(_BLOCK, cands * size), size)  # a block holds at most this many elements
+    work = np.empty(2 * half)
     a = 0
-    while a < size - 1:
-        b = min(size - 1, a + max(1, _BLOCK // (size - a)))
-        rows = np.arange(a, b)
-        k = np.maximum(np.arange(a, size)[None, :] - rows[:, None], 0)
-        d = np.maximum(logs[None, a:] - logs[a:b, None], 0.0)
-        ok = valid[a:b]
-        n = (size - rows).astype(np.float64)[:, None]
-        with np.errstate(invalid="ignore", over="ignore"):
-            gap = np.abs(np.expm1((1.0 - alphas[a:b, None]) * d) + k / n)
-        out[a:b] = np.where(ok, gap.max(axis=1), 1.0)
+    while a < cands:
+        b = min(cands, a + max(1, _BLOCK // (size - a)))
+        shape = (b - a, size - a)
+        gap = work[: shape[0] * shape[1]].reshape(shape)
+        frac = work[half: half + shape[0] * shape[1]].reshape(shape)
+        np.subtract(logs[None, a:], logs[a:b, None], out=gap)
+        np.maximum(gap[:, : b - a], 0.0, out=gap[:, : b - a])
+        gap *= slope[a:b, None]
+        np.expm1(gap, out=gap)  # -(fitted CDF)
+        np.multiply(cols[None, a:], inv_n[a:b, None], out=frac)
+        frac -= offset[a:b, None]  # (j - i) / n_i, the empirical CDF
+        np.maximum(frac[:, : b - a], 0.0, out=frac[:, : b - a])
+        gap += frac
+        np.abs(gap, out=gap)
+        out[a:b] = np.where(valid[a:b], gap.max(axis=1), 1.0)
         a = b
     return out
 

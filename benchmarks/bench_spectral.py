@@ -16,6 +16,10 @@ floor for `--big-depth` kernels of `--big-width` x `--big-width` (6 x 4096 x 409
 parameters by default, the model of bench_100m.py); weightwatcher is not run on those (about a
 minute on 2 cores) unless `--big-ww` is given.
 
+Times are CPU seconds of the process (all its threads), medians, with one BLAS/LAPACK thread
+by default (`--threads`): on a shared machine they measure the work rather than the wait for
+a core. Wall times are printed beside them; the ratios are of CPU times.
+
 Usage:
 
     .venv/bin/python benchmarks/bench_spectral.py [--width 1024] [--depth 4] [--repeats 5]
@@ -32,7 +36,13 @@ import sys
 import time
 import warnings
 
-import numpy as np
+# One BLAS/LAPACK thread for numpy, scipy and weightwatcher alike (before numpy is imported),
+# so that CPU times compare equal work on a shared machine; --threads changes it.
+_threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, _threads)
+
+import numpy as np  # noqa: E402
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,9 +117,16 @@ def agreement(mine, theirs) -> tuple[dict[str, float], int]:
 
 
 def timed(fn, *args):
-    t0 = time.perf_counter()
+    """(CPU seconds of this process, wall seconds, result) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     out = fn(*args)
-    return time.perf_counter() - t0, out
+    return time.process_time() - c0, time.perf_counter() - t0, out
+
+
+def line(label: str, cpu: list[float], wall: list[float], extra: str = "") -> float:
+    c, w = statistics.median(cpu), statistics.median(wall)
+    print(f"  {label:<35}{c * 1e3:10.2f} ms CPU ({w * 1e3:.0f} ms wall){extra}")
+    return c
 
 
 def compare(label: str, model, repeats: int) -> None:
@@ -117,28 +134,28 @@ def compare(label: str, model, repeats: int) -> None:
     params = sum(k.size for _, _, k in kernels)
     shapes = ", ".join(f"{cls} {k.shape}" for _, cls, k in kernels)
     print(f"\n{label}: {len(kernels)} kernels, {params:,} parameters ({shapes})")
-    times: dict[str, list[float]] = {"weightwatcher": [], "ours": [], "floor": []}
-    theirs = mine = None
+    runs = {"weightwatcher": weightwatcher, "ours": ours, "floor": floor}
+    args = {"weightwatcher": model, "ours": kernels, "floor": kernels}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    results = {}
     # The first calls import TensorFlow and pandas and warm numpy's LAPACK: not timed.
-    weightwatcher(model)
-    ours(kernels)
-    floor(kernels)
+    for name, fn in runs.items():
+        fn(args[name])
     for _ in range(repeats):
-        t, theirs = timed(weightwatcher, model)
-        times["weightwatcher"].append(t)
-        t, mine = timed(ours, kernels)
-        times["ours"].append(t)
-        times["floor"].append(timed(floor, kernels)[0])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"  weightwatcher analyze()            {med['weightwatcher'] * 1e3:10.2f} ms")
-    print(f"  ours (tensor_spectral per kernel)  {med['ours'] * 1e3:10.2f} ms")
-    print(f"  floor (float64 Gram + eigvalsh)    {med['floor'] * 1e3:10.2f} ms")
-    worst, fitted = agreement(mine, theirs)
+        for name, fn in runs.items():
+            c, w, results[name] = timed(fn, args[name])
+            cpu[name].append(c)
+            wall[name].append(w)
+    t_ww = line("weightwatcher analyze()", cpu["weightwatcher"], wall["weightwatcher"])
+    t_ours = line("ours (tensor_spectral per kernel)", cpu["ours"], wall["ours"])
+    t_floor = line("floor (float64 Gram + eigvalsh)", cpu["floor"], wall["floor"])
+    worst, fitted = agreement(results["ours"], results["weightwatcher"])
     print("  agreement with analyze(), largest relative difference: "
           + ", ".join(f"{c} {v:.1e}" for c, v in worst.items())
           + f" ({fitted} layers with alpha)")
-    print(f"  RATIO weightwatcher / ours: {med['weightwatcher'] / med['ours']:.2f}")
-    print(f"  RATIO ours / floor: {med['ours'] / med['floor']:.2f}")
+    print(f"  RATIO weightwatcher / ours: {t_ww / t_ours:.2f}")
+    print(f"  RATIO ours / floor: {t_ours / t_floor:.2f}")
 
 
 def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> None:
@@ -147,21 +164,24 @@ def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> None:
                 * np.float32(1 / math.sqrt(width))) for i in range(depth)]
     params = sum(k.size for _, _, k in kernels)
     print(f"\nkernel set: {depth} x Dense ({width}, {width}), {params:,} parameters")
-    t_ours, t_floor = [], []
+    cpu: dict[str, list[float]] = {"ours": [], "floor": []}
+    wall: dict[str, list[float]] = {"ours": [], "floor": []}
     for _ in range(repeats):
-        t_ours.append(timed(ours, kernels)[0])
-        t_floor.append(timed(floor, kernels)[0])
-    mo, mf = statistics.median(t_ours), statistics.median(t_floor)
-    print(f"  ours (tensor_spectral per kernel)  {mo * 1e3:10.2f} ms "
-          f"({mo / depth * 1e3:.1f} ms per kernel)")
-    print(f"  floor (float64 Gram + eigvalsh)    {mf * 1e3:10.2f} ms")
-    print(f"  RATIO ours / floor: {mo / mf:.2f}")
+        for name, fn in (("ours", ours), ("floor", floor)):
+            c, w, _ = timed(fn, kernels)
+            cpu[name].append(c)
+            wall[name].append(w)
+    per = statistics.median(cpu["ours"]) / depth
+    t_ours = line("ours (tensor_spectral per kernel)", cpu["ours"], wall["ours"],
+                  f", {per * 1e3:.0f} ms CPU per kernel")
+    t_floor = line("floor (float64 Gram + eigvalsh)", cpu["floor"], wall["floor"])
+    print(f"  RATIO ours / floor: {t_ours / t_floor:.2f}")
     if with_ww:
         model = mlp(width, depth)
         model.set_weights([k for _, _, k in kernels for k in (k, np.zeros(width, "float32"))])
-        t, _ = timed(weightwatcher, model)
-        print(f"  weightwatcher analyze()            {t * 1e3:10.2f} ms (once)")
-        print(f"  RATIO weightwatcher / ours: {t / mo:.2f}")
+        c, w, _ = timed(weightwatcher, model)
+        t_ww = line("weightwatcher analyze() (once)", [c], [w])
+        print(f"  RATIO weightwatcher / ours: {t_ww / t_ours:.2f}")
 
 
 def main() -> None:
@@ -172,6 +192,8 @@ def main() -> None:
     p.add_argument("--big-depth", type=int, default=6)
     p.add_argument("--big-ww", action="store_true", help="also run weightwatcher on the big set")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", default="1",
+                   help="BLAS/LAPACK threads (read before numpy is imported)")
     p.add_argument("--big-repeats", type=int, default=1)
     args = p.parse_args()
     import keras

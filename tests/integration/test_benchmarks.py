@@ -78,12 +78,12 @@ def test_bench_spectral_ratios_and_agreement():
     sections = out.split("\n\n")[1:]
     assert len(sections) == 3
     for section in sections:
-        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms", section)
-        floor = number(r"floor \(float64 Gram \+ eigvalsh\)\s+([\d.]+) ms", section)
+        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms CPU", section)
+        floor = number(r"floor \(float64 Gram \+ eigvalsh\)\s+([\d.]+) ms CPU", section)
         assert _quotient_of(number(r"RATIO ours / floor: ([\d.]+)", section), ours, floor, 0.01)
     for section in sections[:2]:
-        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms", section)
-        ww = number(r"weightwatcher analyze\(\)\s+([\d.]+) ms", section)
+        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms CPU", section)
+        ww = number(r"weightwatcher analyze\(\)\s+([\d.]+) ms CPU", section)
         assert _quotient_of(number(r"RATIO weightwatcher / ours: ([\d.]+)", section),
                             ww, ours, 0.01)
         for column in ("spectral_norm", "stable_rank", "log_norm", "alpha", "alpha_weighted"):

@@ -173,20 +173,23 @@ def _holds_matrices(layer_class: str | None, name: str, ndim: int) -> bool:
 # ------------------------------------------------------------------ eigenvalues
 
 
-def eigenvalues(matrices: np.ndarray) -> np.ndarray:
-    """Eigenvalues of WᵀW for each matrix of a `(P, rows, cols)` stack, ascending, `(P, min)`.
-
-    From the smaller Gram matrix in float64 (negative rounding residues clipped to 0).
-    """
+def gram_matrices(matrices: np.ndarray) -> np.ndarray:
+    """The smaller Gram matrix (WᵀW or WWᵀ) of each matrix of a `(P, rows, cols)` stack, float64."""
     w = np.asarray(matrices, dtype=np.float64)
     if w.shape[1] < w.shape[2]:
         w = w.transpose(0, 2, 1)
     if w.shape[0] == 1:
         m = w[0]
-        gram = (m.T @ m)[None]  # numpy computes `A.T @ A` with one symmetric product (syrk)
-    else:
-        gram = np.matmul(w.transpose(0, 2, 1), w)
-    return np.maximum(np.linalg.eigvalsh(gram), 0.0)
+        return (m.T @ m)[None]  # numpy computes `A.T @ A` with one symmetric product (syrk)
+    return np.matmul(w.transpose(0, 2, 1), w)
+
+
+def eigenvalues(matrices: np.ndarray) -> np.ndarray:
+    """Eigenvalues of WᵀW for each matrix of a `(P, rows, cols)` stack, ascending, `(P, min)`.
+
+    From the smaller Gram matrix in float64 (negative rounding residues clipped to 0).
+    """
+    return np.maximum(np.linalg.eigvalsh(gram_matrices(matrices)), 0.0)
 
 
 def mp_spikes(evals: np.ndarray, shape: tuple[int, int]) -> int:
@@ -316,9 +319,12 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     if total > max_evals:
         return _metrics(mats, shape, None, None,
                         f"{total} eigenvalues exceed max_evals={max_evals}; only norm computed")
-    if not np.isfinite(mats).all():
+    gram = gram_matrices(mats)
+    # Every entry of W is squared into one diagonal entry of its Gram matrix: checking the
+    # diagonal finds a NaN or Inf anywhere in W without another pass over it.
+    if not np.isfinite(np.einsum("pii->p", gram)).all():
         return _metrics(mats, shape, None, None, "the tensor has NaN or Inf values")
-    evals = eigenvalues(mats)
+    evals = np.maximum(np.linalg.eigvalsh(gram), 0.0)
     usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
     if usable < min_evals:
         reason = (f"alpha needs {min_evals} eigenvalues above {EVALS_THRESHOLD:g}; "

@@ -247,7 +247,8 @@ def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np
 
     Candidates are taken in blocks of rows, in two reused buffers of `_BLOCK` elements; a
     block of rows [a, b) needs only the columns j >= a, and its entries j < i (all in its
-    first b - a columns) are clipped to k = 0, where both CDFs are 0.
+    first b - a columns, the triangle a block of at most 1/8 of the rows left wastes) are
+    clipped to k = 0, where both CDFs are 0.
     """
     size = logs.size
     cands = size - 1
@@ -260,7 +261,9 @@ def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np
     work = np.empty(2 * half)
     a = 0
     while a < cands:
-        b = min(cands, a + max(1, _BLOCK // (size - a)))
+        # at most 1/8 of the remaining rows at once, so the clipped triangle wastes little
+        rows = min(_BLOCK // (size - a), max(64, (size - a) // 8))
+        b = min(cands, a + max(1, rows))
         shape = (b - a, size - a)
         gap = work[: shape[0] * shape[1]].reshape(shape)
         frac = work[half: half + shape[0] * shape[1]].reshape(shape)

@@ -86,3 +86,29 @@ def test_bench_gradients_added_time_is_the_sum_of_its_parts():
     added = number(r"ADDED per snapshot \(saliency \+ weight gradients\): ([\d.]+) ms", out)
     assert added == pytest.approx(sum(parts), abs=0.25)
     assert number(r"forward \(64 images, inference\)\s+([\d.]+) ms", out) > 0
+
+
+def _quotient_of(ratio: float, num: float, den: float, unit: float) -> bool:
+    """`ratio` (printed to 0.01) is num / den, each printed to `unit`."""
+    low = (num - unit / 2) / (den + unit / 2) - 0.005
+    high = (num + unit / 2) / max(den - unit / 2, 1e-12) + 0.005
+    return low <= ratio <= high
+
+
+def test_bench_spectral_ratios_and_agreement():
+    pytest.importorskip("weightwatcher")
+    out = run("bench_spectral.py", "--width", "64", "--depth", "2", "--big-width", "96",
+              "--big-depth", "2", "--repeats", "1")
+    sections = out.split("\n\n")[1:]
+    assert len(sections) == 3
+    for section in sections:
+        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms CPU", section)
+        floor = number(r"floor \(float64 Gram \+ eigvalsh\)\s+([\d.]+) ms CPU", section)
+        assert _quotient_of(number(r"RATIO ours / floor: ([\d.]+)", section), ours, floor, 0.01)
+    for section in sections[:2]:
+        ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms CPU", section)
+        ww = number(r"weightwatcher analyze\(\)\s+([\d.]+) ms CPU", section)
+        assert _quotient_of(number(r"RATIO weightwatcher / ours: ([\d.]+)", section),
+                            ww, ours, 0.01)
+        for column in ("spectral_norm", "stable_rank", "log_norm", "alpha", "alpha_weighted"):
+            assert number(rf"{column} ([\d.e+-]+)", section) < 1e-5, column

@@ -1,0 +1,436 @@
+"""Spectral metrics of Dense and convolution kernels, as weightwatcher computes them: pure numpy.
+
+For each weight matrix W the empirical spectral density (ESD) is the set of eigenvalues
+λ of WᵀW (the squared singular values of W, no normalisation). From it come the norms
+(`spectral_norm` = λ_max, `norm` = Σλ = ‖W‖²_F, `stable_rank` = Σλ / λ_max), the exponent
+`alpha` of a power law fitted to the ESD's tail, and the number of eigenvalues above the
+Marchenko–Pastur bulk edge of a random matrix of that shape.
+
+Which matrices a tensor holds (`kernel_matrices`):
+
+- a Dense kernel `(in, out)` is one matrix;
+- a convolution kernel `(*window, a, b)` (Conv1D/2D/3D `(..., in, out)`, transposed
+  convolutions `(..., out, in)`, the pointwise kernel of a separable convolution) is one
+  `a x b` matrix per kernel position, prod(window) matrices, whose eigenvalues are pooled
+  into one ESD. This is what weightwatcher 0.7.7 does by default for Conv2D
+  (`analyze(pool=True)`: `conv2D_Wmats` takes `W[i, j, :, :]` for every position (i, j)
+  and `combined_eigenvalues` concatenates their squared singular values);
+- depthwise kernels are not matrices of the layer's linear map and get no metrics.
+
+Where this differs from weightwatcher 0.7.7's defaults (docs/SPECTRAL.md has the measurements):
+
+- weightwatcher multiplies a Conv2D matrix by sqrt(1/2) before its SVD (`conv2d_norm=True`
+  with pooling sets the factor sqrt(conv2d_count / 2) with conv2d_count = 1), so its Conv2D
+  `spectral_norm` and `norm` are half of λ_max and Σλ here (`log_norm` 0.30103 lower,
+  `alpha_weighted` accordingly); `alpha`, `xmin`/λ_max ratios and `stable_rank` are
+  unaffected by that scale. `analyze(conv2d_norm=False)` gives the numbers here.
+- weightwatcher treats a Conv1D kernel `(k, in, out)` as one "dense" 3-d array and keeps only
+  its top min(k, in, out) singular values, so it skips Conv1D layers with k < 8; here Conv1D
+  and Conv3D are treated as Conv2D is.
+- weightwatcher fits alpha down to 8 eigenvalues (a bias-corrected estimator below 20);
+  here alpha needs `min_evals` eigenvalues (50 by default), fewer give the norms only, with
+  the reason in `SpectralMetrics.reason`.
+
+The power-law fit reproduces weightwatcher 0.7.7's default (`pl_package="ww"`, `xmax=None`,
+its own `WWFit`, not the `powerlaw` package): the eigenvalues above 1e-5 (an absolute
+threshold, `EVALS_THRESHOLD`) are sorted; each one but the largest is a candidate x_min;
+alpha is the continuous maximum-likelihood estimate 1 + n / Σ log(x_j / x_min) over the n
+eigenvalues >= x_min, and the candidate with the smallest Kolmogorov–Smirnov distance between
+the fitted CDF 1 - (x / x_min)^(1 - alpha) and the empirical CDF 0, 1/n, ..., (n-1)/n is
+chosen (Clauset, Shalizi & Newman 2009). Here all candidates are fitted at once from suffix
+sums of the logs, and the KS distances in blocks of candidates (no Python loop per
+candidate).
+
+Correlation traps (large singular values of the element-wise randomised matrix) are not
+computed: they need a second decomposition of every matrix, which would double the cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import received
+from .naming import conv_kind, parse_key
+
+MIN_EVALS = 50
+"""Fewest eigenvalues above `EVALS_THRESHOLD` for which alpha is fitted."""
+MAX_EVALS = 15_000
+"""Most eigenvalues per tensor (weightwatcher's `max_evals` default); larger tensors get the
+Frobenius norm only, since their eigenvalues cost O(M³) per matrix."""
+EVALS_THRESHOLD = 1e-5
+"""Eigenvalues at or below this (absolute) value are left out of the fit, as weightwatcher does."""
+TRACY_WIDOM_99 = 2.0234
+"""The 99th percentile of the Tracy–Widom (β=1) law: the margin above the Marchenko–Pastur
+edge, in units of the largest eigenvalue's fluctuation, that a spike must clear."""
+_BLOCK = 1 << 20  # elements of one block of KS distances (two buffers of 8 MB of float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLawFit:
+    """A power law fitted to the tail of an ESD (see the module docstring)."""
+
+    alpha: float
+    xmin: float
+    ks_distance: float
+    sigma: float
+    """The fit's standard error, (alpha - 1) / sqrt(tail_size) (Clauset et al., eq. 3.2)."""
+    tail_size: int
+    """How many eigenvalues are >= xmin (weightwatcher's `num_pl_spikes`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralMetrics:
+    """The spectral metrics of one kernel, as weightwatcher's `analyze()` names them.
+
+    Fields that cannot be computed are NaN (alpha and its companions when the fit was not
+    made; every eigenvalue metric of a tensor over `MAX_EVALS`), and `reason` says why.
+    """
+
+    matrices: int
+    """How many matrices the tensor holds (1 for Dense, prod(window) for a convolution)."""
+    matrix_shape: tuple[int, int]
+    """The shape (rows, columns) of each matrix."""
+    num_eigenvalues: int
+    spectral_norm: float
+    """λ_max, the largest squared singular value."""
+    log_spectral_norm: float
+    norm: float
+    """Σλ, the squared Frobenius norm."""
+    log_norm: float
+    stable_rank: float
+    """Σλ / λ_max."""
+    alpha: float
+    alpha_weighted: float
+    """alpha · log10 λ_max."""
+    xmin: float
+    ks_distance: float
+    sigma: float
+    """The standard error of alpha."""
+    tail_size: int
+    num_spikes: int
+    """Eigenvalues above the Marchenko–Pastur bulk edge of each matrix (see `mp_spikes`)."""
+    reason: str | None = None
+    """Why alpha (or more) is NaN; None when everything was computed."""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["matrix_shape"] = list(self.matrix_shape)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in d.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralResult:
+    """The spectral metrics of every Dense and convolution kernel of one snapshot."""
+
+    path: str
+    step: int
+    tensors: Mapping[str, SpectralMetrics]
+    """Weight key -> metrics, in the model's weight order."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "step": self.step,
+                "tensors": {k: m.to_json() for k, m in self.tensors.items()}}
+
+
+# ------------------------------------------------------------------ which matrices
+
+
+def kernel_matrices(array: np.ndarray, layer_class: str | None = None,
+                    name: str = "kernel") -> np.ndarray | None:
+    """The matrices of a weight tensor as a `(P, rows, cols)` view, or None if it holds none.
+
+    Args:
+        array: The weight tensor.
+        layer_class: The Keras class name of the layer that owns it (`"Dense"`, `"Conv2D"`,
+            ...). None when not known (a layer nested in another): then a `kernel` of rank 2
+            is taken for a Dense kernel and one of rank 3 to 5 for a convolution kernel.
+        name: The weight's own name (`kernel`, `pointwise_kernel`, `bias`, ...).
+    """
+    a = np.asarray(array)
+    if not _holds_matrices(layer_class, name, a.ndim):
+        return None
+    return a.reshape((-1,) + a.shape[-2:])
+
+
+def _holds_matrices(layer_class: str | None, name: str, ndim: int) -> bool:
+    if layer_class is None:
+        return name == "kernel" and 2 <= ndim <= 5
+    if layer_class == "Dense":
+        return name == "kernel" and ndim == 2
+    kind = conv_kind(layer_class)
+    if kind is None or kind.units_axis is None:  # not a convolution, or a depthwise one
+        return False
+    return name == kind.matched_kernel and 3 <= ndim <= 5
+
+
+# ------------------------------------------------------------------ eigenvalues
+
+
+def gram_matrices(matrices: np.ndarray) -> np.ndarray:
+    """The smaller Gram matrix (WᵀW or WWᵀ) of each matrix of a `(P, rows, cols)` stack, float64."""
+    w = np.asarray(matrices, dtype=np.float64)
+    if w.shape[1] < w.shape[2]:
+        w = w.transpose(0, 2, 1)
+    if w.shape[0] == 1:
+        m = w[0]
+        return (m.T @ m)[None]  # numpy computes `A.T @ A` with one symmetric product (syrk)
+    return np.matmul(w.transpose(0, 2, 1), w)
+
+
+def eigenvalues(matrices: np.ndarray) -> np.ndarray:
+    """Eigenvalues of WᵀW for each matrix of a `(P, rows, cols)` stack, ascending, `(P, min)`.
+
+    From the smaller Gram matrix in float64 (negative rounding residues clipped to 0).
+    """
+    return np.maximum(np.linalg.eigvalsh(gram_matrices(matrices)), 0.0)
+
+
+def mp_spikes(evals: np.ndarray, shape: tuple[int, int]) -> int:
+    """How many eigenvalues of each matrix lie above its Marchenko–Pastur bulk edge.
+
+    `evals` is `(P, min(shape))` as `eigenvalues` returns it. For an N x M matrix (N >= M)
+    of i.i.d. entries of variance σ², the eigenvalues of WᵀW lie below
+    λ+ = σ²(√N + √M)², and the largest fluctuates about it on the scale
+    s = σ²(√N + √M)(1/√N + 1/√M)^(1/3) (Johnstone 2001). σ² is estimated as the matrix's
+    mean square (Σλ / (N·M)), which spikes inflate, so the count errs low. An eigenvalue
+    counts as a spike above λ+ + `TRACY_WIDOM_99` · s + 3 · sqrt(2 / (N·M)) · λ+: the
+    99th percentile of the largest eigenvalue of pure noise, plus three standard errors
+    of the estimate of σ² (a matrix of Gaussian noise reports a spike in well under 1% of
+    draws).
+    """
+    n, m = max(shape), min(shape)
+    if n * m == 0:
+        return 0
+    sigma2 = evals.sum(axis=1, keepdims=True) / (n * m)
+    root = math.sqrt(n) + math.sqrt(m)
+    scale = root * (1 / math.sqrt(n) + 1 / math.sqrt(m)) ** (1 / 3)
+    edge = root * root * (1.0 + 3.0 * math.sqrt(2.0 / (n * m))) + TRACY_WIDOM_99 * scale
+    return int(np.count_nonzero(evals > sigma2 * edge))
+
+
+# ------------------------------------------------------------------ the power-law fit
+
+
+def fit_power_law(evals: np.ndarray, threshold: float = EVALS_THRESHOLD) -> PowerLawFit | None:
+    """Fit a power law to the tail of an ESD, x_min by the smallest KS distance.
+
+    Reproduces weightwatcher 0.7.7's default fit (module docstring), vectorised over the
+    candidate x_min values. Returns None when fewer than 2 eigenvalues exceed `threshold`.
+    """
+    x = np.sort(np.asarray(evals, dtype=np.float64).reshape(-1))
+    x = x[x > threshold]
+    if x.size < 2:
+        return None
+    logs = np.log(x)
+    logs -= logs[-1]  # shifts cancel in every difference below; keeps the sums small
+    count = x.size - np.arange(x.size - 1, dtype=np.float64)  # tail sizes n_i
+    suffix = np.cumsum(logs[::-1])[::-1][:-1]  # Σ_{j >= i} log x_j
+    spread = suffix - count * logs[:-1]  # Σ_{j >= i} log(x_j / x_i)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alphas = 1.0 + count / spread
+    ds = _ks_distances(logs, alphas, spread > 0)
+    i = int(np.argmin(ds))
+    alpha = float(alphas[i])
+    return PowerLawFit(alpha=alpha, xmin=float(x[i]), ks_distance=float(ds[i]),
+                       sigma=(alpha - 1.0) / math.sqrt(count[i]), tail_size=int(count[i]))
+
+
+def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """KS distance of each candidate's fit: max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|.
+
+    Candidates are taken in blocks of rows, in two reused buffers of `_BLOCK` elements; a
+    block of rows [a, b) needs only the columns j >= a, and its entries j < i (all in its
+    first b - a columns, the triangle a block of at most 1/8 of the rows left wastes) are
+    clipped to k = 0, where both CDFs are 0.
+    """
+    size = logs.size
+    cands = size - 1
+    out = np.ones(cands)
+    inv_n = 1.0 / (size - np.arange(cands, dtype=np.float64))
+    slope = np.where(valid, 1.0 - alphas, 0.0)  # invalid rows are set to 1 below
+    offset = np.arange(cands, dtype=np.float64) * inv_n  # i / n_i
+    cols = np.arange(size, dtype=np.float64)
+    half = max(min(_BLOCK, cands * size), size)  # a block holds at most this many elements
+    work = np.empty(2 * half)
+    a = 0
+    while a < cands:
+        # at most 1/8 of the remaining rows at once, so the clipped triangle wastes little
+        rows = min(_BLOCK // (size - a), max(64, (size - a) // 8))
+        b = min(cands, a + max(1, rows))
+        shape = (b - a, size - a)
+        gap = work[: shape[0] * shape[1]].reshape(shape)
+        frac = work[half: half + shape[0] * shape[1]].reshape(shape)
+        np.subtract(logs[None, a:], logs[a:b, None], out=gap)
+        np.maximum(gap[:, : b - a], 0.0, out=gap[:, : b - a])
+        gap *= slope[a:b, None]
+        np.expm1(gap, out=gap)  # -(fitted CDF)
+        np.multiply(cols[None, a:], inv_n[a:b, None], out=frac)
+        frac -= offset[a:b, None]  # (j - i) / n_i, the empirical CDF
+        np.maximum(frac[:, : b - a], 0.0, out=frac[:, : b - a])
+        gap += frac
+        np.abs(gap, out=gap)
+        out[a:b] = np.where(valid[a:b], gap.max(axis=1), 1.0)
+        a = b
+    return out
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
+                    min_evals: int = MIN_EVALS,
+                    max_evals: int = MAX_EVALS) -> SpectralMetrics | None:
+    """The spectral metrics of one weight tensor, or None if it holds no matrices.
+
+    The one call per tensor: the callback's worker and `spectral(run)` both use it.
+
+    Args:
+        array: The weight tensor, as `get_weights()` returns it.
+        layer_class: The Keras class name of the layer that owns it (see
+            `kernel_matrices`). Defaults to None: decided from `name` and the rank.
+        name: The weight's own name. Defaults to `"kernel"`.
+        min_evals: Fewest eigenvalues above `EVALS_THRESHOLD` for a fit of alpha.
+            Defaults to 50; at least 20 (below, weightwatcher switches to another
+            estimator).
+        max_evals: Most eigenvalues per tensor; a larger one gets only `norm` and
+            `log_norm`. Defaults to 15,000 (weightwatcher's default).
+
+    Example:
+
+    >>> w = np.diag([3.0, 2.0, 1.0])
+    >>> m = tensor_spectral(w, "Dense")
+    >>> m.spectral_norm, m.norm, m.stable_rank, m.reason
+    (9.0, 14.0, 1.5555555555555556, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 3')
+    """
+    _check_int("min_evals", min_evals, 20)
+    _check_int("max_evals", max_evals, 1)
+    mats = kernel_matrices(array, layer_class, name)
+    if mats is None:
+        return None
+    shape = (int(mats.shape[1]), int(mats.shape[2]))
+    total = mats.shape[0] * min(shape)
+    if total == 0:
+        return _metrics(mats, shape, np.zeros((mats.shape[0], 0)), None,
+                        "the tensor is empty")
+    if total > max_evals:
+        return _metrics(mats, shape, None, None,
+                        f"{total} eigenvalues exceed max_evals={max_evals}; only norm computed")
+    gram = gram_matrices(mats)
+    # Every entry of W is squared into one diagonal entry of its Gram matrix: checking the
+    # diagonal finds a NaN or Inf anywhere in W without another pass over it.
+    if not np.isfinite(np.einsum("pii->p", gram)).all():
+        return _metrics(mats, shape, None, None, "the tensor has NaN or Inf values")
+    evals = np.maximum(np.linalg.eigvalsh(gram), 0.0)
+    usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
+    if usable < min_evals:
+        reason = (f"alpha needs {min_evals} eigenvalues above {EVALS_THRESHOLD:g}; "
+                  f"the ESD has {usable}")
+        return _metrics(mats, shape, evals, None, reason)
+    return _metrics(mats, shape, evals, fit_power_law(evals), None)
+
+
+def _metrics(mats: np.ndarray, shape: tuple[int, int], evals: np.ndarray | None,
+             fit: PowerLawFit | None, reason: str | None) -> SpectralMetrics:
+    nan = math.nan
+    if evals is None:  # too large: the Frobenius norm alone, exactly
+        norm = float(np.einsum("pij,pij->", mats, mats, dtype=np.float64))
+        lam_max, count, spikes = nan, mats.shape[0] * min(shape), 0
+    else:
+        norm = float(evals.sum())
+        lam_max = float(evals.max()) if evals.size else nan
+        count, spikes = int(evals.size), mp_spikes(evals, shape)
+    log_max = _log10(lam_max)
+    alpha = fit.alpha if fit is not None else nan
+    return SpectralMetrics(
+        matrices=int(mats.shape[0]), matrix_shape=shape, num_eigenvalues=count,
+        spectral_norm=lam_max, log_spectral_norm=log_max, norm=norm, log_norm=_log10(norm),
+        stable_rank=norm / lam_max if lam_max > 0 else nan,
+        alpha=alpha, alpha_weighted=alpha * log_max,
+        xmin=fit.xmin if fit is not None else nan,
+        ks_distance=fit.ks_distance if fit is not None else nan,
+        sigma=fit.sigma if fit is not None else nan,
+        tail_size=fit.tail_size if fit is not None else 0,
+        num_spikes=spikes, reason=reason,
+    )
+
+
+def _log10(x: float) -> float:
+    if x > 0:
+        return math.log10(x)
+    return -math.inf if x == 0 else math.nan
+
+
+def _check_int(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer >= {least}. {received(name, value)}")
+    if value < least:
+        raise ValueError(f"`{name}` must be an integer >= {least}. {received(name, value)}")
+
+
+# ------------------------------------------------------------------ runs
+
+
+def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = None, *,
+             min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> SpectralResult:
+    """The spectral metrics of every Dense and convolution kernel of a snapshot on disk.
+
+    Args:
+        run: A run directory (path) or a `Run` from `load_run`.
+        step: An int step, `"initial"` or `"last"`. Defaults to `"last"`.
+        layers: Only the kernels of these layers (layer paths as the run's weight keys
+            spell them, e.g. `"dense"` or `"block/conv"`). Defaults to None: every layer.
+        min_evals, max_evals: As for `tensor_spectral`.
+
+    Example: the README's quickstart run, whose kernels are too small for a fit of alpha.
+
+    >>> result = spectral("runs/exp1", step=3)
+    >>> list(result.tensors)
+    ['hidden/kernel', 'out/kernel']
+    >>> m = result.tensors["hidden/kernel"]
+    >>> m.matrix_shape, m.num_eigenvalues, m.reason
+    ((4, 8), 4, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 4')
+    """
+    if isinstance(run, (str, os.PathLike)):
+        from . import load_run
+
+        run = load_run(run)
+    classes = {layer.name: layer.class_name for layer in run.layers}
+    shapes = {spec.key: spec.shape for spec in run.specs}
+    keys = list(shapes)
+    wanted = _wanted_layers(keys, layers)
+    resolved = run.snapshot(step).step
+    out: dict[str, SpectralMetrics] = {}
+    for key in keys:
+        parts = parse_key(key)
+        if wanted is not None and parts.layer not in wanted:
+            continue
+        layer_class = classes.get(parts.layer)
+        if not _holds_matrices(layer_class, parts.name, len(shapes[key])):
+            continue
+        m = tensor_spectral(run.tensor(key, resolved), layer_class, parts.name,
+                            min_evals=min_evals, max_evals=max_evals)
+        if m is not None:
+            out[key] = m
+    return SpectralResult(path=str(run.path), step=int(resolved), tensors=out)
+
+
+def _wanted_layers(keys: list[str], layers: Iterable[str] | None) -> set[str] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        raise TypeError(f"`layers` must be a list of layer paths, not one string. "
+                        f"{received('layers', layers)}")
+    wanted = set(layers)
+    known = {parse_key(k).layer for k in keys}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"`layers` names layers the run does not have (it has "
+                         f"{sorted(known)}). {received('layers', unknown)}")
+    return wanted

@@ -64,6 +64,19 @@ def test_bench_diff_runs_and_reports_memory():
     assert number(r"tracemalloc peak\s+([\d.]+) MiB", out) > 0
 
 
+def test_bench_dashboard_times_compare_and_first_paint():
+    args = ["--params", "200000"]
+    if not os.path.exists("/usr/bin/chromium"):
+        args.append("--no-browser")
+    out = run("bench_dashboard.py", *args)
+    cold = number(r"compare \(diff_runs with matching, over HTTP\): cold ([\d.]+) s", out)
+    cached = number(r"cached ([\d.]+) ms", out)
+    assert cold > 0 and cached > 0
+    assert number(r"reference: diff_runs\(a, b\) in this process ([\d.]+) s", out) > 0
+    if "--no-browser" not in args:
+        assert number(r"fresh browser ([\d.]+) s", out) > 0
+
+
 def test_bench_gradients_added_time_is_the_sum_of_its_parts():
     out = run("bench_gradients.py", "--train", "64", "--samples", "2", "--repeats", "1",
               "--backends", "tensorflow")

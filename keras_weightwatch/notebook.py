@@ -1,0 +1,65 @@
+"""HTML summaries of a `Run` and a `DiffResult`, for Jupyter (`_repr_html_`)."""
+
+from __future__ import annotations
+
+import html
+
+from . import DiffResult, Run
+from .textfmt import nonfinite_text
+
+MAX_ROWS = 50
+"""Rows a summary table shows before it says how many it left out."""
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "—"
+    text = nonfinite_text(x)
+    return f"{x:.6g}" if text is None else text
+
+
+def _table(head: list[str], rows: list[list[str]], total: int) -> str:
+    e = html.escape
+    out = ["<table><thead><tr>", *[f"<th>{e(h)}</th>" for h in head], "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+    out.append("</tbody></table>")
+    if total > len(rows):
+        out.append(f"<p>… and {total - len(rows)} more</p>")
+    return "".join(out)
+
+
+def run_html(run: Run) -> str:
+    """The run's path, snapshots, last metrics and weights, as an HTML table."""
+    snaps = run.snapshots
+    logs = run.logs() if snaps else {}
+    last = snaps[-1] if snaps else None
+    rows = []
+    for spec in run.specs[:MAX_ROWS]:
+        st = last.stats.get(spec.key, {}) if last is not None else {}
+        rows.append([spec.key, "×".join(map(str, spec.shape)) or "scalar", spec.dtype,
+                     _num(st.get("l2_norm")), _num(st.get("update_ratio"))])
+    steps = ", ".join(s.name for s in snaps[:8]) + (" …" if len(snaps) > 8 else "")
+    metrics = ", ".join(f"{k} {_num(v)}" for k, v in logs.items())
+    return (
+        f"<div><b>Run</b> <code>{html.escape(run.path)}</code>: {len(snaps)} snapshots "
+        f"({html.escape(steps)}); {len(run.specs)} weights"
+        + (f"; last {html.escape(metrics)}" if metrics else "")
+        + _table(["weight", "shape", "dtype", "l2 norm", "update ratio"], rows, len(run.specs))
+        + "</div>"
+    )
+
+
+def diff_html(result: DiffResult) -> str:
+    """The diff's counts and every tensor's numbers, most changed layers first."""
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
+    ts = result.tensors
+    rows = [[t.name, t.status, _num(t.rel_l2), _num(t.cosine), _num(t.matched_cosine),
+             _num(t.max_abs)] for t in ts[:MAX_ROWS]]
+    return (
+        f"<div><b>Diff</b> <code>{html.escape(result.a)}</code> vs "
+        f"<code>{html.escape(result.b)}</code>: {html.escape(counts)}"
+        + _table(["tensor", "status", "rel-L2", "cosine", "matched cosine", "max |Δ|"], rows,
+                 len(ts))
+        + "</div>"
+    )

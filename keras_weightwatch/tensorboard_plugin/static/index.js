@@ -1,0 +1,428 @@
+// The WeightWatch tab: plain JavaScript (an ES module TensorBoard loads in an iframe),
+// no build step, no network access beyond this plugin's own routes.
+
+const $ = (tag, attrs = {}, ...children) => {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'text') el.textContent = v;
+    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children) el.append(c);
+  return el;
+};
+
+const SVG = 'http://www.w3.org/2000/svg';
+const svg = (tag, attrs = {}) => {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  return el;
+};
+
+// Small pixel images (kernel grids) are shown enlarged, without smoothing.
+function zoom(img, target = 600) {
+  img.addEventListener('load', () => {
+    const f = Math.max(1, Math.min(4, Math.floor(target / Math.max(img.naturalWidth, 1))));
+    img.style.width = `${img.naturalWidth * f}px`;
+  });
+  return img;
+}
+
+const url = (route, params) => `./${route}?${new URLSearchParams(params)}`;
+
+async function fetchJSON(route, params = {}) {
+  const r = await fetch(url(route, params));
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
+  return body;
+}
+
+// Numbers as the library's JSON gives them: floats, or the words NaN, Inf, -Inf.
+const WORDS = {'nan': NaN, 'inf': Infinity, '-inf': -Infinity};
+const value = (x) => (typeof x === 'string' ? (WORDS[x.toLowerCase()] ?? Number(x)) : x);
+function fmt(x) {
+  if (x === null || x === undefined) return '—';
+  const v = value(x);
+  if (!Number.isFinite(v)) return String(x);
+  if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
+  return v.toPrecision(6);
+}
+
+function errorBox(where, err) {
+  where.replaceChildren($('div', {class: 'ww-error', text: `Error: ${err.message}`}));
+}
+
+function select(options, current, onchange, attrs = {}) {
+  const s = $('select', attrs);
+  for (const o of options) {
+    const opt = $('option', {value: o.value, text: o.label});
+    if (o.value === current) opt.selected = true;
+    s.append(opt);
+  }
+  s.addEventListener('change', () => onchange(s.value));
+  return s;
+}
+
+const state = {runs: [], summaries: new Map()};
+
+async function summary(run) {
+  if (!state.summaries.has(run)) state.summaries.set(run, await fetchJSON('run', {run}));
+  return state.summaries.get(run);
+}
+
+// ------------------------------------------------------------------ run at a glance
+
+function colour(t) {
+  // 0 -> pale yellow, 1 -> dark red (log-scaled values are mapped to [0, 1] by the caller)
+  const r = 255 - Math.round(80 * t), g = Math.round(245 - 200 * t), b = Math.round(200 - 180 * t);
+  return `rgb(${r},${g},${b})`;
+}
+
+async function glance(panel) {
+  const runSel = select(state.runs.map((r) => ({value: r.name, label: r.name})),
+      state.glanceRun, (v) => { state.glanceRun = v; draw(); }, {id: 'ww-glance-run'});
+  const metricSel = select([
+    {value: 'update', label: 'update ratio (vs previous snapshot)'},
+    {value: 'initial', label: 'change since initial'},
+  ], state.glanceMetric || 'update', (v) => { state.glanceMetric = v; draw(); });
+  const body = $('div');
+  const detail = $('div', {class: 'ww-detail', id: 'ww-tensor'});
+  panel.replaceChildren($('div', {class: 'ww-controls'}, 'Run ', runSel, ' colour: ', metricSel),
+      body, detail);
+  async function draw() {
+    const run = state.glanceRun || state.runs[0]?.name;
+    if (!run) return;
+    body.replaceChildren($('div', {text: 'loading…'}));
+    try {
+      let data = await fetchJSON('heatmap', {run, metric: state.glanceMetric || 'update'});
+      while (!data.complete) {  // the server reads a bounded amount per request
+        heatmap(body, data, run, detail);
+        data = await fetchJSON('heatmap', {run, metric: 'initial'});
+      }
+      heatmap(body, data, run, detail);
+    } catch (err) { errorBox(body, err); }
+  }
+  await draw();
+}
+
+function heatmap(where, data, run, detail) {
+  const cell = Math.max(6, Math.min(28, Math.floor(900 / Math.max(1, data.steps.length))));
+  const rowH = 16, left = 180, top = 40;
+  const canvas = $('canvas', {id: 'ww-heatmap'});
+  canvas.width = left + cell * data.steps.length + 10;
+  canvas.height = top + rowH * data.keys.length + 10;
+  const ctx = canvas.getContext('2d');
+  let lo = Infinity, hi = -Infinity;  // the log10 range of the positive finite values
+  for (const row of data.values) {
+    for (const x of row) {
+      const v = value(x);
+      if (Number.isFinite(v) && v > 0) { lo = Math.min(lo, Math.log10(v)); hi = Math.max(hi, Math.log10(v)); }
+    }
+  }
+  if (!Number.isFinite(lo)) { lo = -8; hi = 0; }
+  if (hi - lo < 1e-6) lo = hi - 1;
+  ctx.font = '11px sans-serif';
+  ctx.fillStyle = '#333';
+  data.steps.forEach((s, c) => {
+    if (data.steps.length < 40 || c % Math.ceil(data.steps.length / 40) === 0) {
+      ctx.save(); ctx.translate(left + c * cell + cell / 2, top - 4); ctx.rotate(-Math.PI / 4);
+      ctx.fillText(s, 0, 0); ctx.restore();
+    }
+  });
+  const bad = new Set(data.nonfinite.map(([r, c]) => `${r},${c}`));
+  data.keys.forEach((k, r) => {
+    ctx.fillStyle = '#333';
+    ctx.fillText(k.length > 28 ? '…' + k.slice(-27) : k, 4, top + r * rowH + 12);
+    data.values[r].forEach((x, c) => {
+      const v = value(x), y = top + r * rowH, xpx = left + c * cell;
+      if (x === null || Number.isNaN(v)) ctx.fillStyle = '#e6e6e6';  // no value / undefined
+      else if (!Number.isFinite(v)) ctx.fillStyle = '#000';
+      else ctx.fillStyle = colour(v <= 0 ? 0 : Math.max(0, (Math.log10(v) - lo) / (hi - lo || 1)));
+      ctx.fillRect(xpx, y, cell - 1, rowH - 1);
+      if (bad.has(`${r},${c}`)) {  // NaN / Inf in the tensor: a black cross
+        ctx.strokeStyle = '#000'; ctx.beginPath();
+        ctx.moveTo(xpx, y); ctx.lineTo(xpx + cell - 1, y + rowH - 1);
+        ctx.moveTo(xpx + cell - 1, y); ctx.lineTo(xpx, y + rowH - 1); ctx.stroke();
+      }
+    });
+  });
+  canvas.addEventListener('click', (ev) => {
+    const rect = canvas.getBoundingClientRect();
+    const c = Math.floor((ev.clientX - rect.left - left) / cell);
+    const r = Math.floor((ev.clientY - rect.top - top) / rowH);
+    if (r >= 0 && r < data.keys.length && c >= 0 && c < data.steps.length) {
+      openTensor(detail, run, data.keys[r], data.steps[c]);
+    }
+  });
+  canvas.addEventListener('mousemove', (ev) => {
+    const rect = canvas.getBoundingClientRect();
+    const c = Math.floor((ev.clientX - rect.left - left) / cell);
+    const r = Math.floor((ev.clientY - rect.top - top) / rowH);
+    canvas.title = (r >= 0 && r < data.keys.length && c >= 0 && c < data.steps.length)
+      ? `${data.keys[r]} @ ${data.steps[c]}: ${fmt(data.values[r][c])}` : '';
+  });
+  const legend = $('div', {class: 'ww-note', text:
+    `Colour: ${data.metric === 'update' ? '‖Wₜ − Wₜ₋₁‖ / ‖Wₜ₋₁‖' : '‖Wₜ − W₀‖ / ‖W₀‖'}` +
+    ` on a log scale from ${fmt(10 ** lo)} (pale) to ${fmt(10 ** hi)} (dark red); black: ` +
+    'infinite; grey: no value (the first snapshot, or a tensor that was all zeros); a cross: ' +
+    'the tensor holds NaN/Inf. Click a cell to open ' +
+    'that tensor at that step.' + (data.complete ? '' : ' (still reading…)')});
+  where.replaceChildren(legend, canvas);
+}
+
+async function openTensor(where, run, key, step) {
+  where.replaceChildren($('div', {text: 'loading…'}));
+  try {
+    const t = await fetchJSON('tensor', {run, key, step});
+    const route = t.conv ? 'kernel.png' : 'tensor.png';
+    const stats = $('table', {class: 'ww-table'});
+    for (const [k, v] of Object.entries(t.stats)) stats.append($('tr', {}, $('th', {text: k}), $('td', {text: fmt(v)})));
+    where.replaceChildren(
+        $('h3', {text: `${key} at step ${t.step} (${t.dtype}[${t.shape.join(', ')}])`}),
+        zoom($('img', {src: url(route, {run, key, step}), class: 'ww-pixels'})),
+        $('div', {class: 'ww-note', text: t.conv ? 'kernel grid, as the kernel images view draws it'
+            : `rows × last axis, every ${t.strides.join(' × ')} value; ±${fmt(t.vmax)} full colour`}),
+        stats);
+  } catch (err) { errorBox(where, err); }
+}
+
+// ------------------------------------------------------------------ compare
+
+const COLUMNS = [
+  ['name', 'tensor'], ['status', 'status'], ['rel_l2', 'rel-L2'], ['cosine', 'cosine'],
+  ['matched_cosine', 'matched cosine'], ['max_abs', 'max |Δ|'], ['units_moved', 'units moved'],
+];
+
+async function comparePanel(panel) {
+  const runs = state.runs.map((r) => ({value: r.name, label: r.name}));
+  // By default: the first run's initial weights against its last snapshot (always comparable).
+  const c = state.compare ||= {a: runs[0]?.value, b: runs[0]?.value, sa: 'initial', sb: 'last'};
+  const stepSel = async (run, cur, id, set) => {
+    const s = await summary(run);
+    const opts = [{value: 'last', label: 'last'}].concat(s.steps.map((x) => ({value: x.name, label: x.name})));
+    if (!opts.some((o) => o.value === cur)) set('last');
+    return select(opts, cur, set, {id});
+  };
+  const out = $('div', {id: 'ww-compare-out'});
+  async function controls() {
+    const row = $('div', {class: 'ww-controls'},
+        'A ', select(runs, c.a, (v) => { c.a = v; c.sa = 'last'; controls(); }, {id: 'ww-a'}),
+        ' @ ', await stepSel(c.a, c.sa, 'ww-sa', (v) => { c.sa = v; }),
+        '  B ', select(runs, c.b, (v) => { c.b = v; c.sb = 'last'; controls(); }, {id: 'ww-b'}),
+        ' @ ', await stepSel(c.b, c.sb, 'ww-sb', (v) => { c.sb = v; }),
+        ' ', $('button', {id: 'ww-compare-go', text: 'Compare', onclick: run}));
+    panel.replaceChildren(row, out);
+  }
+  async function run() {
+    out.replaceChildren($('div', {text: 'comparing…'}));
+    try {
+      const d = await fetchJSON('compare', {a: c.a, sa: c.sa, b: c.b, sb: c.sb});
+      showDiff(out, d, c);
+    } catch (err) { errorBox(out, err); }
+  }
+  await controls();
+}
+
+function showDiff(out, d, c) {
+  const counts = Object.entries(d.counts).map(([k, v]) => `${k} ${v}`).join(', ');
+  const table = $('table', {class: 'ww-table', id: 'ww-compare-table'});
+  const head = $('tr');
+  let sortKey = null, asc = true;
+  COLUMNS.forEach(([k, label]) => head.append($('th', {text: label, 'data-col': k, onclick: () => {
+    asc = sortKey === k ? !asc : true; sortKey = k; body();
+  }})));
+  table.append($('thead', {}, head));
+  const tbody = $('tbody');
+  table.append(tbody);
+  const body = () => {
+    const rows = [...d.tensors];
+    if (sortKey) {
+      rows.sort((x, y) => {
+        const a = x[sortKey], b = y[sortKey];
+        const na = typeof a === 'number' || typeof a === 'string' && !isNaN(value(a)) ? value(a) : a;
+        const nb = typeof b === 'number' || typeof b === 'string' && !isNaN(value(b)) ? value(b) : b;
+        const r = (na === null) - (nb === null) || (na < nb ? -1 : na > nb ? 1 : 0);
+        return asc ? r : -r;
+      });
+    }
+    tbody.replaceChildren(...rows.map((t) => $('tr', {'data-key': t.name, class: `ww-${t.status}`},
+        ...COLUMNS.map(([k]) => $('td', {'data-col': k,
+          text: k === 'name' || k === 'status' ? t[k] : fmt(t[k])})))));
+  };
+  body();
+  const kernels = $('div', {id: 'ww-compare-kernels'});
+  for (const key of d.conv) {
+    const q = {a: c.a, sa: c.sa, b: c.b, sb: c.sb, key};
+    const fig = (which, label) => {
+      const cap = $('figcaption', {text: label});
+      fetchJSON('compare_kernel', {...q, which}).then((m) => {
+        cap.textContent = `${label} (±${fmt(m.vmax)})` +
+          (which === 'b' ? (m.matched ? ', units matched to A' : ', not reordered') : '');
+      }).catch((e) => { cap.textContent = `${label}: ${e.message}`; });
+      return $('figure', {}, zoom($('img', {src: url('compare_kernel.png', {...q, which}), class: 'ww-pixels'}), 420), cap);
+    };
+    kernels.append($('h3', {text: key}), $('div', {class: 'ww-row'},
+        fig('a', 'A'), fig('b', 'B'), fig('diff', 'B − A')));
+  }
+  out.replaceChildren(
+      $('div', {class: 'ww-note', text: `${d.a} vs ${d.b}: ${counts}. Numbers are diff_runs' own; ` +
+        'click a column to sort.' + (d.tensors_total > d.tensors.length
+          ? ` First ${d.tensors.length} of ${d.tensors_total} tensors.` : '')}),
+      table, kernels);
+}
+
+// ------------------------------------------------------------------ kernels through training
+
+async function kernelsPanel(panel) {
+  const withConv = [];
+  for (const r of state.runs) {
+    try {
+      const s = await summary(r.name);
+      if (s.weights.some((w) => w.conv)) withConv.push(s);
+    } catch (err) { /* a damaged run: shown in its own error, skipped here */ }
+  }
+  if (!withConv.length) { panel.replaceChildren($('div', {text: 'No run has convolution kernels.'})); return; }
+  const k = state.kernels ||= {run: withConv[0].name, key: null, index: null};
+  const view = $('div');
+  async function draw() {
+    const s = await summary(k.run);
+    const keys = s.weights.filter((w) => w.conv).map((w) => w.key);
+    if (!keys.includes(k.key)) k.key = keys[0];
+    if (k.index === null || k.index >= s.steps.length) k.index = s.steps.length - 1;
+    const label = $('span', {id: 'ww-kernel-step'});
+    const img = zoom($('img', {id: 'ww-kernel-img', class: 'ww-pixels'}));
+    const scale = $('div', {class: 'ww-colorbar'});
+    const slider = $('input', {type: 'range', min: 0, max: s.steps.length - 1, value: k.index,
+      id: 'ww-kernel-slider'});
+    const show = async () => {
+      const step = s.steps[k.index].name;
+      label.textContent = `step ${step}`;
+      label.dataset.step = step;
+      img.src = url('kernel.png', {run: k.run, key: k.key, step});
+      const m = await fetchJSON('kernel', {run: k.run, key: k.key, step});
+      if (label.dataset.step !== step) return;  // the slider moved on meanwhile
+      scale.replaceChildren($('span', {text: fmt(-m.vmax)}),
+          $('img', {src: url('colorbar.png', {}), class: 'ww-bar'}), $('span', {text: fmt(m.vmax)}),
+          $('span', {class: 'ww-note', text: ` ${m.tiles} of ${m.total} tiles, ${m.scale} px per weight` +
+            (m.rgb ? ', RGB tiles (3 input channels)' : '')}));
+      img.dataset.loadedStep = step;
+    };
+    slider.addEventListener('input', () => { k.index = Number(slider.value); show(); });
+    view.replaceChildren($('div', {class: 'ww-controls'},
+        'Run ', select(withConv.map((x) => ({value: x.name, label: x.name})), k.run,
+            (v) => { k.run = v; k.index = null; draw(); }, {id: 'ww-kernel-run'}),
+        ' layer ', select(keys.map((x) => ({value: x, label: x})), k.key,
+            (v) => { k.key = v; draw(); }, {id: 'ww-kernel-key'}),
+        ' ', slider, ' ', label), scale, img);
+    await show();
+  }
+  panel.replaceChildren(view);
+  await draw();
+}
+
+// ------------------------------------------------------------------ features
+
+const PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2',
+  '#17becf', '#7f7f7f', '#bcbd22'];
+const DASHES = ['', '6 3', '2 2', '8 3 2 3'];
+
+async function featuresPanel(panel) {
+  const data = [];
+  for (const r of state.runs) {
+    try {
+      const f = await fetchJSON('features', {run: r.name});
+      if (f.available) data.push({run: r.name, ...f});
+    } catch (err) { /* damaged runs show their error elsewhere */ }
+  }
+  if (!data.length) { panel.replaceChildren($('div', {text: 'No run was written with feature_names.'})); return; }
+  const chosen = state.featureRuns ||= new Set([data[0].run]);
+  const view = $('div');
+  const boxes = $('div', {class: 'ww-controls'}, 'Runs: ', ...data.map((d) => {
+    const cb = $('input', {type: 'checkbox'});
+    cb.checked = chosen.has(d.run);
+    cb.addEventListener('change', () => { cb.checked ? chosen.add(d.run) : chosen.delete(d.run); draw(); });
+    return $('label', {}, cb, ` ${d.run} `);
+  }));
+  let index = null;
+  function draw() {
+    const shown = data.filter((d) => chosen.has(d.run));
+    if (!shown.length) { view.replaceChildren(); return; }
+    const first = shown[0];
+    if (index === null || index >= first.steps.length) index = first.steps.length - 1;
+    const top = first.tables[index].map((r) => r.name);
+    const W = 720, H = 300, L = 50, B = 30;
+    const all = shown.flatMap((d) => d.names.map((n, i) => top.includes(n) ? d.weights[i] : []).flat())
+        .map(value).filter(Number.isFinite);
+    const lo = Math.min(0, ...all), hi = Math.max(0, ...all);
+    const n = Math.max(...shown.map((d) => d.steps.length));
+    const xs = (i) => L + (W - L - 10) * (n > 1 ? i / (n - 1) : 0.5);
+    const ys = (v) => 10 + (H - B - 10) * (hi - v) / (hi - lo || 1);
+    const chart = svg('svg', {width: W, height: H, id: 'ww-features-chart'});
+    chart.append(svg('line', {x1: L, x2: W - 10, y1: ys(0), y2: ys(0), stroke: '#999'}));
+    for (const v of [lo, hi]) {
+      const t = svg('text', {x: 4, y: ys(v) + 4, 'font-size': 11}); t.textContent = fmt(v); chart.append(t);
+    }
+    shown.forEach((d, ri) => top.forEach((name, fi) => {
+      const i = d.names.indexOf(name);
+      if (i < 0) return;
+      const pts = d.weights[i].map((v, t) => [xs(t), ys(value(v))]).filter(([, y]) => Number.isFinite(y));
+      chart.append(svg('polyline', {points: pts.map((p) => p.join(',')).join(' '), fill: 'none',
+        stroke: PALETTE[fi % PALETTE.length], 'stroke-width': 2, 'stroke-dasharray': DASHES[ri % DASHES.length]}));
+    }));
+    first.steps.forEach((st, t) => {
+      if (first.steps.length <= 20 || t % Math.ceil(first.steps.length / 20) === 0) {
+        const lab = svg('text', {x: xs(t), y: H - B + 16, 'font-size': 11, 'text-anchor': 'middle'});
+        lab.textContent = st; chart.append(lab);
+      }
+    });
+    const cursor = svg('line', {x1: xs(index), x2: xs(index), y1: 5, y2: H - B, stroke: '#444', 'stroke-dasharray': '3 3'});
+    chart.append(cursor);
+    const legend = $('div', {class: 'ww-note'}, ...top.map((name, fi) =>
+      $('span', {style: `color:${PALETTE[fi % PALETTE.length]}`, text: `■ ${name}  `})),
+      ...shown.map((d, ri) => $('span', {text: ` ${['solid', 'dashed', 'dotted', 'dash-dot'][ri % 4]}: ${d.run} `})));
+    const slider = $('input', {type: 'range', min: 0, max: first.steps.length - 1, value: index, id: 'ww-features-slider'});
+    slider.addEventListener('input', () => { index = Number(slider.value); draw(); });
+    const tables = $('div', {class: 'ww-row'}, ...shown.map((d) => {
+      const t = $('table', {class: 'ww-table'},
+          $('tr', {}, $('th', {text: 'rank'}), $('th', {text: 'feature'}), $('th', {text: 'weight'})));
+      const step = first.steps[index], j = d.steps.indexOf(step);
+      if (j >= 0) for (const r of d.tables[j]) t.append($('tr', {}, $('td', {text: r.rank}), $('td', {text: r.name}), $('td', {text: fmt(r.weight)})));
+      return $('figure', {}, $('figcaption', {text: `${d.run} @ ${step}`}), t);
+    }));
+    view.replaceChildren($('div', {class: 'ww-controls'}, 'step ', slider, ` ${first.steps[index]}`),
+        legend, chart, tables);
+  }
+  panel.replaceChildren(boxes, view);
+  draw();
+}
+
+// ------------------------------------------------------------------ page
+
+const PANELS = [['glance', 'Run at a glance', glance], ['compare', 'Compare', comparePanel],
+  ['kernels', 'Kernels through training', kernelsPanel], ['features', 'Features', featuresPanel]];
+
+export async function render() {
+  document.head.append($('link', {rel: 'stylesheet', href: './static/style.css'}));
+  const nav = $('nav', {class: 'ww-nav'});
+  const panel = $('main', {id: 'ww-panel'});
+  const runsNote = $('div', {class: 'ww-note', id: 'ww-runs'});
+  document.body.replaceChildren($('header', {}, $('h2', {text: 'WeightWatch'}), runsNote), nav, panel);
+  let current = 'glance';
+  const open = async (name) => {
+    current = name;
+    for (const b of nav.children) b.classList.toggle('ww-active', b.dataset.panel === name);
+    panel.replaceChildren($('div', {text: 'loading…'}));
+    try { await PANELS.find((p) => p[0] === name)[2](panel); } catch (err) { errorBox(panel, err); }
+  };
+  for (const [name, label] of PANELS) nav.append($('button', {'data-panel': name, id: `ww-tab-${name}`, text: label, onclick: () => open(name)}));
+  nav.append($('button', {text: '↻ refresh', id: 'ww-refresh', onclick: async () => { await loadRuns(); open(current); }}));
+  async function loadRuns() {
+    const r = await fetchJSON('runs');
+    state.runs = r.runs;
+    state.summaries.clear();  // new snapshots show on refresh
+    runsNote.textContent = `${r.runs.length} run${r.runs.length === 1 ? '' : 's'} in the log directory` +
+      (r.truncated ? ' (list cut)' : '');
+  }
+  try { await loadRuns(); } catch (err) { errorBox(panel, err); return; }
+  await open('glance');
+}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
-from . import DiffResult, Run
 from .textfmt import nonfinite_text
+
+if TYPE_CHECKING:
+    from .compare import DiffResult
+    from .run import Run
 
 MAX_ROWS = 50
 """Rows a summary table shows before it says how many it left out."""

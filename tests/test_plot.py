@@ -138,6 +138,7 @@ def _cells(text: str) -> list[list[str]]:
 def test_run_html_lists_every_weight_with_its_stored_norm(runs):
     run = runs["one"]
     rows = _cells(run_html(run))
+    assert run._repr_html_() == run_html(run)  # what Jupyter shows for a Run
     assert rows[0][:2] == ["weight", "shape"]
     assert [r[0] for r in rows[1:]] == [s.key for s in run.specs]
     for r, spec in zip(rows[1:], run.specs):
@@ -148,6 +149,7 @@ def test_run_html_lists_every_weight_with_its_stored_norm(runs):
 def test_diff_html_shows_diff_runs_numbers_to_six_digits(runs):
     result = diff_runs(runs["one"], runs["two"])
     rows = {r[0]: r for r in _cells(diff_html(result))[1:]}
+    assert result._repr_html_() == diff_html(result)  # what Jupyter shows for a DiffResult
     assert set(rows) == {t.name for t in result.tensors}
     for t in result.tensors:
         assert rows[t.name][1] == t.status

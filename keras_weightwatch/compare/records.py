@@ -269,6 +269,11 @@ class DiffResult:
             out[t.status] += 1
         return out
 
+    def _repr_html_(self) -> str:
+        from ..notebook import diff_html
+
+        return diff_html(self)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; non-finite numbers become the strings `"Inf"`, `"-Inf"`, `"NaN"`."""
         return {

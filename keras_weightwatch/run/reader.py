@@ -421,6 +421,11 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"
 
+    def _repr_html_(self) -> str:
+        from ..notebook import run_html
+
+        return run_html(self)
+
 
 def open_run(storage: Storage) -> Run:
     """The run a storage holds (what `load_run` does for a local directory)."""

@@ -24,7 +24,7 @@ from keras_weightwatch.run import (
     load_run,
     open_run,
 )
-from keras_weightwatch.run.storage import LockHeld
+from keras_weightwatch.run.storage import FileStamp, LockHeld
 
 
 class MemoryStorage:
@@ -35,6 +35,7 @@ class MemoryStorage:
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {""}
         self.ops: list[str] = []
+        self.versions: dict[str, int] = {}
         self.locked = False
 
     def where(self, name=""):
@@ -82,6 +83,23 @@ class MemoryStorage:
     def write_atomic(self, name, chunks, durable):
         self.ops.append(f"write {name}")
         self.files[name] = b"".join(bytes(c) for c in chunks)
+        self.versions[name] = self.versions.get(name, 0) + 1
+
+    def write_atomic_many(self, files, durable):
+        for name, chunks in files:
+            self.write_atomic(name, chunks, durable)
+
+    def append(self, name, data, durable):
+        self.ops.append(f"append {name}")
+        self.files[name] = self.files.get(name, b"") + bytes(data)
+        self.versions[name] = self.versions.get(name, 0) + 1
+
+    def stamps(self, name):
+        if name not in self.dirs:
+            raise FileNotFoundError(name)
+        prefix = name + "/"
+        return {f[len(prefix):]: FileStamp(len(b), str(self.versions[f]))
+                for f, b in self.files.items() if f.startswith(prefix) and "/" not in f[len(prefix):]}
 
     def remove(self, name):
         self.ops.append(f"remove {name}")

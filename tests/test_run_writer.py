@@ -232,3 +232,132 @@ def test_collect_garbage_removes_only_unreferenced_tensors_and_temporaries(tmp_p
     assert sorted(deleted) == ["tensors/.tmp-123", f"tensors/{'a' * 64}.npy"]
     assert os.path.exists(other)
     assert load_run(run).verify().ok
+
+
+# ------------------------------------------------------------------ batched, ordered syncs
+
+
+def _specs_snapshot(step: int, frozen: np.ndarray) -> tuple[ModelInfo, Snapshot]:
+    arrays = {"a/kernel": np.full((64, 32), float(step), "float32"), "frozen/kernel": frozen,
+              "a/bias": np.arange(5, dtype="float64") * step}
+    from keras_weightwatch.run import WeightSpec
+    info = ModelInfo("m", "Fake", (), tuple(
+        WeightSpec(k, f"m/{k}", k.split("/")[0], a.shape, a.dtype.name, True)
+        for k, a in arrays.items()))
+    return info, Snapshot(step=step, label="epoch", epoch=step, arrays=arrays, logs={})
+
+
+class _Syscalls:
+    """Records the file system calls LocalStorage makes, in order, with the paths they touch."""
+
+    def __init__(self, monkeypatch, root: str):
+        self.events: list[tuple[str, str]] = []
+        self._fds: dict[int, str] = {}
+        real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+        def rel(path):
+            return os.path.relpath(os.fspath(path), root)
+
+        def open_(path, flags, *args, **kw):
+            fd = real_open(path, flags, *args, **kw)
+            self._fds[fd] = rel(path)
+            return fd
+
+        def fsync(fd):
+            self.events.append(("fsync", self._fds.get(fd, "?")))
+            return real_fsync(fd)
+
+        def replace(src, dst):
+            self.events.append(("rename", f"{rel(src)} -> {rel(dst)}"))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, match) -> int:
+        hits = [i for i, (k, what) in enumerate(self.events) if k == kind and match(what)]
+        assert len(hits) == 1, (kind, self.events)
+        return hits[0]
+
+
+def test_snapshot_record_is_synced_only_after_every_tensor_file_it_names_is_durable(
+        tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    frozen = np.eye(16, dtype="float32")
+    info, first = _specs_snapshot(0, frozen)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=True)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    calls = _Syscalls(monkeypatch, run)
+    _, snap = _specs_snapshot(1, frozen)
+    record = writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    monkeypatch.undo()
+    new_files = {r.file for r in record.tensors.values()} - {
+        r.file for r in load_run(run).snapshot(0).tensors.values()}
+    assert len(new_files) == 2  # the frozen kernel is not written again
+    renames = [what for kind, what in calls.events if kind == "rename"]
+    tensor_dir_sync = calls.index("fsync", lambda p: p == "tensors")
+    for file in new_files:
+        (rename,) = [r for r in renames if r.endswith(f"-> {file}")]
+        tmp = rename.split(" -> ")[0]
+        synced = calls.index("fsync", lambda p, tmp=tmp: p == tmp)
+        renamed = calls.index("rename", lambda r, rename=rename: r == rename)
+        # the bytes are durable before the name appears, the name before the directory sync
+        assert synced < renamed < tensor_dir_sync
+    snap_rename = calls.index("rename", lambda r: r.endswith("-> snapshots/epoch_000001.json"))
+    snap_tmp = calls.events[snap_rename][1].split(" -> ")[0]
+    snap_sync = calls.index("fsync", lambda p: p == snap_tmp)
+    # the snapshot record is created, synced and renamed only after the tensor directory sync
+    created = [i for i, (k, p) in enumerate(calls.events) if k == "fsync" and p == snap_tmp]
+    assert tensor_dir_sync < created[0] == snap_sync < snap_rename
+    assert calls.index("fsync", lambda p: p == "snapshots") > snap_rename
+    # all tensor files are synced before any of them is renamed (one batch per snapshot)
+    tensor_syncs = [i for i, (k, p) in enumerate(calls.events)
+                    if k == "fsync" and p.startswith("tensors/.tmp-")]
+    tensor_renames = [i for i, (k, r) in enumerate(calls.events)
+                      if k == "rename" and "-> tensors/" in r]
+    assert max(tensor_syncs) < min(tensor_renames)
+    assert load_run(run).verify().ok
+
+
+def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
+        tmp_path, monkeypatch):
+    import hashlib
+
+    import keras_weightwatch.run.writer as writer_module
+
+    run = str(tmp_path / "run")
+    frozen = np.random.default_rng(0).normal(size=(300, 200)).astype("float32")
+    info, first = _specs_snapshot(0, frozen)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data=b""):
+        h = real_sha256(data)
+        hashed.append(len(data))
+        return h
+
+    monkeypatch.setattr(writer_module.hashlib, "sha256", counting_sha256)
+    _, second = _specs_snapshot(1, frozen.copy())
+    records = writer.store_tensors(second)
+    writer.commit_snapshot(second, records)
+    monkeypatch.undo()
+    assert len(hashed) == 2  # the two tensors that changed, once each
+    prev = load_run(run).snapshot(0).tensors["frozen/kernel"]
+    assert records["frozen/kernel"] == prev
+    # A previous file that no longer holds the same bytes is not trusted: hashed, rewritten.
+    with open(os.path.join(run, prev.file), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\0\0\0")
+    _, third = _specs_snapshot(2, frozen.copy())
+    writer._files.discard(prev.file)  # as after retention removed the file's last snapshot
+    rec = writer.store_tensors(third)["frozen/kernel"]
+    writer.close()
+    bio = io.BytesIO()
+    np.save(bio, frozen, allow_pickle=False)
+    assert rec.sha256 == hashlib.sha256(bio.getvalue()).hexdigest()
+    with open(os.path.join(run, rec.file), "rb") as f:
+        assert f.read() == bio.getvalue()

@@ -15,7 +15,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,6 +97,22 @@ def retained_steps(
     if keep_every:
         keep.update(step for step in epochs if step % keep_every == 0)
     return keep
+
+
+def same_bytes(a: memoryview, b: memoryview, first: int = 1 << 16, chunk: int = 1 << 24
+               ) -> bool:
+    """True when two byte buffers are equal; compares a short prefix first, then in chunks,
+    so buffers that differ (a weight that trained) are told apart after a few bytes."""
+    if a.nbytes != b.nbytes:
+        return False
+    x = np.frombuffer(a, np.uint8)
+    y = np.frombuffer(b, np.uint8)
+    start = 0
+    for stop in [first, *range(first + chunk, x.size + chunk, chunk)]:
+        if not np.array_equal(x[start:stop], y[start:stop]):
+            return False
+        start = stop
+    return True
 
 
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
@@ -227,31 +243,58 @@ class RunWriter:
         return read_tensor(self.storage, rec, mmap=True)
 
     def store_tensors(self, snapshot: Snapshot) -> dict[str, TensorRecord]:
-        """Write the snapshot's arrays that are not stored yet; return every tensor's record."""
+        """Write the snapshot's arrays that are not stored yet; return every tensor's record.
+
+        A tensor byte-identical to the previous snapshot's is neither hashed nor written
+        (its bytes are compared with the stored file, which stops at the first difference).
+        The others are written one `writev` each, then synced together, then renamed into
+        place, then the tensor directory is synced once: every file a snapshot file will
+        name is durable before `commit_snapshot` writes it.
+        """
+        prev = self.previous(snapshot.step)
         records: dict[str, TensorRecord] = {}
-        wrote = False
-        for spec in self.specs:
-            rec, chunks = self._encode(snapshot.arrays[spec.key], spec)
-            if rec.file not in self._files and not self.storage.isfile(rec.file):
-                self.storage.write_atomic(rec.file, chunks, self.durable)
-                wrote = True
-            self._files.add(rec.file)
-            records[spec.key] = rec
+        wrote: list[str] = []
+
+        def files() -> Iterator[tuple[str, list[Any]]]:
+            for spec in self.specs:
+                rec, chunks = self._encode(snapshot.arrays[spec.key], spec,
+                                           prev.tensors.get(spec.key) if prev else None)
+                records[spec.key] = rec
+                # Only a file a committed snapshot names is known to be whole and durable.
+                if rec.file not in self._files:
+                    wrote.append(rec.file)
+                    self._files.add(rec.file)
+                    yield rec.file, chunks
+
+        try:
+            self.storage.write_atomic_many(files(), self.durable)
+        except BaseException:
+            self._files.difference_update(wrote)
+            raise
         if wrote and self.durable:
             self.storage.sync_dir(TENSOR_DIR)
         return records
 
-    def _encode(self, arr: np.ndarray, spec: WeightSpec) -> tuple[TensorRecord, list[Any]]:
-        """A tensor's record and the bytes of its .npy file (header, then data)."""
+    def _encode(self, arr: np.ndarray, spec: WeightSpec, prev: TensorRecord | None
+                ) -> tuple[TensorRecord, list[Any]]:
+        """A tensor's record and the bytes of its .npy file (header, then data).
+
+        `prev` is the weight's record in the previous snapshot: when the file it names
+        holds these very bytes, its digest is reused instead of hashing them again.
+        """
         stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
         # The bytes are written in C order, so the header must say so too. (Not
         # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
         stored = np.require(stored, requirements="C")
         header = npy_header(stored)
         data = raw_bytes(stored)
-        h = hashlib.sha256(header)
-        h.update(data)
-        sha = h.hexdigest()
+        nbytes = len(header) + data.nbytes
+        if prev is not None and self._holds(prev, stored, nbytes):
+            sha = prev.sha256
+        else:
+            h = hashlib.sha256(header)
+            h.update(data)
+            sha = h.hexdigest()
         rec = TensorRecord(
             file=f"{TENSOR_DIR}/{sha}.npy",
             sha256=sha,
@@ -259,9 +302,21 @@ class RunWriter:
             dtype=spec.dtype,
             stored_dtype=stored_dtype,
             lossy=lossy,
-            bytes=len(header) + data.nbytes,
+            bytes=nbytes,
         )
         return rec, [header, data]
+
+    def _holds(self, rec: TensorRecord, stored: np.ndarray, nbytes: int) -> bool:
+        """True when the stored file of `rec` holds exactly `stored` (same header and bytes)."""
+        if rec.bytes != nbytes or rec.file not in self._files:
+            return False
+        try:
+            old = self.storage.load_npy(rec.file, mmap=True)
+        except (OSError, ValueError, EOFError):
+            return False
+        if old.dtype != stored.dtype or old.shape != stored.shape or not old.flags.c_contiguous:
+            return False
+        return same_bytes(raw_bytes(old), raw_bytes(stored))
 
     def commit_snapshot(
         self,

@@ -32,7 +32,8 @@ from .format import (
     check_layout,
     from_storage,
 )
-from .storage import LocalStorage, Storage
+from .index import read_index
+from .storage import FileStamp, LocalStorage, Storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +227,30 @@ def list_snapshot_files(storage: Storage) -> list[str]:
     return sorted(n for n in names if SNAPSHOT_FILE_RE.match(n))
 
 
-def read_snapshots(storage: Storage) -> list[SnapshotRecord]:
+def _stamps(storage: Storage) -> dict[str, FileStamp]:
+    try:
+        return storage.stamps(SNAPSHOT_DIR)
+    except OSError:
+        return {}
+
+
+def read_snapshots(storage: Storage, specs: Sequence[WeightSpec] | None = None, *,
+                   use_index: bool = True) -> list[SnapshotRecord]:
+    """Every complete snapshot's record, in file name order.
+
+    With the run's `specs` (its header's weights), a snapshot is taken from the index
+    (`index.py`) when the entry's name and stamp match the snapshot file's; every other
+    snapshot file is read and checked.
+    """
+    names = list_snapshot_files(storage)
+    index = read_index(storage, specs) if use_index and specs is not None and names else {}
+    stamps = _stamps(storage) if index else {}
     snaps = []
-    for name in list_snapshot_files(storage):
+    for name in names:
+        entry = index.get(name)
+        if entry is not None and stamps.get(name) == entry.stamp:
+            snaps.append(entry.record)
+            continue
         file = f"{SNAPSHOT_DIR}/{name}"
         data = read_json(storage, file, "snapshot")
         snaps.append(SnapshotRecord.from_json(data, file, where=storage.where(file)))
@@ -414,20 +436,25 @@ class Run:
     def verify(self) -> VerifyReport:
         """Re-check every snapshot's every tensor file: present, intact, as described.
 
-        The run is listed again first, so snapshots written since it was opened count too.
+        The run is listed again first, so snapshots written since it was opened count too,
+        and every snapshot file is read (the index is not used).
         """
-        return _verify(open_run(self.storage))
+        return _verify(open_run(self.storage, use_index=False))
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"
 
 
-def open_run(storage: Storage) -> Run:
-    """The run a storage holds (what `load_run` does for a local directory)."""
+def open_run(storage: Storage, *, use_index: bool = True) -> Run:
+    """The run a storage holds (what `load_run` does for a local directory).
+
+    `use_index=False` reads every snapshot file, as for a run without an index.
+    """
     if not storage.isdir():
         raise WeightWatchError(f"{storage.path}: no such run directory")
     header = read_header(storage)
-    return Run(storage.path, header, read_snapshots(storage), storage)
+    specs = [WeightSpec.from_json(w) for w in header.get("weights", [])]
+    return Run(storage.path, header, read_snapshots(storage, specs, use_index=use_index), storage)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -489,4 +516,4 @@ def verify_run(path: str | os.PathLike[str]) -> VerifyReport:
     >>> report.ok, report.snapshots, report.files, report.problems
     (True, 21, 84, ())
     """
-    return _verify(load_run(path))
+    return _verify(open_run(LocalStorage(path), use_index=False))

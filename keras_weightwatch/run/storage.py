@@ -81,7 +81,11 @@ class Storage(Protocol):
     def makedirs(self, name: str) -> None: ...
 
     def stamps(self, name: str) -> dict[str, FileStamp]:
-        """Each file of a directory (not its subdirectories) with its `FileStamp`."""
+        """Each file of a directory (not its subdirectories, not links) with its `FileStamp`."""
+        ...
+
+    def stamp(self, name: str) -> FileStamp:
+        """One file's `FileStamp`."""
         ...
 
     def write_atomic(self, name: str, chunks: Chunks, durable: bool) -> None:
@@ -140,6 +144,10 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+
+
+def _stamp(st: os.stat_result) -> FileStamp:
+    return FileStamp(st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
 
 
 def _fsync_path(path: str) -> None:
@@ -206,10 +214,11 @@ class LocalStorage:
             for e in entries:
                 if not e.is_file(follow_symlinks=False):
                     continue
-                st = e.stat(follow_symlinks=False)
-                out[e.name] = FileStamp(st.st_size,
-                                        f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
+                out[e.name] = _stamp(e.stat(follow_symlinks=False))
         return out
+
+    def stamp(self, name: str) -> FileStamp:
+        return _stamp(os.stat(self._full(name), follow_symlinks=False))
 
     def write_atomic(self, name: str, chunks: Chunks, durable: bool) -> None:
         """Write via a temporary file in the same directory, then rename it into place."""
@@ -242,144 +251,6 @@ class LocalStorage:
                     os.unlink(tmp)
                 except OSError:
                     pass
-            raise
-
-    def append(self, name: str, data: bytes, durable: bool) -> None:
-        """Add bytes at the end of a file, creating it if needed (not atomic: a reader
-        may see a part of `data` at the end)."""
-        ...
-
-    def remove(self, name: str) -> bool:
-        """Delete a file; False when it was not there."""
-        ...
-
-    def sync_dir(self, name: str) -> None:
-        """Make the directory's entries (files created, renamed, removed) durable."""
-        ...
-
-    def lock(self, name: str, owner: str) -> LockHandle:
-        """Hold an exclusive lock named `name` until `release`; raises `LockHeld`."""
-        ...
-
-
-class _FileLock:
-    """An flock(2) held on an open descriptor; closing the descriptor releases it."""
-
-    def __init__(self, fd: int | None):
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-            os.close(fd)
-
-
-def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
-    """Write every chunk to `fd` with as few `writev` calls as the kernel allows."""
-    views = [memoryview(c).cast("B") for c in chunks]
-    views = [v for v in views if len(v)]
-    while views:
-        n = os.writev(fd, views[:1024])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
-class LocalStorage:
-    """A run in a local directory.
-
-    Args:
-        path: The run directory. Files are found from its absolute path, so a
-            later `os.chdir` does not lose the run; messages show `path` as given.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = os.fspath(path)
-        self.root = os.path.abspath(self.path)
-
-    def _full(self, name: str) -> str:
-        return os.path.join(self.root, name) if name else self.root
-
-    def where(self, name: str = "") -> str:
-        return os.path.join(self.path, name) if name else self.path
-
-    def exists(self, name: str = "") -> bool:
-        return os.path.exists(self._full(name))
-
-    def isdir(self, name: str = "") -> bool:
-        return os.path.isdir(self._full(name))
-
-    def isfile(self, name: str) -> bool:
-        return os.path.isfile(self._full(name))
-
-    def is_link(self, name: str) -> bool:
-        return os.path.islink(self._full(name))
-
-    def is_inside(self, name: str) -> bool:
-        root = os.path.realpath(self.root)
-        return os.path.commonpath([root, os.path.realpath(self._full(name))]) == root
-
-    def size(self, name: str) -> int:
-        return os.path.getsize(self._full(name))
-
-    def open_read(self, name: str) -> BinaryIO:
-        return open(self._full(name), "rb")
-
-    def load_npy(self, name: str, *, mmap: bool) -> np.ndarray:
-        arr = np.load(self._full(name), mmap_mode="r" if mmap else None, allow_pickle=False)
-        return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
-
-    def listdir(self, name: str) -> list[str]:
-        return os.listdir(self._full(name))
-
-    def makedirs(self, name: str) -> None:
-        os.makedirs(self._full(name), exist_ok=True)
-
-    def stamps(self, name: str) -> dict[str, FileStamp]:
-        out = {}
-        with os.scandir(self._full(name)) as entries:
-            for e in entries:
-                if not e.is_file(follow_symlinks=False):
-                    continue
-                st = e.stat(follow_symlinks=False)
-                out[e.name] = FileStamp(st.st_size,
-                                        f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
-        return out
-
-    def write_atomic(self, name: str, chunks: Chunks, durable: bool) -> None:
-        """Write via a temporary file in the same directory, then rename it into place."""
-        self.write_atomic_many([(name, chunks)], durable)
-
-    def write_atomic_many(self, files: Iterable[tuple[str, Chunks]], durable: bool) -> None:
-        """Each file goes to a temporary name in its directory (one `writev` per file: no
-        copy of large arrays); then each is fsynced; then each is renamed into place."""
-        written: list[tuple[int, str, str]] = []
-        try:
-            for name, chunks in files:
-                path = self._full(name)
-                tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                written.append((fd, tmp, path))
-                _write_all(fd, list(chunks))
-            for fd, _, _ in written:
-                if durable:
-                    os.fsync(fd)
-            for fd, tmp, path in written:
-                os.close(fd)
-                os.replace(tmp, path)
-        except BaseException:
-            for fd, tmp, _ in written:
-                for undo in (lambda: os.close(fd), lambda: os.unlink(tmp)):
-                    try:
-                        undo()
-                    except OSError:
-                        pass
             raise
 
     def append(self, name: str, data: bytes, durable: bool) -> None:

@@ -41,6 +41,7 @@ from .format import (
     snapshot_file_name,
     storage_array,
 )
+from .index import INDEX_FILE, entry_line, index_bytes
 from .reader import is_run, open_run, read_tensor
 from .storage import LocalStorage, LockHandle, LockHeld, Storage
 
@@ -166,6 +167,7 @@ class RunWriter:
             rec.file for s in snapshots for rec in s.tensors.values()
         }
         self._lock = RunLock(self.storage)
+        self._indexed = False
 
     @classmethod
     def open(
@@ -214,6 +216,7 @@ class RunWriter:
             writer = cls(path, header, specs, snapshots, durable, store_dtype, storage)
             writer._lock = lock
             storage.write_atomic(HEADER_FILE, [json_bytes(header)], durable)
+            writer.rebuild_index()
             return writer
         except BaseException:
             lock.release()
@@ -343,7 +346,39 @@ class RunWriter:
         # What a reader will find: the record parsed back from the bytes just written.
         record = SnapshotRecord.from_json(json.loads(body), file, where=self.storage.where(file))
         self._snapshots[snapshot.step] = record
+        self._index_append(record)
         return record
+
+    def rebuild_index(self) -> None:
+        """Write the snapshot index (`index.py`) of every snapshot anew, atomically.
+
+        The index is a cache: when it cannot be written, it is removed, and readers
+        read the snapshot files.
+        """
+        try:
+            stamps = self.storage.stamps(SNAPSHOT_DIR)
+            lines = index_bytes(self.snapshots, stamps, self.specs)
+            self.storage.write_atomic(INDEX_FILE, lines, durable=False)
+            self._indexed = True
+        except OSError:
+            self._drop_index()
+
+    def _index_append(self, record: SnapshotRecord) -> None:
+        """Add the snapshot just committed to the index (not synced: a torn line is ignored)."""
+        if not self._indexed:
+            return
+        try:
+            stamp = self.storage.stamp(record.file)
+            self.storage.append(INDEX_FILE, entry_line(record, stamp, self.specs), durable=False)
+        except OSError:
+            self._drop_index()
+
+    def _drop_index(self) -> None:
+        self._indexed = False
+        try:
+            self.storage.remove(INDEX_FILE)
+        except OSError:
+            pass
 
     def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[str]:
         """Remove the snapshots `retained_steps` does not keep, then their unreferenced tensors.
@@ -367,6 +402,8 @@ class RunWriter:
             removed.append(record.file)
         if removed and self.durable:
             self.storage.sync_dir(SNAPSHOT_DIR)
+        if removed:
+            self.rebuild_index()
         self.collect_garbage()
         return removed
 

@@ -133,7 +133,7 @@ def _set(i, value):
     lambda e: e.__setitem__(4, "epoch") if e[4] == "initial" else None,
     _set(1, lambda size: size + 1),
     _set(2, "0-0-0"),
-    lambda e: e[9].update({"dense/kernel": ["../../etc/passwd", 10]}),
+    lambda e: e[9].update({"dense/kernel": ["blake3", "../../etc/passwd", 10]}),
     lambda e: e[9].update({"dense/kernel": {"file": "/etc/passwd"}}),
     lambda e: e[8][1].update({"dense/kernel": ["big"] * len(e[8][0])}),
     _set(7, [1, 2]),

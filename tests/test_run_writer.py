@@ -132,16 +132,17 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     # Read a snapshot with json and numpy alone, as docs/FORMAT.md describes.
     root = tmp_path / "run"
     header = json.loads((root / "weightwatch.json").read_text())
-    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 1
+    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 2
     assert header["versions"]["backend"] == "tensorflow"
     snap = json.loads((root / "snapshots" / "epoch_000000.json").read_text())
     kernel = np.load(root / snap["tensors"]["dense/kernel"]["file"], allow_pickle=False)
     np.testing.assert_array_equal(kernel, model.layers[0].get_weights()[0])
-    import hashlib
+    import blake3
 
     tensor_file = root / snap["tensors"]["dense/kernel"]["file"]
-    digest = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
-    assert digest == snap["tensors"]["dense/kernel"]["sha256"]
+    digest = blake3.blake3(tensor_file.read_bytes()).hexdigest()  # what `b3sum` prints
+    assert digest == snap["tensors"]["dense/kernel"]["blake3"]
+    assert "sha256" not in snap["tensors"]["dense/kernel"]
     assert set(snap["stats"]["dense/kernel"]) >= {"l2_norm", "mean", "std", "max_abs",
                                                    "nan_count", "inf_count", "update_ratio"}
     assert snap["stats"]["dense/kernel"]["l2_norm"] == pytest.approx(
@@ -323,7 +324,7 @@ def test_snapshot_record_is_synced_only_after_every_tensor_file_it_names_is_dura
 
 def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
         tmp_path, monkeypatch):
-    import hashlib
+    import blake3
 
     import keras_weightwatch.run.writer as writer_module
 
@@ -332,20 +333,19 @@ def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
     info, first = _specs_snapshot(0, frozen)
     writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
     writer.commit_snapshot(first, writer.store_tensors(first))
-    hashed: list[int] = []
-    real_sha256 = hashlib.sha256
+    hashed: list[str] = []
+    real_hash = writer_module.content_hash
 
-    def counting_sha256(data=b""):
-        h = real_sha256(data)
-        hashed.append(len(data))
-        return h
+    def counting_hash(name):
+        hashed.append(name)
+        return real_hash(name)
 
-    monkeypatch.setattr(writer_module.hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(writer_module, "content_hash", counting_hash)
     _, second = _specs_snapshot(1, frozen.copy())
     records = writer.store_tensors(second)
     writer.commit_snapshot(second, records)
     monkeypatch.undo()
-    assert len(hashed) == 2  # the two tensors that changed, once each
+    assert hashed == ["blake3", "blake3"]  # the two tensors that changed, once each
     prev = load_run(run).snapshot(0).tensors["frozen/kernel"]
     assert records["frozen/kernel"] == prev
     # A previous file that no longer holds the same bytes is not trusted: hashed, rewritten.
@@ -358,6 +358,33 @@ def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
     writer.close()
     bio = io.BytesIO()
     np.save(bio, frozen, allow_pickle=False)
-    assert rec.sha256 == hashlib.sha256(bio.getvalue()).hexdigest()
+    assert (rec.hash, rec.digest) == ("blake3", blake3.blake3(bio.getvalue()).hexdigest())
     with open(os.path.join(run, rec.file), "rb") as f:
         assert f.read() == bio.getvalue()
+
+
+@pytest.mark.parametrize("which", ["0.1.0 (sha256)", "new (blake3)"])
+def test_a_damaged_byte_is_found_in_old_and_new_runs(tmp_path, which):
+    run, info = _fixture_copy(tmp_path)
+    if which.startswith("new"):
+        arrays = {s.key: np.random.default_rng(2).normal(size=s.shape).astype(s.dtype)
+                  for s in info.weights}
+        writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+        snap = Snapshot(step=2, label="epoch", epoch=2, arrays=arrays, logs={})
+        writer.commit_snapshot(snap, writer.store_tensors(snap))
+        writer.close()
+    loaded = load_run(run)
+    assert loaded.verify().ok
+    rec = loaded.snapshot("last").tensors["hidden/kernel"]
+    assert rec.hash == ("blake3" if which.startswith("new") else "sha256")
+    path = os.path.join(run, rec.file)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    report = load_run(run).verify()
+    assert not report.ok
+    assert f"checksum mismatch ({rec.hash} " in report.problems[0]
+    with pytest.raises(WeightWatchError, match="checksum mismatch"):
+        load_run(run).weights("last")

@@ -2,7 +2,7 @@
 
 `weightwatch-index.jsonl` holds one line of JSON per snapshot file, written by the
 writer: the file's name, its `FileStamp` (size and version) when it was indexed, and
-its record in a compact form (each tensor as `[digest, bytes]` in the order of the
+its record in a compact form (each tensor as `[hash, digest, bytes]` in the order of the
 header's weights, its shape and dtype taken from the header). A first line names the
 index format and the weight keys the tensors are listed by.
 
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .format import (
+    HASHES,
     SNAPSHOT_DIR,
     STORED_DTYPES,
     SnapshotRecord,
@@ -56,8 +57,8 @@ def _compact_tensor(rec: TensorRecord, spec: WeightSpec | None) -> Any:
     if spec is None or rec.shape != spec.shape or rec.dtype != spec.dtype:
         return rec.to_json()
     if rec.stored_dtype == rec.dtype and not rec.lossy:
-        return [rec.sha256, rec.bytes]
-    return [rec.sha256, rec.bytes, rec.stored_dtype, rec.lossy]
+        return [rec.hash, rec.digest, rec.bytes]
+    return [rec.hash, rec.digest, rec.bytes, rec.stored_dtype, rec.lossy]
 
 
 def entry_line(record: SnapshotRecord, stamp: FileStamp, specs: Sequence[WeightSpec]) -> bytes:
@@ -101,16 +102,18 @@ class _Bad(Exception):
 def _tensor(key: str, t: Any, spec: WeightSpec | None, where: str) -> TensorRecord:
     if type(t) is dict:
         return TensorRecord.from_json(t, f"{where}: tensor {key!r}")
-    if spec is None or type(t) is not list or len(t) not in (2, 4):
+    if spec is None or type(t) is not list or len(t) not in (3, 5):
         raise _Bad
-    digest, size = t[0], t[1]
-    stored, lossy = (t[2], t[3]) if len(t) == 4 else (spec.dtype, False)
-    if (type(digest) is not str or not _HEX64.fullmatch(digest) or type(size) is not int
+    hash_name, digest, size = t[0], t[1], t[2]
+    stored, lossy = (t[3], t[4]) if len(t) == 5 else (spec.dtype, False)
+    if (hash_name not in HASHES or type(digest) is not str or not _HEX64.fullmatch(digest)
+            or type(size) is not int
             or stored not in STORED_DTYPES or type(lossy) is not bool
             or spec.dtype not in STORED_DTYPES):
         raise _Bad
-    return TensorRecord(file=f"tensors/{digest}.npy", sha256=digest, shape=spec.shape,
-                        dtype=spec.dtype, stored_dtype=stored, lossy=lossy, bytes=size)
+    return TensorRecord(file=f"tensors/{digest}.npy", digest=digest, shape=spec.shape,
+                        dtype=spec.dtype, stored_dtype=stored, lossy=lossy, bytes=size,
+                        hash=hash_name)
 
 
 def _stats(stats: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ file its SHA-256) before numpy sees it, and nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from .format import (
     WeightSpec,
     check_header,
     check_layout,
+    content_hash,
     from_storage,
 )
 from .index import read_index
@@ -62,9 +62,9 @@ class VerifyReport:
 # --------------------------------------------------------------------------- hashes
 
 
-def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
-    """SHA-256 of everything a binary file object has left to read."""
-    h = hashlib.sha256()
+def hash_stream(f: Any, chunk: int = 1 << 22, hash: str = "sha256") -> str:
+    """The digest (`"sha256"` or `"blake3"`) of everything a binary file object has left."""
+    h = content_hash(hash)
     while True:
         b = f.read(chunk)
         if not b:
@@ -73,18 +73,18 @@ def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: str, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a local file."""
+def hash_file(path: str, chunk: int = 1 << 22, hash: str = "sha256") -> str:
+    """The digest (`"sha256"` or `"blake3"`) of a local file."""
     with LocalStorage(os.path.dirname(path)).open_read(os.path.basename(path)) as f:
-        return hash_stream(f, chunk)
+        return hash_stream(f, chunk, hash)
 
 
 # --------------------------------------------------------------------------- tensor files
 
 
 def tensor_name(rec: TensorRecord) -> str:
-    """The run-relative name of a record's .npy file (always `tensors/<sha256>.npy`)."""
-    return f"{TENSOR_DIR}/{rec.sha256}.npy"
+    """The run-relative name of a record's .npy file (always `tensors/<digest>.npy`)."""
+    return f"{TENSOR_DIR}/{rec.digest}.npy"
 
 
 def _safe_tensor_name(storage: Storage, rec: TensorRecord) -> str:
@@ -169,12 +169,13 @@ def check_tensor_file(storage: Storage, rec: TensorRecord) -> str | None:
         return f"{where}: {size} bytes, expected {rec.bytes} (truncated or replaced)"
     try:
         with storage.open_read(name) as f:
-            digest = hash_stream(f)
+            digest = hash_stream(f, hash=rec.hash)
     except OSError as e:
         return f"{where}: cannot read ({e.strerror or e})"
     if digest != rec.sha256:
         return (
-            f"{where}: checksum mismatch (sha256 {digest[:12]}..., expected {rec.sha256[:12]}...)"
+            f"{where}: checksum mismatch ({rec.hash} {digest[:12]}..., "
+            f"expected {rec.digest[:12]}...)"
         )
     return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,11 +29,13 @@ from .format import (
     TENSOR_DIR,
     TENSOR_FILE_RE,
     TMP_PREFIX,
+    WRITE_HASH,
     ModelInfo,
     SnapshotRecord,
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
+    content_hash,
     json_bytes,
     npy_header,
     raw_bytes,
@@ -293,14 +294,16 @@ class RunWriter:
         data = raw_bytes(stored)
         nbytes = len(header) + data.nbytes
         if prev is not None and self._holds(prev, stored, nbytes):
-            sha = prev.sha256
+            digest, hash_name = prev.digest, prev.hash
         else:
-            h = hashlib.sha256(header)
+            h = content_hash(WRITE_HASH)
+            h.update(header)
             h.update(data)
-            sha = h.hexdigest()
+            digest, hash_name = h.hexdigest(), WRITE_HASH
         rec = TensorRecord(
-            file=f"{TENSOR_DIR}/{sha}.npy",
-            sha256=sha,
+            file=f"{TENSOR_DIR}/{digest}.npy",
+            digest=digest,
+            hash=hash_name,
             shape=tuple(arr.shape),
             dtype=spec.dtype,
             stored_dtype=stored_dtype,
@@ -410,7 +413,7 @@ class RunWriter:
     def collect_garbage(self) -> list[str]:
         """Delete tensor files that no snapshot of the run references; return their names.
 
-        Only files named like tensors (`<sha256>.npy`) and leftover temporary
+        Only files named like tensors (`<digest>.npy`) and leftover temporary
         files (`.tmp-*`) are touched. Call it only between snapshots: the
         tensors of a snapshot being written are not referenced yet.
         """

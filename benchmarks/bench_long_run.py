@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,11 +51,21 @@ def write_run(path: str, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_show(path: str) -> float:
+def time_show(path: str) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of `weightwatch show` as a new process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "keras_weightwatch.cli", "show", path], check=True,
                    stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def time_load(load) -> tuple[float, float, object]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    run = load()
+    return time.perf_counter() - t0, time.process_time() - c0, run
 
 
 def main(argv=None) -> int:
@@ -70,26 +81,33 @@ def main(argv=None) -> int:
         print(f"run: {args.snapshots:,} snapshots of {len(ARRAYS)} tensors written in "
               f"{took:.1f} s; index {os.path.getsize(os.path.join(path, INDEX_FILE)) / 1e6:.1f} MB")
         index, aside = os.path.join(path, INDEX_FILE), os.path.join(root, "index-aside")
-        times: dict[str, list[float]] = {k: [] for k in ("load", "load0", "show", "show0")}
+        kinds = ("load", "load0", "show", "show0")
+        wall: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in kinds}
+
+        def note(kind, w, c):
+            wall[kind].append(w)
+            cpu[kind].append(c)
+
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            run = load_run(path)
-            times["load"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            run0 = open_run(LocalStorage(path), use_index=False)
-            times["load0"].append(time.perf_counter() - t0)
-            if run.snapshots != run0.snapshots:
+            w, c, run = time_load(lambda: load_run(path))
+            note("load", w, c)
+            w, c, run0 = time_load(lambda: open_run(LocalStorage(path), use_index=False))
+            note("load0", w, c)
+            if run.snapshots != run0.snapshots:  # type: ignore[attr-defined]
                 raise SystemExit("the index and the snapshot files disagree")
-            times["show"].append(time_show(path))
+            note("show", *time_show(path))
             os.replace(index, aside)
-            times["show0"].append(time_show(path))
+            note("show0", *time_show(path))
             os.replace(aside, index)
-        m = {k: statistics.median(v) for k, v in times.items()}
-        print(f"medians of {args.repeats}, alternating:")
-        print(f"  load_run            with index {m['load']:6.3f} s   without {m['load0']:6.3f} s"
-              f"   (target <= 0.5 s at 10,000)")
-        print(f"  weightwatch show    with index {m['show']:6.3f} s   without {m['show0']:6.3f} s"
-              f"   (whole process; target <= 1 s at 10,000)")
+        m = {k: statistics.median(v) for k, v in wall.items()}
+        c = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"medians of {args.repeats}, alternating (wall; CPU user+sys in brackets):")
+        print(f"  load_run            with index {m['load']:6.3f} s [{c['load']:.3f}]   "
+              f"without {m['load0']:6.3f} s [{c['load0']:.3f}]   (target <= 0.5 s at 10,000)")
+        print(f"  weightwatch show    with index {m['show']:6.3f} s [{c['show']:.3f}]   "
+              f"without {m['show0']:6.3f} s [{c['show0']:.3f}]   (whole process; target <= 1 s "
+              "at 10,000)")
         print(f"RATIO load_run without / with index: {m['load0'] / m['load']:.2f}")
         print(f"RATIO show without / with index: {m['show0'] / m['show']:.2f}")
     finally:

@@ -133,17 +133,14 @@ class _FileLock:
             os.close(fd)
 
 
-def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
-    """Write every chunk to `fd` with as few `writev` calls as the kernel allows."""
-    views = [memoryview(c).cast("B") for c in chunks]
-    views = [v for v in views if len(v)]
-    while views:
-        n = os.writev(fd, views[:1024])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+def _write_all(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write every chunk to an unbuffered file: one `write` call each (no copy of a large
+    array's bytes), repeated only for what the kernel did not take."""
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while len(view):
+            n = f.write(view)
+            view = view[n if n is not None else len(view):]
 
 
 def _stamp(st: os.stat_result) -> FileStamp:
@@ -225,19 +222,16 @@ class LocalStorage:
         self.write_atomic_many([(name, chunks)], durable)
 
     def write_atomic_many(self, files: Iterable[tuple[str, Chunks]], durable: bool) -> None:
-        """Each file goes to a temporary name in its directory (one `writev` per file: no
-        copy of large arrays); then each is fsynced; then each is renamed into place."""
+        """Each file goes to a temporary name in its directory (its array's bytes in one
+        `write`, no copy); then each is fsynced; then each is renamed into place."""
         staged: list[tuple[str, str]] = []
         try:
             for name, chunks in files:
                 path = self._full(name)
                 tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
                 staged.append((tmp, path))
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    _write_all(fd, list(chunks))
-                finally:
-                    os.close(fd)
+                with open(tmp, "xb", buffering=0) as f:
+                    _write_all(f, chunks)
             if durable:
                 for tmp, _ in staged:
                     _fsync_path(tmp)
@@ -254,13 +248,10 @@ class LocalStorage:
             raise
 
     def append(self, name: str, data: bytes, durable: bool) -> None:
-        fd = os.open(self._full(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            _write_all(fd, [data])
+        with open(self._full(name), "ab", buffering=0) as f:
+            _write_all(f, [data])
             if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+                os.fsync(f.fileno())
 
     def remove(self, name: str) -> bool:
         try:

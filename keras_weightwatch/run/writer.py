@@ -251,9 +251,9 @@ class RunWriter:
 
         A tensor byte-identical to the previous snapshot's is neither hashed nor written
         (its bytes are compared with the stored file, which stops at the first difference).
-        The others are written one `writev` each, then synced together, then renamed into
-        place, then the tensor directory is synced once: every file a snapshot file will
-        name is durable before `commit_snapshot` writes it.
+        The others are written (one `write` of each array's bytes), then synced together,
+        then renamed into place, then the tensor directory is synced once: every file a
+        snapshot file will name is durable before `commit_snapshot` writes it.
         """
         prev = self.previous(snapshot.step)
         records: dict[str, TensorRecord] = {}

@@ -36,6 +36,8 @@ from machine import machine  # noqa: E402
 from keras_weightwatch.run import RunWriter  # noqa: E402
 
 DEPTH = 4
+# tf.summary.histogram (what keras TensorBoard calls) allocates elements x 30 float64.
+TB_MAX_ELEMENTS = 5_000_000
 
 
 def shapes_for(params: int) -> dict[str, tuple[int, ...]]:
@@ -86,7 +88,15 @@ def measure(root: str, params: int, repeats: int, tensorboard: bool) -> dict[str
         writer.apply_retention(keep_last=1)
     writer.close()
     shutil.rmtree(path)
-    tb = tensorboard_bytes(root, sets[0]) if tensorboard else float("nan")
+    tb = float("nan")
+    if tensorboard and max(a.size for a in sets[0].values()) <= TB_MAX_ELEMENTS:
+        tb = tensorboard_bytes(root, sets[0])
+    elif tensorboard:
+        print(f"  (no TensorBoard column at {n:,} parameters: tf.summary.histogram builds a "
+              f"one-hot float64 tensor of 30 values per element; measured up to "
+              f"{TB_MAX_ELEMENTS:,} elements per tensor, at 100M parameters it ran out of "
+              "memory on a 24 GB machine)")
+    sys.stdout.flush()
     return {"params": n, "bytes": statistics.median(added), "write": statistics.median(times),
             "tb": tb}
 
@@ -133,9 +143,11 @@ def main(argv=None) -> int:
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         growth = b["params"] / a["params"]
+        tbs = [r for r in rows if r["tb"] == r["tb"]]
+        tb = (f"; TensorBoard histogram bytes x{tbs[-1]['tb'] / tbs[0]['tb']:.2f} from "
+              f"{tbs[0]['params']:,} to {tbs[-1]['params']:,}" if len(tbs) >= 2 else "")
         print(f"GROWTH {a['params']:,} -> {b['params']:,} parameters (x{growth:.0f}): run bytes "
-              f"x{b['bytes'] / a['bytes']:.1f}, write time x{b['write'] / a['write']:.1f}, "
-              f"TensorBoard histogram bytes x{b['tb'] / a['tb']:.2f}")
+              f"x{b['bytes'] / a['bytes']:.1f}, write time x{b['write'] / a['write']:.1f}{tb}")
     print("(hold and worker CPU: pipeline columns, filled in by the pipeline benchmark)")
     return 0
 

@@ -147,8 +147,10 @@ def test_missing_required_field_and_non_object_are_named():
 
 @pytest.mark.parametrize("changes, message", [
     ({"file": ["x"]}, r"file must be a string\. Received: file=\['x'\]"),
-    ({"file": "../../etc/passwd"}, r"is not of the form tensors/<sha256>\.npy inside the run"),
+    ({"file": "../../etc/passwd"}, r"is not of the form tensors/<digest>\.npy inside the run"),
     ({"sha256": "cd" * 32}, r"does not match its sha256"),
+    ({"blake3": SHA}, r"holds one digest, 'sha256' or 'blake3'\. "
+                      r"Received: digests=\['sha256', 'blake3'\]"),
     ({"shape": [-1, 4]}, r"shape sizes must be integers >= 0\. Received: shape=\[-1, 4\]"),
     ({"shape": [1] * 33}, r"shape must be a list of at most 32 sizes"),
     ({"shape": [2**62, 2**62]}, r"larger than any stored tensor can be"),
@@ -176,8 +178,8 @@ def test_valid_header_passes_and_is_returned_as_is():
 
 @pytest.mark.parametrize("changes, message", [
     ({"format": "other"}, "not a keras-weightwatch run header"),
-    ({"format_version": 2}, "format version 2 is not supported (this keras-weightwatch reads "
-                            "version 1); upgrade the package"),
+    ({"format_version": 3}, "format version 3 is not supported (this keras-weightwatch reads "
+                            "version 2); upgrade the package"),
     ({"format_version": True}, "format version True is not supported"),
     ({"weights": {}}, "weights must be a list. Received: weights={}"),
     ({"weights": [{"key": 1}]}, "weights[0]: key must be a string. Received: key=1"),
@@ -262,3 +264,30 @@ def test_npy_header_and_raw_bytes_make_the_file_numpy_writes():
         bio = io.BytesIO()
         np.save(bio, arr, allow_pickle=False)
         assert fmt.npy_header(arr) + bytes(fmt.raw_bytes(arr)) == bio.getvalue()
+
+
+def test_a_tensor_record_names_its_hash_and_round_trips():
+    d = _tensor()
+    del d["sha256"]
+    with pytest.raises(WeightWatchError, match=re.escape(
+            f"{WHERE}: a tensor entry holds one digest, 'sha256' or 'blake3'. "
+            "Received: digests=[]")):
+        TensorRecord.from_json(d, WHERE)
+    d["blake3"] = SHA
+    rec = TensorRecord.from_json(d, WHERE)
+    assert (rec.hash, rec.digest, rec.sha256) == ("blake3", SHA, SHA)
+    assert rec.to_json() == d and TensorRecord.from_json(rec.to_json(), WHERE) == rec
+    assert TensorRecord.from_json(_tensor(), WHERE).hash == "sha256"  # format 1
+
+
+@pytest.mark.parametrize("data, expected", [
+    # BLAKE3's published test vectors (the reference implementation's README and test suite)
+    (b"", "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"),
+    (b"abc", "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"),
+])
+def test_content_hash_blake3_is_blake3(data, expected):
+    h = fmt.content_hash("blake3")
+    h.update(data)
+    assert h.hexdigest() == expected
+    with pytest.raises(WeightWatchError, match="unknown content hash 'md5'"):
+        fmt.content_hash("md5")

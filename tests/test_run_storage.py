@@ -24,7 +24,7 @@ from keras_weightwatch.run import (
     load_run,
     open_run,
 )
-from keras_weightwatch.run.storage import LockHeld
+from keras_weightwatch.run.storage import FileStamp, LockHeld
 
 
 class MemoryStorage:
@@ -35,6 +35,7 @@ class MemoryStorage:
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {""}
         self.ops: list[str] = []
+        self.versions: dict[str, int] = {}
         self.locked = False
 
     def where(self, name=""):
@@ -82,6 +83,27 @@ class MemoryStorage:
     def write_atomic(self, name, chunks, durable):
         self.ops.append(f"write {name}")
         self.files[name] = b"".join(bytes(c) for c in chunks)
+        self.versions[name] = self.versions.get(name, 0) + 1
+
+    def write_atomic_many(self, files, durable):
+        for name, chunks in files:
+            self.write_atomic(name, chunks, durable)
+
+    def append(self, name, data, durable):
+        self.ops.append(f"append {name}")
+        self.files[name] = self.files.get(name, b"") + bytes(data)
+        self.versions[name] = self.versions.get(name, 0) + 1
+
+    def stamp(self, name):
+        return FileStamp(len(self.files[name]), str(self.versions[name]))
+
+    def stamps(self, name):
+        if name not in self.dirs:
+            raise FileNotFoundError(name)
+        prefix = name + "/"
+        return {f[len(prefix):]: FileStamp(len(b), str(self.versions[f]))
+                for f, b in self.files.items()
+                if f.startswith(prefix) and "/" not in f[len(prefix):]}
 
     def remove(self, name):
         self.ops.append(f"remove {name}")
@@ -139,10 +161,12 @@ def test_a_run_lives_entirely_behind_the_seam(tmp_path, monkeypatch):
     assert report.ok and (report.snapshots, report.files) == (3, 6)
     # Tensor files are written before the snapshot file that names them, durably.
     writes = [op for op in mem.ops if op.startswith(("write", "sync"))]
-    assert writes[0] == "write weightwatch.json"
+    assert writes[:2] == ["write weightwatch.json", "write weightwatch-index.jsonl"]
     first_snapshot = writes.index("write snapshots/initial.json")
     assert writes[first_snapshot - 1] == "sync tensors"
-    assert all(w.startswith("write tensors/") for w in writes[1:first_snapshot - 1])
+    assert all(w.startswith("write tensors/") for w in writes[2:first_snapshot - 1])
+    # Each snapshot joins the index after its file is written and synced.
+    assert mem.ops[mem.ops.index("sync snapshots") + 1] == "append weightwatch-index.jsonl"
     # A damaged byte behind the seam is found by the checksum.
     name = run.snapshot(0).tensors["dense/kernel"].file
     mem.files[name] = mem.files[name][:-1] + b"\x01"

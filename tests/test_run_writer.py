@@ -132,16 +132,17 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     # Read a snapshot with json and numpy alone, as docs/FORMAT.md describes.
     root = tmp_path / "run"
     header = json.loads((root / "weightwatch.json").read_text())
-    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 1
+    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 2
     assert header["versions"]["backend"] == "tensorflow"
     snap = json.loads((root / "snapshots" / "epoch_000000.json").read_text())
     kernel = np.load(root / snap["tensors"]["dense/kernel"]["file"], allow_pickle=False)
     np.testing.assert_array_equal(kernel, model.layers[0].get_weights()[0])
-    import hashlib
+    import blake3
 
     tensor_file = root / snap["tensors"]["dense/kernel"]["file"]
-    digest = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
-    assert digest == snap["tensors"]["dense/kernel"]["sha256"]
+    digest = blake3.blake3(tensor_file.read_bytes()).hexdigest()  # what `b3sum` prints
+    assert digest == snap["tensors"]["dense/kernel"]["blake3"]
+    assert "sha256" not in snap["tensors"]["dense/kernel"]
     assert set(snap["stats"]["dense/kernel"]) >= {"l2_norm", "mean", "std", "max_abs",
                                                    "nan_count", "inf_count", "update_ratio"}
     assert snap["stats"]["dense/kernel"]["l2_norm"] == pytest.approx(
@@ -232,3 +233,158 @@ def test_collect_garbage_removes_only_unreferenced_tensors_and_temporaries(tmp_p
     assert sorted(deleted) == ["tensors/.tmp-123", f"tensors/{'a' * 64}.npy"]
     assert os.path.exists(other)
     assert load_run(run).verify().ok
+
+
+# ------------------------------------------------------------------ batched, ordered syncs
+
+
+def _specs_snapshot(step: int, frozen: np.ndarray) -> tuple[ModelInfo, Snapshot]:
+    arrays = {"a/kernel": np.full((64, 32), float(step), "float32"), "frozen/kernel": frozen,
+              "a/bias": np.arange(5, dtype="float64") * step}
+    from keras_weightwatch.run import WeightSpec
+    info = ModelInfo("m", "Fake", (), tuple(
+        WeightSpec(k, f"m/{k}", k.split("/")[0], a.shape, a.dtype.name, True)
+        for k, a in arrays.items()))
+    return info, Snapshot(step=step, label="epoch", epoch=step, arrays=arrays, logs={})
+
+
+class _Syscalls:
+    """Records the file system calls LocalStorage makes, in order, with the paths they touch."""
+
+    def __init__(self, monkeypatch, root: str):
+        self.events: list[tuple[str, str]] = []
+        self._fds: dict[int, str] = {}
+        real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+        def rel(path):
+            return os.path.relpath(os.fspath(path), root)
+
+        def open_(path, flags, *args, **kw):
+            fd = real_open(path, flags, *args, **kw)
+            self._fds[fd] = rel(path)
+            return fd
+
+        def fsync(fd):
+            self.events.append(("fsync", self._fds.get(fd, "?")))
+            return real_fsync(fd)
+
+        def replace(src, dst):
+            self.events.append(("rename", f"{rel(src)} -> {rel(dst)}"))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, match) -> int:
+        hits = [i for i, (k, what) in enumerate(self.events) if k == kind and match(what)]
+        assert len(hits) == 1, (kind, self.events)
+        return hits[0]
+
+
+def test_snapshot_record_is_synced_only_after_every_tensor_file_it_names_is_durable(
+        tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    frozen = np.eye(16, dtype="float32")
+    info, first = _specs_snapshot(0, frozen)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=True)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    calls = _Syscalls(monkeypatch, run)
+    _, snap = _specs_snapshot(1, frozen)
+    record = writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    monkeypatch.undo()
+    new_files = {r.file for r in record.tensors.values()} - {
+        r.file for r in load_run(run).snapshot(0).tensors.values()}
+    assert len(new_files) == 2  # the frozen kernel is not written again
+    renames = [what for kind, what in calls.events if kind == "rename"]
+    tensor_dir_sync = calls.index("fsync", lambda p: p == "tensors")
+    for file in new_files:
+        (rename,) = [r for r in renames if r.endswith(f"-> {file}")]
+        tmp = rename.split(" -> ")[0]
+        synced = calls.index("fsync", lambda p, tmp=tmp: p == tmp)
+        renamed = calls.index("rename", lambda r, rename=rename: r == rename)
+        # the bytes are durable before the name appears, the name before the directory sync
+        assert synced < renamed < tensor_dir_sync
+    snap_rename = calls.index("rename", lambda r: r.endswith("-> snapshots/epoch_000001.json"))
+    snap_tmp = calls.events[snap_rename][1].split(" -> ")[0]
+    snap_sync = calls.index("fsync", lambda p: p == snap_tmp)
+    # the snapshot record is created, synced and renamed only after the tensor directory sync
+    created = [i for i, (k, p) in enumerate(calls.events) if k == "fsync" and p == snap_tmp]
+    assert tensor_dir_sync < created[0] == snap_sync < snap_rename
+    assert calls.index("fsync", lambda p: p == "snapshots") > snap_rename
+    # all tensor files are synced before any of them is renamed (one batch per snapshot)
+    tensor_syncs = [i for i, (k, p) in enumerate(calls.events)
+                    if k == "fsync" and p.startswith("tensors/.tmp-")]
+    tensor_renames = [i for i, (k, r) in enumerate(calls.events)
+                      if k == "rename" and "-> tensors/" in r]
+    assert max(tensor_syncs) < min(tensor_renames)
+    assert load_run(run).verify().ok
+
+
+def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
+        tmp_path, monkeypatch):
+    import blake3
+
+    import keras_weightwatch.run.writer as writer_module
+
+    run = str(tmp_path / "run")
+    frozen = np.random.default_rng(0).normal(size=(300, 200)).astype("float32")
+    info, first = _specs_snapshot(0, frozen)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    hashed: list[str] = []
+    real_hash = writer_module.content_hash
+
+    def counting_hash(name):
+        hashed.append(name)
+        return real_hash(name)
+
+    monkeypatch.setattr(writer_module, "content_hash", counting_hash)
+    _, second = _specs_snapshot(1, frozen.copy())
+    records = writer.store_tensors(second)
+    writer.commit_snapshot(second, records)
+    monkeypatch.undo()
+    assert hashed == ["blake3", "blake3"]  # the two tensors that changed, once each
+    prev = load_run(run).snapshot(0).tensors["frozen/kernel"]
+    assert records["frozen/kernel"] == prev
+    # A previous file that no longer holds the same bytes is not trusted: hashed, rewritten.
+    with open(os.path.join(run, prev.file), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\0\0\0")
+    _, third = _specs_snapshot(2, frozen.copy())
+    writer._files.discard(prev.file)  # as after retention removed the file's last snapshot
+    rec = writer.store_tensors(third)["frozen/kernel"]
+    writer.close()
+    bio = io.BytesIO()
+    np.save(bio, frozen, allow_pickle=False)
+    assert (rec.hash, rec.digest) == ("blake3", blake3.blake3(bio.getvalue()).hexdigest())
+    with open(os.path.join(run, rec.file), "rb") as f:
+        assert f.read() == bio.getvalue()
+
+
+@pytest.mark.parametrize("which", ["0.1.0 (sha256)", "new (blake3)"])
+def test_a_damaged_byte_is_found_in_old_and_new_runs(tmp_path, which):
+    run, info = _fixture_copy(tmp_path)
+    if which.startswith("new"):
+        arrays = {s.key: np.random.default_rng(2).normal(size=s.shape).astype(s.dtype)
+                  for s in info.weights}
+        writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+        snap = Snapshot(step=2, label="epoch", epoch=2, arrays=arrays, logs={})
+        writer.commit_snapshot(snap, writer.store_tensors(snap))
+        writer.close()
+    loaded = load_run(run)
+    assert loaded.verify().ok
+    rec = loaded.snapshot("last").tensors["hidden/kernel"]
+    assert rec.hash == ("blake3" if which.startswith("new") else "sha256")
+    path = os.path.join(run, rec.file)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    report = load_run(run).verify()
+    assert not report.ok
+    assert f"checksum mismatch ({rec.hash} " in report.problems[0]
+    with pytest.raises(WeightWatchError, match="checksum mismatch"):
+        load_run(run).weights("last")

@@ -6,7 +6,8 @@ Layout (see docs/FORMAT.md for the full description)::
       weightwatch.json          run header: format version, versions, model, weights, settings
       snapshots/initial.json    one file per complete snapshot: step, logs, tensors, statistics
       snapshots/epoch_000003.json
-      tensors/<sha256>.npy      plain .npy files named by the SHA-256 of their bytes
+      tensors/<digest>.npy      plain .npy files named by the BLAKE3 (or, format 1,
+                                SHA-256) digest of their bytes
       .weightwatch.lock         held (flock) while a WeightWatch callback writes the run
 
 Each JSON record has one declarative table of its fields (`Field`: name, kind,
@@ -19,6 +20,7 @@ expected and what was received. Nothing here touches a file: `reader` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -31,7 +33,10 @@ import numpy as np
 from ..errors import WeightWatchError, received
 
 FORMAT_NAME = "keras-weightwatch-run"
-FORMAT_VERSION = 1
+# 2: tensors hashed with BLAKE3 (a record's digest is named by its hash); 1: SHA-256 only.
+FORMAT_VERSION = 2
+HASHES = ("sha256", "blake3")
+WRITE_HASH = "blake3"
 HEADER_FILE = "weightwatch.json"
 SNAPSHOT_DIR = "snapshots"
 TENSOR_DIR = "tensors"
@@ -376,13 +381,24 @@ def architecture_mismatch(old: Sequence[WeightSpec], new: Sequence[WeightSpec]) 
 # --------------------------------------------------------------------------- snapshot records
 
 
+def content_hash(name: str) -> Any:
+    """A new hasher of the content hash `name` (`"sha256"` or `"blake3"`): `update`, `hexdigest`."""
+    if name == "blake3":
+        import blake3
+
+        return blake3.blake3(max_threads=1)  # one thread: the other core is training's
+    if name == "sha256":
+        return hashlib.sha256()
+    raise WeightWatchError(f"unknown content hash {name!r}; expected one of {list(HASHES)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRecord:
     """Where a snapshot's tensor lives and how to check it.
 
     Attributes:
         file: The path of the `.npy` file, relative to the run directory.
-        sha256: SHA-256 of the whole file (also its name).
+        digest: The content hash of the whole file, as 64 hex digits (also its name).
         shape: The tensor's shape.
         dtype: The tensor's dtype as Keras reported it.
         stored_dtype: The dtype of the array in the `.npy` file (raw bits for
@@ -390,26 +406,31 @@ class TensorRecord:
             reduced-precision store).
         lossy: True when `stored_dtype` is a reduced precision of `dtype`.
         bytes: The file's size in bytes.
+        hash: Which content hash `digest` is: `"blake3"` (written since format 2) or
+            `"sha256"` (format 1, release 0.1.0).
 
     Example (the README's quickstart run):
 
     >>> from keras_weightwatch import load_run
     >>> rec = load_run("runs/exp1").snapshot(3).tensors["hidden/kernel"]
-    >>> rec.shape, rec.dtype, rec.lossy, rec.file == f"tensors/{rec.sha256}.npy"
+    >>> rec.shape, rec.dtype, rec.lossy, rec.file == f"tensors/{rec.digest}.npy"
     ((4, 8), 'float32', False, True)
     """
 
     file: str
-    sha256: str
+    digest: str
     shape: tuple[int, ...]
     dtype: str
     stored_dtype: str
     lossy: bool
     bytes: int
+    hash: str = "sha256"
 
     FIELDS = (
         Field("file", STR),
-        Field("sha256", STR),
+        # exactly one of the digests, named by its hash
+        Field("sha256", STR, required=False),
+        Field("blake3", STR, required=False),
         Field("shape", SHAPE),
         Field("dtype", DTYPE),
         Field("stored_dtype", DTYPE, required=False),  # absent: the same as dtype
@@ -418,37 +439,51 @@ class TensorRecord:
     )
 
     @property
+    def sha256(self) -> str:
+        """The digest (the name of format 1, kept for callers; see `hash` for which it is)."""
+        return self.digest
+
+    @property
     def file_dtype(self) -> str:
         """The dtype numpy finds in the file (raw bits for bfloat16 and the float8 types)."""
         return BITS_DTYPES.get(self.stored_dtype, self.stored_dtype)
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape)
-        return d
+        return {"file": self.file, self.hash: self.digest, "shape": list(self.shape),
+                "dtype": self.dtype, "stored_dtype": self.stored_dtype, "lossy": self.lossy,
+                "bytes": self.bytes}
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> TensorRecord:
         """A snapshot's tensor entry, checked; `where` names the file and the weight."""
         v = check_fields(d, cls.FIELDS, where, "tensor entry")
+        present = [h for h in HASHES if v[h] is not None]
+        if len(present) != 1:
+            raise WeightWatchError(
+                f"{where}: a tensor entry holds one digest, 'sha256' or 'blake3'. "
+                f"{received('digests', present)}"
+            )
+        hash_name = present[0]
+        digest = v[hash_name]
         m = TENSOR_FILE_RE.match(v["file"])
         if not m:
             raise WeightWatchError(
-                f"{where}: tensor file {v['file']!r} is not of the form tensors/<sha256>.npy "
+                f"{where}: tensor file {v['file']!r} is not of the form tensors/<digest>.npy "
                 "inside the run"
             )
-        if v["sha256"] != m.group(1):
+        if digest != m.group(1):
             raise WeightWatchError(
-                f"{where}: tensor file {v['file']!r} does not match its sha256 {v['sha256']!r}"
+                f"{where}: tensor file {v['file']!r} does not match its {hash_name} {digest!r}"
             )
         return cls(
             file=v["file"],
-            sha256=v["sha256"],
+            digest=digest,
             shape=tuple(v["shape"]),
             dtype=v["dtype"],
             stored_dtype=v["stored_dtype"] or v["dtype"],
             lossy=v["lossy"],
             bytes=v["bytes"],
+            hash=hash_name,
         )
 
 

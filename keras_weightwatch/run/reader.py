@@ -8,7 +8,6 @@ file its SHA-256) before numpy sees it, and nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -30,9 +29,11 @@ from .format import (
     WeightSpec,
     check_header,
     check_layout,
+    content_hash,
     from_storage,
 )
-from .storage import LocalStorage, Storage
+from .index import read_index
+from .storage import FileStamp, LocalStorage, Storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +62,9 @@ class VerifyReport:
 # --------------------------------------------------------------------------- hashes
 
 
-def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
-    """SHA-256 of everything a binary file object has left to read."""
-    h = hashlib.sha256()
+def hash_stream(f: Any, chunk: int = 1 << 22, hash: str = "sha256") -> str:
+    """The digest (`"sha256"` or `"blake3"`) of everything a binary file object has left."""
+    h = content_hash(hash)
     while True:
         b = f.read(chunk)
         if not b:
@@ -72,18 +73,18 @@ def hash_stream(f: Any, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: str, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a local file."""
+def hash_file(path: str, chunk: int = 1 << 22, hash: str = "sha256") -> str:
+    """The digest (`"sha256"` or `"blake3"`) of a local file."""
     with LocalStorage(os.path.dirname(path)).open_read(os.path.basename(path)) as f:
-        return hash_stream(f, chunk)
+        return hash_stream(f, chunk, hash)
 
 
 # --------------------------------------------------------------------------- tensor files
 
 
 def tensor_name(rec: TensorRecord) -> str:
-    """The run-relative name of a record's .npy file (always `tensors/<sha256>.npy`)."""
-    return f"{TENSOR_DIR}/{rec.sha256}.npy"
+    """The run-relative name of a record's .npy file (always `tensors/<digest>.npy`)."""
+    return f"{TENSOR_DIR}/{rec.digest}.npy"
 
 
 def _safe_tensor_name(storage: Storage, rec: TensorRecord) -> str:
@@ -168,12 +169,13 @@ def check_tensor_file(storage: Storage, rec: TensorRecord) -> str | None:
         return f"{where}: {size} bytes, expected {rec.bytes} (truncated or replaced)"
     try:
         with storage.open_read(name) as f:
-            digest = hash_stream(f)
+            digest = hash_stream(f, hash=rec.hash)
     except OSError as e:
         return f"{where}: cannot read ({e.strerror or e})"
     if digest != rec.sha256:
         return (
-            f"{where}: checksum mismatch (sha256 {digest[:12]}..., expected {rec.sha256[:12]}...)"
+            f"{where}: checksum mismatch ({rec.hash} {digest[:12]}..., "
+            f"expected {rec.digest[:12]}...)"
         )
     return None
 
@@ -226,9 +228,30 @@ def list_snapshot_files(storage: Storage) -> list[str]:
     return sorted(n for n in names if SNAPSHOT_FILE_RE.match(n))
 
 
-def read_snapshots(storage: Storage) -> list[SnapshotRecord]:
+def _stamps(storage: Storage) -> dict[str, FileStamp]:
+    try:
+        return storage.stamps(SNAPSHOT_DIR)
+    except OSError:
+        return {}
+
+
+def read_snapshots(storage: Storage, specs: Sequence[WeightSpec] | None = None, *,
+                   use_index: bool = True) -> list[SnapshotRecord]:
+    """Every complete snapshot's record, in file name order.
+
+    With the run's `specs` (its header's weights), a snapshot is taken from the index
+    (`index.py`) when the entry's name and stamp match the snapshot file's; every other
+    snapshot file is read and checked.
+    """
+    names = list_snapshot_files(storage)
+    index = read_index(storage, specs) if use_index and specs is not None and names else {}
+    stamps = _stamps(storage) if index else {}
     snaps = []
-    for name in list_snapshot_files(storage):
+    for name in names:
+        entry = index.get(name)
+        if entry is not None and stamps.get(name) == entry.stamp:
+            snaps.append(entry.record)
+            continue
         file = f"{SNAPSHOT_DIR}/{name}"
         data = read_json(storage, file, "snapshot")
         snaps.append(SnapshotRecord.from_json(data, file, where=storage.where(file)))
@@ -414,9 +437,10 @@ class Run:
     def verify(self) -> VerifyReport:
         """Re-check every snapshot's every tensor file: present, intact, as described.
 
-        The run is listed again first, so snapshots written since it was opened count too.
+        The run is listed again first, so snapshots written since it was opened count too,
+        and every snapshot file is read (the index is not used).
         """
-        return _verify(open_run(self.storage))
+        return _verify(open_run(self.storage, use_index=False))
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"
@@ -427,12 +451,16 @@ class Run:
         return run_html(self)
 
 
-def open_run(storage: Storage) -> Run:
-    """The run a storage holds (what `load_run` does for a local directory)."""
+def open_run(storage: Storage, *, use_index: bool = True) -> Run:
+    """The run a storage holds (what `load_run` does for a local directory).
+
+    `use_index=False` reads every snapshot file, as for a run without an index.
+    """
     if not storage.isdir():
         raise WeightWatchError(f"{storage.path}: no such run directory")
     header = read_header(storage)
-    return Run(storage.path, header, read_snapshots(storage), storage)
+    specs = [WeightSpec.from_json(w) for w in header.get("weights", [])]
+    return Run(storage.path, header, read_snapshots(storage, specs, use_index=use_index), storage)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -494,4 +522,4 @@ def verify_run(path: str | os.PathLike[str]) -> VerifyReport:
     >>> report.ok, report.snapshots, report.files, report.problems
     (True, 21, 84, ())
     """
-    return _verify(load_run(path))
+    return _verify(open_run(LocalStorage(path), use_index=False))

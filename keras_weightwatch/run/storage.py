@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,6 +24,21 @@ class LockHeld(OSError):
     def __init__(self, holder: str):
         super().__init__(f"held by {holder}")
         self.holder = holder
+
+
+class FileStamp(NamedTuple):
+    """What a listing says about a file, enough to tell that it changed.
+
+    `size` in bytes; `version` a token that changes whenever the file is
+    rewritten, replaced or touched (for a local file: its modification and
+    change times in nanoseconds and its inode number).
+    """
+
+    size: int
+    version: str
+
+
+Chunks = Iterable[bytes | memoryview]
 
 
 class LockHandle(Protocol):
@@ -65,8 +80,28 @@ class Storage(Protocol):
 
     def makedirs(self, name: str) -> None: ...
 
-    def write_atomic(self, name: str, chunks: Iterable[bytes | memoryview], durable: bool) -> None:
+    def stamps(self, name: str) -> dict[str, FileStamp]:
+        """Each file of a directory (not its subdirectories, not links) with its `FileStamp`."""
+        ...
+
+    def stamp(self, name: str) -> FileStamp:
+        """One file's `FileStamp`."""
+        ...
+
+    def write_atomic(self, name: str, chunks: Chunks, durable: bool) -> None:
         """Write the file whole or not at all (readers never see it half written)."""
+        ...
+
+    def write_atomic_many(self, files: Iterable[tuple[str, Chunks]], durable: bool) -> None:
+        """`write_atomic` for several files, with their syncs batched: every file is
+        written, then (if `durable`) every one is made durable, and only then does any
+        of them appear under its name. Their directories are not synced (`sync_dir`).
+        `files` is consumed one at a time, so a generator holds one file's bytes at once."""
+        ...
+
+    def append(self, name: str, data: bytes, durable: bool) -> None:
+        """Add bytes at the end of a file, creating it if needed (not atomic: a reader
+        may see a part of `data` at the end)."""
         ...
 
     def remove(self, name: str) -> bool:
@@ -96,6 +131,28 @@ class _FileLock:
             except OSError:
                 pass
             os.close(fd)
+
+
+def _write_all(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write every chunk to an unbuffered file: one `write` call each (no copy of a large
+    array's bytes), repeated only for what the kernel did not take."""
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while len(view):
+            n = f.write(view)
+            view = view[n if n is not None else len(view):]
+
+
+def _stamp(st: os.stat_result) -> FileStamp:
+    return FileStamp(st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStorage:
@@ -148,24 +205,53 @@ class LocalStorage:
     def makedirs(self, name: str) -> None:
         os.makedirs(self._full(name), exist_ok=True)
 
-    def write_atomic(self, name: str, chunks: Iterable[bytes | memoryview], durable: bool) -> None:
+    def stamps(self, name: str) -> dict[str, FileStamp]:
+        out = {}
+        with os.scandir(self._full(name)) as entries:
+            for e in entries:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                out[e.name] = _stamp(e.stat(follow_symlinks=False))
+        return out
+
+    def stamp(self, name: str) -> FileStamp:
+        return _stamp(os.stat(self._full(name), follow_symlinks=False))
+
+    def write_atomic(self, name: str, chunks: Chunks, durable: bool) -> None:
         """Write via a temporary file in the same directory, then rename it into place."""
-        path = self._full(name)
-        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        self.write_atomic_many([(name, chunks)], durable)
+
+    def write_atomic_many(self, files: Iterable[tuple[str, Chunks]], durable: bool) -> None:
+        """Each file goes to a temporary name in its directory (its array's bytes in one
+        `write`, no copy); then each is fsynced; then each is renamed into place."""
+        staged: list[tuple[str, str]] = []
         try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            for name, chunks in files:
+                path = self._full(name)
+                tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
+                staged.append((tmp, path))
+                with open(tmp, "xb", buffering=0) as f:
+                    _write_all(f, chunks)
+            if durable:
+                for tmp, _ in staged:
+                    _fsync_path(tmp)
+            while staged:
+                tmp, path = staged[0]
+                os.replace(tmp, path)
+                staged.pop(0)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            for tmp, _ in staged:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise
+
+    def append(self, name: str, data: bytes, durable: bool) -> None:
+        with open(self._full(name), "ab", buffering=0) as f:
+            _write_all(f, [data])
+            if durable:
+                os.fsync(f.fileno())
 
     def remove(self, name: str) -> bool:
         try:

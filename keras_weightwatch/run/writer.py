@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,17 +29,20 @@ from .format import (
     TENSOR_DIR,
     TENSOR_FILE_RE,
     TMP_PREFIX,
+    WRITE_HASH,
     ModelInfo,
     SnapshotRecord,
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
+    content_hash,
     json_bytes,
     npy_header,
     raw_bytes,
     snapshot_file_name,
     storage_array,
 )
+from .index import INDEX_FILE, entry_line, index_bytes
 from .reader import is_run, open_run, read_tensor
 from .storage import LocalStorage, LockHandle, LockHeld, Storage
 
@@ -99,6 +101,22 @@ def retained_steps(
     return keep
 
 
+def same_bytes(a: memoryview, b: memoryview, first: int = 1 << 16, chunk: int = 1 << 24
+               ) -> bool:
+    """True when two byte buffers are equal; compares a short prefix first, then in chunks,
+    so buffers that differ (a weight that trained) are told apart after a few bytes."""
+    if a.nbytes != b.nbytes:
+        return False
+    x = np.frombuffer(a, np.uint8)
+    y = np.frombuffer(b, np.uint8)
+    start = 0
+    for stop in [first, *range(first + chunk, x.size + chunk, chunk)]:
+        if not np.array_equal(x[start:stop], y[start:stop]):
+            return False
+        start = stop
+    return True
+
+
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
         list[WeightSpec], list[SnapshotRecord], str | None]:
     """The specs, snapshots and creation time of the run a writer continues (if any).
@@ -150,6 +168,7 @@ class RunWriter:
             rec.file for s in snapshots for rec in s.tensors.values()
         }
         self._lock = RunLock(self.storage)
+        self._indexed = False
 
     @classmethod
     def open(
@@ -198,6 +217,7 @@ class RunWriter:
             writer = cls(path, header, specs, snapshots, durable, store_dtype, storage)
             writer._lock = lock
             storage.write_atomic(HEADER_FILE, [json_bytes(header)], durable)
+            writer.rebuild_index()
             return writer
         except BaseException:
             lock.release()
@@ -227,41 +247,82 @@ class RunWriter:
         return read_tensor(self.storage, rec, mmap=True)
 
     def store_tensors(self, snapshot: Snapshot) -> dict[str, TensorRecord]:
-        """Write the snapshot's arrays that are not stored yet; return every tensor's record."""
+        """Write the snapshot's arrays that are not stored yet; return every tensor's record.
+
+        A tensor byte-identical to the previous snapshot's is neither hashed nor written
+        (its bytes are compared with the stored file, which stops at the first difference).
+        The others are written (one `write` of each array's bytes), then synced together,
+        then renamed into place, then the tensor directory is synced once: every file a
+        snapshot file will name is durable before `commit_snapshot` writes it.
+        """
+        prev = self.previous(snapshot.step)
         records: dict[str, TensorRecord] = {}
-        wrote = False
-        for spec in self.specs:
-            rec, chunks = self._encode(snapshot.arrays[spec.key], spec)
-            if rec.file not in self._files and not self.storage.isfile(rec.file):
-                self.storage.write_atomic(rec.file, chunks, self.durable)
-                wrote = True
-            self._files.add(rec.file)
-            records[spec.key] = rec
+        wrote: list[str] = []
+
+        def files() -> Iterator[tuple[str, list[Any]]]:
+            for spec in self.specs:
+                rec, chunks = self._encode(snapshot.arrays[spec.key], spec,
+                                           prev.tensors.get(spec.key) if prev else None)
+                records[spec.key] = rec
+                # Only a file a committed snapshot names is known to be whole and durable.
+                if rec.file not in self._files:
+                    wrote.append(rec.file)
+                    self._files.add(rec.file)
+                    yield rec.file, chunks
+
+        try:
+            self.storage.write_atomic_many(files(), self.durable)
+        except BaseException:
+            self._files.difference_update(wrote)
+            raise
         if wrote and self.durable:
             self.storage.sync_dir(TENSOR_DIR)
         return records
 
-    def _encode(self, arr: np.ndarray, spec: WeightSpec) -> tuple[TensorRecord, list[Any]]:
-        """A tensor's record and the bytes of its .npy file (header, then data)."""
+    def _encode(self, arr: np.ndarray, spec: WeightSpec, prev: TensorRecord | None
+                ) -> tuple[TensorRecord, list[Any]]:
+        """A tensor's record and the bytes of its .npy file (header, then data).
+
+        `prev` is the weight's record in the previous snapshot: when the file it names
+        holds these very bytes, its digest is reused instead of hashing them again.
+        """
         stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
         # The bytes are written in C order, so the header must say so too. (Not
         # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
         stored = np.require(stored, requirements="C")
         header = npy_header(stored)
         data = raw_bytes(stored)
-        h = hashlib.sha256(header)
-        h.update(data)
-        sha = h.hexdigest()
+        nbytes = len(header) + data.nbytes
+        if prev is not None and self._holds(prev, stored, nbytes):
+            digest, hash_name = prev.digest, prev.hash
+        else:
+            h = content_hash(WRITE_HASH)
+            h.update(header)
+            h.update(data)
+            digest, hash_name = h.hexdigest(), WRITE_HASH
         rec = TensorRecord(
-            file=f"{TENSOR_DIR}/{sha}.npy",
-            sha256=sha,
+            file=f"{TENSOR_DIR}/{digest}.npy",
+            digest=digest,
+            hash=hash_name,
             shape=tuple(arr.shape),
             dtype=spec.dtype,
             stored_dtype=stored_dtype,
             lossy=lossy,
-            bytes=len(header) + data.nbytes,
+            bytes=nbytes,
         )
         return rec, [header, data]
+
+    def _holds(self, rec: TensorRecord, stored: np.ndarray, nbytes: int) -> bool:
+        """True when the stored file of `rec` holds exactly `stored` (same header and bytes)."""
+        if rec.bytes != nbytes or rec.file not in self._files:
+            return False
+        try:
+            old = self.storage.load_npy(rec.file, mmap=True)
+        except (OSError, ValueError, EOFError):
+            return False
+        if old.dtype != stored.dtype or old.shape != stored.shape or not old.flags.c_contiguous:
+            return False
+        return same_bytes(raw_bytes(old), raw_bytes(stored))
 
     def commit_snapshot(
         self,
@@ -288,7 +349,39 @@ class RunWriter:
         # What a reader will find: the record parsed back from the bytes just written.
         record = SnapshotRecord.from_json(json.loads(body), file, where=self.storage.where(file))
         self._snapshots[snapshot.step] = record
+        self._index_append(record)
         return record
+
+    def rebuild_index(self) -> None:
+        """Write the snapshot index (`index.py`) of every snapshot anew, atomically.
+
+        The index is a cache: when it cannot be written, it is removed, and readers
+        read the snapshot files.
+        """
+        try:
+            stamps = self.storage.stamps(SNAPSHOT_DIR)
+            lines = index_bytes(self.snapshots, stamps, self.specs)
+            self.storage.write_atomic(INDEX_FILE, lines, durable=False)
+            self._indexed = True
+        except OSError:
+            self._drop_index()
+
+    def _index_append(self, record: SnapshotRecord) -> None:
+        """Add the snapshot just committed to the index (not synced: a torn line is ignored)."""
+        if not self._indexed:
+            return
+        try:
+            stamp = self.storage.stamp(record.file)
+            self.storage.append(INDEX_FILE, entry_line(record, stamp, self.specs), durable=False)
+        except OSError:
+            self._drop_index()
+
+    def _drop_index(self) -> None:
+        self._indexed = False
+        try:
+            self.storage.remove(INDEX_FILE)
+        except OSError:
+            pass
 
     def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[str]:
         """Remove the snapshots `retained_steps` does not keep, then their unreferenced tensors.
@@ -312,13 +405,15 @@ class RunWriter:
             removed.append(record.file)
         if removed and self.durable:
             self.storage.sync_dir(SNAPSHOT_DIR)
+        if removed:
+            self.rebuild_index()
         self.collect_garbage()
         return removed
 
     def collect_garbage(self) -> list[str]:
         """Delete tensor files that no snapshot of the run references; return their names.
 
-        Only files named like tensors (`<sha256>.npy`) and leftover temporary
+        Only files named like tensors (`<digest>.npy`) and leftover temporary
         files (`.tmp-*`) are touched. Call it only between snapshots: the
         tensors of a snapshot being written are not referenced yet.
         """

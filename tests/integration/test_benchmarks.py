@@ -112,3 +112,32 @@ def test_bench_spectral_ratios_and_agreement():
                             ww, ours, 0.01)
         for column in ("spectral_norm", "stable_rank", "log_norm", "alpha", "alpha_weighted"):
             assert number(rf"{column} ([\d.e+-]+)", section) < 1e-5, column
+
+
+def test_bench_write_ratio_is_runwriter_over_plain_writes():
+    out = run("bench_write.py", "--width", "64", "--depth", "2", "--repeats", "1", "--profile")
+    raw = number(r"write\+fsync per tensor: median ([\d.]+) s", out)
+    ours = number(r"RunWriter snapshot:\s+median ([\d.]+) s", out)
+    ratio = number(r"RATIO RunWriter / write\+fsync per tensor: ([\d.]+)", out)
+    assert _quotient_of(ratio, ours, raw, 0.001)  # each time printed to a millisecond
+    assert "profile, reference CNN: 2,004,106 parameters" in out
+
+
+def test_bench_long_run_compares_the_index_with_the_snapshot_files():
+    out = run("bench_long_run.py", "--snapshots", "20", "--repeats", "1")
+    assert "run: 20 snapshots of 4 tensors" in out
+    # (at this size the times round to a millisecond or two: only their presence is checked)
+    assert number(r"load_run\s+with index\s+([\d.]+) s", out) >= 0
+    assert number(r"weightwatch show\s+with index\s+([\d.]+) s", out) > 0
+    assert number(r"RATIO load_run without / with index: ([\d.]+)", out) > 0
+    assert number(r"RATIO show without / with index: ([\d.]+)", out) > 0
+
+
+def test_bench_growth_table_grows_with_parameters():
+    out = run("bench_growth.py", "--params", "1e4,1e5", "--repeats", "1", "--no-tensorboard")
+    rows = re.findall(r"^\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+[\d.]+", out, re.M)
+    assert len(rows) == 2
+    (p1, b1, _), (p2, b2, _) = [(int(p.replace(",", "")), int(b.replace(",", "")), x)
+                                for p, b, x in rows]
+    # every tensor changes: a snapshot stores at least the weights' 4 bytes per parameter
+    assert b1 >= 4 * p1 and b2 >= 4 * p2

@@ -155,6 +155,12 @@ def test_show_flags_non_finite_weights(base_run, tmp_path):
     assert "NON-FINITE" not in render_show(load_run(finite))
 
 
+def _sha256_named(rec: dict, sha: str, **changes) -> None:
+    """Make a tensor entry name a file by its SHA-256 (as format 1 does; still read)."""
+    rec.pop("blake3", None)
+    rec.update(file=f"tensors/{sha}.npy", sha256=sha, **changes)
+
+
 def _set_file(value):
     def edit(d):
         d["tensors"]["dense/kernel"]["file"] = value
@@ -162,8 +168,8 @@ def _set_file(value):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (_set_file("../../etc/passwd"), r"is not of the form tensors/<sha256>\.npy inside the run"),
-    (_set_file("/etc/passwd"), r"is not of the form tensors/<sha256>\.npy"),
+    (_set_file("../../etc/passwd"), r"is not of the form tensors/<digest>\.npy inside the run"),
+    (_set_file("/etc/passwd"), r"is not of the form tensors/<digest>\.npy"),
     (_set_file("tensors/../../" + "a" * 64 + ".npy"), r"is not of the form"),
     (_set_file("tensors/" + "A" * 64 + ".npy"), r"is not of the form"),
     (_set_file(["tensors/x.npy"]), r"file must be a string"),
@@ -181,8 +187,10 @@ def _set_file(value):
      r"unknown dtype 'O'"),
     (lambda d: d["tensors"]["dense/kernel"].update(dtype="float64", stored_dtype="float64"),
      r"holds float32\[3, 4\] but the snapshot says float64\[3, 4\]"),
+    (lambda d: d["tensors"]["dense/kernel"].update(blake3="0" * 64),
+     r"does not match its blake3"),
     (lambda d: d["tensors"]["dense/kernel"].update(sha256="0" * 64),
-     r"does not match its sha256"),
+     r"holds one digest, 'sha256' or 'blake3'"),
     (lambda d: d.update(step=True), r"step must be an integer"),
     (lambda d: d.update(logs={"loss": "1"}), r"logs must map names to numbers"),
     (lambda d: d.update(stats={"dense/kernel": {"l2_norm": "x"}}),
@@ -207,7 +215,7 @@ def test_pickled_npy_is_never_unpickled(base_run):
             f.write(data)
 
         def edit(d):
-            d["tensors"]["dense/kernel"].update(file=f"tensors/{sha}.npy", sha256=sha,
+            _sha256_named(d["tensors"]["dense/kernel"], sha,
                                                 bytes=len(data), shape=[2])
         _edit_json(_snapshot_path(run), edit)
         with pytest.raises(WeightWatchError, match=r"Object arrays cannot be loaded|objects"):
@@ -227,7 +235,7 @@ def _plant_npy(run: str, header_shape: tuple, data: bytes, record_shape: list) -
         f.write(blob)
 
     def edit(d):
-        d["tensors"]["dense/kernel"].update(file=f"tensors/{sha}.npy", sha256=sha,
+        _sha256_named(d["tensors"]["dense/kernel"], sha,
                                             bytes=len(blob), shape=record_shape)
     _edit_json(_snapshot_path(run), edit)
 
@@ -409,7 +417,7 @@ def test_fuzz_tensor_files(base_run, key, start, replacement, truncate):
             f.write(blob)
 
         def edit(d):
-            d["tensors"][key].update(file=f"tensors/{sha}.npy", sha256=sha, bytes=len(blob))
+            _sha256_named(d["tensors"][key], sha, bytes=len(blob))
         _edit_json(snap_file, edit)
         must_refuse_or_read(run)
 

@@ -1,0 +1,145 @@
+"""How fast RunWriter persists a snapshot, against the same bytes written plainly.
+
+Target (issue 13, item 3): a 100M-parameter snapshot persisted by `RunWriter`
+(`store_tensors` + `commit_snapshot`, durable) within 1.5x of the same bytes written with
+one `write` + `fsync` per tensor. Both run alternately in one process on fresh directories
+of the same disk, every tensor changed since the previous snapshot (the worst case: all
+are hashed and written); medians. `--profile` adds a cProfile of the writer for the
+reference CNN's weights (2.0M parameters) and for the large set, top functions by own time.
+
+Run:  .venv/bin/python benchmarks/bench_write.py            (about 1 minute on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from machine import machine
+
+from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
+from keras_weightwatch.run import RunWriter
+
+# The reference CNN: Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1.
+CNN = {"conv2d/kernel": (3, 3, 1, 32), "conv2d/bias": (32,), "conv2d_1/kernel": (3, 3, 32, 64),
+       "conv2d_1/bias": (64,), "dense/kernel": (7744, 256), "dense/bias": (256,),
+       "dense_1/kernel": (256, 10), "dense_1/bias": (10,)}
+
+
+def dense_stack(width: int, depth: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(depth):
+        shapes[f"dense_{i}/kernel"] = (width, width)
+        shapes[f"dense_{i}/bias"] = (width,)
+    return shapes
+
+
+def info_of(shapes: dict[str, tuple[int, ...]]) -> ModelInfo:
+    return ModelInfo("m", "Sequential", (), tuple(
+        WeightSpec(k, f"m/{k}", k.split("/")[0], s, "float32", True) for k, s in shapes.items()))
+
+
+def arrays_of(shapes, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+
+
+def raw_write(root: str, arrays: dict[str, np.ndarray]) -> float:
+    """The floor: each tensor's bytes in one write, then fsync, then close; one file each."""
+    os.makedirs(root)
+    t0 = time.perf_counter()
+    for i, a in enumerate(arrays.values()):
+        fd = os.open(os.path.join(root, f"{i}.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+        view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def writer_write(writer: RunWriter, step: int, arrays: dict[str, np.ndarray]) -> float:
+    snap = Snapshot(step=step, label="epoch", epoch=step, arrays=arrays, logs={"loss": 1.0})
+    t0 = time.perf_counter()
+    writer.commit_snapshot(snap, writer.store_tensors(snap), {})
+    return time.perf_counter() - t0
+
+
+def profile(label: str, shapes, root: str, top: int) -> None:
+    path = os.path.join(root, f"profile-{label}")
+    writer = RunWriter.open(path, info_of(shapes), settings={}, versions={}, durable=True)
+    writer_write(writer, 0, arrays_of(shapes, 0))
+    sets = [arrays_of(shapes, s) for s in (1, 2, 3)]
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for step, arrays in enumerate(sets, 1):
+        writer_write(writer, step, arrays)
+    prof.disable()
+    took = (time.perf_counter() - t0) / len(sets)
+    writer.close()
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    print(f"\nprofile, {label}: {n:,} parameters, {took:.3f} s per snapshot "
+          f"(3 snapshots, every tensor changed); top {top} by own time:")
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    for (file, line, fn), (_, calls, own, cum, _) in rows:
+        where = f"{os.path.basename(file)}:{line}({fn})" if line else fn
+        print(f"  {own:7.3f} s  {100 * own / total:5.1f} %  cum {cum:7.3f} s  n={calls:<6} {where}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--dir", default=None, help="where files go (default: a temp dir)")
+    args = p.parse_args(argv)
+    print(f"machine: {machine()}")
+    shapes = dense_stack(args.width, args.depth)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    root = tempfile.mkdtemp(prefix="ww-bench-write-", dir=args.dir)
+    try:
+        sets = [arrays_of(shapes, s) for s in (0, 1)]
+        nbytes = sum(a.nbytes for a in sets[0].values())
+        print(f"tensors: {len(shapes)} ({args.depth} x Dense({args.width})), {n:,} parameters, "
+              f"{nbytes / 1e6:.0f} MB; {args.repeats} repeats, alternating")
+        sys.stdout.flush()
+        writer = RunWriter.open(os.path.join(root, "run"), info_of(shapes), settings={},
+                                versions={}, durable=True)
+        writer_write(writer, 0, sets[1])  # a previous snapshot, so each next one is compared
+        raw, ours = [], []
+        for r in range(args.repeats):
+            raw.append(raw_write(os.path.join(root, f"raw{r}"), sets[r % 2]))
+            shutil.rmtree(os.path.join(root, f"raw{r}"))
+            ours.append(writer_write(writer, r + 1, sets[r % 2]))
+            writer.apply_retention(keep_last=1)  # keep the disk use bounded
+            print(f"  repeat {r}: write+fsync per tensor {raw[-1]:.3f} s, RunWriter "
+                  f"{ours[-1]:.3f} s")
+            sys.stdout.flush()
+        writer.close()
+        m_raw, m_ours = statistics.median(raw), statistics.median(ours)
+        print(f"write+fsync per tensor: median {m_raw:.3f} s ({nbytes / m_raw / 1e9:.2f} GB/s)")
+        print(f"RunWriter snapshot:     median {m_ours:.3f} s ({nbytes / m_ours / 1e9:.2f} GB/s)")
+        print(f"RATIO RunWriter / write+fsync per tensor: {m_ours / m_raw:.2f}  (target <= 1.5)")
+        if args.profile:
+            profile("reference CNN", CNN, root, 8)
+            profile(f"{args.depth} x Dense({args.width})", shapes, root, 8)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""`keras_weightwatch.run.index`: the snapshot index is used when it agrees with the
+snapshot files and never trusted over them.
+
+Reference: the same run opened with `use_index=False`, which reads every snapshot file
+(the path of runs written before the index existed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from test_run_storage import MemoryStorage
+
+from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
+from keras_weightwatch.run import LocalStorage, RunWriter, load_run, open_run
+from keras_weightwatch.run.index import INDEX_FILE
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-0.1.0", "run")
+ARRAYS = {"dense/kernel": np.arange(12, dtype="float32").reshape(3, 4),
+          "dense/bias": np.zeros(4, "float32"), "step": np.array(0, "int64")}
+
+
+def _info() -> ModelInfo:
+    return ModelInfo("m", "Sequential", (), tuple(
+        WeightSpec(k, f"m/{k}", k.split("/")[0], a.shape, a.dtype.name, True)
+        for k, a in ARRAYS.items()))
+
+
+def _write(path: str | None, steps, storage=None, store_dtype=None) -> None:
+    writer = RunWriter.open(path or "unused", _info(), settings={}, versions={}, durable=False,
+                            storage=storage, store_dtype=store_dtype)
+    for step in steps:
+        arrays = {k: a + (step if k != "dense/bias" else 0) for k, a in ARRAYS.items()}
+        snap = Snapshot(step=step, label="initial" if step == -1 else "epoch",
+                        epoch=None if step == -1 else step, arrays=arrays,
+                        logs={} if step == -1 else {"loss": 1.0 / (step + 2)}, time=100.0 + step)
+        stats = {k: {"l2_norm": float(np.linalg.norm(a)), "nan_count": 0,
+                     "update_ratio": None if step == -1 else 0.5} for k, a in arrays.items()}
+        writer.commit_snapshot(snap, writer.store_tensors(snap), stats)
+    writer.close()
+
+
+def _same_as_files(path) -> list:
+    """The run read with its index equals the run read from its snapshot files alone."""
+    with_index = load_run(path).snapshots
+    assert with_index == open_run(LocalStorage(path), use_index=False).snapshots
+    return [s.step for s in with_index]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _entries(path) -> list[dict]:
+    with open(os.path.join(path, INDEX_FILE)) as f:
+        return [json.loads(line) for line in f.read().splitlines()[1:]]
+
+
+def _rewrite(path, entries) -> None:
+    with open(os.path.join(path, INDEX_FILE)) as f:
+        head = f.readline()
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        f.write(head + "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_the_writer_indexes_every_snapshot_and_the_reader_uses_it():
+    mem = MemoryStorage()
+    _write(None, range(-1, 4), storage=mem, store_dtype="float16")
+    assert INDEX_FILE in mem.files
+    mem.ops.clear()
+    run = open_run(mem)
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]  # from the index
+    files_only = open_run(mem, use_index=False)
+    assert [op for op in mem.ops if op.startswith("read snapshots/")]
+    assert run.snapshots == files_only.snapshots and run.steps == [-1, 0, 1, 2, 3]
+    assert run.snapshot(2).tensors["dense/kernel"].lossy  # a lossy store's record round-trips
+    for step in run.steps:
+        for key, arr in run.weights(step).items():
+            np.testing.assert_array_equal(arr, files_only.weights(step)[key])
+
+
+def test_a_missing_index_is_rebuilt_by_the_next_writer(tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(FIXTURE, run)  # written by 0.1.0: no index
+    assert not os.path.exists(os.path.join(run, INDEX_FILE))
+    before = _same_as_files(run)
+    header = load_run(run).header
+    RunWriter.open(run, ModelInfo.from_json(header["model"], header["weights"]),
+                   settings={}, versions={}, durable=False).close()
+    assert sorted(e[0] for e in _entries(run)) == sorted(os.listdir(os.path.join(run, "snapshots")))
+    assert _same_as_files(run) == before == [-1, 0, 1]
+    os.remove(os.path.join(run, INDEX_FILE))
+    assert _same_as_files(run) == before
+
+
+def test_snapshots_added_or_removed_behind_the_index_are_seen(tmp_path):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 3))
+    snaps = os.path.join(run, "snapshots")
+    added = _json(os.path.join(snaps, "epoch_000001.json"))
+    added.update(step=7, epoch=7, logs={"loss": 9.0})
+    with open(os.path.join(snaps, "epoch_000007.json"), "w") as f:
+        json.dump(added, f)
+    os.remove(os.path.join(snaps, "epoch_000000.json"))
+    assert _same_as_files(run) == [-1, 1, 2, 7]
+    assert load_run(run).logs(7) == {"loss": 9.0}
+
+
+def test_a_snapshot_file_changed_behind_the_index_is_read_again(tmp_path):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 2))
+    path = os.path.join(run, "snapshots", "epoch_000001.json")
+    data = _json(path)
+    data["logs"]["loss"] = 0.125  # rewritten in place: its stamp changes
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert _same_as_files(run) == [-1, 0, 1]
+    assert load_run(run).logs(1) == {"loss": 0.125}
+
+
+# An entry is [name, size, version, step, label, epoch, time, logs, stats, tensors].
+def _set(i, value):
+    return lambda e: e.__setitem__(i, value(e[i]) if callable(value) else value)
+
+
+@pytest.mark.parametrize("lie", [
+    lambda e: e.__setitem__(3, e[3] + 1) if e[4] == "epoch" else None,
+    lambda e: e.__setitem__(4, "epoch") if e[4] == "initial" else None,
+    _set(1, lambda size: size + 1),
+    _set(2, "0-0-0"),
+    lambda e: e[9].update({"dense/kernel": ["blake3", "../../etc/passwd", 10]}),
+    lambda e: e[9].update({"dense/kernel": {"file": "/etc/passwd"}}),
+    lambda e: e[8][1].update({"dense/kernel": ["big"] * len(e[8][0])}),
+    _set(7, [1, 2]),
+    lambda e: e.pop(),
+], ids=["step", "label", "size", "version", "digest", "tensor-file", "stats", "logs",
+        "short"])
+def test_an_index_entry_that_disagrees_or_is_malformed_is_not_used(tmp_path, lie):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 3))
+    entries = _entries(run)
+    for e in entries:
+        lie(e)
+    _rewrite(run, entries)
+    assert _same_as_files(run) == [-1, 0, 1, 2]
+
+
+def test_a_torn_last_line_and_another_models_index_are_ignored(tmp_path):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 2))
+    index = os.path.join(run, INDEX_FILE)
+    with open(index, "rb") as f:
+        whole = f.read()
+    with open(index, "wb") as f:
+        f.write(whole[:-40])  # a writer killed while appending the last entry
+    assert _same_as_files(run) == [-1, 0, 1]
+    head, rest = whole.split(b"\n", 1)
+    other = json.loads(head)
+    other["keys"] = other["keys"][::-1]
+    with open(index, "wb") as f:
+        f.write(json.dumps(other).encode() + b"\n" + rest)
+    assert _same_as_files(run) == [-1, 0, 1]
+
+
+def test_retention_and_continuing_keep_the_index_whole(tmp_path):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 3))
+    writer = RunWriter.open(run, _info(), settings={}, versions={}, durable=False)
+    writer.apply_retention(keep_last=1)
+    writer.close()
+    assert sorted(e[0] for e in _entries(run)) == ["epoch_000002.json", "initial.json"]
+    _write(run, [3, 4])
+    assert _same_as_files(run) == [-1, 2, 3, 4]
+    assert len(_entries(run)) == 4

@@ -202,6 +202,7 @@ class WeightWatch(keras.callbacks.Callback):
         self.pipeline, self.run_dir = pipeline, pipeline.run_dir
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
+        self._guard(lambda: pipeline.prefill(self.model))  # no epoch end allocates buffers
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         pipeline = self.pipeline

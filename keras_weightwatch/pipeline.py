@@ -306,9 +306,9 @@ class Pipeline:
         self.last_step = snapshot.step
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
-                logs: Mapping[str, Any]) -> None:
-        """Take the weights after an epoch and hand them to the worker."""
-        snapshot = self.take(model, label="epoch", epoch=epoch, logs=logs)
+                logs: Mapping[str, Any], label: str = "epoch") -> None:
+        """Take the weights after an epoch (or a batch) and hand them to the worker."""
+        snapshot = self.take(model, label=label, epoch=epoch, logs=logs)
         snapshot.step = step
         self.submit(snapshot, model)
 

@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-hook", type=int, default=1,
+                   help="also fit this many times with batch_freq set but never due, for the "
+                        "cost of WeightWatch's batch hook (0: skip)")
     args = p.parse_args(argv)
 
     time_worker()
@@ -92,9 +95,10 @@ def main(argv=None) -> int:
         if kind == "tensorboard":
             return [keras.callbacks.TensorBoard(os.path.join(root, f"tb-{tag}"),
                                                 histogram_freq=1, write_images=True)]
-        if kind == "weightwatch":
+        if kind in ("weightwatch", "batch_hook"):
             return [TimedWeightWatch(
                 os.path.join(root, f"ww-{tag}"),
+                batch_freq=10**9 if kind == "batch_hook" else None,
                 histograms=True,
                 kernel_images=True,
                 feature_layer="dense",
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
             if meters:
                 m = meters[0]
                 costs[kind].append((m.hooks / args.epochs, m.thread_cpu / args.epochs))
-                threads[kind] |= {thread_name(t) for t in m.thread_ids}
+                threads[kind] |= set(m.thread_names.values())
                 line = (f", cost {m.total / args.epochs * 1e3:6.1f} ms per epoch (hooks "
                         f"{m.hooks / args.epochs * 1e3:.1f} + threads "
                         f"{m.thread_cpu / args.epochs * 1e3:.1f})")
@@ -140,16 +144,22 @@ def main(argv=None) -> int:
             print(f"  repeat {r} {kind:12s} fit {seconds:6.2f} s{line}")
             sys.stdout.flush()
     report(args, times, costs, threads, hooks)
+    batch_hook(args, fit)
     shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
-def thread_name(tid: int) -> str:
-    try:
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return f"thread {tid} (gone)"
+def batch_hook(args, fit) -> None:
+    """With `batch_freq` on but no snapshot due: the hook's time per batch, and the fit."""
+    per_batch, fits = [], []
+    for r in range(args.batch_hook):
+        seconds, _, (m,) = fit("batch_hook", f"b{r}", args.epochs)
+        per_batch.append(m.hook_wall["on_train_batch_end"] / m.hook_calls["on_train_batch_end"])
+        fits.append(seconds)
+    if per_batch:
+        print(f"batch_freq on, no snapshot due: on_train_batch_end {med(per_batch) * 1e6:.1f} us "
+              f"per batch (median of {len(per_batch)} fits); fit {med(fits):.2f} s (Keras then "
+              "waits for each batch's logs)")
 
 
 def report(args, times, costs, threads, hooks) -> None:

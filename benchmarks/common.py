@@ -92,7 +92,9 @@ class CostMeter:
         self._proc = psutil.Process()
         self.callback = callback
         self.hook_wall: dict[str, float] = {}
+        self.hook_calls: dict[str, int] = {}
         self.thread_ids: set[int] = set()
+        self.thread_names: dict[int, str] = {}  # read when each appeared
         self.thread_cpu = 0.0
         self.batch_threads = 0  # Python threads that appeared during a batch hook
         from keras.src.utils.python_utils import is_default
@@ -123,8 +125,11 @@ class CostMeter:
                 return method(*args, **kwargs)
             finally:
                 self.hook_wall[name] = self.hook_wall.get(name, 0.0) + time.perf_counter() - t0
+                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
                 if not batch:
-                    self.thread_ids |= self._tids() - before
+                    for tid in self._tids() - before:
+                        self.thread_ids.add(tid)
+                        self.thread_names[tid] = thread_name(tid)
                 elif threading.active_count() > n_python:
                     self.batch_threads += threading.active_count() - n_python
 
@@ -137,6 +142,18 @@ class CostMeter:
     @property
     def total(self) -> float:
         return self.hooks + self.thread_cpu
+
+
+def thread_name(tid: int) -> str:
+    """A thread's name: Python's for its threads, else the kernel's."""
+    for t in threading.enumerate():
+        if t.native_id == tid:
+            return t.name
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return f"thread {tid}"
 
 
 def med(xs):

@@ -257,13 +257,14 @@ class WeightWatch(keras.callbacks.Callback):
         """With `batch_freq`: a snapshot every `batch_freq` batches (not at an epoch's last
         batch, which the epoch end takes). Where none is due this is a few additions."""
         self._batches = self._epoch_start + batch + 1
-        if self._batches // self.settings.batch_freq <= self._mark:
+        every = self.settings.batch_freq or 1  # set: this hook exists only then
+        if self._batches // every <= self._mark:
             return
         steps = self.params.get("steps") if self.params else None
         pipeline = self.pipeline
         if pipeline is None or self._base is None or (steps and batch + 1 >= steps):
             return
-        self._mark = self._batches // self.settings.batch_freq
+        self._mark = self._batches // every
         step, epoch = self._base + self._batches, self._epoch
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch,
                                              logs=logs or {}, label="batch"))
@@ -277,14 +278,13 @@ class WeightWatch(keras.callbacks.Callback):
             return
         if self._offset is None:
             self._offset = 0
-        if self.settings.batch_freq is None:
-            if not self._due(epoch):
-                return
-            step = epoch + self._offset
-        else:
+        step: int | None = epoch + self._offset
+        if self.settings.batch_freq is not None:
             step = self._batch_step(epoch)
-            if step is None:
-                return
+        elif not self._due(epoch):
+            step = None
+        if step is None:
+            return
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch, logs=logs or {}))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:

@@ -23,6 +23,14 @@ from .pipeline import Pipeline, Plan, RunDirError
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
+
+
+def _iterations(model: Any) -> int:
+    """The optimizer's iteration count (training batches so far), read once per fit."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    if iterations is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(iterations))
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
@@ -54,6 +62,15 @@ class WeightWatch(keras.callbacks.Callback):
             event files go to its `weights` subdirectory.
         freq: Take a snapshot after every `freq`-th epoch (epochs with index
             `e % freq == 0`) and after the last epoch of `fit`. Defaults to 1.
+        batch_freq: Also take a snapshot every `batch_freq` training batches
+            (as `keras.callbacks.TensorBoard(update_freq=...)` writes batch-level
+            summaries). Steps then count training batches, as TensorBoard's
+            batch-level steps do: the initial weights have the optimizer's
+            iteration count before training (0 for a fresh model), the snapshot
+            after the `b`-th batch of the fit step `b` (plus that count), and
+            each epoch snapshot the step of the epoch's last batch. Defaults to
+            None: snapshots at epoch ends only, steps count epochs, and no batch
+            hook runs.
         histograms: Write a histogram of every weight tensor. Defaults to True.
         kernel_images: Draw the kernels of convolution layers as image grids.
             Defaults to True.
@@ -135,6 +152,7 @@ class WeightWatch(keras.callbacks.Callback):
         log_dir: str | os.PathLike,
         freq: int = S.freq,
         *,
+        batch_freq: int | None = S.batch_freq,
         histograms: bool = S.histograms,
         kernel_images: bool = S.kernel_images,
         max_kernel_tiles: int = S.max_kernel_tiles,
@@ -158,7 +176,8 @@ class WeightWatch(keras.callbacks.Callback):
     ):
         super().__init__()
         self.settings = Settings.create(
-            log_dir=log_dir, freq=freq, histograms=histograms, kernel_images=kernel_images,
+            log_dir=log_dir, freq=freq, batch_freq=batch_freq, histograms=histograms,
+            kernel_images=kernel_images,
             max_kernel_tiles=max_kernel_tiles, feature_names=feature_names, top_k=top_k,
             feature_layer=feature_layer, feature_data=feature_data, sample_images=sample_images,
             response_mode=response_mode, response_layers=response_layers,
@@ -171,6 +190,16 @@ class WeightWatch(keras.callbacks.Callback):
         self.pipeline: Pipeline | None = None  # the fit in progress; None between fits
         self._pending_initial: Snapshot | None = None
         self._offset: int | None = None
+        # With batch_freq: the step before this fit's first batch, the batches trained in
+        # this fit (at the last batch end, and before the current epoch), the last mark.
+        self._base: int | None = None
+        self._batches = 0
+        self._epoch_start = 0
+        self._epoch: int | None = None
+        self._mark = 0
+        if self.settings.batch_freq is not None:
+            # Only then: a callback with a batch hook makes Keras wait for every batch.
+            self.on_train_batch_end = self._on_train_batch_end
 
     def __getattr__(self, name: str) -> Any:
         # The options stay readable as attributes (`cb.freq`), as in earlier releases.
@@ -189,6 +218,7 @@ class WeightWatch(keras.callbacks.Callback):
             self._shutdown(report=False)
         self._pending_initial = None
         self._offset = None
+        self._base, self._batches, self._epoch_start, self._mark = None, 0, 0, 0
         plan = Plan.make(self.model, self.settings)  # bad arguments raise here, before any epoch
         if not is_writer(self.model):
             return  # another process of a distributed run writes; this one stays inactive
@@ -202,28 +232,59 @@ class WeightWatch(keras.callbacks.Callback):
         self.pipeline, self.run_dir = pipeline, pipeline.run_dir
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
+        self._guard(lambda: pipeline.prefill(self.model))  # no epoch end allocates buffers
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._epoch_start, self._epoch = self._batches, epoch
         pipeline = self.pipeline
         if pipeline is None or self._offset is not None:
             return
         last = pipeline.last_step
-        self._offset = last + 1 - epoch if last is not None and epoch <= last else 0
+        if self.settings.batch_freq is not None:
+            self._base = _iterations(self.model) if last is None else max(
+                _iterations(self.model), last)
+            self._offset = 0
+            initial_step = self._base
+        else:
+            self._offset = last + 1 - epoch if last is not None and epoch <= last else 0
+            initial_step = epoch + self._offset - 1
         if self._pending_initial is not None:
             snap, self._pending_initial = self._pending_initial, None
-            snap.step = epoch + self._offset - 1
+            snap.step = initial_step
             self._guard(lambda: pipeline.submit(snap, self.model))
+
+    def _on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """With `batch_freq`: a snapshot every `batch_freq` batches (not at an epoch's last
+        batch, which the epoch end takes). Where none is due this is a few additions."""
+        self._batches = self._epoch_start + batch + 1
+        every = self.settings.batch_freq or 1  # set: this hook exists only then
+        if self._batches // every <= self._mark:
+            return
+        steps = self.params.get("steps") if self.params else None
+        pipeline = self.pipeline
+        if pipeline is None or self._base is None or (steps and batch + 1 >= steps):
+            return
+        self._mark = self._batches // every
+        step, epoch = self._base + self._batches, self._epoch
+        self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch,
+                                             logs=logs or {}, label="batch"))
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         pipeline = self.pipeline
         if pipeline is None:
             return
         self._guard(self._collect)
-        if self.pipeline is None or not self._due(epoch):
+        if self.pipeline is None:
             return
         if self._offset is None:
             self._offset = 0
-        step = epoch + self._offset
+        step: int | None = epoch + self._offset
+        if self.settings.batch_freq is not None:
+            step = self._batch_step(epoch)
+        elif not self._due(epoch):
+            step = None
+        if step is None:
+            return
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch, logs=logs or {}))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -237,6 +298,18 @@ class WeightWatch(keras.callbacks.Callback):
         self._shutdown(report=True)
 
     # ------------------------------------------------------------------ steps
+    def _batch_step(self, epoch: int) -> int | None:
+        """With `batch_freq`: the step of an epoch end's snapshot (batches trained), or None
+        when none is due or a batch snapshot already took this step."""
+        if self._base is None or self.pipeline is None:
+            return None
+        step = self._base + self._batches
+        due = self._due(epoch) or self._batches // (self.settings.batch_freq or 1) > self._mark
+        if not due or step == self.pipeline.last_step:
+            return None
+        self._mark = self._batches // (self.settings.batch_freq or 1)
+        return step
+
     def _due(self, epoch: int) -> bool:
         """A snapshot is due every `freq` epochs, after the last epoch, and when training stops."""
         last_epoch = self.params.get("epochs") if self.params else None

@@ -13,8 +13,8 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -130,17 +130,35 @@ def _host_view(variable: Any) -> np.ndarray:
     return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
 
 
+class Ticket(NamedTuple):
+    """What `BufferPool.release` hands back: the set, and how often it had been acquired.
+
+    `BufferPool.claim(ticket)` gives the set back only while no capture took it since,
+    so its arrays still hold the snapshot they held when released.
+    """
+
+    buffers: list[np.ndarray]
+    generation: int
+
+
 class BufferPool:
     """Sets of host arrays that captures copy into, reused from one snapshot to the next.
 
     Fresh memory is slow to fault in (a new 400 MB array costs far more than
     copying into one already touched), so each set is allocated and touched
-    once, at its first capture, and handed back with `release` once the
-    worker is done with it. At most `max_sets` sets exist: a capture that
-    finds none free allocates a new one while fewer exist, else waits for one
-    to be released (back-pressure that bounds memory to `max_sets` copies of
-    the weights). A set is created only when the others are busy, so a worker
-    that keeps up with training needs one.
+    once and handed back with `release` once the worker is done with it. At
+    most `max_sets` sets exist: a capture that finds none free allocates a new
+    one while fewer exist, else waits for one to be released (back-pressure
+    that bounds memory to `max_sets` copies of the weights). `reserve` and
+    `fill` let another thread (the worker) allocate a set ahead of time, so
+    that the capture that would need it finds it ready instead of allocating
+    on the training thread.
+
+    A capture takes the free set released longest ago, so the one released
+    last keeps its snapshot as long as another is free: `claim` reads the
+    previous snapshot back from memory instead of from disk.
+
+    `allocate` is the one place that allocates a set (a seam for tests).
     """
 
     def __init__(self, max_sets: int, alive: Any = None):
@@ -148,13 +166,14 @@ class BufferPool:
             raise ValueError(f"max_sets must be >= 1. Received: max_sets={max_sets}")
         self.max_sets = max_sets
         self._alive = alive  # a callable: False once nothing will ever release a set
-        self._free: list[list[np.ndarray]] = []
+        self._free: list[list[np.ndarray]] = []  # oldest released first
+        self._generation: dict[int, int] = {}  # id(set) -> how often it was acquired
         self._created = 0
         self._cond = threading.Condition()
 
     @property
     def created(self) -> int:
-        """How many sets exist (free or in use)."""
+        """How many sets exist or are being allocated (free or in use)."""
         return self._created
 
     @property
@@ -162,6 +181,11 @@ class BufferPool:
         """How many sets hold a snapshot that is not released yet."""
         with self._cond:
             return self._created - len(self._free)
+
+    def allocate(self, arrays: Iterable[np.ndarray]) -> list[np.ndarray]:
+        """A new set: a C-ordered copy of each array (its pages touched by the copy), taken
+        one at a time (a generator keeps one source array alive at once)."""
+        return [np.array(a, copy=True, order="C") for a in arrays]
 
     def acquire(self) -> list[np.ndarray] | None:
         """A free set, or None when a new one may be allocated; waits while all are busy."""
@@ -173,14 +197,55 @@ class BufferPool:
                 if self._alive is not None and not self._alive():
                     raise RuntimeError("the weightwatch worker thread has stopped")
                 self._cond.wait(timeout=0.5)
-            return self._free.pop()
+            buffers = self._free.pop(0)
+            self._generation[id(buffers)] = self._generation.get(id(buffers), 0) + 1
+            return buffers
 
-    def release(self, buffers: list[np.ndarray] | None) -> None:
-        """Give a set back for the next capture. Safe to call with None."""
+    def release(self, buffers: list[np.ndarray] | None) -> Ticket | None:
+        """Give a set back for the next capture (safe to call with None); see `claim`."""
         if buffers is None:
-            return
+            return None
         with self._cond:
             self._free.append(buffers)
+            self._cond.notify()
+            return Ticket(buffers, self._generation.get(id(buffers), 0))
+
+    def claim(self, ticket: Ticket | None) -> list[np.ndarray] | None:
+        """The released set of `ticket`, taken out of the free ones, if no capture took it
+        since (its arrays unchanged); else None. Give it back with `release`."""
+        if ticket is None:
+            return None
+        with self._cond:
+            buffers = ticket.buffers
+            if self._generation.get(id(buffers), 0) != ticket.generation:
+                return None
+            for i, free in enumerate(self._free):
+                if free is buffers:
+                    del self._free[i]
+                    return buffers
+            return None
+
+    def reserve(self) -> bool:
+        """Count one more set, to be made by `fill` (False: `max_sets` exist already)."""
+        with self._cond:
+            if self._created >= self.max_sets:
+                return False
+            self._created += 1
+            return True
+
+    def fill(self, specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
+        """Allocate and touch the set `reserve` counted, then offer it to the next capture."""
+        try:
+            buffers = self.allocate(np.zeros(shape, dtype) for shape, dtype in specs)
+        except BaseException:
+            self.unreserve()
+            raise
+        self.release(buffers)
+
+    def unreserve(self) -> None:
+        """Forget a set counted by `reserve` (or by `acquire` returning None) but never made."""
+        with self._cond:
+            self._created -= 1
             self._cond.notify()
 
     def clear(self) -> None:
@@ -199,7 +264,7 @@ def capture_into(variables: Sequence[Any], pool: BufferPool) -> list[np.ndarray]
     buffers = pool.acquire()
     try:
         if buffers is None:
-            return [np.array(_host_view(v), copy=True, order="C") for v in variables]
+            return pool.allocate(_host_view(v) for v in variables)
         if len(buffers) != len(variables):
             raise ValueError("buffer set does not match the variables")
         for buf, v in zip(buffers, variables):
@@ -215,8 +280,7 @@ def capture_into(variables: Sequence[Any], pool: BufferPool) -> list[np.ndarray]
         if buffers is not None:
             pool.release(buffers)
         else:
-            with pool._cond:
-                pool._created -= 1
+            pool.unreserve()
         raise
 
 

@@ -22,7 +22,7 @@ import os
 import platform
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from .capture import (
     BufferPool,
     ModelInfo,
     Snapshot,
+    Ticket,
     WeightSpec,
     capture_into,
     clean_logs,
@@ -46,6 +47,12 @@ from .worker import Worker
 EVENTS_SUBDIR = "weights"
 
 Failure = tuple[str, BaseException]
+
+
+class _Prefill(NamedTuple):
+    """A worker job: allocate and touch one more buffer set of these shapes and dtypes."""
+
+    specs: tuple[tuple[tuple[int, ...], np.dtype], ...]
 
 
 class RunDirError(WeightWatchError):
@@ -176,11 +183,21 @@ def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWrit
 class Pipeline:
     """The one owner of a fit's views, buffers, run writer, event file and worker.
 
+    Host buffers: the first set is made on the training thread at train begin
+    (`take` of the initial snapshot, or `prefill`); `prefill` has the worker
+    make the second one while the first epoch runs, so no epoch end allocates.
+    The set of the snapshot written last is kept in the pool as long as another
+    set is free, and the next snapshot's update ratios read it there (`claim`)
+    instead of from disk.
+
     Args:
         writer: The open run (see `open_writer`); closed by `close`.
         plan: The model's plan (`Plan.make`).
         settings: The callback's settings.
     """
+
+    pool_class: type[BufferPool] = BufferPool
+    """The buffer pool each pipeline makes: the seam through which tests watch allocations."""
 
     def __init__(self, writer: RunWriter, plan: Plan, settings: Settings):
         self.writer: RunWriter | None = writer
@@ -198,8 +215,10 @@ class Pipeline:
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
         self._prev_arrays: dict[str, np.ndarray] | None = None
+        self._last_written: Ticket | None = None  # the set of the snapshot written last
+        self._set_specs: tuple[tuple[tuple[int, ...], np.dtype], ...] | None = None
         self._worker: Worker | None = None
-        self.pool = BufferPool(settings.max_queue + 1, alive=self._worker_alive)
+        self.pool = self.pool_class(settings.max_queue + 1, alive=self._worker_alive)
         self._worker = Worker(self.handle, maxsize=settings.max_queue)
 
     @classmethod
@@ -251,8 +270,26 @@ class Pipeline:
                 "train begin; a model whose weights change during fit cannot be watched"
             )
         arrays = capture_into([variables[i] for i in self.watch], self.pool)
+        if self._set_specs is None:
+            self._set_specs = tuple((a.shape, a.dtype) for a in arrays)
         return Snapshot(step=0, label=label, epoch=epoch, arrays=dict(zip(self.keys, arrays)),
                         logs=clean_logs(logs))
+
+    def prefill(self, model: Any) -> None:
+        """Make sure the buffers of the first epoch ends exist before they end (train begin).
+
+        Makes the first set here unless the initial snapshot already did, then has the
+        worker allocate and touch the second while training runs.
+        """
+        if self._set_specs is None:
+            snapshot = self.take(model, label="epoch", epoch=None, logs={})
+            self.pool.release(list(snapshot.arrays.values()))
+        if self._worker is not None and self._set_specs is not None and self.pool.reserve():
+            try:
+                self._worker.submit(_Prefill(self._set_specs))
+            except BaseException:
+                self.pool.unreserve()
+                raise
 
     def submit(self, snapshot: Snapshot, model: Any = None) -> None:
         """Queue a snapshot for the worker, with the payloads the views compute from `model`
@@ -269,9 +306,9 @@ class Pipeline:
         self.last_step = snapshot.step
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
-                logs: Mapping[str, Any]) -> None:
-        """Take the weights after an epoch and hand them to the worker."""
-        snapshot = self.take(model, label="epoch", epoch=epoch, logs=logs)
+                logs: Mapping[str, Any], label: str = "epoch") -> None:
+        """Take the weights after an epoch (or a batch) and hand them to the worker."""
+        snapshot = self.take(model, label=label, epoch=epoch, logs=logs)
         snapshot.step = step
         self.submit(snapshot, model)
 
@@ -290,18 +327,22 @@ class Pipeline:
 
     # ------------------------------------------------------------ worker thread
 
-    def handle(self, job: tuple[Snapshot, dict[str, Any], list[np.ndarray]]) -> None:
-        """The worker's job: write one snapshot, then hand its buffers back, even on failure."""
+    def handle(self, job: Any) -> None:
+        """The worker's job: write one snapshot, then hand its buffers back, even on failure
+        (or make a buffer set ahead of time: `prefill`)."""
+        if isinstance(job, _Prefill):
+            self.pool.fill(job.specs)
+            return
         snapshot, payloads, buffers = job
         try:
             self.write(snapshot, payloads)
         finally:
-            self.pool.release(buffers)
+            self._last_written = self.pool.release(buffers)
 
     def write(self, snapshot: Snapshot, payloads: Mapping[str, Any]) -> None:
-        """Store the snapshot, its statistics, retention; then every view's summaries."""
-        records = self._store(snapshot)
+        """Its statistics, then store the snapshot, retention; then every view's summaries."""
         stats = self._stats(snapshot)
+        records = self._store(snapshot)
         self._commit(snapshot, records, stats)
         if self.writer is None:
             # The arrays live in reused buffers: keep a copy for the next update ratio.
@@ -332,10 +373,26 @@ class Pipeline:
         return lambda key: None if arrays is None else arrays.get(key)
 
     def _stats(self, snapshot: Snapshot) -> dict[str, dict[str, float]]:
+        """Each tensor's statistics; the update ratios against the previous snapshot, read
+        from its buffer set while the pool still holds it unchanged, else from the run."""
+        held = self.pool.claim(self._last_written)
+        self._last_written = None
         try:
-            prev = self._previous(snapshot)
-        except Exception:
-            prev = lambda key: None  # noqa: E731
+            if held is not None:
+                arrays = dict(zip(self.keys, held))
+                prev: Callable[[str], Any] = arrays.get
+            else:
+                try:
+                    prev = self._previous(snapshot)
+                except Exception:
+                    prev = lambda key: None  # noqa: E731
+            return self._tensor_stats(snapshot, prev)
+        finally:
+            self.pool.release(held)
+
+    @staticmethod
+    def _tensor_stats(snapshot: Snapshot,
+                      prev: Callable[[str], Any]) -> dict[str, dict[str, float]]:
         stats = {}
         for key, arr in snapshot.arrays.items():
             try:

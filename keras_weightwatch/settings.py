@@ -204,6 +204,7 @@ class Settings:
 
     log_dir: str = _option(dataclasses.MISSING, check_log_dir)
     freq: int = _option(1, positive_int)
+    batch_freq: int | None = _option(None, optional_int)
     histograms: bool = _option(True, boolean)
     kernel_images: bool = _option(True, boolean)
     max_kernel_tiles: int = _option(256, positive_int)

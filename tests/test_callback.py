@@ -36,6 +36,12 @@ def test_no_batch_hooks_so_keras_keeps_async_dispatch(tmp_path):
     assert with_ww._async_train == without._async_train == bool(backend.IS_THREAD_SAFE)
     assert with_ww._async_test == without._async_test
     assert with_ww._async_predict == without._async_predict
+    # batch_freq=None (the default) is the same callback; batch_freq=N adds one batch hook.
+    assert "on_train_batch_end" not in vars(WeightWatch(tmp_path / "run", batch_freq=None))
+    on = WeightWatch(tmp_path / "run", batch_freq=3)
+    assert [h for h in BATCH_HOOKS if getattr(on, h).__func__ is not getattr(
+        keras.callbacks.Callback, h)] == ["on_train_batch_end"]
+    assert CallbackList([on], model=model)._async_train is False
 
 
 def _failing_pipeline(fail_step):
@@ -232,3 +238,68 @@ def test_model_changed_between_fits(tmp_path, recorder):
     assert ww_new.run_dir == os.fspath(tmp_path / "run") + "-3"
     assert_same_arrays(load_run(ww_new.run_dir).weights(0), rec2.epochs[0])
     assert load_run(tmp_path / "run-2").steps == [-1, 0]
+
+
+class _BatchRecorder(keras.callbacks.Callback):
+    """The reference: get_weights() before training and after every training batch, keyed by
+    the number of batches trained in the fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.after: dict[int, list[np.ndarray]] = {}
+        self._n = 0
+
+    def on_train_begin(self, logs=None):
+        self.after[0] = self.model.get_weights()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._n += 1
+        self.after[self._n] = self.model.get_weights()
+
+
+def _event_steps(path, tag):
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+
+    acc = pea.EventAccumulator(str(path), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    return [e.step for e in acc.Tensors(tag)]
+
+
+def test_batch_freq_snapshots_line_up_with_tensorboard_update_freq(tmp_path):
+    x, y = _data(n=40)  # 5 batches of 8 per epoch
+    run = tmp_path / "run"
+    ref = _BatchRecorder()
+    tb = keras.callbacks.TensorBoard(str(run), update_freq=2)
+    _mlp().fit(x, y, epochs=3, batch_size=8, verbose=0,
+               callbacks=[ref, WeightWatch(run, batch_freq=2), tb])
+    loaded = load_run(run)
+    # Steps count training batches: every 2nd batch, each epoch's last batch (5, 10, 15),
+    # the initial weights at 0; the epoch snapshot at 10 stands for batch 10 too.
+    assert loaded.steps == [0, 2, 4, 5, 6, 8, 10, 12, 14, 15]
+    assert [s.label for s in loaded.snapshots] == (
+        ["initial"] + ["batch", "batch", "epoch"] * 3)
+    assert loaded.epochs == [5, 10, 15]
+    assert [s.epoch for s in loaded.snapshots[1:]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for step in loaded.steps:
+        assert_same_arrays(loaded.weights(step), ref.after[step])
+    # TensorBoard's own batch-level steps are among ours, in TensorBoard's own reader; every
+    # WeightWatch tag holds all of them, strictly increasing (none is lost by the loader).
+    tb_steps = _event_steps(run / "train", "batch_loss")
+    assert tb_steps == [2, 4, 6, 8, 10, 12, 14]
+    ww_steps = _event_steps(run / "weights", "base/kernel/l2_norm")
+    assert ww_steps == loaded.steps and set(tb_steps) <= set(ww_steps)
+
+
+def test_batch_freq_steps_continue_in_a_second_fit(tmp_path):
+    x, y = _data(n=24)  # 3 batches of 8 per epoch
+    model = _mlp()
+    cb = WeightWatch(tmp_path / "run", batch_freq=2)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+    assert load_run(tmp_path / "run").steps == [0, 2, 3, 4, 6]
+    ref = _BatchRecorder()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[ref, cb])
+    loaded = load_run(tmp_path / "run")
+    # The optimizer counted 6 batches: the second fit goes on from there.
+    assert loaded.steps == [0, 2, 3, 4, 6, 8, 9]
+    assert_same_arrays(loaded.weights(8), ref.after[2])
+    assert_same_arrays(loaded.weights(9), ref.after[3])

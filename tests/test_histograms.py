@@ -93,3 +93,23 @@ def test_blockwise_counts_equal_numpy_across_block_boundaries(monkeypatch, block
     counts, edges = np.histogram(finite, bins=17, range=(finite.min(), finite.max()))
     np.testing.assert_array_equal(got[:, 2], counts)
     np.testing.assert_allclose(got[:, 0], edges[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.integers(2, 300),
+               elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)),
+    st.integers(1, 40),
+)
+def test_float32_values_on_and_beside_every_edge_are_binned_as_numpy_does(x, bins):
+    # The edges rounded to float32 and their float32 neighbours: the values a float32-only
+    # binning could put in the wrong bucket.
+    lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        return
+    edges32 = np.linspace(lo, hi, bins + 1).astype(np.float32)
+    near = np.concatenate([edges32, np.nextafter(edges32, np.float32(np.inf)),
+                           np.nextafter(edges32, np.float32(-np.inf))])
+    values = np.concatenate([x, near[(near >= x.min()) & (near <= x.max())]])
+    counts, _ = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))
+    np.testing.assert_array_equal(histogram(values, bins)[:, 2], counts)

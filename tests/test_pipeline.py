@@ -43,6 +43,7 @@ from view_helpers import (
 
 from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
 from keras_weightwatch import summaries as summaries_mod
+from keras_weightwatch.capture import BufferPool
 from keras_weightwatch.pipeline import Pipeline
 from keras_weightwatch.run import storage as storage_mod
 from keras_weightwatch.views import ResponseView
@@ -491,3 +492,103 @@ def test_pipeline_with_a_fake_writer(tmp_path, fail_step):
     # The views go on without the run: the statistics of both snapshots are in the event file.
     assert sorted(_values(_acc(str(tmp_path / "run")), "base/kernel/l2_norm")) == [0, 1]
     assert pipeline.pool.created == 0
+
+
+# ------------------------------------------------------------------ host buffers
+
+
+class _RecordingPool(BufferPool):
+    """A pool that records, for each set it allocates, the thread and whether the training
+    thread was inside `on_epoch_end` at that moment."""
+
+    inside_epoch_end = threading.Event()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allocations: list[tuple[str, bool]] = []
+
+    def allocate(self, arrays):
+        self.allocations.append(
+            (threading.current_thread().name, _RecordingPool.inside_epoch_end.is_set()))
+        return super().allocate(arrays)
+
+
+class _PoolWatch(WeightWatch):
+    """WeightWatch whose pipeline uses `_RecordingPool` (through `pipeline_class`), noting the
+    sets that exist when each `on_epoch_end` begins."""
+
+    class pipeline_class(Pipeline):  # noqa: N801 - the seam's own name
+        pool_class = _RecordingPool
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sets_at_epoch_end: list[int] = []
+        self.pools: list[_RecordingPool] = []
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.pools.append(self.pipeline.pool)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.sets_at_epoch_end.append(self.pipeline.pool.created)
+        _RecordingPool.inside_epoch_end.set()
+        try:
+            super().on_epoch_end(epoch, logs)
+        finally:
+            _RecordingPool.inside_epoch_end.clear()
+
+
+@pytest.mark.parametrize("initial", [True, False])
+def test_the_second_buffer_set_is_made_by_the_worker_before_the_first_epoch_ends(
+        tmp_path, initial):
+    x, y = _mlp_data()
+    run = tmp_path / "run"
+    if not initial:  # a continued run takes no initial snapshot: the first set is made anyway
+        _mlp().fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[WeightWatch(run)])
+    cb = _PoolWatch(run)
+    _mlp().fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[cb])
+    (pool,) = cb.pools
+    # Both sets exist (the second made or being made) when the first epoch ends...
+    assert cb.sets_at_epoch_end == [2] * 5
+    # ...the first on the training thread at train begin, the second on the worker; none
+    # while an epoch end held the training thread.
+    assert pool.allocations == [("MainThread", False), ("weightwatch", False)]
+    assert load_run(run).verify().ok
+
+
+class _IdleAtEpochEnd(keras.callbacks.Callback):
+    """Waits at each epoch end until the worker wrote everything (the worker keeps up)."""
+
+    def __init__(self, cb):
+        super().__init__()
+        self.cb = cb
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.cb.pipeline is not None:
+            self.cb.pipeline.join()
+
+
+def test_update_ratios_read_the_previous_snapshot_from_memory_not_from_disk(tmp_path, recorder):
+    reads = []
+
+    class CountingPipeline(Pipeline):
+        def __init__(self, writer, plan, settings):
+            read = writer.read
+            writer.read = lambda rec: reads.append(rec) or read(rec)  # the run's one read
+            super().__init__(writer, plan, settings)
+
+    cb = WeightWatch(tmp_path / "run")
+    cb.pipeline_class = CountingPipeline
+    x, y = _mlp_data()
+    _mlp().fit(x, y, epochs=4, batch_size=8, verbose=0,
+               callbacks=[recorder, _IdleAtEpochEnd(cb), cb])
+    assert reads == []  # every previous snapshot was still in the pool
+    run = load_run(tmp_path / "run")
+    snaps = {-1: recorder.initial, **recorder.epochs}
+    for step in range(4):
+        for i, key in enumerate(["base/kernel", "base/bias", "head/kernel", "head/bias"]):
+            a, p = (s[i].astype(np.float64) for s in (snaps[step], snaps[step - 1]))
+            expected = np.linalg.norm(a - p) / np.linalg.norm(p) if p.any() else np.nan
+            got = run.snapshot(step).stats[key]["update_ratio"]
+            if np.isfinite(expected):
+                assert got == pytest.approx(expected, rel=1e-6)

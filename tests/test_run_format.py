@@ -119,7 +119,8 @@ def test_snapshot_file_names():
 @pytest.mark.parametrize("changes, message", [
     ({"step": True}, "step must be an integer. Received: step=True"),
     ({"step": 1.0}, "step must be an integer. Received: step=1.0"),
-    ({"label": "final"}, "label must be 'initial' or 'epoch'. Received: label='final'"),
+    ({"label": "final"},
+         "label must be 'initial', 'epoch' or 'batch'. Received: label='final'"),
     ({"epoch": "1"}, "epoch must be an integer or null. Received: epoch='1'"),
     ({"time": "now"}, "time must be a number. Received: time='now'"),
     ({"logs": {"loss": "1"}}, "logs must map names to numbers. Received: logs={'loss': '1'}"),

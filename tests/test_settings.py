@@ -28,6 +28,10 @@ from keras_weightwatch import WeightWatch
     ({"freq": 0}, ValueError, r"`freq` must be an integer >= 1\. Received: freq=0"),
     ({"freq": 1.5}, TypeError, r"`freq` must be an integer >= 1\. Received: freq=1\.5"),
     ({"freq": True}, TypeError, r"Received: freq=True"),
+    ({"batch_freq": 0}, ValueError, r"`batch_freq` must be an integer >= 1\. "
+                                    r"Received: batch_freq=0"),
+    ({"batch_freq": "10"}, TypeError, r"`batch_freq` must be an integer >= 1\. "
+                                      r"Received: batch_freq='10'"),
     ({"histograms": "yes"}, TypeError, r"`histograms` must be True or False\. "
                                        r"Received: histograms='yes'"),
     ({"kernel_images": None}, TypeError, r"Received: kernel_images=None"),

@@ -152,7 +152,8 @@ LIST = _kind("be a list", lambda v: isinstance(v, list))
 OBJECT = _kind("be an object", lambda v: isinstance(v, dict))
 SHAPE = Kind(f"must be a list of at most {MAX_RANK} sizes", _shape_problem)
 DTYPE = Kind("must be the name of a stored dtype", _dtype_problem)
-LABEL = _kind("be 'initial' or 'epoch'", lambda v: isinstance(v, str) and v in ("initial", "epoch"))
+LABELS = ("initial", "epoch", "batch")
+LABEL = _kind("be 'initial', 'epoch' or 'batch'", lambda v: isinstance(v, str) and v in LABELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,7 +495,8 @@ class SnapshotRecord:
     Attributes:
         step: TensorBoard step (epoch index; one less than the first epoch for the
             initial weights).
-        label: `"initial"` or `"epoch"`.
+        label: `"initial"`, `"epoch"`, or `"batch"` (taken inside an epoch, every
+            `batch_freq` training batches; its step counts batches).
         epoch: The epoch index Keras reported, or None for the initial weights.
         time: When the weights were captured (seconds since the Unix epoch).
         logs: The epoch's loss and metrics.

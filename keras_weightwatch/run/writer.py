@@ -92,8 +92,8 @@ def retained_steps(
     snapshots: Sequence[SnapshotRecord], keep_last: int, keep_every: int | None = None
 ) -> set[int]:
     """The steps a retention policy keeps: the initial snapshot, the last `keep_last`
-    epoch snapshots, and every epoch snapshot whose step is a multiple of `keep_every`."""
-    epochs = sorted(s.step for s in snapshots if s.label == "epoch")
+    epoch (or batch) snapshots, and every one whose step is a multiple of `keep_every`."""
+    epochs = sorted(s.step for s in snapshots if s.label != "initial")
     keep = {s.step for s in snapshots if s.label == "initial"}
     keep.update(epochs[-keep_last:] if keep_last > 0 else [])
     if keep_every:

@@ -213,7 +213,8 @@ class FeatureView(View):
         kernel = snapshot.arrays[self.key]
         weights = feature_weights(kernel)  # once per snapshot: the table and the scalars
         rows = top_k_features(kernel, self.names, self.top_k, self._data, weights=weights)
-        when = "initial weights" if snapshot.label == "initial" else f"epoch {snapshot.epoch}"
+        when = {"initial": "initial weights", "batch": f"during epoch {snapshot.epoch}"}.get(
+            snapshot.label, f"epoch {snapshot.epoch}")
         title = (
             f"Top {len(rows)} of {len(self.names)} input features of `{self.layer_name}` "
             f"by |weight| ({when}, step {snapshot.step})"

@@ -42,6 +42,13 @@ def test_bench_overhead_ratio_is_weightwatch_over_tensorboard():
     ww = number(r"WeightWatch\(every view\)\s+[\d.]+ s: adds\s+(-?[\d.]+) ms", out)
     ratio = number(r"RATIO WeightWatch added / TensorBoard added \(per epoch\): (-?[\d.]+)", out)
     assert ratio == pytest.approx(ww / tb, abs=2e-3)
+    # the cost measure: hooks' wall time + CPU of the threads each callback started
+    tb_cost = number(r"  tensorboard\s+([\d.]+) ms  \(hooks", out)
+    ww_cost = number(r"  weightwatch\s+([\d.]+) ms  \(hooks", out)
+    cost_ratio = number(r"RATIO cost per epoch, WeightWatch / TensorBoard: ([\d.]+)", out)
+    assert cost_ratio == pytest.approx(ww_cost / tb_cost, abs=2e-3)
+    assert re.search(r"  weightwatch .*threads started: [^\n]*\bweightwatch\b", out)
+    assert number(r"on_train_batch_end ([\d.]+) us per batch", out) > 0
     for hook in ("on_train_begin", "on_epoch_end", "on_train_end"):
         assert re.search(rf"  {hook}\s+[\d.]+ ms", out), hook
 
@@ -50,6 +57,7 @@ def test_bench_100m_hold_memory_and_disk_lines():
     out = run("bench_100m.py", "--width", "128", "--depth", "2", "--repeats", "1",
               "--steps", "2")
     assert number(r"RATIO on_epoch_end hold / get_weights\(\): ([\d.]+)", out) >= 0
+    assert number(r"RATIO worst on_epoch_end hold / warm memcpy: ([\d.]+)", out) > 0
     m = re.search(r"RATIO WeightWatch's extra memory / weight bytes: ([\d.]+)\s+\((\d+) MB / "
                   r"(\d+) MB", out)
     assert m

@@ -365,3 +365,55 @@ def test_lease_refuses_a_second_writer_until_it_expires(s3_server, bucket):
     assert held["owner"].startswith("pid 2") and held["expires"] > time.time()
     taken.release()
     assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="leased/")
+
+
+_TENSORBOARD_WITHOUT_TF = r"""
+import sys
+
+class HideTensorFlow:  # TensorBoard reads s3:// by its own boto3 file system only without TF
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, HideTensorFlow())
+from tensorboard import main
+sys.argv = ["tensorboard", "--logdir", sys.argv[1], "--host", "127.0.0.1", "--port", sys.argv[2],
+            "--load_fast=false", "--reload_interval=1"]
+main.run_main()
+"""
+
+
+def _get_json(url, timeout=2):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_tensorboard_without_tensorflow_serves_the_views_from_the_bucket(s3_server, bucket):
+    url = f"s3://{bucket}/tb/exp1"
+    _recorded_fit(url, epochs=2)
+    run = load_run(url)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), S3_ENDPOINT=s3_server)
+    proc = subprocess.Popen([sys.executable, "-c", _TENSORBOARD_WITHOUT_TF, url, str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/data/plugin/scalars"
+    tag = "head/kernel/l2_norm"
+    try:
+        deadline, points = time.monotonic() + 90, []
+        while time.monotonic() < deadline and len(points) < 3:
+            time.sleep(1)
+            try:
+                tags = _get_json(f"{base}/tags")
+                if tag in tags.get("weights", {}):
+                    points = _get_json(f"{base}/scalars?run=weights&tag={tag}")
+            except OSError:
+                continue
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert [p[1] for p in points] == [-1, 0, 1]
+    expected = [float(np.linalg.norm(run.weights(s)["head/kernel"])) for s in (-1, 0, 1)]
+    assert [p[2] for p in points] == pytest.approx(expected, rel=1e-5)

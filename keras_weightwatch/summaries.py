@@ -283,6 +283,8 @@ class EventWriter:
         name = (f"{self.logdir}/events.out.tfevents.{ms:013d}.{socket.gethostname()}."
                 f"{os.getpid()}.{self._count}{FILE_SUFFIX}")
         head = event_pb2.Event(wall_time=time.time(), file_version=FILE_VERSION)
+        if self._count == 0:
+            self._storage.makedirs(self.logdir)
         self._storage.write_atomic(
             name, [frame_record(head.SerializeToString()), *self._pending], True)
         self._pending, self._last_ms, self._count = [], ms, self._count + 1

@@ -112,3 +112,14 @@ def test_bench_spectral_ratios_and_agreement():
                             ww, ours, 0.01)
         for column in ("spectral_norm", "stable_rank", "log_norm", "alpha", "alpha_weighted"):
             assert number(rf"{column} ([\d.e+-]+)", section) < 1e-5, column
+
+
+def test_bench_object_storage_prints_both_places_and_their_ratio():
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    out = run("bench_object_storage.py", "--model", "dense", "--width", "64", "--depth", "2",
+              "--epochs", "2", "--repeats", "1")
+    local = number(r"local disk\s+worker\s+([\d.]+) ms/snapshot", out)
+    s3 = number(r"S3 \(moto\)\s+worker\s+([\d.]+) ms/snapshot", out)
+    ratio = number(r"RATIO S3 worker time / local disk worker time: ([\d.]+)", out)
+    assert ratio == pytest.approx(s3 / local, rel=0.05, abs=0.01)

@@ -228,6 +228,7 @@ class FlakyProxy:
         self.port = self.sock.getsockname()[1]
         self.is_down = False
         self.dropped = 0
+        self.first_drop = 0.0
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -239,6 +240,7 @@ class FlakyProxy:
                 return
             if self.is_down:
                 self.dropped += 1
+                self.first_drop = self.first_drop or time.monotonic()
                 client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target))
@@ -272,6 +274,15 @@ class FlakyProxy:
     def up(self):
         self.is_down = False
 
+    def up_after_refusing_for(self, seconds: float):
+        """Come back once connections were refused for `seconds` (longer than the client
+        library's own retries, so the writer's retries must carry the outage)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                self.first_drop and time.monotonic() - self.first_drop > seconds):
+            time.sleep(0.05)
+        self.up()
+
     def close(self):
         self.sock.close()
 
@@ -289,7 +300,7 @@ def test_endpoint_down_for_a_while_warns_once_and_resumes(s3_server, bucket):
             if epoch == 1:
                 proxy.down()
                 outage["start"] = time.monotonic()
-                threading.Timer(4.0, proxy.up).start()
+                threading.Thread(target=proxy.up_after_refusing_for, args=(10.0,)).start()
 
     keras.utils.set_random_seed(0)
     model = _mlp()

@@ -129,6 +129,14 @@ class WeightWatch(keras.callbacks.Callback):
             weights whose key or layer path one of them matches. Excluded
             weights are neither stored nor shown in any view. Defaults to
             None.
+        storage_options: For a `log_dir` that is an fsspec URL
+            (`s3://bucket/runs/exp1`, `gs://...`, `memory://...`; needs
+            `pip install 'keras-weightwatch[s3]'`), options of its file
+            system: credentials, `endpoint_url`, ... They are handed to
+            fsspec only, never written into the run, `get_config()` or a
+            message. Defaults to None: the protocol's own configuration (for
+            S3, the `AWS_*` environment variables, `AWS_ENDPOINT_URL` and the
+            `~/.aws` files).
 
     Example:
 
@@ -173,6 +181,7 @@ class WeightWatch(keras.callbacks.Callback):
         keep_every: int | None = S.keep_every,
         include: str | Sequence[str] | None = S.include,
         exclude: str | Sequence[str] | None = S.exclude,
+        storage_options: Mapping[str, Any] | None = S.storage_options,
     ):
         super().__init__()
         self.settings = Settings.create(
@@ -184,6 +193,7 @@ class WeightWatch(keras.callbacks.Callback):
             responses_dir=responses_dir, if_exists=if_exists, strict=strict, durable=durable,
             max_queue=max_queue, store_dtype=store_dtype, keep_last=keep_last,
             keep_every=keep_every, include=include, exclude=exclude,
+            storage_options=storage_options,
         )
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None
@@ -332,6 +342,8 @@ class WeightWatch(keras.callbacks.Callback):
 
     def _collect(self) -> None:
         if self.pipeline is not None:
+            for notice in self.pipeline.pop_notices():
+                warnings.warn(f"weightwatch: {notice}", WeightWatchWarning, stacklevel=3)
             for part, exc in self.pipeline.pop_failures():
                 self._report(part, exc)
 
@@ -350,6 +362,9 @@ class WeightWatch(keras.callbacks.Callback):
         pipeline, self.pipeline = self.pipeline, None
         self._pending_initial = None
         failures = [] if pipeline is None else pipeline.close()
+        notices = [] if pipeline is None else pipeline.pop_notices()
+        for notice in notices if report else []:
+            warnings.warn(f"weightwatch: {notice}", WeightWatchWarning, stacklevel=3)
         if report:
             for part, exc in failures:
                 self._report(part, exc)

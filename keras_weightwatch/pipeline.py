@@ -39,6 +39,7 @@ from .capture import (
 )
 from .errors import RunBusyError, WeightWatchError
 from .run import RunWriter, SnapshotRecord, TensorRecord, architecture_mismatch, is_run, load_run
+from .run.remote import FsspecStorage, is_url, open_storage
 from .settings import Settings
 from .stats import tensor_stats
 from .views import FeatureView, View, build_views
@@ -118,12 +119,19 @@ class Plan:
 # ------------------------------------------------------------------ the run directory
 
 
-def reserve_new_dir(path: str) -> str:
+def reserve_new_dir(path: str, settings: Settings | None = None) -> str:
     """`path-2` (or `-3`, ...): the first that did not exist, created here so that two
-    writers racing for a new run directory never get the same one."""
+    writers racing for a new run directory never get the same one. (At a URL the first
+    prefix holding nothing; there the run's lease settles a race.)"""
     n = 2
     while True:
         candidate = f"{path}-{n}"
+        if is_url(path):
+            options = settings.storage_options if settings is not None else None
+            if not open_storage(candidate, options).isdir():
+                return candidate
+            n += 1
+            continue
         try:
             os.mkdir(candidate)
             return candidate
@@ -136,14 +144,14 @@ def _run_dir(settings: Settings, previous: str | None) -> str:
     if previous is not None:
         return previous  # a later fit of this instance continues its own run
     path = settings.log_dir
-    if is_run(path):
+    if is_run(path, settings.storage_options):
         if settings.if_exists == "error":
             raise WeightWatchError(
                 f"{path}: already holds a run; pass if_exists='continue' to append to it "
                 "or if_exists='new' to start a new one beside it"
             )
         if settings.if_exists == "new":
-            path = reserve_new_dir(path)
+            path = reserve_new_dir(path, settings)
     return path
 
 
@@ -155,10 +163,14 @@ def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWrit
     run beside it (with the other choices `RunWriter.open` refuses it).
     """
     specs = plan.specs
-    if settings.if_exists == "new" and previous is not None and is_run(previous):
-        if architecture_mismatch(load_run(previous).specs, specs):
-            previous = None
-    run_dir = _run_dir(settings, previous)
+    options = settings.storage_options
+    try:
+        if settings.if_exists == "new" and previous is not None and is_run(previous, options):
+            if architecture_mismatch(load_run(previous, options).specs, specs):
+                previous = None
+        run_dir = _run_dir(settings, previous)
+    except OSError as e:
+        raise RunDirError(f"{settings.log_dir}: cannot open the run: {e}") from e
     try:
         while True:
             try:
@@ -166,13 +178,14 @@ def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWrit
                     run_dir, plan.info, settings=settings.header(plan.feature_key),
                     versions=versions(), durable=settings.durable,
                     store_dtype=settings.store_dtype, weights=specs,
+                    storage=open_storage(run_dir, options),
                 )
             except RunBusyError:
                 # Another writer took this directory first (it may not have written
                 # its header yet): with if_exists="new", start beside it instead.
                 if settings.if_exists != "new" or previous is not None:
                     raise
-                run_dir = reserve_new_dir(settings.log_dir)
+                run_dir = reserve_new_dir(settings.log_dir, settings)
     except OSError as e:
         raise RunDirError(f"{run_dir}: cannot create the run directory: {e}") from e
 
@@ -202,6 +215,11 @@ class Pipeline:
     def __init__(self, writer: RunWriter, plan: Plan, settings: Settings):
         self.writer: RunWriter | None = writer
         self.run_dir = writer.path
+        self.storage = getattr(writer, "storage", None)
+        self._notices: list[str] = []
+        self._store_down = False
+        if isinstance(self.storage, FsspecStorage):
+            self.storage.on_trouble = self._trouble
         self.last_step = writer.last_step
         """The step of the last snapshot submitted, else the run's last step (None: none)."""
         self.needs_initial = not writer.has_initial() and writer.last_step is None
@@ -249,6 +267,22 @@ class Pipeline:
             if view in self._views:
                 self._views.remove(view)
         self._fail(f"the {view.name} view", exc)
+
+    def _trouble(self, message: str | None) -> None:
+        """The store failed and is being retried (a message), or works again (None)."""
+        with self._lock:
+            if message is not None and not self._store_down:
+                self._notices.append(
+                    f"{message}; training goes on and snapshots resume when it is back")
+            elif message is None and self._store_down:
+                self._notices.append(f"{self.run_dir}: the store is reachable again")
+            self._store_down = message is not None
+
+    def pop_notices(self) -> list[str]:
+        """What the callback should tell once (a store that is down, then back)."""
+        with self._lock:
+            out, self._notices = self._notices, []
+        return out
 
     def pop_failures(self) -> list[Failure]:
         """What failed since the last call: the parts that stopped, then the worker's errors."""
@@ -299,11 +333,23 @@ class Pipeline:
             payloads = {} if model is None else self._payloads(model)
             if self._worker is None:
                 raise WeightWatchError("weightwatch is not watching a fit")
-            self._worker.submit((snapshot, payloads, buffers))
+            job = (snapshot, payloads, buffers)
+            if self._store_down and not self._worker.offer(job):
+                self._skip(snapshot, buffers)
+            elif not self._store_down:
+                self._worker.submit(job)
         except BaseException:
             self.pool.release(buffers)
             raise
         self.last_step = snapshot.step
+
+    def _skip(self, snapshot: Snapshot, buffers: list[np.ndarray]) -> None:
+        """The store is down and the queue full: training goes on without this snapshot."""
+        self.pool.release(buffers)
+        with self._lock:
+            self._notices.append(
+                f"{self.run_dir}: snapshot at step {snapshot.step} skipped: the store is "
+                "unreachable and the queue of snapshots waiting for it is full")
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
                 logs: Mapping[str, Any], label: str = "epoch") -> None:
@@ -421,7 +467,11 @@ class Pipeline:
         if self.events is None:
             from .summaries import EventWriter
 
-            self.events = _GuardedEvents(EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR)))
+            if isinstance(self.storage, FsspecStorage):  # objects cannot be appended to
+                writer = EventWriter(EVENTS_SUBDIR, storage=self.storage)
+            else:
+                writer = EventWriter(os.path.join(self.run_dir, EVENTS_SUBDIR))
+            self.events = _GuardedEvents(writer)
         return self.events
 
     def _write_views(self, snapshot: Snapshot, stats: Mapping[str, Mapping[str, float]],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,8 @@ from .errors import received
 IF_EXISTS = ("continue", "new", "error")
 RESPONSE_MODES = ("kernel", "activation")
 STORE_DTYPES = ("float16", "bfloat16")
+SECRET_OPTIONS = frozenset({"storage_options"})
+"""Options never recorded (`to_config`, the run header): they may hold credentials."""
 
 Check = Callable[[str, Any], Any]
 
@@ -125,12 +127,18 @@ def patterns(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 def check_log_dir(name: str, value: Any) -> str:
-    """A directory that exists or can be created, and can be written."""
+    """A directory that exists or can be created, and can be written; or an fsspec URL
+    (`s3://bucket/runs/exp1`), checked when the run is opened at train begin."""
+    from .run.remote import is_url, local_path
+
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"`{name}` must be a path (str or os.PathLike). {received(name, value)}")
     path = os.fspath(value)
     if not path:
         raise ValueError(f"`{name}` must not be empty. {received(name, value)}")
+    if is_url(path):
+        return path.rstrip("/")
+    path = local_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
             f"`{name}` must be a directory (or not exist yet), but it is a file. "
@@ -148,6 +156,18 @@ def check_log_dir(name: str, value: Any) -> str:
             f"{received(name, value)}"
         )
     return str(path)
+
+
+def check_storage_options(name: str, value: Any) -> dict[str, Any] | None:
+    """None or a mapping with string keys (its values are never shown: they may be secrets)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(
+            f"`{name}` must be a dict of fsspec options with string keys. "
+            f"Received: {name} of type {type(value).__name__}"
+        )
+    return dict(value)
 
 
 def _numeric(name: str, arr: np.ndarray, what: str) -> None:
@@ -225,11 +245,18 @@ class Settings:
     keep_every: int | None = _option(None, optional_int)
     include: tuple[str, ...] | None = _option(None, patterns)
     exclude: tuple[str, ...] | None = _option(None, patterns)
+    storage_options: dict[str, Any] | None = _option(
+        None, check_storage_options, compare=False, repr=False)
+    """Handed to fsspec only: never in `get_config()`, the run header, or a message."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             checked = f.metadata["check"](f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, checked)
+        from .run.remote import filesystem, is_url
+
+        if is_url(self.log_dir):
+            filesystem(self.log_dir, self.storage_options)  # the missing extra, named now
         if self.keep_every is not None and self.keep_last is None:
             raise ValueError(
                 "`keep_every` needs `keep_last` (how many of the latest snapshots to keep "
@@ -261,6 +288,8 @@ class Settings:
         """The options as JSON values: lists for sequences, the shape of each array."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.name in SECRET_OPTIONS:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
                 value = list(value.shape)

@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -212,7 +212,7 @@ def _own_files(logdir: str) -> list[str]:
 
 
 class EventWriter:
-    """Writes TensorBoard events to one event file in `logdir`.
+    """Writes TensorBoard events to one event file in `logdir`, or to objects of a store.
 
     The file is created on the first write. When `logdir` already holds an
     event file of this package (from an earlier `fit` of the same run), new
@@ -220,8 +220,16 @@ class EventWriter:
     cutting off a record that an interrupted write left incomplete; so one run
     has one event file however many times it is fitted.
 
+    An object store cannot append: with `storage` (a `run.Storage`), `logdir`
+    is a name inside it and each `flush` writes the events since the last one
+    as a new whole object (one per snapshot), named
+    `events.out.tfevents.<milliseconds>.<host>.<pid>.<n>.weightwatch` with
+    strictly increasing milliseconds, so TensorBoard, which reads the event
+    files of a directory in name order, reads them in the order written.
+
     Args:
         logdir: The directory for the event file (created when needed).
+        storage: Write objects into this storage instead. Defaults to None.
 
     Example:
 
@@ -231,11 +239,15 @@ class EventWriter:
     ```
     """
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, *, storage: Any = None):
         self.logdir = os.fspath(logdir)
         self.path: str | None = None
         self._file: BinaryIO | None = None
         self._closed = False
+        self._storage = storage
+        self._pending: list[bytes] = []
+        self._last_ms = 0
+        self._count = 0
 
     def _open(self) -> BinaryIO:
         if self._closed:
@@ -265,6 +277,19 @@ class EventWriter:
                 f.write(frame_record(ev.SerializeToString()))
         return self._file
 
+    def _put_object(self) -> None:
+        """Write the pending events as one new object, named after everything before it."""
+        ms = max(self._last_ms + 1, time.time_ns() // 1_000_000)
+        name = (f"{self.logdir}/events.out.tfevents.{ms:013d}.{socket.gethostname()}."
+                f"{os.getpid()}.{self._count}{FILE_SUFFIX}")
+        head = event_pb2.Event(wall_time=time.time(), file_version=FILE_VERSION)
+        if self._count == 0:
+            self._storage.makedirs(self.logdir)
+        self._storage.write_atomic(
+            name, [frame_record(head.SerializeToString()), *self._pending], True)
+        self._pending, self._last_ms, self._count = [], ms, self._count + 1
+        self.path = self._storage.where(name)
+
     def write(
         self,
         step: int,
@@ -286,15 +311,26 @@ class EventWriter:
             step=int(step),
             summary=summary_pb2.Summary(value=values),
         )
-        self._open().write(frame_record(ev.SerializeToString()))
+        record = frame_record(ev.SerializeToString())
+        if self._storage is None:
+            self._open().write(record)
+        elif self._closed:
+            raise ValueError(f"the event writer for {self.logdir} is closed")
+        else:
+            self._pending.append(record)
 
     def flush(self) -> None:
-        """Hand written events to the operating system, where TensorBoard can read them."""
+        """Hand written events to the operating system (or the store), where TensorBoard
+        can read them."""
         if self._file is not None:
             self._file.flush()
+        if self._pending:
+            self._put_object()
 
     def close(self) -> None:
         """Flush and close the file. Safe to call more than once."""
+        if self._pending and not self._closed:
+            self._put_object()
         self._closed = True
         f, self._file = self._file, None
         if f is not None:

@@ -58,6 +58,16 @@ class Worker:
             except queue.Full:
                 continue
 
+    def offer(self, job: Any) -> bool:
+        """Queue a job if there is room now; False (nothing queued) when the queue is full."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the weightwatch worker thread has stopped")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
     def join(self) -> None:
         """Wait until every job submitted so far is handled."""
         self._queue.join()

@@ -271,3 +271,155 @@ def test_run_lock_refuses_a_writer_while_held(tmp_path):
         lock.release()
     RunWriter.open(run, _info(), settings={}, versions={}).close()
     assert load_run(run).steps == []
+
+
+# --------------------------------------------------------------------------- fsspec URLs
+
+
+fsspec = pytest.importorskip("fsspec")
+
+
+@pytest.fixture
+def memfs():
+    fs = fsspec.filesystem("memory")
+    root = f"/ww-{os.getpid()}-{id(fs)}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_open_storage_picks_local_for_paths_and_fsspec_for_urls(tmp_path):
+    from keras_weightwatch.run.remote import FsspecStorage, is_url, open_storage
+
+    assert isinstance(open_storage(str(tmp_path)), LocalStorage)
+    assert open_storage(f"file://{tmp_path}").root == str(tmp_path)
+    assert isinstance(open_storage("memory://x/run"), FsspecStorage)
+    assert [is_url(p) for p in ("s3://b/r", "gs://b/r", "memory://r", "runs/s3", "file:///r",
+                                "C:\\runs")] == [True, True, True, False, False, False]
+
+
+def test_a_url_log_dir_is_kept_as_a_url_and_creates_nothing_locally(tmp_path, monkeypatch):
+    from keras_weightwatch.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    assert Settings(log_dir="s3://bucket/runs/exp1/").log_dir == "s3://bucket/runs/exp1"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_url_without_fsspec_names_the_extra_to_install(monkeypatch):
+    import sys
+
+    from keras_weightwatch.settings import Settings
+
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    with pytest.raises(ImportError, match=r"pip install 'keras-weightwatch\[s3\]'"):
+        Settings(log_dir="s3://bucket/run")
+
+
+def test_a_run_written_and_read_through_memory_urls(memfs):
+    from keras_weightwatch.run.remote import FsspecStorage
+
+    fs, root = memfs
+    url = f"memory://{root}/run"
+    storage = FsspecStorage(url)
+    spec = WeightSpec("d/kernel", "m/d/kernel", "d", (3, 2), "float32", True)
+    info = ModelInfo("m", "Sequential", (), (spec,))
+    writer = RunWriter.open(url, info, settings={}, versions={}, storage=storage)
+    assert fs.exists(f"{root}/run/.weightwatch.lock")
+    arr = np.arange(6, dtype="float32").reshape(3, 2)
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays={"d/kernel": arr}, logs={"loss": 1.0})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    assert not fs.exists(f"{root}/run/.weightwatch.lock")  # the lease is given back
+    run = load_run(url)
+    got = run.weights(0)["d/kernel"]
+    assert np.array_equal(got, arr) and not got.flags.writeable
+    assert run.verify().ok and is_run(url)
+    tensor = next(p for p in fs.find(f"{root}/run/tensors"))
+    fs.pipe_file(tensor, fs.cat_file(tensor)[:-4] + b"\0\0\0\1")
+    assert not load_run(url).verify().ok  # a fresh reader re-reads the damaged object
+
+
+class _FlakyFS:
+    """An fsspec-like file system whose `cat_file` fails with `errors` first."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def cat_file(self, path):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return b"{}"
+
+
+def _flaky_storage(errors, total=5.0):
+    from keras_weightwatch.run.remote import FsspecStorage, RetryPolicy
+
+    storage = FsspecStorage("memory://flaky/run", {"secret": "hunter2-XYZ"},
+                            retry=RetryPolicy(total=total, first=0.01, cap=0.02))
+    storage.fs = _FlakyFS(errors)
+    seen = []
+    storage.on_trouble = seen.append
+    return storage, seen
+
+
+def test_transient_errors_are_retried_and_reported_once_then_cleared():
+    storage, seen = _flaky_storage([ConnectionError("refused"), TimeoutError("slow"),
+                                    OSError("503 Slow Down")])
+    assert storage.read_bytes("weightwatch.json") == b"{}"
+    assert storage.fs.calls == 4
+    assert len(seen) == 2 and "retrying" in seen[0] and "ConnectionError" in seen[0]
+    assert seen[1] is None
+
+
+def test_permanent_errors_raise_at_once_with_the_url_and_no_secret():
+    storage, seen = _flaky_storage([PermissionError("Access Denied for hunter2-XYZ")])
+    with pytest.raises(PermissionError) as caught:
+        storage.read_bytes("weightwatch.json")
+    assert storage.fs.calls == 1 and seen == []
+    assert "memory://flaky/run" in str(caught.value) and "hunter2-XYZ" not in str(caught.value)
+
+
+def test_an_outage_longer_than_the_retry_time_raises():
+    storage, _ = _flaky_storage([ConnectionError("down")] * 1000, total=0.1)
+    with pytest.raises(OSError, match="down"):
+        storage.read_bytes("x")
+    assert 2 <= storage.fs.calls < 1000
+
+
+def test_the_lease_refuses_a_second_writer_and_is_taken_over_once_expired(memfs):
+    import json
+    import time
+
+    from keras_weightwatch.run.remote import FsspecStorage
+
+    fs, root = memfs
+    url = f"memory://{root}/run"
+    lease = FsspecStorage(url).lock(".weightwatch.lock", "pid 1")
+    with pytest.raises(LockHeld, match="pid 1"):
+        FsspecStorage(url).lock(".weightwatch.lock", "pid 2")
+    with pytest.raises(RunBusyError, match="pid 1"):
+        RunLock(FsspecStorage(url)).acquire()
+    lease._stop.set()
+    fs.pipe_file(f"{root}/run/.weightwatch.lock",
+                 json.dumps({"owner": "pid 1", "expires": time.time() - 60}).encode())
+    taken = FsspecStorage(url).lock(".weightwatch.lock", "pid 3")
+    held = json.loads(fs.cat_file(f"{root}/run/.weightwatch.lock"))
+    assert held["owner"].startswith("pid 3") and held["expires"] > time.time()
+    taken.release()
+
+
+def test_a_writer_whose_lease_lapsed_commits_no_snapshot(memfs):
+    from keras_weightwatch.run.remote import FsspecStorage
+
+    fs, root = memfs
+    storage = FsspecStorage(f"memory://{root}/run")
+    lease = storage.lock(".weightwatch.lock", "pid 1")
+    lease._stop.set()
+    lease.renewed -= storage.lease_ttl  # no renewal for a whole time to live
+    storage.write_atomic("tensors/a.npy", [b"x"], True)  # tensors may still be written
+    with pytest.raises(OSError, match="lease"):
+        storage.write_atomic("snapshots/epoch_000000.json", [b"{}"], True)
+    assert not fs.exists(f"{root}/run/snapshots/epoch_000000.json")

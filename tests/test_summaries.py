@@ -146,3 +146,27 @@ def test_writing_does_not_import_tensorflow(tmp_path):
         "assert 'keras' not in sys.modules, 'keras imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_event_writer_into_a_store_writes_one_whole_object_per_flush_in_name_order(tmp_path):
+    """Object stores cannot append: each flush is a new object, and the objects' names sort
+    in the order they were written, which is the order TensorBoard reads them in."""
+    from keras_weightwatch.run import LocalStorage
+
+    storage = LocalStorage(tmp_path)  # any Storage: the writer only calls write_atomic
+    w = EventWriter("weights", storage=storage)
+    for step in range(5):
+        w.write(step, [summaries.scalar("loss", float(10 - step))])
+        w.flush()
+    w.write(5, [summaries.scalar("loss", 5.0)])
+    w.close()  # the pending event goes out with close
+    names = os.listdir(tmp_path / "weights")
+    assert len(names) == 6 and all(n.startswith("events.out.tfevents.") for n in names)
+    order = [int(n.split(".")[-2]) for n in sorted(names)]  # the writer's own counter
+    assert order == list(range(6))
+    acc = pea.EventAccumulator(str(tmp_path / "weights"), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    got = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("loss")]
+    assert got == [(s, float(10 - s)) for s in range(6)]
+    with pytest.raises(ValueError, match="closed"):
+        w.write(6, [summaries.scalar("loss", 0.0)])

@@ -463,14 +463,23 @@ def open_run(storage: Storage, *, use_index: bool = True) -> Run:
     return Run(storage.path, header, read_snapshots(storage, specs, use_index=use_index), storage)
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
+def load_run(path: str | os.PathLike[str],
+             storage_options: Mapping[str, Any] | None = None) -> Run:
     """Open a run directory written by `WeightWatch`.
 
     Only complete snapshots are listed: a snapshot whose writing was
     interrupted is invisible. Nothing is unpickled, ever.
 
     Args:
-        path: The run directory (the callback's `log_dir`).
+        path: The run directory (the callback's `log_dir`): a local path or
+            an fsspec URL such as `s3://bucket/runs/exp1` (needs
+            `pip install 'keras-weightwatch[s3]'`). A run in an object store
+            is read lazily: opening it reads its header and snapshot records,
+            each tensor object is fetched when it is read.
+        storage_options: For a URL, options of its fsspec file system
+            (credentials, `endpoint_url`, ...); never stored or shown.
+            Defaults to None (the protocol's own configuration: for S3 the
+            `AWS_*` environment variables and `~/.aws` files).
 
     Returns:
         A `Run`.
@@ -485,13 +494,17 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     >>> run.weights("initial")        # doctest: +SKIP
     {'dense/kernel': memmap(...), 'dense/bias': memmap(...)}
     """
-    return open_run(LocalStorage(path))
+    from .remote import open_storage
+
+    return open_run(open_storage(path, storage_options))
 
 
-def is_run(path: str | os.PathLike[str] | Storage) -> bool:
-    """True when `path` (a directory, or a storage) holds a run header."""
-    storage = LocalStorage(path) if isinstance(path, (str, os.PathLike)) else path
-    return storage.isfile(HEADER_FILE)
+def is_run(path: str | os.PathLike[str] | Storage,
+           storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when `path` (a directory, a URL, or a storage) holds a run header."""
+    from .remote import open_storage
+
+    return open_storage(path, storage_options).isfile(HEADER_FILE)
 
 
 def _verify(run: Run) -> VerifyReport:
@@ -509,7 +522,8 @@ def _verify(run: Run) -> VerifyReport:
     )
 
 
-def verify_run(path: str | os.PathLike[str]) -> VerifyReport:
+def verify_run(path: str | os.PathLike[str],
+               storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Re-check every checksum of a run; see `Run.verify`.
 
     Raises `WeightWatchError` only when the run cannot be opened at all; each
@@ -522,4 +536,6 @@ def verify_run(path: str | os.PathLike[str]) -> VerifyReport:
     >>> report.ok, report.snapshots, report.files, report.problems
     (True, 21, 84, ())
     """
-    return _verify(open_run(LocalStorage(path), use_index=False))
+    from .remote import open_storage
+
+    return _verify(open_run(open_storage(path, storage_options), use_index=False))

@@ -149,3 +149,14 @@ def test_bench_growth_table_grows_with_parameters():
                                 for p, b, x in rows]
     # every tensor changes: a snapshot stores at least the weights' 4 bytes per parameter
     assert b1 >= 4 * p1 and b2 >= 4 * p2
+
+
+def test_bench_object_storage_prints_both_places_and_their_ratio():
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    out = run("bench_object_storage.py", "--model", "dense", "--width", "64", "--depth", "2",
+              "--epochs", "2", "--repeats", "1")
+    local = number(r"local disk\s+worker\s+([\d.]+) ms/snapshot", out)
+    s3 = number(r"S3 \(moto\)\s+worker\s+([\d.]+) ms/snapshot", out)
+    ratio = number(r"RATIO S3 worker time / local disk worker time: ([\d.]+)", out)
+    assert ratio == pytest.approx(s3 / local, rel=0.05, abs=0.01)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import keras
 from .capture import Snapshot
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning
-from .pipeline import Pipeline, Plan, RunDirError
+from .pipeline import Diverged, Pipeline, Plan, RunDirError, diverged_run, start_beside
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
@@ -38,9 +39,15 @@ class WeightWatch(keras.callbacks.Callback):
 
     Steps follow `keras.callbacks.TensorBoard`: the snapshot taken after the
     epoch with index `e` (0 for the first) has step `e`; the initial weights
-    have the step before the first epoch (-1 for a fresh `fit`). A second
-    `fit` with the same run continues it: its steps carry on after the run's
-    last step unless `initial_epoch` already does.
+    have the step before the first epoch (-1 for a fresh `fit`). A `fit`
+    that resumes a run continues it: its steps carry on after the run's last
+    step unless `initial_epoch` already does. A fit resumes a run when it
+    starts where the run left off: from the weights of the run's last snapshot
+    (a second `fit` of the same model, a restored checkpoint), at
+    `fit(initial_epoch=k)` with k > 0, or with the same model as this
+    callback's previous fit. Any other fit at `initial_epoch=0` (the same
+    script run again, a new model of the same architecture) is a new
+    training and never mixes into the run (see `if_exists`).
 
     It works on every Keras backend (TensorFlow is never imported on JAX or
     PyTorch). In a multi-process run only one process writes (the chief of a
@@ -79,9 +86,13 @@ class WeightWatch(keras.callbacks.Callback):
         responses_dir: Also write the response grids as PNG files here.
             Defaults to None.
         if_exists: What to do when `log_dir` already holds a run:
-            `"continue"` appends to it (it must come from a model of the same
-            architecture), `"new"` starts a new run in `log_dir-2` (or `-3`,
-            ...), `"error"` raises. Defaults to `"continue"`.
+            `"continue"` appends to it when the fit resumes it (a model of the
+            same architecture, starting from the run's last snapshot or at
+            `initial_epoch` > 0); a new training at `initial_epoch=0` goes to
+            a new run in `log_dir-2` (or `-3`, ...) with one
+            `WeightWatchWarning` naming both directories. `"new"` always
+            starts a new run in `log_dir-2` (or `-3`, ...), `"error"` raises.
+            Defaults to `"continue"`.
         strict: Raise `WeightWatchError` when writing fails, instead of
             warning once and letting training go on. Defaults to False.
         durable: fsync every file before it becomes part of the run, so that
@@ -171,6 +182,8 @@ class WeightWatch(keras.callbacks.Callback):
         self.pipeline: Pipeline | None = None  # the fit in progress; None between fits
         self._pending_initial: Snapshot | None = None
         self._offset: int | None = None
+        self._undecided: tuple[Plan, Diverged] | None = None
+        self._watched: weakref.ref[Any] | None = None  # the model of the last fit that opened a run
 
     def __getattr__(self, name: str) -> Any:
         # The options stay readable as attributes (`cb.freq`), as in earlier releases.
@@ -189,21 +202,58 @@ class WeightWatch(keras.callbacks.Callback):
             self._shutdown(report=False)
         self._pending_initial = None
         self._offset = None
+        self._undecided = None
         plan = Plan.make(self.model, self.settings)  # bad arguments raise here, before any epoch
         if not is_writer(self.model):
             return  # another process of a distributed run writes; this one stays inactive
+        # The model this callback watched in its last fit continues its run whatever its
+        # weights (EarlyStopping may have restored its best ones); any other model only
+        # when it starts from the run's last snapshot or at initial_epoch > 0.
+        if self.run_dir is None or self._watched is None or self._watched() is not self.model:
+            diverged = diverged_run(plan, self.settings, self.run_dir, self.model)
+            if diverged is not None:
+                self._undecided = (plan, diverged)  # the first epoch's index decides
+                return
+        self._open(plan, self.run_dir)
+
+    def _open(self, plan: Plan, run_dir: str | None) -> None:
+        """Open the fit's pipeline on `run_dir` (None: by `if_exists`); take the initial weights."""
         try:
-            pipeline = self.pipeline_class.open(plan, self.settings, self.run_dir)
+            pipeline = self.pipeline_class.open(plan, self.settings, run_dir)
         except RunDirError as e:
             if self.settings.strict:
                 raise
             self._report("snapshots", e)  # a disk or permission fault: training goes on
             return
         self.pipeline, self.run_dir = pipeline, pipeline.run_dir
+        self._watched = weakref.ref(self.model)
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
 
+    def _decide(self, epoch: int) -> None:
+        """At the first epoch of a fit whose weights are not the run's last snapshot: resume
+        the run at `initial_epoch > 0`, else start a new run beside it."""
+        if self._undecided is None:
+            return
+        (plan, diverged), self._undecided = self._undecided, None
+        if epoch > 0:
+            self._open(plan, diverged.run_dir)
+            return
+        beside = start_beside(self.settings, diverged.run_dir)
+        if self.settings.if_exists == "continue":
+            warnings.warn(
+                f"weightwatch: {diverged.run_dir} holds a run whose last snapshot (step "
+                f"{diverged.last_step}) is not this model's weights, and fit starts at epoch 0, "
+                f"so this is a new training: it is written to {beside}, beside it. To continue "
+                f"{diverged.run_dir} instead, start from its last weights or pass "
+                f"fit(initial_epoch={diverged.last_step + 1}).",
+                WeightWatchWarning,
+                stacklevel=3,
+            )
+        self._open(plan, beside)
+
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._decide(epoch)
         pipeline = self.pipeline
         if pipeline is None or self._offset is not None:
             return
@@ -227,6 +277,7 @@ class WeightWatch(keras.callbacks.Callback):
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch, logs=logs or {}))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._undecided = None  # a fit that ran no epoch leaves a run it did not continue as it was
         pipeline = self.pipeline
         if pipeline is None:
             return
@@ -276,6 +327,7 @@ class WeightWatch(keras.callbacks.Callback):
         """Drain the worker, close files, release the run's lock; then report what failed."""
         pipeline, self.pipeline = self.pipeline, None
         self._pending_initial = None
+        self._undecided = None
         failures = [] if pipeline is None else pipeline.close()
         if report:
             for part, exc in failures:

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,6 +128,13 @@ def _host_view(variable: Any) -> np.ndarray:
         pass  # e.g. torch bfloat16, which numpy cannot view: take the documented path
     arr = variable.numpy()
     return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+
+
+def host_views(variables: Sequence[Any]) -> Iterator[np.ndarray]:
+    """Each variable's value in host memory, one at a time, without a copy where the
+    backend allows it (see `_host_view`): valid only until training goes on."""
+    for variable in variables:
+        yield _host_view(variable)
 
 
 class BufferPool:

@@ -19,12 +19,13 @@ expected and what was received. Nothing here touches a file: `reader` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -614,6 +615,42 @@ def storage_array(
             f"{sorted(STORED_DTYPES)}"
         )
     return arr, dtype_name, False
+
+
+class Encoded(NamedTuple):
+    """A tensor as its `.npy` file holds it: the file's bytes and their SHA-256."""
+
+    header: bytes
+    data: memoryview
+    sha256: str
+    stored_dtype: str
+    lossy: bool
+
+
+def encode_tensor(arr: np.ndarray, dtype_name: str, store_dtype: str | None = None) -> Encoded:
+    """The bytes of a tensor's `.npy` file (header, then data in C order) and their SHA-256,
+    which is also the file's name: the one encoding every tensor file of a run has."""
+    stored, stored_dtype, lossy = storage_array(arr, dtype_name, store_dtype)
+    # The bytes are written in C order, so the header must say so too. (Not
+    # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
+    stored = np.require(stored, requirements="C")
+    header = npy_header(stored)
+    data = raw_bytes(stored)
+    h = hashlib.sha256(header)
+    h.update(data)
+    return Encoded(header, data, h.hexdigest(), stored_dtype, lossy)
+
+
+def holds(rec: TensorRecord, arr: np.ndarray) -> bool:
+    """Whether the tensor file of `rec` holds exactly `arr`, as it would be stored now
+    (checked by its SHA-256, without reading the file)."""
+    if tuple(arr.shape) != rec.shape:
+        return False
+    store_dtype = rec.stored_dtype if rec.lossy else None
+    try:
+        return encode_tensor(arr, rec.dtype, store_dtype).sha256 == rec.sha256
+    except (WeightWatchError, TypeError, ValueError):
+        return False
 
 
 def from_storage(arr: np.ndarray, rec: TensorRecord) -> np.ndarray:

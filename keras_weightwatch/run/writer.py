@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,11 +34,9 @@ from .format import (
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
+    encode_tensor,
     json_bytes,
-    npy_header,
-    raw_bytes,
     snapshot_file_name,
-    storage_array,
 )
 from .reader import is_run, open_run, read_tensor
 from .storage import LocalStorage, LockHandle, LockHeld, Storage
@@ -243,25 +240,17 @@ class RunWriter:
 
     def _encode(self, arr: np.ndarray, spec: WeightSpec) -> tuple[TensorRecord, list[Any]]:
         """A tensor's record and the bytes of its .npy file (header, then data)."""
-        stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
-        # The bytes are written in C order, so the header must say so too. (Not
-        # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
-        stored = np.require(stored, requirements="C")
-        header = npy_header(stored)
-        data = raw_bytes(stored)
-        h = hashlib.sha256(header)
-        h.update(data)
-        sha = h.hexdigest()
+        enc = encode_tensor(arr, spec.dtype, self.store_dtype)
         rec = TensorRecord(
-            file=f"{TENSOR_DIR}/{sha}.npy",
-            sha256=sha,
+            file=f"{TENSOR_DIR}/{enc.sha256}.npy",
+            sha256=enc.sha256,
             shape=tuple(arr.shape),
             dtype=spec.dtype,
-            stored_dtype=stored_dtype,
-            lossy=lossy,
-            bytes=len(header) + data.nbytes,
+            stored_dtype=enc.stored_dtype,
+            lossy=enc.lossy,
+            bytes=len(enc.header) + enc.data.nbytes,
         )
-        return rec, [header, data]
+        return rec, [enc.header, enc.data]
 
     def commit_snapshot(
         self,

@@ -64,27 +64,37 @@ class WeightWatch(keras.callbacks.Callback):
         histograms: Write a histogram of every weight tensor. Defaults to True.
         kernel_images: Draw the kernels of convolution layers as image grids.
             Defaults to True.
-        max_kernel_tiles: The most tiles one kernel grid holds. Defaults to 256.
+        max_kernel_tiles: The most tiles one kernel grid (or response grid)
+            holds; needs `kernel_images` or `sample_images`. Defaults to 256.
         feature_names: Names of the model's input features, for the top-k
             feature table and one scalar per feature (`features/<layer>/<name>`;
             for a layer with more than 100 input features, only the features
             in each snapshot's table get a scalar, see
-            `views.MAX_FEATURE_SCALARS`). Defaults to None (no table).
-        top_k: How many features the table lists. Defaults to 5.
+            `views.MAX_FEATURE_SCALARS`). `feature_layer` or `feature_data`
+            alone also turn the table on, with names `feature_0`, ....
+            Defaults to None (no table).
+        top_k: How many features the table lists; needs `feature_names`,
+            `feature_layer` or `feature_data`. Defaults to 5.
         feature_layer: The name of the Dense layer whose kernel is read for the
             table. Defaults to None: the first Dense layer fed by the input.
         feature_data: A sample of inputs, shape (n, features): flags features
             whose correlation with another is 0.9 or more and gives
             standardized weights. Defaults to None.
         sample_images: Images (N, H, W, C in the model's input layout) to
-            convolve with the kernels of the first conv layer. Defaults to None.
+            convolve with the kernels of the first Conv2D layer at the model's
+            top level (a model without one is refused). In `"kernel"` mode the
+            images must fit that layer's own input: a model with several
+            inputs works when the layer is fed directly by one of them.
+            Defaults to None.
         response_mode: `"kernel"` (each kernel's plain cross-correlation with
             the image, no bias or activation) or `"activation"` (the layer's
-            output). Defaults to `"kernel"`.
-        response_layers: Names of the conv layers whose responses are drawn.
-            Defaults to None: the first conv layer.
-        responses_dir: Also write the response grids as PNG files here.
-            Defaults to None.
+            output, computed by running the model on the images: it needs a
+            model with exactly one input). Needs `sample_images`. Defaults to
+            `"kernel"`.
+        response_layers: Names of the Conv2D layers whose responses are
+            drawn; needs `sample_images`. Defaults to None: the first one.
+        responses_dir: Also write the response grids as PNG files here;
+            needs `sample_images`. Defaults to None.
         if_exists: What to do when `log_dir` already holds a run:
             `"continue"` appends to it when the fit resumes it (a model of the
             same architecture, starting from the run's last snapshot or at
@@ -114,8 +124,8 @@ class WeightWatch(keras.callbacks.Callback):
             initial one and those `keep_every` keeps), deleting older ones
             and the tensor files no remaining snapshot needs. Defaults to
             None (keep every snapshot).
-        keep_every: With `keep_last`, also keep every snapshot whose step is
-            a multiple of `keep_every`. Defaults to None.
+        keep_every: With `keep_last` (which it needs), also keep every
+            snapshot whose step is a multiple of `keep_every`. Defaults to None.
         include: A regular expression, or a list of them: watch only the
             weights whose key (`dense/kernel`) or layer path (`dense`) one of
             them matches (`re.search`). Defaults to None (every weight).

@@ -7,7 +7,7 @@ Layout (see docs/FORMAT.md for the full description)::
       snapshots/initial.json    one file per complete snapshot: step, logs, tensors, statistics
       snapshots/epoch_000003.json
       tensors/<sha256>.npy      plain .npy files named by the SHA-256 of their bytes
-      .weightwatch.lock         held (flock) while a WeightWatch callback writes the run
+      .weightwatch.lock         only while a writer holds the run (flock); removed at close
 
 Each JSON record has one declarative table of its fields (`Field`: name, kind,
 required or its default) and one function, `check_fields`, reads a JSON object

@@ -53,7 +53,9 @@ class RunLock:
     """The exclusive lock a writer holds on a run from `RunWriter.open` to `close`.
 
     Args:
-        storage: Where the run is; the lock is its `.weightwatch.lock` file.
+        storage: Where the run is; the lock is its `.weightwatch.lock` file,
+            which exists only while the lock is held (a local run's release
+            removes it).
 
     Example: hold a run the way a writer does, so that another writer is refused.
 

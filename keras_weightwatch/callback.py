@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import keras
 from .capture import Snapshot
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning
-from .pipeline import Pipeline, Plan, RunDirError
+from .pipeline import Diverged, Pipeline, Plan, RunDirError, diverged_run, start_beside
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
@@ -46,9 +47,15 @@ class WeightWatch(keras.callbacks.Callback):
 
     Steps follow `keras.callbacks.TensorBoard`: the snapshot taken after the
     epoch with index `e` (0 for the first) has step `e`; the initial weights
-    have the step before the first epoch (-1 for a fresh `fit`). A second
-    `fit` with the same run continues it: its steps carry on after the run's
-    last step unless `initial_epoch` already does.
+    have the step before the first epoch (-1 for a fresh `fit`). A `fit`
+    that resumes a run continues it: its steps carry on after the run's last
+    step unless `initial_epoch` already does. A fit resumes a run when it
+    starts where the run left off: from the weights of the run's last snapshot
+    (a second `fit` of the same model, a restored checkpoint), at
+    `fit(initial_epoch=k)` with k > 0, or with the same model as this
+    callback's previous fit. Any other fit at `initial_epoch=0` (the same
+    script run again, a new model of the same architecture) is a new
+    training and never mixes into the run (see `if_exists`).
 
     It works on every Keras backend (TensorFlow is never imported on JAX or
     PyTorch). In a multi-process run only one process writes (the chief of a
@@ -74,31 +81,45 @@ class WeightWatch(keras.callbacks.Callback):
         histograms: Write a histogram of every weight tensor. Defaults to True.
         kernel_images: Draw the kernels of convolution layers as image grids.
             Defaults to True.
-        max_kernel_tiles: The most tiles one kernel grid holds. Defaults to 256.
+        max_kernel_tiles: The most tiles one kernel grid (or response grid)
+            holds; needs `kernel_images` or `sample_images`. Defaults to 256.
         feature_names: Names of the model's input features, for the top-k
             feature table and one scalar per feature (`features/<layer>/<name>`;
             for a layer with more than 100 input features, only the features
             in each snapshot's table get a scalar, see
-            `views.MAX_FEATURE_SCALARS`). Defaults to None (no table).
-        top_k: How many features the table lists. Defaults to 5.
+            `views.MAX_FEATURE_SCALARS`). `feature_layer` or `feature_data`
+            alone also turn the table on, with names `feature_0`, ....
+            Defaults to None (no table).
+        top_k: How many features the table lists; needs `feature_names`,
+            `feature_layer` or `feature_data`. Defaults to 5.
         feature_layer: The name of the Dense layer whose kernel is read for the
             table. Defaults to None: the first Dense layer fed by the input.
         feature_data: A sample of inputs, shape (n, features): flags features
             whose correlation with another is 0.9 or more and gives
             standardized weights. Defaults to None.
         sample_images: Images (N, H, W, C in the model's input layout) to
-            convolve with the kernels of the first conv layer. Defaults to None.
+            convolve with the kernels of the first Conv2D layer at the model's
+            top level (a model without one is refused). In `"kernel"` mode the
+            images must fit that layer's own input: a model with several
+            inputs works when the layer is fed directly by one of them.
+            Defaults to None.
         response_mode: `"kernel"` (each kernel's plain cross-correlation with
             the image, no bias or activation) or `"activation"` (the layer's
-            output). Defaults to `"kernel"`.
-        response_layers: Names of the conv layers whose responses are drawn.
-            Defaults to None: the first conv layer.
-        responses_dir: Also write the response grids as PNG files here.
-            Defaults to None.
+            output, computed by running the model on the images: it needs a
+            model with exactly one input). Needs `sample_images`. Defaults to
+            `"kernel"`.
+        response_layers: Names of the Conv2D layers whose responses are
+            drawn; needs `sample_images`. Defaults to None: the first one.
+        responses_dir: Also write the response grids as PNG files here;
+            needs `sample_images`. Defaults to None.
         if_exists: What to do when `log_dir` already holds a run:
-            `"continue"` appends to it (it must come from a model of the same
-            architecture), `"new"` starts a new run in `log_dir-2` (or `-3`,
-            ...), `"error"` raises. Defaults to `"continue"`.
+            `"continue"` appends to it when the fit resumes it (a model of the
+            same architecture, starting from the run's last snapshot or at
+            `initial_epoch` > 0); a new training at `initial_epoch=0` goes to
+            a new run in `log_dir-2` (or `-3`, ...) with one
+            `WeightWatchWarning` naming both directories. `"new"` always
+            starts a new run in `log_dir-2` (or `-3`, ...), `"error"` raises.
+            Defaults to `"continue"`.
         strict: Raise `WeightWatchError` when writing fails, instead of
             warning once and letting training go on. Defaults to False.
         durable: fsync every file before it becomes part of the run, so that
@@ -120,8 +141,8 @@ class WeightWatch(keras.callbacks.Callback):
             initial one and those `keep_every` keeps), deleting older ones
             and the tensor files no remaining snapshot needs. Defaults to
             None (keep every snapshot).
-        keep_every: With `keep_last`, also keep every snapshot whose step is
-            a multiple of `keep_every`. Defaults to None.
+        keep_every: With `keep_last` (which it needs), also keep every
+            snapshot whose step is a multiple of `keep_every`. Defaults to None.
         include: A regular expression, or a list of them: watch only the
             weights whose key (`dense/kernel`) or layer path (`dense`) one of
             them matches (`re.search`). Defaults to None (every weight).
@@ -210,6 +231,8 @@ class WeightWatch(keras.callbacks.Callback):
         if self.settings.batch_freq is not None:
             # Only then: a callback with a batch hook makes Keras wait for every batch.
             self.on_train_batch_end = self._on_train_batch_end
+        self._undecided: tuple[Plan, Diverged] | None = None
+        self._watched: weakref.ref[Any] | None = None  # the model of the last fit that opened a run
 
     def __getattr__(self, name: str) -> Any:
         # The options stay readable as attributes (`cb.freq`), as in earlier releases.
@@ -229,23 +252,60 @@ class WeightWatch(keras.callbacks.Callback):
         self._pending_initial = None
         self._offset = None
         self._base, self._batches, self._epoch_start, self._mark = None, 0, 0, 0
+        self._undecided = None
         plan = Plan.make(self.model, self.settings)  # bad arguments raise here, before any epoch
         if not is_writer(self.model):
             return  # another process of a distributed run writes; this one stays inactive
+        # The model this callback watched in its last fit continues its run whatever its
+        # weights (EarlyStopping may have restored its best ones); any other model only
+        # when it starts from the run's last snapshot or at initial_epoch > 0.
+        if self.run_dir is None or self._watched is None or self._watched() is not self.model:
+            diverged = diverged_run(plan, self.settings, self.run_dir, self.model)
+            if diverged is not None:
+                self._undecided = (plan, diverged)  # the first epoch's index decides
+                return
+        self._open(plan, self.run_dir)
+
+    def _open(self, plan: Plan, run_dir: str | None) -> None:
+        """Open the fit's pipeline on `run_dir` (None: by `if_exists`); take the initial weights."""
         try:
-            pipeline = self.pipeline_class.open(plan, self.settings, self.run_dir)
+            pipeline = self.pipeline_class.open(plan, self.settings, run_dir)
         except RunDirError as e:
             if self.settings.strict:
                 raise
             self._report("snapshots", e)  # a disk or permission fault: training goes on
             return
         self.pipeline, self.run_dir = pipeline, pipeline.run_dir
+        self._watched = weakref.ref(self.model)
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
         self._guard(lambda: pipeline.prefill(self.model))  # no epoch end allocates buffers
 
+    def _decide(self, epoch: int) -> None:
+        """At the first epoch of a fit whose weights are not the run's last snapshot: resume
+        the run at `initial_epoch > 0`, else start a new run beside it."""
+        if self._undecided is None:
+            return
+        (plan, diverged), self._undecided = self._undecided, None
+        if epoch > 0:
+            self._open(plan, diverged.run_dir)
+            return
+        beside = start_beside(self.settings, diverged.run_dir)
+        if self.settings.if_exists == "continue":
+            warnings.warn(
+                f"weightwatch: {diverged.run_dir} holds a run whose last snapshot (step "
+                f"{diverged.last_step}) is not this model's weights, and fit starts at epoch 0, "
+                f"so this is a new training: it is written to {beside}, beside it. To continue "
+                f"{diverged.run_dir} instead, start from its last weights or pass "
+                f"fit(initial_epoch={diverged.last_step + 1}).",
+                WeightWatchWarning,
+                stacklevel=3,
+            )
+        self._open(plan, beside)
+
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch_start, self._epoch = self._batches, epoch
+        self._decide(epoch)
         pipeline = self.pipeline
         if pipeline is None or self._offset is not None:
             return
@@ -298,6 +358,7 @@ class WeightWatch(keras.callbacks.Callback):
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch, logs=logs or {}))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._undecided = None  # a fit that ran no epoch leaves a run it did not continue as it was
         pipeline = self.pipeline
         if pipeline is None:
             return
@@ -361,6 +422,7 @@ class WeightWatch(keras.callbacks.Callback):
         """Drain the worker, close files, release the run's lock; then report what failed."""
         pipeline, self.pipeline = self.pipeline, None
         self._pending_initial = None
+        self._undecided = None
         failures = [] if pipeline is None else pipeline.close()
         notices = [] if pipeline is None else pipeline.pop_notices()
         for notice in notices if report else []:

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -139,6 +139,11 @@ class Ticket(NamedTuple):
 
     buffers: list[np.ndarray]
     generation: int
+def host_views(variables: Sequence[Any]) -> Iterator[np.ndarray]:
+    """Each variable's value in host memory, one at a time, without a copy where the
+    backend allows it (see `_host_view`): valid only until training goes on."""
+    for variable in variables:
+        yield _host_view(variable)
 
 
 class BufferPool:

@@ -41,6 +41,9 @@ class WeightWatchWarning(UserWarning):
     is reported once with this warning, the affected part stops, and `fit`
     completes. `strict=True` raises `WeightWatchError` instead.
 
+    It also says, once, that a fit which does not resume the run in `log_dir`
+    (a new training at `initial_epoch=0`) was written to a new run beside it.
+
     Example: turn it into an error for one block of code, as `strict=True`
     would for the whole callback.
 

@@ -36,9 +36,18 @@ from .capture import (
     capture_into,
     clean_logs,
     describe_model,
+    host_views,
 )
 from .errors import RunBusyError, WeightWatchError
-from .run import RunWriter, SnapshotRecord, TensorRecord, architecture_mismatch, is_run, load_run
+from .run import (
+    RunWriter,
+    SnapshotRecord,
+    TensorRecord,
+    architecture_mismatch,
+    holds,
+    is_run,
+    load_run,
+)
 from .run.remote import FsspecStorage, is_url, open_storage
 from .settings import Settings
 from .stats import tensor_stats
@@ -153,6 +162,68 @@ def _run_dir(settings: Settings, previous: str | None) -> str:
         if settings.if_exists == "new":
             path = reserve_new_dir(path, settings)
     return path
+
+
+def _continued(settings: Settings, previous: str | None) -> str | None:
+    """The run a fit would continue: the callback's own from an earlier fit, else `log_dir`
+    when `if_exists="continue"` (None: the fit starts a run, or refuses one)."""
+    if previous is not None:
+        return previous
+    return settings.log_dir if settings.if_exists == "continue" else None
+
+
+class Diverged(NamedTuple):
+    """A run whose last snapshot is not the weights a fit starts from."""
+
+    run_dir: str
+    last_step: int
+
+
+def diverged_run(plan: Plan, settings: Settings, previous: str | None,
+                 model: Any) -> Diverged | None:
+    """The run this fit would continue although the model's weights are not its last snapshot.
+
+    A fit continues a run when it starts where the run left off. When the
+    model's watched weights equal the run's last snapshot (compared by the
+    SHA-256 the run records for each tensor, no tensor file read), or there is
+    no run to continue, this returns None and the fit opens its run as usual.
+    Otherwise the fit is a new training (a re-run of a script, another model of
+    the same architecture) unless it resumes at `initial_epoch > 0`, which only
+    the first epoch's index tells: this returns the run, for the callback to
+    decide at the first epoch (`start_beside`). A run of another architecture,
+    or one that cannot be read, returns None: opening it reports that as before.
+    """
+    path = _continued(settings, previous)
+    if path is None or not is_run(path):
+        return None
+    try:
+        run = load_run(path)
+    except WeightWatchError:
+        return None
+    if not run.snapshots or architecture_mismatch(run.specs, plan.specs):
+        return None
+    last = run.snapshots[-1]
+    variables = list(model.weights)
+    current = host_views([variables[i] for i in plan.watch])
+    for spec, arr in zip(run.specs, current):
+        rec = last.tensors.get(spec.key)
+        if rec is None:
+            return None  # nothing to compare with: continue as before
+        if not holds(rec, arr):
+            return Diverged(path, last.step)
+    return None
+
+
+def start_beside(settings: Settings, run_dir: str) -> str:
+    """A new run directory beside `run_dir` for a fit that does not continue it (see
+    `diverged_run`): `log_dir-2` (or `-3`, ...); refused with `if_exists="error"`."""
+    if settings.if_exists == "error":
+        raise WeightWatchError(
+            f"{run_dir}: holds a run whose last snapshot is not the model's weights, and fit "
+            "starts at epoch 0; pass if_exists='new' to start a new run beside it, or "
+            "fit(initial_epoch=k) to continue it"
+        )
+    return reserve_new_dir(settings.log_dir)
 
 
 def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWriter:

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -209,6 +209,49 @@ def _option(default: Any, check: Check, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"check": check}, **kwargs)
 
 
+class Needs(NamedTuple):
+    """An option that does nothing unless one of `any_of` is on: set without it, it is refused."""
+
+    option: str
+    any_of: tuple[str, ...]
+    what: str
+    """What the option sets, as the message says it."""
+
+
+NEEDS = (
+    Needs("top_k", ("feature_names", "feature_layer", "feature_data"),
+          "the rows of the top-k feature table"),
+    Needs("max_kernel_tiles", ("kernel_images", "sample_images"),
+          "the tiles of the kernel grids and the response grids"),
+    Needs("response_mode", ("sample_images",), "how the responses to the sample images are made"),
+    Needs("response_layers", ("sample_images",), "the layers the sample images are filtered by"),
+    Needs("responses_dir", ("sample_images",), "where the response grids are also written"),
+    Needs("keep_every", ("keep_last",),
+          "which snapshots retention keeps besides the last `keep_last`"),
+)
+"""Every option that only refines another: the pairs `Settings` refuses one without the other."""
+
+
+def _is_on(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def _missing(settings: Settings, needs: Needs) -> str:
+    """The refusal of an option set without any option it needs."""
+    if len(needs.any_of) == 1:
+        wanted = f"`{needs.any_of[0]}`"
+    else:
+        wanted = ", ".join(f"`{n}`" for n in needs.any_of[:-1]) + f" or `{needs.any_of[-1]}`"
+    given = ", ".join(
+        f"{n}={_shown(getattr(settings, n))!r}" for n in (needs.option, *needs.any_of)
+    )
+    return (
+        f"`{needs.option}` sets {needs.what} and does nothing without {wanted}; pass "
+        f"{'it' if len(needs.any_of) == 1 else 'one of them'} or leave `{needs.option}` out. "
+        f"Received: {given}"
+    )
+
+
 # ------------------------------------------------------------------ the record
 
 
@@ -257,18 +300,13 @@ class Settings:
 
         if is_url(self.log_dir):
             filesystem(self.log_dir, self.storage_options)  # the missing extra, named now
-        if self.keep_every is not None and self.keep_last is None:
-            raise ValueError(
-                "`keep_every` needs `keep_last` (how many of the latest snapshots to keep "
-                f"besides every keep_every-th). {received('keep_every', self.keep_every)}"
-            )
-        if self.sample_images is None and (
-            self.response_layers is not None or self.responses_dir is not None
-        ):
-            raise ValueError(
-                "`response_layers` and `responses_dir` need `sample_images`. "
-                "Received: sample_images=None"
-            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for needs in NEEDS:
+            value = getattr(self, needs.option)
+            if value != defaults[needs.option] and not any(
+                _is_on(getattr(self, n)) for n in needs.any_of
+            ):
+                raise ValueError(_missing(self, needs))
 
     @classmethod
     def create(cls, **options: Any) -> Settings:
@@ -323,9 +361,9 @@ class Settings:
         return tuple(watch)
 
 
-def _shown(value: tuple[str, ...] | None) -> Any:
+def _shown(value: Any) -> Any:
     """A tuple option as a list, as `get_config()` gives it."""
-    return None if value is None else list(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def watched(keys_and_layers: Sequence[tuple[str, str]], include: Sequence[str] | None,

@@ -292,13 +292,16 @@ def test_write_fault_warns_once_and_fit_completes(tmp_path, monkeypatch, recorde
     leftovers = [n for d in ("tensors", "snapshots") for n in os.listdir(os.path.join(run, d))
                  if n.startswith(".tmp-")]
     assert leftovers == []  # the partial file of the failed write was removed
-    # The run's lock was released: the same directory can be continued right away.
+    # The run's lock was released: the same directory can be continued right away (a
+    # resume at the run's next epoch: the model's weights moved on past its last snapshot).
     monkeypatch.undo()
+    resume = expected_steps[-1] + 1 if expected_steps else 0
+    x, y = _fault_data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _fit_faulty(run, epochs=1)
-    assert load_run(run).steps == (expected_steps + [expected_steps[-1] + 1] if expected_steps
-                                   else [-1, 0])
+        model.fit(x, y, epochs=resume + 1, initial_epoch=resume, batch_size=16, verbose=0,
+                  callbacks=[WeightWatch(run)])
+    assert load_run(run).steps == (expected_steps + [resume] if expected_steps else [-1, 0])
 
 
 def re_search(pattern, text):
@@ -543,10 +546,11 @@ def test_the_second_buffer_set_is_made_by_the_worker_before_the_first_epoch_ends
         tmp_path, initial):
     x, y = _mlp_data()
     run = tmp_path / "run"
+    model = _mlp()
     if not initial:  # a continued run takes no initial snapshot: the first set is made anyway
-        _mlp().fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[WeightWatch(run)])
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[WeightWatch(run)])
     cb = _PoolWatch(run)
-    _mlp().fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[cb])
     (pool,) = cb.pools
     # Both sets exist (the second made or being made) when the first epoch ends...
     assert cb.sets_at_epoch_end == [2] * 5

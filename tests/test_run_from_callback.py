@@ -243,6 +243,9 @@ def test_second_writer_gets_a_lock_error_or_its_own_run(tmp_path, recorder):
     again = subprocess.run([sys.executable, "-c", LOCK_PROBE, run], capture_output=True,
                            text=True, timeout=60)
     assert "another architecture" in again.stdout and "being written" not in again.stdout
+    # The lock file exists only while a writer holds it: closed runs keep none.
+    for d in (run, run + "-2"):
+        assert not os.path.exists(os.path.join(d, ".weightwatch.lock")), d
 
 
 def test_new_run_beside_a_writer_that_has_the_lock_but_no_header_yet(tmp_path):

@@ -254,8 +254,37 @@ def test_local_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
     assert e.value.holder == "pid 42"
     first.release()
     first.release()  # safe twice
-    assert (tmp_path / ".lock").read_text() == ""
+    assert not (tmp_path / ".lock").exists()  # a released lock leaves no file behind
     s.lock(".lock", "pid 43").release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_writer_that_opened_the_lock_file_as_it_was_removed_does_not_share_the_run(
+        tmp_path, monkeypatch):
+    s = LocalStorage(tmp_path)
+    path = os.path.join(s.root, ".lock")
+    first = s.lock(".lock", "pid 1")
+    stale = os.open(path, os.O_RDWR)  # a second writer opens the file just before...
+    first.release()  # ...the first one lets go and removes it
+    third = s.lock(".lock", "pid 3")  # a third writer creates the file anew and holds it
+    real_open, opened = os.open, []
+
+    def open_stale_first(p, flags, *args):
+        if p == path and not opened:
+            opened.append(p)
+            return stale  # the second writer's descriptor of the removed file
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_stale_first)
+    # flock on the removed file succeeds (nobody holds it), but it is not the run's lock
+    # file any more: the second writer tries the current one, which the third holds.
+    with pytest.raises(LockHeld) as e:
+        s.lock(".lock", "pid 2")
+    monkeypatch.undo()
+    assert opened == [path] and e.value.holder == "pid 3"
+    assert (tmp_path / ".lock").read_text() == "pid 3\n"
+    third.release()
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_run_lock_refuses_a_writer_while_held(tmp_path):

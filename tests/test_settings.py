@@ -69,6 +69,55 @@ def test_bad_arguments_raise_in_init(tmp_path, kwargs, error, match):
     assert not (tmp_path / "run").exists()
 
 
+# Every option that only refines another (settings.NEEDS), set without it: refused, naming
+# the missing one; with it (or at its default) accepted.
+@pytest.mark.parametrize("kwargs, message, partner", [
+    ({"top_k": 3}, "`top_k` sets the rows of the top-k feature table and does nothing without "
+     "`feature_names`, `feature_layer` or `feature_data`; pass one of them or leave `top_k` out. "
+     "Received: top_k=3, feature_names=None, feature_layer=None, feature_data=None",
+     {"feature_names": ["a"]}),
+    ({"max_kernel_tiles": 16, "kernel_images": False}, "`max_kernel_tiles` sets the tiles of the "
+     "kernel grids and the response grids and does nothing without `kernel_images` or "
+     "`sample_images`; pass one of them or leave `max_kernel_tiles` out. "
+     "Received: max_kernel_tiles=16, kernel_images=False, sample_images=None",
+     {"sample_images": np.ones((1, 8, 8, 1))}),
+    ({"response_mode": "activation"}, "`response_mode` sets how the responses to the sample "
+     "images are made and does nothing without `sample_images`; pass it or leave "
+     "`response_mode` out. Received: response_mode='activation', sample_images=None",
+     {"sample_images": np.ones((1, 8, 8, 1))}),
+    ({"response_layers": ["c"]}, "`response_layers` sets the layers the sample images are "
+     "filtered by and does nothing without `sample_images`; pass it or leave `response_layers` "
+     "out. Received: response_layers=['c'], sample_images=None",
+     {"sample_images": np.ones((1, 8, 8, 1))}),
+    ({"responses_dir": "pngs"}, "`responses_dir` sets where the response grids are also written "
+     "and does nothing without `sample_images`; pass it or leave `responses_dir` out. "
+     "Received: responses_dir='pngs', sample_images=None",
+     {"sample_images": np.ones((1, 8, 8, 1))}),
+    ({"keep_every": 4}, "`keep_every` sets which snapshots retention keeps besides the last "
+     "`keep_last` and does nothing without `keep_last`; pass it or leave `keep_every` out. "
+     "Received: keep_every=4, keep_last=None", {"keep_last": 2}),
+])
+def test_an_option_that_would_do_nothing_alone_is_refused(tmp_path, kwargs, message, partner):
+    from keras_weightwatch.settings import NEEDS
+
+    with pytest.raises(ValueError) as e:
+        WeightWatch(tmp_path / "run", **kwargs)
+    assert str(e.value) == message
+    (needs,) = [n for n in NEEDS if n.option in kwargs and n.option != "kernel_images"]
+    assert set(partner) <= set(needs.any_of)
+    WeightWatch(tmp_path / "run", **kwargs, **partner)  # with the option it needs: accepted
+    defaults = {k: v for k, v in kwargs.items() if k != needs.option}
+    WeightWatch(tmp_path / "run", **defaults)  # without the option itself: accepted
+
+
+def test_every_option_that_needs_another_is_tested():
+    from keras_weightwatch.settings import NEEDS
+
+    tested = {"top_k", "max_kernel_tiles", "response_mode", "response_layers", "responses_dir",
+              "keep_every"}
+    assert {n.option for n in NEEDS} == tested
+
+
 def test_log_dir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -84,7 +133,9 @@ def test_log_dir_that_is_a_file(tmp_path):
         ({"store_dtype": "float32"}, ValueError, "`store_dtype` must be one of"),
         ({"keep_last": 0}, ValueError, "Received: keep_last=0"),
         ({"keep_last": 1.5}, TypeError, "Received: keep_last=1.5"),
-        ({"keep_every": 2}, ValueError, "`keep_every` needs `keep_last`"),
+        ({"keep_every": 2}, ValueError, "`keep_every` sets which snapshots retention keeps "
+         "besides the last `keep_last` and does nothing without `keep_last`; pass it or leave "
+         "`keep_every` out. Received: keep_every=2, keep_last=None"),
         ({"keep_last": 3, "keep_every": 0}, ValueError, "Received: keep_every=0"),
         ({"include": 5}, TypeError, "Received: include=5"),
         ({"include": []}, ValueError, "must not be an empty list"),
@@ -233,13 +284,16 @@ def test_model_dependent_bad_arguments_raise_before_any_epoch(tmp_path, kwargs, 
             lambda: _boston_model(),
             {"sample_images": np.ones((1, 13, 1, 1))},
             ValueError,
-            r"match the model input shape \(None, 13\)",
+            r"`sample_images` needs a Conv2D layer to filter them by, at the model's top level; "
+            r"this model has none \(its layers are \['Dense', 'Dropout', 'Normalization'\]\)\. "
+            r"Received: sample_images with shape \(1, 13, 1, 1\)",
         ),
         (
             lambda: _cnn(),
             {"response_layers": ["conv"]},
             ValueError,
-            r"need `sample_images`\. Received: sample_images=None",
+            r"does nothing without `sample_images`; pass it or leave `response_layers` out\. "
+            r"Received: response_layers=\['conv'\], sample_images=None",
         ),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from scipy.signal import correlate2d
 from view_helpers import (
     _acc,
@@ -120,3 +121,65 @@ def test_channels_first_kernel_responses(tmp_path):
     got = view.responses(snap, None)["c"]
     ref = _scipy_responses(np.moveaxis(samples, 1, -1), kernel.astype(np.float64))
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ models with several inputs
+
+
+def _two_inputs(deeper=False):
+    """An image input (8, 8, 3) through a Conv2D (after a Rescaling when `deeper`), and a
+    tabular input (4,), joined."""
+    img, tab = keras.Input((8, 8, 3), name="img"), keras.Input((4,), name="tab")
+    h = keras.layers.Rescaling(2.0, name="scale")(img) if deeper else img
+    h = keras.layers.Conv2D(2, 3, name="conv")(h)
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(h), keras.layers.Dense(3)(tab)])
+    return keras.Model([img, tab], keras.layers.Dense(1, name="out")(h))
+
+
+def test_kernel_responses_work_for_a_model_with_two_inputs(tmp_path, recorder):
+    model = _two_inputs()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    samples = _images(2, channels=3, seed=9)
+    run = str(tmp_path / "run")
+    rng = np.random.default_rng(3)
+    x = [rng.random((16, 8, 8, 3)).astype("float32"), rng.random((16, 4)).astype("float32")]
+    model.fit(x, rng.random((16, 1)).astype("float32"), epochs=2, batch_size=8, verbose=0,
+              callbacks=[WeightWatch(run, sample_images=samples), recorder])
+    conv = [w.path for w in model.weights].index(model.get_layer("conv").kernel.path)
+    acc = _acc(run)
+    for step, weights in ((-1, recorder.initial), (1, recorder.epochs[1])):
+        ref = _scipy_responses(samples, weights[conv].astype(np.float64))
+        for i in range(2):
+            img = _image(acc, f"responses/conv/sample_{i}", step)
+            assert np.abs(img.astype(int) - response_grid(samples[i], ref[i]).image).max() <= 1
+
+
+def _prepare_error(model, **kwargs):
+    with pytest.raises(ValueError) as e:
+        cb_views(WeightWatch("unused-run", **kwargs), model)
+    return str(e.value)
+
+
+def test_a_two_input_model_checks_images_against_the_conv_layers_own_input():
+    said = _prepare_error(_two_inputs(), sample_images=_images(1, channels=1))
+    assert said == ("`sample_images` must match the input shape of 'conv' (model input 'img') "
+                    "(None, 8, 8, 3). Received: sample_images with shape (1, 8, 8, 1)")
+
+
+def test_activation_mode_says_it_needs_a_model_with_one_input():
+    said = _prepare_error(_two_inputs(), sample_images=_images(1, channels=3),
+                          response_mode="activation")
+    assert said == (
+        "`response_mode='activation'` computes the output of 'conv' by running the model on "
+        "the sample images, which needs a model with exactly one input; this model has 2 "
+        "(['img', 'tab']). `response_mode='kernel'` needs only the kernel, for a Conv2D layer "
+        "fed directly by a model input. Received: response_mode='activation'")
+
+
+def test_kernel_mode_of_a_deeper_layer_in_a_two_input_model_says_why_not():
+    said = _prepare_error(_two_inputs(deeper=True), sample_images=_images(1, channels=3))
+    assert said == (
+        "`sample_images`: 'conv' is not fed directly by a model input, so its input is computed "
+        "by running the model on the sample images, which needs a model with exactly one input; "
+        "this model has 2 (['img', 'tab']). Name a Conv2D layer fed directly by an input in "
+        "`response_layers`. Received: response_layers=None")

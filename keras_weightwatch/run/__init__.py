@@ -26,6 +26,8 @@ from .format import (
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
+    encode_tensor,
+    holds,
     storage_array,
 )
 from .reader import Run, VerifyReport, hash_file, is_run, load_run, open_run, verify_run
@@ -51,7 +53,9 @@ __all__ = [
     "VerifyReport",
     "WeightSpec",
     "architecture_mismatch",
+    "encode_tensor",
     "hash_file",
+    "holds",
     "is_run",
     "load_run",
     "open_run",

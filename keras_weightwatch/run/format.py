@@ -8,7 +8,7 @@ Layout (see docs/FORMAT.md for the full description)::
       snapshots/epoch_000003.json
       tensors/<digest>.npy      plain .npy files named by the BLAKE3 (or, format 1,
                                 SHA-256) digest of their bytes
-      .weightwatch.lock         held (flock) while a WeightWatch callback writes the run
+      .weightwatch.lock         only while a writer holds the run (flock); removed at close
 
 Each JSON record has one declarative table of its fields (`Field`: name, kind,
 required or its default) and one function, `check_fields`, reads a JSON object
@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -651,6 +651,48 @@ def storage_array(
             f"{sorted(STORED_DTYPES)}"
         )
     return arr, dtype_name, False
+
+
+class Encoded(NamedTuple):
+    """A tensor as its `.npy` file holds it: the file's bytes (header, then data)."""
+
+    header: bytes
+    data: memoryview
+    stored_dtype: str
+    lossy: bool
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + self.data.nbytes
+
+    def digest(self, hash_name: str) -> str:
+        """The file's digest by the content hash `hash_name` (what names the file)."""
+        h = content_hash(hash_name)
+        h.update(self.header)
+        h.update(self.data)
+        return str(h.hexdigest())
+
+
+def encode_tensor(arr: np.ndarray, dtype_name: str, store_dtype: str | None = None) -> Encoded:
+    """The bytes of a tensor's `.npy` file (header, then data in C order): the one encoding
+    every tensor file of a run has."""
+    stored, stored_dtype, lossy = storage_array(arr, dtype_name, store_dtype)
+    # The bytes are written in C order, so the header must say so too. (Not
+    # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
+    stored = np.require(stored, requirements="C")
+    return Encoded(npy_header(stored), raw_bytes(stored), stored_dtype, lossy)
+
+
+def holds(rec: TensorRecord, arr: np.ndarray) -> bool:
+    """Whether the tensor file of `rec` holds exactly `arr`, as it would be stored now
+    (checked by the record's own digest, without reading the file)."""
+    if tuple(arr.shape) != rec.shape:
+        return False
+    store_dtype = rec.stored_dtype if rec.lossy else None
+    try:
+        return encode_tensor(arr, rec.dtype, store_dtype).digest(rec.hash) == rec.digest
+    except (WeightWatchError, TypeError, ValueError):
+        return False
 
 
 def from_storage(arr: np.ndarray, rec: TensorRecord) -> np.ndarray:

@@ -118,16 +118,25 @@ class Storage(Protocol):
 
 
 class _FileLock:
-    """An flock(2) held on an open descriptor; closing the descriptor releases it."""
+    """An flock(2) held on an open descriptor of the lock file `path`.
 
-    def __init__(self, fd: int | None):
+    Releasing it removes the file first, while the lock is still held, then
+    closes the descriptor (which lets go of the lock): a closed run keeps no
+    lock file. A writer that opened the file just before it was removed gets
+    the lock of a file no longer in the run, sees that (`_same_file`) and tries
+    again, so two writers never both hold the run.
+    """
+
+    def __init__(self, fd: int | None, path: str | None = None):
         self._fd = fd
+        self._path = path
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
-                os.ftruncate(fd, 0)
+                if self._path is not None and _same_file(fd, self._path):
+                    os.unlink(self._path)
             except OSError:
                 pass
             os.close(fd)
@@ -153,6 +162,13 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        st, here = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 class LocalStorage:
@@ -277,16 +293,21 @@ class LocalStorage:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return _FileLock(None)
-        fd = os.open(self._full(name), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        path = self._full(name)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = "unknown"
-            os.close(fd)
-            raise LockHeld(holder) from None
+                try:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                except OSError:
+                    holder = "unknown"
+                os.close(fd)
+                raise LockHeld(holder) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # its holder removed it as we opened it: take the run's current one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{owner}\n".encode(), 0)
-        return _FileLock(fd)
+        return _FileLock(fd, path)

@@ -30,17 +30,17 @@ from .format import (
     TENSOR_FILE_RE,
     TMP_PREFIX,
     WRITE_HASH,
+    Encoded,
     ModelInfo,
     SnapshotRecord,
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
-    content_hash,
+    encode_tensor,
     json_bytes,
     npy_header,
     raw_bytes,
     snapshot_file_name,
-    storage_array,
 )
 from .index import INDEX_FILE, entry_line, index_bytes
 from .reader import is_run, open_run, read_tensor
@@ -58,7 +58,9 @@ class RunLock:
     """The exclusive lock a writer holds on a run from `RunWriter.open` to `close`.
 
     Args:
-        storage: Where the run is; the lock is its `.weightwatch.lock` file.
+        storage: Where the run is; the lock is its `.weightwatch.lock` file,
+            which exists only while the lock is held (a local run's release
+            removes it).
 
     Example: hold a run the way a writer does, so that another writer is refused.
 
@@ -286,43 +288,34 @@ class RunWriter:
         `prev` is the weight's record in the previous snapshot: when the file it names
         holds these very bytes, its digest is reused instead of hashing them again.
         """
-        stored, stored_dtype, lossy = storage_array(arr, spec.dtype, self.store_dtype)
-        # The bytes are written in C order, so the header must say so too. (Not
-        # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
-        stored = np.require(stored, requirements="C")
-        header = npy_header(stored)
-        data = raw_bytes(stored)
-        nbytes = len(header) + data.nbytes
-        if prev is not None and self._holds(prev, stored, nbytes):
+        enc = encode_tensor(arr, spec.dtype, self.store_dtype)
+        if prev is not None and self._holds(prev, enc):
             digest, hash_name = prev.digest, prev.hash
         else:
-            h = content_hash(WRITE_HASH)
-            h.update(header)
-            h.update(data)
-            digest, hash_name = h.hexdigest(), WRITE_HASH
+            digest, hash_name = enc.digest(WRITE_HASH), WRITE_HASH
         rec = TensorRecord(
             file=f"{TENSOR_DIR}/{digest}.npy",
             digest=digest,
             hash=hash_name,
             shape=tuple(arr.shape),
             dtype=spec.dtype,
-            stored_dtype=stored_dtype,
-            lossy=lossy,
-            bytes=nbytes,
+            stored_dtype=enc.stored_dtype,
+            lossy=enc.lossy,
+            bytes=enc.nbytes,
         )
-        return rec, [header, data]
+        return rec, [enc.header, enc.data]
 
-    def _holds(self, rec: TensorRecord, stored: np.ndarray, nbytes: int) -> bool:
-        """True when the stored file of `rec` holds exactly `stored` (same header and bytes)."""
-        if rec.bytes != nbytes or rec.file not in self._files:
+    def _holds(self, rec: TensorRecord, enc: Encoded) -> bool:
+        """True when the stored file of `rec` holds exactly `enc` (same header and bytes)."""
+        if rec.bytes != enc.nbytes or rec.file not in self._files:
             return False
         try:
             old = self.storage.load_npy(rec.file, mmap=True)
         except (OSError, ValueError, EOFError):
             return False
-        if old.dtype != stored.dtype or old.shape != stored.shape or not old.flags.c_contiguous:
+        if not old.flags.c_contiguous or npy_header(old) != enc.header:
             return False
-        return same_bytes(raw_bytes(old), raw_bytes(stored))
+        return same_bytes(raw_bytes(old), enc.data)
 
     def commit_snapshot(
         self,

@@ -32,6 +32,14 @@ def _shape(x: np.ndarray) -> str:
     return f"Received: sample_images with shape {x.shape}"
 
 
+def _layer_input(layer: Any) -> Any:
+    """The layer's one symbolic input, or None (a shared layer, a subclassed model's layer)."""
+    try:
+        return layer.input
+    except (AttributeError, ValueError):
+        return None
+
+
 def _write_png(path: str, png: bytes) -> None:
     """Write a file atomically: a reader never sees half of it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -83,24 +91,6 @@ class ResponseView(View):
 
     # ------------------------------------------------------------ train begin
 
-    def _model_input(self, model: Any) -> Any:
-        """The model's one input, checked against the sample images' shape."""
-        x = self.sample_images
-        inputs = model_inputs(model)
-        if len(inputs) != 1:
-            raise ValueError(
-                "`sample_images` needs a model with exactly one (known) input; this model has "
-                f"{len(inputs)}. {_shape(x)}"
-            )
-        expected = tuple(inputs[0].shape)
-        if len(expected) != 4 or any(
-            e is not None and int(e) != int(g) for e, g in zip(expected[1:], x.shape[1:])
-        ):
-            raise ValueError(
-                f"`sample_images` must match the model input shape {expected}. {_shape(x)}"
-            )
-        return inputs[0]
-
     def _chosen_layers(self, model: Any) -> list[Any]:
         """The Conv2D layers to draw: those named, or the first one at the top level."""
         conv2d = keras_module().layers.Conv2D
@@ -108,9 +98,11 @@ class ResponseView(View):
         if self.layer_names is None:
             chosen = [layer for layer in top if isinstance(layer, conv2d)][:1]
             if not chosen:
+                kinds = sorted({type(layer).__name__ for layer in top} - {"InputLayer"})
                 raise ValueError(
-                    "`sample_images` needs a Conv2D layer in the model (at its top level) or "
-                    f"`response_layers=`. {_shape(self.sample_images)}"
+                    "`sample_images` needs a Conv2D layer to filter them by, at the model's top "
+                    f"level; this model has none (its layers are {kinds}). "
+                    f"{_shape(self.sample_images)}"
                 )
             return chosen
         chosen = []
@@ -129,12 +121,13 @@ class ResponseView(View):
             chosen.append(layer)
         return chosen
 
-    def _target(self, layer: Any, model_input: Any, keys: Mapping[int, str]) -> _Target:
+    def _target(self, layer: Any, inputs: Sequence[Any], keys: Mapping[int, str]) -> _Target:
         if self.mode == "kernel" and layer.padding not in ("valid", "same"):
             raise ValueError(
                 f"`response_layers`: {layer.name!r} has padding={layer.padding!r}; kernel "
                 "responses support 'valid' and 'same'."
             )
+        layer_input = _layer_input(layer)
         return _Target(
             layer=layer.name,
             key=keys[id(layer.kernel)],
@@ -142,26 +135,65 @@ class ResponseView(View):
             padding=layer.padding,
             strides=tuple(layer.strides),
             dilation=tuple(layer.dilation_rate),
-            fed_by_input=layer.input is model_input,
+            fed_by_input=layer_input is not None and any(layer_input is t for t in inputs),
         )
+
+    def _model_input(self, inputs: Sequence[Any], target: _Target) -> Any:
+        """The model's one input, which a sub-model needs to compute what `target` draws."""
+        if len(inputs) == 1:
+            return inputs[0]
+        has = (
+            f"this model has {len(inputs)} ({[getattr(t, 'name', '?') for t in inputs]})"
+            if inputs
+            else "this model has no known input (a subclassed model)"
+        )
+        if self.mode == "activation":
+            raise ValueError(
+                f"`response_mode='activation'` computes the output of {target.layer!r} by "
+                f"running the model on the sample images, which needs a model with exactly one "
+                f"input; {has}. `response_mode='kernel'` needs only the kernel, for a Conv2D "
+                "layer fed directly by a model input. Received: response_mode='activation'"
+            )
+        raise ValueError(
+            f"`sample_images`: {target.layer!r} is not fed directly by a model input, so its "
+            "input is computed by running the model on the sample images, which needs a model "
+            f"with exactly one input; {has}. Name a Conv2D layer fed directly by an input in "
+            f"`response_layers`. {received('response_layers', self.layer_names)}"
+        )
+
+    def _check_shape(self, tensor: Any, where: str) -> None:
+        """The sample images must fit the input `tensor` (`where` names it in the message)."""
+        x = self.sample_images
+        expected = tuple(tensor.shape)
+        if len(expected) != 4 or any(
+            e is not None and int(e) != int(g) for e, g in zip(expected[1:], x.shape[1:])
+        ):
+            raise ValueError(f"`sample_images` must match {where} {expected}. {_shape(x)}")
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
         x = self.sample_images
-        model_input = self._model_input(model)
         chosen = self._chosen_layers(model)
+        inputs = model_inputs(model)
         keys = weight_keys(model, info)
-        channels_first = chosen[0].data_format == "channels_first"
-        self._images_nhwc = np.moveaxis(x, 1, -1) if channels_first else x
-        dtype = str(getattr(model_input, "dtype", None) or "float32")
-        self._model_images = np.asarray(x, dtype=dtype)
-        self.targets = [self._target(layer, model_input, keys) for layer in chosen]
+        self.targets = [self._target(layer, inputs, keys) for layer in chosen]
         keras = keras_module()
         self._submodels = {}
+        self._model_images = None
         for layer, target in zip(chosen, self.targets):
-            if self.mode == "activation":
-                self._submodels[layer.name] = keras.Model(model_input, layer.output)
-            elif not target.fed_by_input:
-                self._submodels[layer.name] = keras.Model(model_input, layer.input)
+            if self.mode == "kernel" and target.fed_by_input:
+                # Only the layer's own input matters: any input of a multi-input model will do.
+                where = "the model input shape" if len(inputs) == 1 else (
+                    f"the input shape of {target.layer!r} (model input {layer.input.name!r})")
+                self._check_shape(layer.input, where)
+                continue
+            model_input = self._model_input(inputs, target)
+            self._check_shape(model_input, "the model input shape")
+            dtype = str(getattr(model_input, "dtype", None) or "float32")
+            self._model_images = np.asarray(x, dtype=dtype)
+            out = layer.output if self.mode == "activation" else layer.input
+            self._submodels[layer.name] = keras.Model(model_input, out)
+        channels_first = chosen[0].data_format == "channels_first"
+        self._images_nhwc = np.moveaxis(x, 1, -1) if channels_first else x
 
     def restrict(self, keys: Set[str]) -> None:
         kept = [t for t in self.targets if t.key in keys]

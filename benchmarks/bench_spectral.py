@@ -184,6 +184,30 @@ def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> None:
         print(f"  RATIO weightwatcher / ours: {t_ww / t_ours:.2f}")
 
 
+class _NullEvents:
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+
+def worker_cost(label: str, model, repeats: int) -> None:
+    """The spectral view's CPU per snapshot on the worker: measure + write (one BLAS thread)."""
+    from keras_weightwatch.capture import Snapshot, capture_arrays, describe_model
+    from keras_weightwatch.views import SpectralView
+
+    info = describe_model(model)
+    view = SpectralView(every=1)
+    view.prepare(model, info)
+    snap = Snapshot(step=0, label="epoch", epoch=0, logs={},
+                    arrays=dict(zip([w.key for w in info.weights], capture_arrays(model))))
+    cpu = []
+    for _ in range(repeats + 1):  # the first builds threadpoolctl's controller: not counted
+        c0 = time.thread_time()
+        view.write(snap, {}, view.measure(snap), _NullEvents())
+        cpu.append(time.thread_time() - c0)
+    print(f"  WORKER spectral view, {label}: {statistics.median(cpu[1:]) * 1e3:.2f} ms CPU "
+          "per snapshot (measure + write, worker thread)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=1024)
@@ -206,6 +230,7 @@ def main() -> None:
             mlp(args.width, args.depth), args.repeats)
     compare("reference CNN (Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1)",
             reference_cnn(), args.repeats)
+    worker_cost("reference CNN", reference_cnn(), args.repeats)
     big_set(args.big_width, args.big_depth, args.big_repeats, args.big_ww)
 
 

@@ -192,6 +192,35 @@ def _add_drift(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_drift)
 
 
+def _cmd_spectral(args: argparse.Namespace, stdout: TextIO) -> int:
+    import json
+
+    from .compare.inputs import open_snapshot
+    from .report import render_spectral
+
+    run, snap = open_snapshot(args.run, None)
+    result = run.spectral(snap.step)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
+    else:
+        print(render_spectral(result), file=stdout)
+    return EXIT_OK
+
+
+def _add_spectral(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "spectral",
+        help="weightwatcher's spectral metrics (alpha, stable rank, ...) of every kernel",
+        description="Compute the spectral metrics of every Dense and convolution kernel of a "
+        "snapshot from its stored tensors (any run, with or without spectral_freq). RUN may "
+        "end in @STEP (an epoch step, 'initial' or 'last'; default: the last snapshot).",
+    )
+    p.add_argument("run", help="run directory, as RUN or RUN@STEP")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (NaN and Inf as null)")
+    p.set_defaults(func=_cmd_spectral)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightwatch",
@@ -200,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_show, _add_verify, _add_diff, _add_drift, _add_demo):
+    for add in (_add_show, _add_verify, _add_diff, _add_drift, _add_spectral, _add_demo):
         add(sub)
     return parser
 

@@ -460,6 +460,7 @@ class Pipeline:
         """Its statistics, then store the snapshot, retention; then every view's summaries."""
         stats = self._stats(snapshot)
         records = self._store(snapshot)
+        self._measure(snapshot, stats)
         self._commit(snapshot, records, stats)
         if self.writer is None:
             # The arrays live in reused buffers: keep a copy for the next update ratio.
@@ -519,6 +520,18 @@ class Pipeline:
             stats[key] = tensor_stats(arr, before)
             del before
         return stats
+
+    def _measure(self, snapshot: Snapshot, stats: dict[str, dict[str, float]]) -> None:
+        """Add the views' own per-tensor numbers (`View.measure`) to the statistics."""
+        for view in self.views:
+            try:
+                extra = view.measure(snapshot)
+            except Exception as e:
+                self._drop(view, e)
+                continue
+            for key, values in (extra or {}).items():
+                if key in stats:
+                    stats[key].update(values)
 
     def _commit(self, snapshot: Snapshot, records: dict[str, TensorRecord] | None,
                 stats: dict[str, dict[str, float]]) -> None:

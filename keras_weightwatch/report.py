@@ -1,7 +1,8 @@
 """The text the command line and the demo print: reports of runs, diffs and drifts.
 
 Pure functions of library results (`Run`, `DiffResult`, `DriftResult`) to text:
-`render_show`, `render_diff`, `render_drift`, and the pieces they share (`table`,
+`render_show`, `render_diff`, `render_drift`, `render_spectral` (and the
+Markdown summary of the spectral view), and the pieces they share (`table`,
 `sparkline`, the number formats). Non-finite numbers are spelled as `textfmt`
 spells them. Imports no Keras and no other part of the command line.
 """
@@ -9,7 +10,7 @@ spells them. Imports no Keras and no other part of the command line.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .compare.records import (
@@ -24,6 +25,7 @@ from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 if TYPE_CHECKING:
     from .compare.records import DiffResult, DriftResult, FeatureDiff, LayerDiff, TensorDiff
     from .run import Run
+    from .spectral import SpectralMetrics, SpectralResult
 
 WIDTH = 80
 """The width of the diff and drift tables."""
@@ -166,7 +168,27 @@ def render_show(run: Run) -> str:
         out.append("")
         out.append("metrics")
         out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
+    out += stored_spectral_lines(run)
     return "\n".join(out)
+
+
+_STORED = ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_norm", "num_spikes")
+
+
+def stored_spectral_lines(run: Run) -> list[str]:
+    """`show`'s spectral section: the metrics stored at the last snapshot that has them."""
+    from .spectral import stored_metric
+
+    snaps = [s for s in run.snapshots if any("spectral_norm" in st for st in s.stats.values())]
+    if not snaps:
+        return []
+    snap = snaps[-1]
+    rows = [[key] + [fmt_num(stored_metric(st, name)) for name in _STORED]
+            for key, st in snap.stats.items() if "spectral_norm" in st]
+    steps = ", ".join(s.name for s in snaps)
+    return ["", f"spectral  at {snap.name} (stored at {steps}; any step: weightwatch spectral)",
+            table(rows, ["weight", "alpha", "alpha_weighted", "stable_rank", "spectral_norm",
+                         "log_norm", "spikes"], right=[1, 2, 3, 4, 5, 6])]
 
 # --------------------------------------------------------------------------- diff
 
@@ -334,4 +356,78 @@ def render_drift(result: DriftResult) -> str:
                  fmt_g(layer.from_initial[-1]).rjust(12)]
         out.append((_fit(layer.name or "(model)", name_w).ljust(name_w)
                     + "".join("  " + c for c in cells)).rstrip())
+    out += alpha_lines(result)
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- spectral
+
+
+_SPECTRAL_HEADER = ["weight", "shape", "alpha", "alpha_weighted", "stable_rank", "spectral_norm",
+                    "log_norm", "spikes", "note"]
+
+
+def _matrix_text(m: SpectralMetrics) -> str:
+    rows, cols = m.matrix_shape
+    return f"{rows}x{cols}" + ("" if m.matrices == 1 else f" x{m.matrices}")
+
+
+def _spectral_cells(key: str, m: SpectralMetrics) -> list[str]:
+    from .spectral import alpha_note
+
+    return [key, _matrix_text(m), fmt_num(m.alpha), fmt_num(m.alpha_weighted),
+            fmt_num(m.stable_rank), fmt_num(m.spectral_norm), fmt_num(m.log_norm),
+            str(m.num_spikes), alpha_note(m.alpha, m.reason) or ""]
+
+
+def render_spectral(result: SpectralResult) -> str:
+    """The text of `weightwatch spectral RUN[@STEP]`: one row per kernel."""
+    out = [f"run    {result.path}", f"step   {result.step}",
+           "shape  rows x cols of each matrix (x the kernel positions of a convolution)", ""]
+    if not result.tensors:
+        return "\n".join(out + ["no Dense or convolution kernel in this snapshot"])
+    rows = [_spectral_cells(key, m) for key, m in result.tensors.items()]
+    out.append(table(rows, _SPECTRAL_HEADER, right=[2, 3, 4, 5, 6, 7]))
+    return "\n".join(out)
+
+
+def spectral_markdown(step: int, metrics: Mapping[str, SpectralMetrics]) -> str:
+    """The Markdown summary the spectral view writes at a snapshot: the kernels whose alpha
+    left 2-6, and those without alpha and why."""
+    from .spectral import ALPHA_RANGE, alpha_note
+
+    low, high = ALPHA_RANGE
+    fitted = [k for k, m in metrics.items() if math.isfinite(m.alpha)]
+    outside = [k for k in fitted if alpha_note(metrics[k].alpha) is not None]
+    missing = [k for k in metrics if k not in fitted]
+    out = [f"**Spectral health at step {step}**: {len(fitted)} of {len(metrics)} kernels have "
+           f"an alpha; {len(outside)} outside {low:g}-{high:g} (well-trained layers usually lie "
+           "inside)."]
+    if outside or missing:
+        out += ["", "| " + " | ".join(_SPECTRAL_HEADER) + " |",
+                "|" + "---|" * len(_SPECTRAL_HEADER)]
+        for key in outside + missing:
+            cells = _spectral_cells(f"`{key}`", metrics[key])
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out)
+
+
+def alpha_lines(result: DriftResult) -> list[str]:
+    """`drift`'s alpha section: each layer's stored alpha at the snapshots that have one."""
+    layers = [layer for layer in result.layers
+              if layer.alpha is not None and any(math.isfinite(a) for a in layer.alpha)]
+    if not layers:
+        return []
+    out = ["", "alpha (power law of the ESD tail, at the snapshots with spectral metrics; "
+           "2-6 is usual)"]
+    rows = []
+    for layer in layers:
+        alpha = layer.alpha or ()
+        kept = [(s, a) for s, a in zip(result.steps, alpha) if math.isfinite(a)]
+        values = [a for _, a in kept]
+        rows.append([layer.name or "(model)", sparkline(values, 24), kept[0][0], fmt_num(values[0]),
+                     kept[-1][0], fmt_num(values[-1]), fmt_num(min(values)),
+                     fmt_num(max(values))])
+    out.append(table(rows, ["layer", "alpha", "from", "alpha", "to", "alpha", "min", "max"],
+                     right=[3, 5, 6, 7]))
+    return out

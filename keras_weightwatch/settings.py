@@ -205,6 +205,24 @@ def check_sample_images(name: str, value: Any) -> np.ndarray | None:
     return arr
 
 
+SPECTRAL_EXTRA = "pip install 'keras-weightwatch[spectral]'"
+
+
+def spectral_every(name: str, value: Any) -> int | None:
+    """None (off) or every how many snapshots; on, the worker needs threadpoolctl to keep its
+    LAPACK threads off the training cores."""
+    out = optional_int(name, value)
+    if out is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("threadpoolctl") is None:
+            raise ImportError(
+                f"`{name}` needs threadpoolctl, to bound the threads of the eigenvalue "
+                f"computation: {SPECTRAL_EXTRA}. {received(name, value)}"
+            )
+    return out
+
+
 def _option(default: Any, check: Check, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"check": check}, **kwargs)
 
@@ -291,6 +309,7 @@ class Settings:
     storage_options: dict[str, Any] | None = _option(
         None, check_storage_options, compare=False, repr=False)
     """Handed to fsspec only: never in `get_config()`, the run header, or a message."""
+    spectral_freq: int | None = _option(None, spectral_every)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -51,7 +51,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,6 +68,8 @@ EVALS_THRESHOLD = 1e-5
 TRACY_WIDOM_99 = 2.0234
 """The 99th percentile of the Tracy–Widom (β=1) law: the margin above the Marchenko–Pastur
 edge, in units of the largest eigenvalue's fluctuation, that a spike must clear."""
+ALPHA_RANGE = (2.0, 6.0)
+"""Where the alpha of a well-trained layer usually lies (weightwatcher's rule of thumb)."""
 _BLOCK = 1 << 20  # elements of one block of KS distances (two buffers of 8 MB of float64)
 
 
@@ -123,6 +125,81 @@ class SpectralMetrics:
         d["matrix_shape"] = list(self.matrix_shape)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in d.items()}
+
+
+    def to_stats(self) -> dict[str, float]:
+        """The numbers as the snapshot statistics store them (`STAT_NAMES`; NaN kept)."""
+        return {k: float(getattr(self, k)) for k in STAT_NAMES}
+
+
+STAT_NAMES = ("spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "alpha",
+              "alpha_weighted", "xmin", "ks_distance", "sigma", "tail_size", "num_spikes",
+              "num_eigenvalues", "matrices")
+"""The `SpectralMetrics` fields stored beside a tensor's statistics in a snapshot file (when
+the callback's `spectral_freq` computed them), under these names."""
+
+
+def stored_metric(stats: Mapping[str, Any], name: str) -> float:
+    """One spectral statistic of a snapshot's stored stats of a tensor; NaN when absent (not
+    computed at that snapshot) or null."""
+    v = stats.get(name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def alpha_note(alpha: float, reason: str | None = None) -> str | None:
+    """Why a kernel's alpha deserves a look: outside `ALPHA_RANGE`, or not fitted (`reason`).
+
+    None when alpha lies in the range.
+
+    >>> alpha_note(3.0) is None, alpha_note(1.6)
+    (True, 'alpha < 2: heavy-tailed ESD, possibly over-trained')
+    """
+    low, high = ALPHA_RANGE
+    if not math.isfinite(alpha):
+        return reason or "no alpha"
+    if alpha < low:
+        return f"alpha < {low:g}: heavy-tailed ESD, possibly over-trained"
+    if alpha > high:
+        return f"alpha > {high:g}: random-like ESD, possibly under-trained"
+    return None
+
+
+class ESD(NamedTuple):
+    """A tensor's metrics and its eigenvalues (pooled over its matrices, unsorted)."""
+
+    metrics: SpectralMetrics
+    eigenvalues: np.ndarray | None
+
+
+class Target(NamedTuple):
+    """A weight tensor that holds matrices: its key, the layer class and its own name."""
+
+    key: str
+    layer_class: str | None
+    name: str
+
+
+def targets(classes: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
+            layers: Iterable[str] | None = None) -> list[Target]:
+    """The tensors that get spectral metrics, in weight order: the one choice of `spectral`
+    (a run on disk) and of the callback's spectral view.
+
+    Args:
+        classes: Top-level layer name -> its Keras class name (a nested layer is not in it,
+            and is classified by its weight's name and rank, see `kernel_matrices`).
+        shapes: Weight key -> shape, in weight order.
+        layers: Only these layer paths. Defaults to None: every layer.
+    """
+    wanted = _wanted_layers(list(shapes), layers)
+    out = []
+    for key, shape in shapes.items():
+        parts = parse_key(key)
+        if wanted is not None and parts.layer not in wanted:
+            continue
+        layer_class = classes.get(parts.layer)
+        if _holds_matrices(layer_class, parts.name, len(shape)):
+            out.append(Target(key, layer_class, parts.name))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +386,17 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     >>> m.spectral_norm, m.norm, m.stable_rank, m.reason
     (9.0, 14.0, 1.5555555555555556, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 3')
     """
+    esd = tensor_esd(array, layer_class, name, min_evals=min_evals, max_evals=max_evals)
+    return None if esd is None else esd.metrics
+
+
+def tensor_esd(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
+               min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> ESD | None:
+    """`tensor_spectral`'s metrics together with the eigenvalues they come from.
+
+    Arguments as for `tensor_spectral`. The eigenvalues are None where they were not
+    computed (a tensor over `max_evals`, or one holding NaN or Inf).
+    """
     _check_int("min_evals", min_evals, 20)
     _check_int("max_evals", max_evals, 1)
     mats = kernel_matrices(array, layer_class, name)
@@ -317,23 +405,28 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     shape = (int(mats.shape[1]), int(mats.shape[2]))
     total = mats.shape[0] * min(shape)
     if total == 0:
-        return _metrics(mats, shape, np.zeros((mats.shape[0], 0)), None,
-                        "the tensor is empty")
+        return _esd(mats, shape, np.zeros((mats.shape[0], 0)), None, "the tensor is empty")
     if total > max_evals:
-        return _metrics(mats, shape, None, None,
-                        f"{total} eigenvalues exceed max_evals={max_evals}; only norm computed")
+        return _esd(mats, shape, None, None,
+                    f"{total} eigenvalues exceed max_evals={max_evals}; only norm computed")
     gram = gram_matrices(mats)
     # Every entry of W is squared into one diagonal entry of its Gram matrix: checking the
     # diagonal finds a NaN or Inf anywhere in W without another pass over it.
     if not np.isfinite(np.einsum("pii->p", gram)).all():
-        return _metrics(mats, shape, None, None, "the tensor has NaN or Inf values")
+        return _esd(mats, shape, None, None, "the tensor has NaN or Inf values")
     evals = np.maximum(np.linalg.eigvalsh(gram), 0.0)
     usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
     if usable < min_evals:
         reason = (f"alpha needs {min_evals} eigenvalues above {EVALS_THRESHOLD:g}; "
                   f"the ESD has {usable}")
-        return _metrics(mats, shape, evals, None, reason)
-    return _metrics(mats, shape, evals, fit_power_law(evals), None)
+        return _esd(mats, shape, evals, None, reason)
+    return _esd(mats, shape, evals, fit_power_law(evals), None)
+
+
+def _esd(mats: np.ndarray, shape: tuple[int, int], evals: np.ndarray | None,
+         fit: PowerLawFit | None, reason: str | None) -> ESD:
+    metrics = _metrics(mats, shape, evals, fit, reason)
+    return ESD(metrics, None if evals is None else evals.reshape(-1))
 
 
 def _metrics(mats: np.ndarray, shape: tuple[int, int], evals: np.ndarray | None,
@@ -403,21 +496,14 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
         run = load_run(run)
     classes = {layer.name: layer.class_name for layer in run.layers}
     shapes = {spec.key: spec.shape for spec in run.specs}
-    keys = list(shapes)
-    wanted = _wanted_layers(keys, layers)
+    chosen = targets(classes, shapes, layers)
     resolved = run.snapshot(step).step
     out: dict[str, SpectralMetrics] = {}
-    for key in keys:
-        parts = parse_key(key)
-        if wanted is not None and parts.layer not in wanted:
-            continue
-        layer_class = classes.get(parts.layer)
-        if not _holds_matrices(layer_class, parts.name, len(shapes[key])):
-            continue
-        m = tensor_spectral(run.tensor(key, resolved), layer_class, parts.name,
+    for t in chosen:
+        m = tensor_spectral(run.tensor(t.key, resolved), t.layer_class, t.name,
                             min_evals=min_evals, max_evals=max_evals)
         if m is not None:
-            out[key] = m
+            out[t.key] = m
     return SpectralResult(path=str(run.path), step=int(resolved), tensors=out)
 
 

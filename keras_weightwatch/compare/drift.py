@@ -2,7 +2,8 @@
 
 `drift(run)` reduces, per layer, ||W_t - W_prev|| / ||W_prev|| and
 ||W_t - W_0|| / ||W_0|| for every snapshot after the first, one tensor at a
-time, memory-mapped and in float64 chunks (`reductions`).
+time, memory-mapped and in float64 chunks (`reductions`); and the spectral alpha
+of each layer's kernel that the snapshots store (`spectral_freq`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from ..errors import WeightWatchError, received
 from ..reductions import Sums, as_2d, pair_sums, self_sums
 from ..run import Run, SnapshotRecord, load_run
+from ..spectral import stored_metric
 from .inputs import compile_layer, load
 from .records import DriftResult, LayerDrift
 
@@ -86,4 +88,15 @@ def _layer_drift(run: Run, snaps: Sequence[SnapshotRecord], name: str, keys: Seq
         name=name,
         step_change=tuple(s.rel_l2() for s in step),
         from_initial=tuple(s.rel_l2() for s in total),
+        alpha=stored_alpha(snaps, keys),
     )
+
+
+def stored_alpha(snaps: Sequence[SnapshotRecord], keys: Sequence[str]) -> tuple[float, ...] | None:
+    """The alpha stored for the first of `keys` that has one at some snapshot, per snapshot
+    (NaN where absent); None when none has one."""
+    for key in keys:
+        alpha = tuple(stored_metric(s.stats.get(key, {}), "alpha") for s in snaps)
+        if any(key in s.stats and "alpha" in s.stats[key] for s in snaps):
+            return alpha
+    return None

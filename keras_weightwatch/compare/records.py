@@ -298,6 +298,9 @@ class LayerDrift:
         from_initial: For each snapshot after the first, ||W_t - W_0|| /
             ||W_0||, W_0 being the first snapshot (the initial weights when
             the run has them).
+        alpha: For every snapshot, the stored spectral alpha of the layer's kernel
+            (NaN at snapshots without one); None when no snapshot has one (the
+            callback's `spectral_freq` was off).
 
     Example (the README's quickstart run):
 
@@ -312,6 +315,7 @@ class LayerDrift:
     name: str
     step_change: tuple[float, ...]
     from_initial: tuple[float, ...]
+    alpha: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +348,7 @@ class DriftResult:
                     "name": layer.name,
                     "step_change": [json_num(v) for v in layer.step_change],
                     "from_initial": [json_num(v) for v in layer.from_initial],
+                    "alpha": None if layer.alpha is None else [json_num(v) for v in layer.alpha],
                 }
                 for layer in self.layers
             ],

@@ -15,6 +15,9 @@ Tags (all made by `summaries.tag`, so they are stable across runs):
 | `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
 | `KernelImageView` | images | `<weight key>/image` (`conv2d/kernel/image`) |
 | `ResponseView` | images | `responses/<layer>/sample_<i>` |
+| `SpectralView` | scalars | `<weight key>/<metric>` (`SCALARS`: `alpha`, `stable_rank`, ...) |
+| `SpectralView` | histograms | `<weight key>/esd` (log10 eigenvalues) |
+| `SpectralView` | text | `spectral/summary` |
 """
 
 from .base import View
@@ -23,6 +26,7 @@ from .features import MAX_FEATURE_SCALARS, FeatureView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .spectral import SpectralView
 from .stats import StatsView
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "HistogramView",
     "KernelImageView",
     "ResponseView",
+    "SpectralView",
     "StatsView",
     "View",
     "build_views",

@@ -12,6 +12,10 @@ A view has four hooks:
 - `capture(model)` runs on the training thread at each snapshot, for the rare
   view that needs Keras to compute something (a layer's activations). It
   returns a payload of numpy arrays, or None.
+- `measure(snapshot)` runs on the background worker before the snapshot file is
+  written: per-tensor numbers the view computes (spectral metrics) that the run stores
+  beside each tensor's statistics, so that `show`, `drift` and `diff` read them. It
+  returns weight key -> name -> number, or None.
 - `write(snapshot, stats, payload, events)` runs on the background worker with
   numpy arrays only, and writes summaries through `events`.
 """
@@ -40,6 +44,10 @@ class View:
 
     def capture(self, model: Any) -> Any:
         """Compute a payload that needs Keras (training thread, each snapshot)."""
+        return None
+
+    def measure(self, snapshot: Snapshot) -> Stats | None:
+        """Per-tensor numbers to store with the snapshot's statistics (worker thread)."""
         return None
 
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:

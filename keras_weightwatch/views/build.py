@@ -8,6 +8,7 @@ from .features import FeatureView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .spectral import SpectralView
 from .stats import StatsView
 
 
@@ -16,7 +17,8 @@ def build_views(settings: Settings) -> list[View]:
 
     Returns:
         Statistics always; histograms, the feature table, kernel images and
-        responses when the settings ask for them.
+        responses and spectral metrics when the
+        settings ask for them.
     """
     views: list[View] = [StatsView()]
     if settings.histograms:
@@ -42,4 +44,6 @@ def build_views(settings: Settings) -> list[View]:
                 settings.responses_dir,
             )
         )
+    if settings.spectral_freq is not None:
+        views.append(SpectralView(settings.spectral_freq))
     return views

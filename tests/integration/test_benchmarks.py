@@ -109,6 +109,9 @@ def test_bench_spectral_ratios_and_agreement():
               "--big-depth", "2", "--repeats", "1")
     sections = out.split("\n\n")[1:]
     assert len(sections) == 3
+    # the spectral view's worker CPU per snapshot: at least the metrics of the same kernels
+    worker = number(r"WORKER spectral view, reference CNN: ([\d.]+) ms CPU", sections[1])
+    assert worker > 0
     for section in sections:
         ours = number(r"ours \(tensor_spectral per kernel\)\s+([\d.]+) ms CPU", section)
         floor = number(r"floor \(float64 Gram \+ eigvalsh\)\s+([\d.]+) ms CPU", section)

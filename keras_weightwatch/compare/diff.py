@@ -228,7 +228,7 @@ def _reduce_kernel(ctx: _Context, t: TensorPlan, carry: Perm | None, fixed: bool
         return _Reduced(identical, s, aligned, moved=0, carried=None if rows is None else carry)
     if not (ctx.match and a2.shape[1] <= ctx.max_match_units and arr_a.dtype.kind != "c"):
         return _Reduced(identical, _plain_sums(identical, a2, b2))
-    m = match_units(a2, b2, rows)
+    m = match_units(a2, b2, rows, block=None if carry is None else len(carry))
     return _Reduced(identical, m.sums, m.matched, m.moved, m.perm,
                     carried=None if rows is None else carry)
 

@@ -144,7 +144,7 @@ def _timed(fn) -> float:
 
 def measure(a: str, b: str, repeats: int) -> dict:
     """Run in a fresh process: the baseline and diff_runs with and without matching,
-    interleaved `repeats` times (medians), then the memory of one matched diff."""
+    interleaved `repeats` times (medians), after the memory of one matched diff."""
     import statistics
     import tracemalloc
 
@@ -159,17 +159,18 @@ def measure(a: str, b: str, repeats: int) -> dict:
         "match=False, verify=False": lambda: diff_runs(a, b, match=False, verify=False),
         "match=True": lambda: diff_runs(a, b, match=True),
     }
-    baseline(a, b)  # the files' pages into the cache for every kind alike
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(repeats):
-        for k, fn in kinds.items():
-            times[k].append(_timed(fn))
+    # Memory first, in the fresh process: one matched diff.
     rss0 = _peak_rss()
     tracemalloc.start()
     result = diff_runs(a, b, match=True)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss1 = _peak_rss()
+    baseline(a, b)  # the files' pages into the cache for every kind alike
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for k, fn in kinds.items():
+            times[k].append(_timed(fn))
     matched = [f"{t.name} ({t.units_moved} units, cosine {t.cosine:.4f}, matched "
                f"{t.matched_cosine:.4f})" for t in result.tensors if t.units_moved]
     fixed = [t.name for t in result.tensors if t.units_fixed]

@@ -3,14 +3,18 @@
 Writes two runs of one made-up architecture (convolutions, then Dense layers of
 2048 units) with `run.RunWriter` (no Keras, no training), B being A plus
 noise with the units of one Dense layer permuted, then diffs them in a fresh
-process and prints the wall time, the peak of Python/numpy allocations
+process and prints the wall times, the peak of Python/numpy allocations
 (tracemalloc) and the peak resident memory (which also counts the pages of
 the memory-mapped tensor files while they are read), each relative to the
 bytes of one run.
 
 Usage:
 
-    .venv/bin/python benchmarks/bench_diff.py [--params 100_000_000] [--no-match]
+    .venv/bin/python benchmarks/bench_diff.py [--params 100_000_000] [--repeats 3]
+
+It prints, side by side from one process and interleaved: one plain numpy pass over
+the same memory-mapped tensors (the norms, dot products and squared differences a
+diff needs, in float64 chunks), `diff_runs(match=False)` and `diff_runs(match=True)`.
 """
 
 from __future__ import annotations
@@ -112,38 +116,78 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(a: str, b: str, match: bool) -> dict:
-    """Run in a fresh process: diff A and B, return time and memory."""
+def baseline(a: str, b: str) -> None:
+    """One plain numpy pass over the same memory-mapped tensors: for each pair, the norms,
+    the dot product and the squared difference, in float64 chunks of 1M values."""
+    from keras_weightwatch.run import load_run
+    from keras_weightwatch.run.reader import tensor_name
+
+    run_a, run_b = load_run(a), load_run(b)
+    snap_a, snap_b = run_a.snapshot("last"), run_b.snapshot("last")
+    for key, rec in snap_a.tensors.items():
+        xa = np.load(run_a.storage.where(tensor_name(rec)), mmap_mode="r").reshape(-1)
+        rec_b = snap_b.tensors[key]
+        xb = np.load(run_b.storage.where(tensor_name(rec_b)), mmap_mode="r").reshape(-1)
+        for i in range(0, xa.size, 1 << 20):
+            fa = np.asarray(xa[i:i + (1 << 20)], np.float64)
+            fb = np.asarray(xb[i:i + (1 << 20)], np.float64)
+            d = fb - fa
+            np.einsum("i,i->", fa, fa), np.einsum("i,i->", fb, fb)
+            np.einsum("i,i->", fa, fb), np.einsum("i,i->", d, d)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(a: str, b: str, repeats: int) -> dict:
+    """Run in a fresh process: the baseline and diff_runs with and without matching,
+    interleaved `repeats` times (medians), after the memory of one matched diff."""
+    import statistics
     import tracemalloc
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import scipy.optimize  # noqa: F401  (imported before the baseline is taken)
+
     from keras_weightwatch import diff_runs
 
-    if match:
-        import scipy.optimize  # noqa: F401  (imported before the baseline is taken)
+    kinds = {
+        "numpy pass": lambda: baseline(a, b),
+        "match=False": lambda: diff_runs(a, b, match=False),
+        "match=False, verify=False": lambda: diff_runs(a, b, match=False, verify=False),
+        "match=True": lambda: diff_runs(a, b, match=True),
+    }
+    # Memory first, in the fresh process: one matched diff.
     rss0 = _peak_rss()
     tracemalloc.start()
-    t0 = time.perf_counter()
-    result = diff_runs(a, b, match=match)
-    seconds = time.perf_counter() - t0
+    result = diff_runs(a, b, match=True)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss1 = _peak_rss()
+    baseline(a, b)  # the files' pages into the cache for every kind alike
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for k, fn in kinds.items():
+            times[k].append(_timed(fn))
     matched = [f"{t.name} ({t.units_moved} units, cosine {t.cosine:.4f}, matched "
                f"{t.matched_cosine:.4f})" for t in result.tensors if t.units_moved]
-    return {"seconds": seconds, "traced_peak": peak, "rss_before": rss0, "rss_peak": rss1,
-            "tensors": len(result.tensors), "moved": matched}
+    fixed = [t.name for t in result.tensors if t.units_fixed]
+    return {"median": {k: statistics.median(v) for k, v in times.items()}, "times": times,
+            "traced_peak": peak, "rss_before": rss0, "rss_peak": rss1,
+            "tensors": len(result.tensors), "moved": matched, "fixed": fixed}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=int, default=100_000_000)
-    p.add_argument("--no-match", action="store_true", help="diff without matching units")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians)")
     p.add_argument("--dir", default=None, help="where to write the runs (default: a temp dir)")
     p.add_argument("--measure", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure, match=not args.no_match)))
+        print(json.dumps(measure(*args.measure, repeats=args.repeats)))
         return
     from machine import machine
 
@@ -156,23 +200,35 @@ def main() -> None:
         tensor_dir = os.path.join(a, "tensors")
         run_bytes = sum(os.path.getsize(os.path.join(tensor_dir, f))
                         for f in os.listdir(tensor_dir))
-        cmd = [sys.executable, __file__, "--measure", a, b]
-        cmd += ["--no-match"] if args.no_match else []
+        cmd = [sys.executable, __file__, "--measure", a, b, "--repeats", str(args.repeats)]
         m = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        mib = 1 << 20
-        print(f"two runs of {total:,} float32 parameters ({run_bytes / mib:,.0f} MiB each), "
-              f"written in {t_write:.1f} s")
-        print(f"diff_runs(a, b, match={not args.no_match}): {m['seconds']:.1f} s for "
-              f"{m['tensors']} tensors, {total * 2 / m['seconds'] / 1e6:,.0f} M values/s")
-        print(f"  tracemalloc peak   {m['traced_peak'] / mib:8.1f} MiB = "
-              f"{m['traced_peak'] / run_bytes:.3f} x one run")
-        print(f"  peak RSS           {m['rss_peak'] / mib:8.1f} MiB = "
-              f"{m['rss_peak'] / run_bytes:.3f} x one run (whole process, with mapped pages; "
-              f"{m['rss_before'] / mib:.0f} MiB after imports)")
-        print(f"  units moved by the matching in: {', '.join(m['moved']) or '(none)'}")
+        report(m, total, run_bytes, t_write, args.repeats)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def report(m: dict, total: int, run_bytes: int, t_write: float, repeats: int) -> None:
+    mib = 1 << 20
+    med = m["median"]
+    base, plain, match = med["numpy pass"], med["match=False"], med["match=True"]
+    print(f"two runs of {total:,} float32 parameters ({run_bytes / mib:,.0f} MiB each), "
+          f"written in {t_write:.1f} s; medians of {repeats} interleaved repetitions")
+    print(f"  one plain numpy pass (norms, dot, diff; float64 chunks): {base:.3f} s")
+    print(f"  diff_runs(a, b, match=False):                {plain:.3f} s = "
+          f"{plain / base:.2f} x the numpy pass (target <= 2)")
+    print(f"  diff_runs(a, b, match=False, verify=False):  "
+          f"{med['match=False, verify=False']:.3f} s = "
+          f"{med['match=False, verify=False'] / base:.2f} x the numpy pass")
+    print(f"diff_runs(a, b, match=True): {match:.3f} s for {m['tensors']} tensors = "
+          f"{match / plain:.2f} x match=False (target <= 3)")
+    print(f"  tracemalloc peak   {m['traced_peak'] / mib:8.1f} MiB = "
+          f"{m['traced_peak'] / run_bytes:.3f} x one run")
+    print(f"  peak RSS           {m['rss_peak'] / mib:8.1f} MiB = "
+          f"{m['rss_peak'] / run_bytes:.3f} x one run (whole process, with mapped pages; "
+          f"{m['rss_before'] / mib:.0f} MiB after imports)")
+    print(f"  units moved by the matching in: {', '.join(m['moved']) or '(none)'}")
+    print(f"  units kept in order (model outputs): {', '.join(m['fixed']) or '(none)'}")
 
 
 if __name__ == "__main__":

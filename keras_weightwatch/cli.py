@@ -123,9 +123,13 @@ def _cmd_diff(args: argparse.Namespace, stdout: TextIO) -> int:
         result = diff_runs(
             args.a, args.b, tolerance=args.tolerance, layer=args.layer, match=not args.no_match,
             max_match_units=args.max_match_units, top_k=args.top_k,
+            fixed_units=tuple(args.fixed or ()),
         )
+        tags = None
         if args.images:
-            write_diff_images(args.a, args.b, args.images, layer=args.layer)
+            tags = write_diff_images(args.a, args.b, args.images, layer=args.layer,
+                                     match=not args.no_match,
+                                     diff=None if args.no_match else result)
     except ImportError as e:
         if EXTRA_HINT not in str(e):
             raise
@@ -134,8 +138,11 @@ def _cmd_diff(args: argparse.Namespace, stdout: TextIO) -> int:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
     else:
         print(render_diff(result), file=stdout)
-        if args.images:
+        if tags:
             print(f"\nkernel images: tensorboard --logdir {args.images}", file=stdout)
+        elif tags is not None:
+            print("\nkernel images: nothing to draw: A and B share no convolution kernel "
+                  f"of the same shape; {args.images} not written", file=stdout)
     return EXIT_OK
 
 
@@ -162,6 +169,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-match-units", type=_positive_int, default=DEFAULT_MAX_MATCH_UNITS,
                    metavar="N", help="match only layers with at most N units "
                    f"(default: {DEFAULT_MAX_MATCH_UNITS})")
+    p.add_argument("--fixed", action="append", metavar="LAYER",
+                   help="never permute this layer's units (repeatable); the model's outputs "
+                   "are always kept in order")
     p.add_argument("--images", metavar="DIR",
                    help="write A's, B's and B-A's kernel grids of each conv layer to a new "
                    "TensorBoard run directory DIR")

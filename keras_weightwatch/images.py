@@ -334,7 +334,7 @@ class DiffGrids(NamedTuple):
 
 
 def diff_grids(kernel_a: np.ndarray, kernel_b: np.ndarray, perm: np.ndarray | None = None,
-               max_tiles: int = 256) -> DiffGrids:
+               max_tiles: int = 256, perm_in: np.ndarray | None = None) -> DiffGrids:
     """Kernel grids of A, of B and of B - A, each on its own colour scale.
 
     Args:
@@ -344,6 +344,8 @@ def diff_grids(kernel_a: np.ndarray, kernel_b: np.ndarray, perm: np.ndarray | No
             to unit i of A), so tile i of B and of B - A shows the unit matched
             to A's tile i. Defaults to None: B as stored.
         max_tiles: The most tiles per grid. Defaults to 256.
+        perm_in: B's inputs (the axis before the units) in the order of A's,
+            likewise. Defaults to None: as stored.
 
     Returns:
         A `DiffGrids`.
@@ -359,5 +361,7 @@ def diff_grids(kernel_a: np.ndarray, kernel_b: np.ndarray, perm: np.ndarray | No
     kb = np.asarray(kernel_b, dtype=np.float64)
     if perm is not None:
         kb = kb[..., np.asarray(perm)]
+    if perm_in is not None:
+        kb = kb[..., np.asarray(perm_in), :]
     return DiffGrids(kernel_grid(ka, max_tiles=max_tiles), kernel_grid(kb, max_tiles=max_tiles),
                      kernel_grid(kb - ka, max_tiles=max_tiles))

@@ -131,57 +131,88 @@ def pair_sums_gram(
     a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None = None
 ) -> tuple[Sums, Gram]:
     """`pair_sums`, and in the same pass the units' `Gram` of A and (reordered) B."""
-    units = a2.shape[1]
-    gram = Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
+    gram = _new_gram(a2.shape[1])
     with np.errstate(invalid="ignore", over="ignore"):
         return _reduce(a2, b2, rows, None, gram), gram
 
 
+def sums_and_gram(
+    a2: np.ndarray, b2: np.ndarray, gram_rows: np.ndarray | None = None, block: int = 1
+) -> tuple[Sums, Gram]:
+    """The `Sums` of A and B as stored, and in the same pass the `Gram` of A and B[gram_rows].
+
+    `gram_rows` reorders B's rows within consecutive blocks of `block` rows (the
+    order `matching.input_rows` gives a kernel whose inputs are carried), so each
+    chunk of B is read once, as stored, and reordered in memory for the Gram.
+    """
+    gram = _new_gram(a2.shape[1])
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _reduce(a2, b2, None, None, gram, gram_rows, block), gram
+
+
+def _new_gram(units: int) -> Gram:
+    return Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
+
+
 def _reduce(
     a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None,
-    gram: Gram | None,
+    gram: Gram | None, gram_rows: np.ndarray | None = None, block: int = 1,
 ) -> Sums:
     n_rows, units = a2.shape
     step = _rows_per_chunk(units)
+    if block > 1:  # chunks of whole blocks, so `gram_rows` stays inside each chunk
+        step = max(block, step // block * block)
     s = Sums(size=int(a2.size))
     maxd = 0.0
+    # Three float64 buffers of one chunk, reused: fresh pages for every chunk cost more
+    # to fault in than the arithmetic itself.
+    bufs = np.empty((3, min(n_rows, step) * units))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        ca = _f64(a2[r0:r1])
-        cb = b2[r0:r1] if rows is None else b2[rows[r0:r1]]
-        cb = _f64(cb if cols is None else cb[:, cols])
+        raw_a = a2[r0:r1]
+        raw_b = b2[r0:r1] if rows is None else b2[rows[r0:r1]]
+        raw_b = raw_b if cols is None else raw_b[:, cols]
+        size = (r1 - r0) * units
+        ca, cb = bufs[0, :size].reshape(r1 - r0, units), bufs[1, :size].reshape(r1 - r0, units)
+        np.copyto(ca, raw_a, casting="unsafe")
+        np.copyto(cb, raw_b, casting="unsafe")
         fa, fb = ca.reshape(-1), cb.reshape(-1)
-        d = fb - fa
+        d = np.subtract(fb, fa, out=bufs[2, :size])
         s.saa += sumsq(fa)
         s.sbb += sumsq(fb)
         s.sab += dot(fa, fb)
         s.sdd += sumsq(d)
         finite = True
         if d.size:
-            maxd = float(np.maximum(maxd, np.max(np.abs(d))))  # NaN wins
+            maxd = float(np.maximum(maxd, np.max(np.abs(d, out=d))))  # NaN wins
             finite = math.isfinite(maxd) and math.isfinite(s.saa + s.sbb)
             if not finite:
                 s.nonfinite_a += int(fa.size - np.count_nonzero(np.isfinite(fa)))
                 s.nonfinite_b += int(fb.size - np.count_nonzero(np.isfinite(fb)))
         if gram is not None:
-            _add_gram(gram, ca, cb, finite)
+            local = None if gram_rows is None else gram_rows[r0:r1] - r0
+            _add_gram(gram, raw_a, raw_b if local is None else raw_b[local], ca, cb, finite)
     s.maxd = maxd
     return s
 
 
-def _add_gram(g: Gram, ca: np.ndarray, cb: np.ndarray, finite: bool) -> None:
+def _add_gram(g: Gram, raw_a: np.ndarray, raw_b: np.ndarray, ca: np.ndarray, cb: np.ndarray,
+              finite: bool) -> None:
+    """Add one chunk's products: Aᵀ B in float32 from the stored values (ample to rank
+    units; the matched sums are exact float64), the units' norms in float64."""
+    ga = np.asarray(raw_a, dtype=np.float32)
+    gb = np.asarray(raw_b, dtype=np.float32)
     if not finite:
         # NaN/Inf would poison the whole matching: match on the finite values.
-        ca, cb = _finite(ca), _finite(cb)
-    # float32 products are ample to rank units; the matched sums are exact float64.
-    g.g[...] += ca.T.astype(np.float32) @ cb.astype(np.float32)
+        ga, gb, ca, cb = _finite(ga), _finite(gb), _finite(ca), _finite(cb)
+    g.g[...] += ga.T @ gb
     g.norms_a[...] += np.einsum("ij,ij->j", ca, ca)
     g.norms_b[...] += np.einsum("ij,ij->j", cb, cb)
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
     """`x` with NaN and +-Inf replaced by 0."""
-    return np.where(np.isfinite(x), x, 0.0)
+    return np.where(np.isfinite(x), x, x.dtype.type(0))
 
 
 def self_sums(a2: np.ndarray) -> Sums:

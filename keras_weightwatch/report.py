@@ -66,8 +66,14 @@ def fmt_cos(x: float | None) -> str:
 
 
 def shape_text(shape: Sequence[int] | None) -> str:
-    """`(3, 3, 1, 5)`; `-` for None."""
-    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+    """A shape as the Python tuple it is; `-` for None.
+
+    Example:
+
+    >>> shape_text((3, 3, 1, 5)), shape_text((8,)), shape_text(()), shape_text(None)
+    ('(3, 3, 1, 5)', '(8,)', '()', '-')
+    """
+    return "-" if shape is None else str(tuple(int(n) for n in shape))
 
 
 def _fit(name: str, width: int) -> str:
@@ -209,7 +215,8 @@ def render_diff(result: DiffResult) -> str:
     for layer in result.layers:
         out += _layer_lines(layer, name_w)
     out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
-            "of units (kernels) of B to A's"]
+            "of B's hidden units to A's (a model's outputs and --fixed layers keep their",
+            "order); blank where no matching applies"]
     if result.features is not None:
         out += ["", *_feature_lines(result.features)]
     return "\n".join(out)
@@ -255,6 +262,9 @@ def _layer_lines(layer: LayerDiff, name_w: int) -> list[str]:
                        fmt_cos(layer.matched_cosine), "", ""], name_w)]
     for t in layer.tensors:
         out += _tensor_lines(t, name_w)
+        if t.units_fixed and t.compared and not t.unchanged:
+            out.append(f"      units kept in order ({layer.units_fixed or 'fixed'}): "
+                       "never matched")
     return out
 
 
@@ -339,7 +349,7 @@ def render_drift(result: DriftResult) -> str:
     first = steps[0]
     out = [f"run        {result.path}", f"snapshots  {len(steps)}: {', '.join(steps)}"]
     out.append("per step   ||W_t - W_prev|| / ||W_prev||, each layer's tensors together")
-    out.append(f"from {first}".ljust(11)
+    out.append(f"from {first}".ljust(10) + " "
                + f"||W_t - W_{first}|| / ||W_{first}|| at the last snapshot")
     out.append("")
     spark_w = min(24, max(8, len(steps) - 1))

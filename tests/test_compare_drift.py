@@ -38,3 +38,73 @@ def test_drift_needs_two_snapshots(tmp_path):
     one = write_run(tmp_path / "one", epochs(1))
     with pytest.raises(WeightWatchError, match="at least two snapshots"):
         drift(one)
+
+
+def _long_run(path, n, rng, units=48):
+    snaps = [("epoch", s, {"a/kernel": rng.normal(size=(64, units)).astype("float32"),
+                           "a/bias": rng.normal(size=units).astype("float32"),
+                           "b/kernel": rng.normal(size=(units, 32)).astype("float32")})
+             for s in range(n)]
+    return write_run(path, snaps, layers=[("a", "Dense"), ("b", "Dense")]), snaps
+
+
+def test_drift_holds_a_bounded_number_of_tensors_whatever_the_length_of_the_run(tmp_path):
+    import weakref
+
+    from keras_weightwatch.run import open_run
+    from keras_weightwatch.run.storage import LocalStorage
+
+    class CountingStorage(LocalStorage):
+        """Counts the tensors the reader holds at once (alive arrays it handed out)."""
+
+        alive = 0
+        most = 0
+        reads = 0
+
+        def load_npy(self, name, *, mmap):
+            arr = super().load_npy(name, mmap=mmap)
+            cls = CountingStorage
+            cls.alive += 1
+            cls.reads += 1
+            cls.most = max(cls.most, cls.alive)
+            weakref.finalize(arr, lambda: setattr(cls, "alive", cls.alive - 1))
+            return arr
+
+    path, snaps = _long_run(tmp_path / "long", 40, np.random.default_rng(0))
+    d = drift(open_run(CountingStorage(path)))
+    # Against numpy: the last step of layer `a`, both tensors together.
+    last, prev, first = snaps[-1][2], snaps[-2][2], snaps[0][2]
+    def rel(x, y):
+        num = sum(np.sum((x[k].astype(float) - y[k]) ** 2) for k in ("a/kernel", "a/bias"))
+        return np.sqrt(num / sum(np.sum(y[k].astype(float) ** 2) for k in ("a/kernel", "a/bias")))
+    assert d.layers[0].step_change[-1] == pytest.approx(rel(last, prev), rel=1e-9)
+    assert d.layers[0].from_initial[-1] == pytest.approx(rel(last, first), rel=1e-9)
+    # Each tensor file read once (the first snapshot's too), at most 3 held at once:
+    # the first, the previous and the current tensor of one weight.
+    assert CountingStorage.reads == 3 * 40
+    assert CountingStorage.most <= 3
+
+
+def test_drift_memory_does_not_grow_with_the_number_of_snapshots(tmp_path):
+    import tracemalloc
+
+    from keras_weightwatch import load_run
+
+    peaks = {}
+    units = 1024  # a snapshot of 400 KiB: far above the interpreter's own garbage
+    for n, verify in ((6, False), (60, False), (60, True)):
+        run = load_run(_long_run(tmp_path / f"r{n}{verify}", n, np.random.default_rng(n),
+                                 units)[0])
+        tracemalloc.start()
+        drift(run, verify=verify)
+        peaks[n, verify] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    snapshot_bytes = 4 * (64 * units + units + units * 32)
+    # A few float64 copies of one snapshot's largest tensor at most, whatever the run's
+    # length (the checksum's read buffer is a constant of its own).
+    assert peaks[60, False] < 8 * snapshot_bytes
+    assert peaks[60, False] < peaks[6, False] + snapshot_bytes / 4
+    from keras_weightwatch.run.reader import hash_stream
+
+    chunk = hash_stream.__defaults__[0]
+    assert peaks[60, True] < peaks[60, False] + chunk + snapshot_bytes / 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from compare_runs import oracle, perm_of, permuted, weights, write_run
+from compare_runs import cli, oracle, perm_of, permuted, weights, write_run
 
 from keras_weightwatch import diff_runs
 from keras_weightwatch.run import load_run
@@ -43,9 +43,13 @@ def test_chunked_reduction_matches_numpy_on_a_tensor_larger_than_a_chunk(tmp_pat
     rng = np.random.default_rng(5)
     a_arr = rng.normal(size=(300, 70)).astype("float32")
     b_arr = (a_arr + rng.normal(size=a_arr.shape) * 0.3).astype("float32")
-    a = write_run(tmp_path / "a", [("epoch", 0, {"d/kernel": a_arr})], layers=[("d", "Dense")])
-    b = write_run(tmp_path / "b", [("epoch", 0, {"d/kernel": b_arr[:, ::-1]})],
-                  layers=[("d", "Dense")])
+    # `d` is hidden (`o` is the output, whose units are never matched).
+    o_arr = rng.normal(size=(70, 2)).astype("float32")
+    layers = [("d", "Dense"), ("o", "Dense")]
+    a = write_run(tmp_path / "a", [("epoch", 0, {"d/kernel": a_arr, "o/kernel": o_arr})],
+                  layers=layers)
+    b = write_run(tmp_path / "b", [("epoch", 0, {"d/kernel": b_arr[:, ::-1],
+                                                 "o/kernel": o_arr[::-1]})], layers=layers)
     t = diff_runs(a, b).tensor("d/kernel")
     for name, value in oracle(a_arr, b_arr[:, ::-1]).items():
         assert getattr(t, name) == pytest.approx(value, rel=1e-10), name
@@ -159,3 +163,101 @@ def test_carried_in_and_out_follow_the_graph_rules():
     assert carried_out(p, None, False, [(3,), (3,)]) is p  # per channel: passes through
     assert carried_out(p, None, False, [(3,), (4,)]) is None
     assert carried_out(p, None, False, []) is None
+
+
+# --------------------------------------------------------------------------- fixed units
+
+
+def _graph_run(path, w):
+    """A run with a recorded graph: d1 -> bn -> d2 -> classes -> softmax (the model output)."""
+    from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
+    from keras_weightwatch.run import RunWriter
+
+    graph = [("d1", "Dense", ("input",)), ("bn", "BatchNormalization", ("d1",)),
+             ("d2", "Dense", ("bn",)), ("classes", "Dense", ("d2",)),
+             ("softmax", "Activation", ("classes",))]
+    specs = tuple(WeightSpec(key=k, path=f"model/{k}", layer=k.split("/")[0], shape=a.shape,
+                             dtype="float32", trainable=True) for k, a in w.items())
+    layers = tuple(LayerInfo(n, c, 1 if n != "softmax" else 0, 0, 0, inbound=i)
+                   for n, c, i in graph)
+    writer = RunWriter.open(str(path), ModelInfo("model", "Functional", layers, specs),
+                            settings={}, versions={}, durable=False)
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays=dict(w), logs={})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    return str(path)
+
+
+def _graph_weights(rng):
+    def f(*shape):
+        return rng.normal(size=shape).astype("float32")
+
+    return {"d1/kernel": f(6, 7), "d1/bias": f(7), "bn/gamma": f(7), "bn/beta": f(7),
+            "d2/kernel": f(7, 5), "d2/bias": f(5), "classes/kernel": f(5, 4),
+            "classes/bias": f(4)}
+
+
+def _shuffled_hidden(w, rng):
+    """The same function (numpy forward pass checked) with d1's and d2's units shuffled."""
+    p1, p2 = rng.permutation(7), rng.permutation(5)
+    q = dict(w)
+    q["d1/kernel"], q["d1/bias"] = w["d1/kernel"][:, p1], w["d1/bias"][p1]
+    q["bn/gamma"], q["bn/beta"] = w["bn/gamma"][p1], w["bn/beta"][p1]
+    q["d2/kernel"], q["d2/bias"] = w["d2/kernel"][p1][:, p2], w["d2/bias"][p2]
+    q["classes/kernel"] = w["classes/kernel"][p2]
+
+    def forward(v, x):
+        h = np.tanh(x @ v["d1/kernel"] + v["d1/bias"]) * v["bn/gamma"] + v["bn/beta"]
+        h = np.tanh(h @ v["d2/kernel"] + v["d2/bias"])
+        return h @ v["classes/kernel"] + v["classes/bias"]
+
+    x = rng.normal(size=(9, 6))
+    np.testing.assert_allclose(forward(w, x), forward(q, x), rtol=1e-5)
+    return q
+
+
+def test_hidden_units_shuffled_match_exactly_and_the_outputs_keep_their_order(tmp_path):
+    rng = np.random.default_rng(11)
+    w = _graph_weights(rng)
+    q = _shuffled_hidden(w, rng)
+    result = diff_runs(_graph_run(tmp_path / "a", w), _graph_run(tmp_path / "b", q))
+    for key in ("d1/kernel", "d1/bias", "bn/gamma", "bn/beta", "d2/kernel", "d2/bias",
+                "classes/kernel"):
+        t = result.tensor(key)
+        assert t.cosine < 1 - 1e-6, key
+        assert t.matched_cosine == pytest.approx(1.0, abs=1e-9), key
+        assert t.matched_rel_l2 == pytest.approx(0.0, abs=1e-7), key
+    assert result.tensor("d1/kernel").unit_order == tuple(int(np.flatnonzero(
+        (q["d1/kernel"] == w["d1/kernel"][:, [i]]).all(axis=0))[0]) for i in range(7))
+    classes = result.tensor("classes/kernel")
+    assert classes.units_fixed and classes.units_moved == 0 and classes.unit_order is None
+    bias = result.tensor("classes/bias")  # not permuted by anything: no matched value
+    assert bias.identical and bias.matched_cosine is None and bias.cosine == 1.0
+    layers = {layer.name: layer for layer in result.layers}
+    assert layers["classes"].units_fixed == "a model output"
+    assert layers["d1"].units_fixed is None and not result.tensor("d1/kernel").units_fixed
+
+
+def test_fixed_units_named_by_the_caller_are_never_permuted(tmp_path):
+    rng = np.random.default_rng(12)
+    w = _graph_weights(rng)
+    q = _shuffled_hidden(w, rng)
+    a, b = _graph_run(tmp_path / "a", w), _graph_run(tmp_path / "b", q)
+    result = diff_runs(a, b, fixed_units=["d2"])
+    d2 = result.tensor("d2/kernel")
+    assert d2.units_fixed and d2.units_moved == 0 and d2.unit_order is None
+    # Its inputs are still aligned with d1's matching, its units are not: numpy reference.
+    aligned = q["d2/kernel"][list(result.tensor("d1/kernel").unit_order)]
+    assert d2.matched_cosine == pytest.approx(oracle(w["d2/kernel"], aligned)["cosine"],
+                                              rel=1e-9)
+    assert d2.matched_cosine < 0.99
+    assert result.tensor("d2/bias").matched_cosine is None
+    # Nothing is carried into `classes`: no matching applies to it at all.
+    assert result.tensor("classes/kernel").matched_cosine is None
+    assert {la.name: la.units_fixed for la in result.layers}["d2"] == "fixed by the caller"
+    code, out, err = cli("diff", a, b, "--fixed", "d2", "--fixed", "d1")
+    assert code == 0 and out.count("kept in order") == 3
+    with pytest.raises(ValueError, match=r"names no layer.*Received: fixed_units=\['nope'\]"):
+        diff_runs(a, b, fixed_units=["nope"])
+    with pytest.raises(TypeError, match="Received: fixed_units=3"):
+        diff_runs(a, b, fixed_units=3)

@@ -106,3 +106,21 @@ def test_update_ratio_equals_numpy(monkeypatch, dtype):
     assert stats.update_ratio(prev, prev) == 0.0
     assert math.isnan(stats.update_ratio(arr, np.zeros_like(prev)))
     assert stats.tensor_stats(arr, prev)["update_ratio"] == pytest.approx(expect, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_sums_and_gram_reads_b_as_stored_and_reorders_it_for_the_gram(monkeypatch, chunk):
+    from keras_weightwatch.compare.matching import input_rows
+    from keras_weightwatch.reductions import sums_and_gram
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", chunk)
+    a, b = _pair(6, shape=(3 * 3 * 4, 5))  # a (3, 3, 4, 5) kernel as (rows, units)
+    carry = np.array([2, 0, 3, 1])
+    rows = input_rows((3, 3, 4, 5), carry)
+    s, gram = sums_and_gram(a, b, rows, block=4)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    # The Gram against numpy's fancy indexing of B's rows; the sums against B as stored.
+    np.testing.assert_allclose(gram.g, a64.T @ b64[rows], rtol=1e-5)
+    np.testing.assert_allclose(gram.norms_b, np.sum(b64 ** 2, axis=0), rtol=1e-12)
+    assert s.sab == pytest.approx(np.sum(a64 * b64), rel=1e-12)
+    assert s.sdd == pytest.approx(np.sum((b64 - a64) ** 2), rel=1e-12)

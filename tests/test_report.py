@@ -125,4 +125,22 @@ def test_numbers_in_show_and_shapes():
     assert fmt_int(1234567) == "1,234,567"
     assert [fmt_num(x) for x in (0.0, 2.0, 0.12345, 1e-5, 2e6)] == [
         "0", "2", "0.1235", f"{1e-5:.3e}", f"{2e6:.3e}"]
-    assert shape_text((3, 3, 1, 5)) == "(3, 3, 1, 5)" and shape_text(None) == "-"
+    # Shapes are printed as the Python tuples they are: the reference is `str(tuple)`.
+    for shape in [(3, 3, 1, 5), (8,), (), (4, 8)]:
+        assert shape_text(shape) == str(shape)
+    assert shape_text([8]) == "(8,)" and shape_text(None) == "-"
+
+
+@pytest.mark.parametrize("first", ["initial", "0", "-1"])
+def test_drift_header_keeps_its_words_apart(first):
+    from keras_weightwatch.compare import DriftResult, LayerDrift
+
+    d = DriftResult("r", (first, "1", "2"), (LayerDrift("dense", (0.5, 0.2), (0.5, 0.6)),))
+    line = next(x for x in render_drift(d).splitlines() if x.startswith(f"from {first}"))
+    import re
+
+    assert re.match(rf"from {re.escape(first)} +\|\|W_t - W_{re.escape(first)}\|\| / ", line)
+    per_step = next(x for x in render_drift(d).splitlines() if x.startswith("per step"))
+    # the two explanations start in one column when the step's name is short
+    if len(first) <= 5:
+        assert line.index("||") == per_step.index("||")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from ..run import Run, SnapshotRecord
 from .features import feature_diff
 from .inputs import (
     Target,
+    check_fixed_units,
     check_positive_int,
     check_tolerance,
     compile_layer,
@@ -62,6 +64,7 @@ def diff_runs(
     max_match_units: int = DEFAULT_MAX_MATCH_UNITS,
     top_k: int | None = None,
     verify: bool = True,
+    fixed_units: str | Sequence[str] = (),
 ) -> DiffResult:
     """Compare every weight tensor of snapshot A with the same tensor of snapshot B.
 
@@ -82,13 +85,20 @@ def diff_runs(
         layer: A regular expression; only weights whose key it matches (with
             `re.search`) are compared. Defaults to None (all).
         match: Also compare Dense and convolution layers after the best
-            one-to-one matching of their units (needs scipy). Defaults to True.
+            one-to-one matching of their hidden units (needs scipy). The units
+            of the model's outputs (a layer no other layer consumes, and the
+            layers without a kernel between it and the last kernel) and of the
+            `fixed_units` layers are never permuted. Defaults to True.
         max_match_units: Layers with more units are not matched. Defaults
             to 2048.
         top_k: Rows of the named-feature comparison. Defaults to None: the
             run's `top_k` setting.
         verify: Check each tensor file's SHA-256 before reading it. Defaults
             to True.
+        fixed_units: Layer names (one, or a sequence) whose units keep their
+            order besides the model's outputs: units whose order means
+            something outside the network (a layer read by name elsewhere).
+            Defaults to () (the outputs alone).
 
     Returns:
         A `DiffResult`.
@@ -111,7 +121,8 @@ def diff_runs(
     top_k = None if top_k is None else check_positive_int("top_k", top_k)
     run_a, snap_a = open_snapshot(a, step_a)
     run_b, snap_b = open_snapshot(b, step_b)
-    plan = make_plan(run_a, snap_a, run_b, snap_b, pattern)
+    fixed = check_fixed_units(fixed_units, {s.layer for s in (*run_a.specs, *run_b.specs)})
+    plan = make_plan(run_a, snap_a, run_b, snap_b, pattern, fixed)
     ctx = _Context(run_a, snap_a, run_b, snap_b, tolerance, match, max_match_units, verify)
     return DiffResult(a=plan.a, b=plan.b, tolerance=tolerance, layers=_execute(ctx, plan),
                       features=feature_diff(run_a, snap_a, run_b, snap_b, top_k, verify))
@@ -153,6 +164,8 @@ class _Reduced:
     matched: Sums | None = None
     moved: int | None = None
     perm: Perm | None = None
+    carried: Perm | None = None
+    """The matching of the kernel's inputs, where it was applied."""
 
 
 def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
@@ -165,13 +178,14 @@ def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
     perm: Perm | None = None
     for t in plan.order():
         if t is kernel:
-            r = _reduce_kernel(ctx, t, carry)
+            r = _reduce_kernel(ctx, t, carry, fixed=plan.fixed is not None)
             perm = r.perm
         else:
             # A bias (or a per-channel weight) follows its layer's units.
             r = _reduce_other(ctx, t, perm if perm is not None else
                               (carry if kernel is None else None))
-        diffs[t.key] = _finish(t, plan.name, r, ctx.tolerance)
+        diffs[t.key] = _finish(t, plan.name, r, ctx.tolerance,
+                               fixed=t is kernel and plan.fixed is not None)
         raw_total.add(r.sums)
         any_matched = any_matched or r.matched is not None
         matched_total.add(r.matched if r.matched is not None else r.sums)
@@ -183,6 +197,7 @@ def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
         rel_l2=raw_total.rel_l2() if compared else None,
         cosine=raw_total.cosine() if compared else None,
         matched_cosine=matched_total.cosine() if any_matched else None,
+        units_fixed=plan.fixed,
     ), out
 
 
@@ -198,18 +213,24 @@ def _plain_sums(identical: bool, a2: np.ndarray, b2: np.ndarray) -> Sums:
     return self_sums(a2) if identical else pair_sums(a2, b2)
 
 
-def _reduce_kernel(ctx: _Context, t: TensorPlan, carry: Perm | None) -> _Reduced:
-    """The layer's kernel: its units matched to A's, its inputs in the carried order."""
+def _reduce_kernel(ctx: _Context, t: TensorPlan, carry: Perm | None, fixed: bool) -> _Reduced:
+    """The layer's kernel: its units matched to A's (unless `fixed`), its inputs in the
+    carried order. A fixed kernel's matched sums exist only where its inputs are carried."""
     identical, arr_a, arr_b = _pair(ctx, t.key)
     if t.units_axis == -2:
         arr_a = np.ascontiguousarray(np.moveaxis(arr_a, -2, -1))
         arr_b = np.ascontiguousarray(np.moveaxis(arr_b, -2, -1))
     a2, b2 = as_2d(arr_a), as_2d(arr_b)
+    rows = None if carry is None else input_rows(arr_a.shape, carry)
+    if ctx.match and fixed and arr_a.dtype.kind != "c":
+        s = _plain_sums(identical, a2, b2)
+        aligned = None if rows is None else pair_sums(a2, b2, rows=rows)
+        return _Reduced(identical, s, aligned, moved=0, carried=None if rows is None else carry)
     if not (ctx.match and a2.shape[1] <= ctx.max_match_units and arr_a.dtype.kind != "c"):
         return _Reduced(identical, _plain_sums(identical, a2, b2))
-    rows = None if carry is None else input_rows(arr_a.shape, carry)
-    m = match_units(a2, b2, rows)
-    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm)
+    m = match_units(a2, b2, rows, block=None if carry is None else len(carry))
+    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm,
+                    carried=None if rows is None else carry)
 
 
 def _reduce_other(ctx: _Context, t: TensorPlan, align: Perm | None) -> _Reduced:
@@ -233,7 +254,8 @@ def _structural(t: TensorPlan, layer: str) -> TensorDiff:
                       shape_b=t.shape_b)
 
 
-def _finish(t: TensorPlan, layer: str, r: _Reduced, tolerance: float) -> TensorDiff:
+def _finish(t: TensorPlan, layer: str, r: _Reduced, tolerance: float, fixed: bool
+            ) -> TensorDiff:
     s, matched = r.sums, r.matched
     unchanged = r.identical or (not math.isnan(s.maxd) and s.maxd <= tolerance)
     return TensorDiff(
@@ -255,6 +277,9 @@ def _finish(t: TensorPlan, layer: str, r: _Reduced, tolerance: float) -> TensorD
         units_moved=r.moved,
         nonfinite_a=s.nonfinite_a,
         nonfinite_b=s.nonfinite_b,
+        units_fixed=fixed,
+        unit_order=None if r.perm is None else tuple(int(i) for i in r.perm),
+        input_order=None if r.carried is None else tuple(int(i) for i in r.carried),
     )
 
 

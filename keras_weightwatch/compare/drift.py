@@ -2,14 +2,17 @@
 
 `drift(run)` reduces, per layer, ||W_t - W_prev|| / ||W_prev|| and
 ||W_t - W_0|| / ||W_0|| for every snapshot after the first, one tensor at a
-time, memory-mapped and in float64 chunks (`reductions`); and the spectral alpha
-of each layer's kernel that the snapshots store (`spectral_freq`).
+time, memory-mapped and in float64 chunks (`reductions`), and the spectral alpha
+of each layer's kernel that the snapshots store (`spectral_freq`). It streams: however
+long the run, it holds three tensors of one weight and two floats per snapshot.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+
+import numpy as np
 
 from ..errors import WeightWatchError, received
 from ..reductions import Sums, as_2d, pair_sums, self_sums
@@ -71,23 +74,35 @@ def drift(
 
 def _layer_drift(run: Run, snaps: Sequence[SnapshotRecord], name: str, keys: Sequence[str],
                  verify: bool) -> LayerDrift:
-    """One layer's change per step and since the first snapshot, over its tensors together."""
-    step = [Sums() for _ in snaps[1:]]
-    total = [Sums() for _ in snaps[1:]]
+    """One layer's change per step and since the first snapshot, over its tensors together.
+
+    Streams: one weight at a time through every snapshot, holding three of its
+    tensors (the first, the previous, the current) and, per snapshot, the two
+    float64 sums each change needs (||W_ref||^2 and ||W_t - W_ref||^2).
+    """
+    n = len(snaps) - 1
+    step = np.zeros((2, n))  # rows: ||W_ref||^2 and ||W_t - W_ref||^2, summed over the keys
+    total = np.zeros((2, n))
     for key in keys:
         first = as_2d(load(run, snaps[0], key, verify))
         first_sha = snaps[0].tensors[key].sha256
-        prev, prev_sha = first, first_sha
+        first_saa = self_sums(first).saa
+        prev, prev_sha, prev_saa = first, first_sha, first_saa
         for i, snap in enumerate(snaps[1:]):
             sha = snap.tensors[key].sha256
-            cur = as_2d(load(run, snap, key, verify))
-            step[i].add(self_sums(prev) if sha == prev_sha else pair_sums(prev, cur))
-            total[i].add(self_sums(first) if sha == first_sha else pair_sums(first, cur))
-            prev, prev_sha = cur, sha
+            if sha == prev_sha:  # bit-identical: no change, nothing to read
+                cur, cur_saa, step_sdd = prev, prev_saa, 0.0
+            else:
+                cur = as_2d(load(run, snap, key, verify))
+                s = pair_sums(prev, cur)
+                cur_saa, step_sdd = s.sbb, s.sdd
+            step[:, i] += (prev_saa, step_sdd)
+            total[:, i] += (first_saa, 0.0 if sha == first_sha else pair_sums(first, cur).sdd)
+            prev, prev_sha, prev_saa = cur, sha, cur_saa
     return LayerDrift(
         name=name,
-        step_change=tuple(s.rel_l2() for s in step),
-        from_initial=tuple(s.rel_l2() for s in total),
+        step_change=tuple(Sums(saa=saa, sdd=sdd).rel_l2() for saa, sdd in step.T),
+        from_initial=tuple(Sums(saa=saa, sdd=sdd).rel_l2() for saa, sdd in total.T),
         alpha=stored_alpha(snaps, keys),
     )
 

@@ -118,3 +118,20 @@ def check_positive_int(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1. {received(name, value)}")
     return int(value)
+
+
+def check_fixed_units(value: Any, known: set[str]) -> tuple[str, ...]:
+    """`fixed_units`: layer names (a name or a sequence of names) of the runs compared."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"`fixed_units` must be a layer name or a sequence of layer names. "
+            f"{received('fixed_units', value)}"
+        )
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"`fixed_units` names no layer of the runs ({unknown[0]!r}; layers with weights: "
+            f"{', '.join(sorted(known)) or 'none'}). {received('fixed_units', value)}"
+        )
+    return tuple(names)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..reductions import Gram, Sums, pair_sums, pair_sums_gram
+from ..reductions import Gram, Sums, pair_sums, sums_and_gram
 
 EXTRA_HINT = "pip install 'keras-weightwatch[diff]'"
 DEFAULT_MAX_MATCH_UNITS = 2048
@@ -69,13 +69,12 @@ def best_matching(gram: Gram) -> Perm:
     return perm
 
 
-def match_units(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None) -> Matched:
-    """Match the units (columns) of two (rows, units) kernels; `rows` orders B's inputs."""
-    if rows is None:
-        s, gram = pair_sums_gram(a2, b2)
-    else:  # the raw sums with B as stored, the Gram with B's inputs in A's order
-        s = pair_sums(a2, b2)
-        gram = pair_sums_gram(a2, b2, rows=rows)[1]
+def match_units(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None,
+                block: int | None = None) -> Matched:
+    """Match the units (columns) of two (rows, units) kernels; `rows` orders B's inputs
+    (within consecutive blocks of `block` rows, as `input_rows` makes them)."""
+    # One pass: the raw sums with B as stored, the Gram with B's inputs in A's order.
+    s, gram = sums_and_gram(a2, b2, rows, block=1 if block is None else block)
     perm = best_matching(gram)
     moved = int(np.sum(perm != np.arange(a2.shape[1])))
     matched = pair_sums(a2, b2, rows=rows, cols=perm) if moved or rows is not None else s

@@ -4,7 +4,9 @@
 tensors grouped by layer in the model's order, each one's status (compared, or
 only in one snapshot, or of another shape), the axis of its units where a
 matching of units applies, and which layers feed each layer (along the model's
-recorded graph). `diff_runs` then executes the plan layer by layer.
+recorded graph), and which layers keep their units in order (`fixed`: the
+model's outputs and the layers a user names, whose unit order means something
+outside the network). `diff_runs` then executes the plan layer by layer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ COMPARE = "compare"
 """The plan status of a tensor in both snapshots with the same shape."""
 INPUT = "<input>"
 """The name `feeds` gives to a model input (nothing to carry from)."""
+FIXED_OUTPUT = "a model output"
+"""Why a layer's units keep their order: its output is (or feeds, through layers
+without a kernel) an output of the model: class k is class k."""
+FIXED_NAMED = "fixed by the caller"
+"""Why a layer's units keep their order: it was named in `fixed_units` (or feeds
+such a layer through layers without a kernel)."""
 _DENSE = "Dense"
 
 
@@ -47,6 +55,9 @@ class LayerPlan:
     feeds: tuple[str, ...] | None
     """The layers with weights that feed this one (through layers without weights), or
     None where the run records no graph: the matching then follows the weight order."""
+    fixed: str | None = None
+    """Why its units keep their order (`FIXED_OUTPUT`, `FIXED_NAMED`), or None when a
+    matching may permute them."""
 
     @property
     def compared(self) -> tuple[TensorPlan, ...]:
@@ -74,8 +85,13 @@ class DiffPlan:
 
 
 def make_plan(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord,
-              pattern: re.Pattern | None = None) -> DiffPlan:
-    """Plan the diff of two snapshots; `pattern` keeps only the keys it matches."""
+              pattern: re.Pattern | None = None,
+              fixed_units: tuple[str, ...] = ()) -> DiffPlan:
+    """Plan the diff of two snapshots; `pattern` keeps only the keys it matches.
+
+    `fixed_units` names layers whose units must keep their order, besides the
+    model's outputs (which always do).
+    """
     label_a, label_b = label(run_a, snap_a), label(run_b, snap_b)
     keys = ordered_keys(run_a, snap_a, run_b, snap_b)
     if pattern is not None:
@@ -93,8 +109,10 @@ def make_plan(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRe
         lname = layer_of.get(k, key_layer(k))
         groups.setdefault(lname, []).append(_tensor_plan(k, snap_a, snap_b, classes.get(lname)))
     feeds = weighted_feeds(run_a)
+    fixed = fixed_layers(run_a, list(dict.fromkeys(s.layer for s in run_a.specs)), fixed_units)
     layers = tuple(
-        LayerPlan(name, tuple(tensors), None if feeds is None else feeds.get(name, ()))
+        LayerPlan(name, tuple(tensors), None if feeds is None else feeds.get(name, ()),
+                  fixed.get(name))
         for name, tensors in groups.items()
     )
     return DiffPlan(a=label_a, b=label_b, layers=layers)
@@ -166,3 +184,50 @@ def weighted_feeds(run: Run) -> dict[str, tuple[str, ...]] | None:
         return tuple(out)
 
     return {name: sources(name, frozenset({name})) for name in weighted}
+
+
+def kernel_layers(run: Run) -> set[str]:
+    """The layers with a kernel whose units a matching would permute (`units_axis`)."""
+    classes = {layer.name: layer.class_name for layer in run.layers}
+    return {s.layer for s in run.specs
+            if units_axis(classes.get(s.layer), s.key, tuple(s.shape)) is not None}
+
+
+def fixed_layers(run: Run, order: list[str], named: tuple[str, ...] = ()) -> dict[str, str]:
+    """Layer -> why its units keep their order: the model's outputs, and the `named` layers.
+
+    Along the recorded graph, an output is a layer no other layer consumes; from
+    each output (and each named layer) the walk goes back through layers without
+    a kernel (activations, Flatten, BatchNormalization), whose units are their
+    feeders' units, to the first layers with a kernel. Without a graph (older
+    runs, subclassed models) the model is taken as a chain in weight order
+    (`order`): its last layer with a kernel, and every layer after it, is the output.
+    """
+    kernels = kernel_layers(run)
+    layers = run.layers
+    if not layers or any(layer.inbound is None for layer in layers):
+        inbound = {name: (order[i - 1],) if i else () for i, name in enumerate(order)}
+    else:
+        inbound = {layer.name: layer.inbound or () for layer in layers}
+    consumed = {parent for parents in inbound.values() for parent in parents}
+    out: dict[str, str] = {}
+    for name in inbound:
+        if name not in consumed:
+            _walk_back(name, inbound, kernels, FIXED_OUTPUT, out)
+    for name in named:
+        _walk_back(name, inbound, kernels, FIXED_NAMED, out)
+    return out
+
+
+def _walk_back(name: str, inbound: dict[str, tuple[str, ...]], kernels: set[str], why: str,
+               out: dict[str, str]) -> None:
+    """Mark `name`, and its feeders back to (and including) the first layers with a kernel."""
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        out.setdefault(current, why)
+        if current not in kernels:
+            todo += inbound.get(current, ())

@@ -54,9 +54,20 @@ class TensorDiff:
             None where no matching applies.
         matched_rel_l2: ||B_matched - A|| / ||A||, or None.
         units_moved: How many units the best matching moves (None where no
-            matching was computed for this tensor's own units).
+            matching was computed for this tensor's own units; 0 for the kernel
+            of a layer whose units keep their order).
+        units_fixed: True for the kernel of a layer whose units keep their
+            order (a model output, or a layer named in `fixed_units`): the
+            matching never permutes them; its `matched_*` values, when not
+            None, only align its inputs with the previous layer's matching.
         nonfinite_a: How many NaN/Inf values the tensor holds in A.
         nonfinite_b: How many NaN/Inf values it holds in B.
+        unit_order: The matching of this kernel's units (`unit_order[i]` = the
+            unit of B matched to unit i of A), or None where none was computed;
+            not in `to_json()`.
+        input_order: The order of B's inputs (the axis before the units)
+            aligned with A's by the matching of the layers that feed this
+            kernel, or None where none was carried; not in `to_json()`.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -86,6 +97,9 @@ class TensorDiff:
     units_moved: int | None = None
     nonfinite_a: int = 0
     nonfinite_b: int = 0
+    units_fixed: bool = False
+    unit_order: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    input_order: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def compared(self) -> bool:
@@ -98,6 +112,7 @@ class TensorDiff:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        del d["unit_order"], d["input_order"]
         for k in ("shape_a", "shape_b"):
             d[k] = None if d[k] is None else list(d[k])
         d["unchanged"] = self.unchanged
@@ -113,7 +128,10 @@ class LayerDiff:
         tensors: Its tensors, in the model's weight order.
         rel_l2: ||B - A|| / ||A|| over all compared tensors of the layer.
         cosine: Cosine similarity over all compared tensors.
-        matched_cosine: The same after matching units, or None.
+        matched_cosine: The same after matching units, or None where no
+            matching applies to any of its tensors.
+        units_fixed: Why its units keep their order (`"a model output"`,
+            `"fixed by the caller"`), or None when a matching may permute them.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -128,6 +146,7 @@ class LayerDiff:
     rel_l2: float | None
     cosine: float | None
     matched_cosine: float | None
+    units_fixed: str | None = None
 
     @property
     def unchanged(self) -> bool:
@@ -144,6 +163,7 @@ class LayerDiff:
             "rel_l2": json_num(self.rel_l2),
             "cosine": json_num(self.cosine),
             "matched_cosine": json_num(self.matched_cosine),
+            "units_fixed": self.units_fixed,
             "unchanged": self.unchanged,
             "tensors": [t.name for t in self.tensors],
         }

@@ -69,6 +69,8 @@ def test_bench_100m_hold_memory_and_disk_lines():
 def test_bench_diff_runs_and_reports_memory():
     out = run("bench_diff.py", "--params", "200000")
     assert number(r"diff_runs\(a, b, match=True\): ([\d.]+) s for \d+ tensors", out) >= 0
+    assert number(r"one plain numpy pass .*: ([\d.]+) s", out) > 0
+    assert number(r"match=False\):\s+[\d.]+ s = ([\d.]+) x the numpy pass", out) > 0
     assert number(r"tracemalloc peak\s+([\d.]+) MiB", out) > 0
 
 

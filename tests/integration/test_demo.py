@@ -106,6 +106,16 @@ def test_prints_the_tensorboard_line_and_the_diff_of_both_cnn_runs(demo):
     assert f"$ weightwatch diff {a} {b}" in out
     diff = out.split(f"$ weightwatch diff {a} {b}", 1)[1]
     assert "conv1/kernel" in diff
+    # The 10 output classes keep their meaning: the matching never permutes them.
+    from keras_weightwatch import diff_runs
+
+    result = diff_runs(a, b)
+    classes = result.tensor("classes/kernel")
+    assert classes.units_fixed and classes.units_moved == 0 and classes.unit_order is None
+    assert result.tensor("classes/bias").matched_cosine is None
+    lines = diff.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("classes/kernel"))
+    assert "moves" not in lines[at + 1] and "kept in order" in lines[at + 1]
 
 
 def test_refuses_a_non_empty_directory_it_did_not_write(tmp_path):

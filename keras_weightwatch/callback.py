@@ -137,6 +137,28 @@ class WeightWatch(keras.callbacks.Callback):
             message. Defaults to None: the protocol's own configuration (for
             S3, the `AWS_*` environment variables, `AWS_ENDPOINT_URL` and the
             `~/.aws` files).
+        saliency: Draw where the model looks in each of `sample_images`: a
+            method or a list of them among `"vanilla"` (|d score/d pixel|),
+            `"smoothgrad"` (vanilla averaged over noisy copies), `"gradcam"`
+            (Grad-CAM on a convolution layer) and `"hirescam"` (HiResCAM: the
+            activations times their gradients, position by position). Images
+            `saliency/<method>/sample_<i>`; needs `sample_images`. Defaults to
+            None (off).
+        saliency_class: The class each map explains. Defaults to None: each
+            image's predicted class.
+        saliency_layer: Grad-CAM's and HiResCAM's layer. Defaults to None: the
+            last convolution layer at the model's top level.
+        gradient_data: A probe batch `(x, y)`: at each snapshot, every watched
+            trainable weight's gradient of the compiled loss on it (inference
+            mode, no optimizer step), as scalars `<weight key>/grad_norm` and
+            `<weight key>/grad_to_weight` (||g|| / ||W||), also stored in the
+            snapshot's statistics. Defaults to None (off).
+        gradient_freq: Compute `gradient_data`'s gradients and the saliency
+            maps at every `gradient_freq`-th snapshot (the initial one
+            included). Defaults to 1.
+        gradient_histograms: Also write a histogram of each gradient
+            (`<weight key>/grad_histogram`); needs `gradient_data`. Defaults to
+            False.
 
     Example:
 
@@ -182,6 +204,12 @@ class WeightWatch(keras.callbacks.Callback):
         include: str | Sequence[str] | None = S.include,
         exclude: str | Sequence[str] | None = S.exclude,
         storage_options: Mapping[str, Any] | None = S.storage_options,
+        saliency: str | Sequence[str] | None = S.saliency,
+        saliency_class: int | None = S.saliency_class,
+        saliency_layer: str | None = S.saliency_layer,
+        gradient_data: Any = S.gradient_data,
+        gradient_freq: int = S.gradient_freq,
+        gradient_histograms: bool = S.gradient_histograms,
     ):
         super().__init__()
         self.settings = Settings.create(
@@ -193,7 +221,10 @@ class WeightWatch(keras.callbacks.Callback):
             responses_dir=responses_dir, if_exists=if_exists, strict=strict, durable=durable,
             max_queue=max_queue, store_dtype=store_dtype, keep_last=keep_last,
             keep_every=keep_every, include=include, exclude=exclude,
-            storage_options=storage_options,
+            storage_options=storage_options, saliency=saliency,
+            saliency_class=saliency_class, saliency_layer=saliency_layer,
+            gradient_data=gradient_data, gradient_freq=gradient_freq,
+            gradient_histograms=gradient_histograms,
         )
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None

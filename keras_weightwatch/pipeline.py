@@ -389,6 +389,7 @@ class Pipeline:
         """Its statistics, then store the snapshot, retention; then every view's summaries."""
         stats = self._stats(snapshot)
         records = self._store(snapshot)
+        self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
         if self.writer is None:
             # The arrays live in reused buffers: keep a copy for the next update ratio.
@@ -448,6 +449,21 @@ class Pipeline:
             stats[key] = tensor_stats(arr, before)
             del before
         return stats
+
+    def _view_stats(self, stats: dict[str, dict[str, float]],
+                    payloads: Mapping[str, Any]) -> None:
+        """Add the statistics views compute from their payloads (gradient norms) to `stats`."""
+        for view in self.views:
+            if view.name not in payloads:
+                continue
+            try:
+                extra = view.stats(stats, payloads[view.name])
+            except Exception as e:
+                self._drop(view, e)
+                continue
+            for key, values in extra.items():
+                if key in stats:
+                    stats[key].update(values)
 
     def _commit(self, snapshot: Snapshot, records: dict[str, TensorRecord] | None,
                 stats: dict[str, dict[str, float]]) -> None:

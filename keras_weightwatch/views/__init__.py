@@ -15,22 +15,29 @@ Tags (all made by `summaries.tag`, so they are stable across runs):
 | `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
 | `KernelImageView` | images | `<weight key>/image` (`conv2d/kernel/image`) |
 | `ResponseView` | images | `responses/<layer>/sample_<i>` |
+| `SaliencyView` | images | `saliency/<method>/sample_<i>` |
+| `GradientView` | scalars | `<weight key>/grad_norm`, `<weight key>/grad_to_weight` |
+| `GradientView` | histograms | `<weight key>/grad_histogram` (with `gradient_histograms`) |
 """
 
 from .base import View
 from .build import build_views
 from .features import MAX_FEATURE_SCALARS, FeatureView
+from .gradients import GradientView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .saliency import SaliencyView
 from .stats import StatsView
 
 __all__ = [
     "MAX_FEATURE_SCALARS",
     "FeatureView",
+    "GradientView",
     "HistogramView",
     "KernelImageView",
     "ResponseView",
+    "SaliencyView",
     "StatsView",
     "View",
     "build_views",

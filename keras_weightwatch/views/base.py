@@ -12,6 +12,10 @@ A view has four hooks:
 - `capture(model)` runs on the training thread at each snapshot, for the rare
   view that needs Keras to compute something (a layer's activations). It
   returns a payload of numpy arrays, or None.
+- `stats(stats, payload)` runs on the background worker before the snapshot
+  is committed, with the weights' statistics so far: the statistics the view
+  adds to the stored ones (weight key -> name -> number), e.g. gradient
+  norms. Most views add none.
 - `write(snapshot, stats, payload, events)` runs on the background worker with
   numpy arrays only, and writes summaries through `events`.
 """
@@ -41,6 +45,10 @@ class View:
     def capture(self, model: Any) -> Any:
         """Compute a payload that needs Keras (training thread, each snapshot)."""
         return None
+
+    def stats(self, stats: Stats, payload: Any) -> Stats:
+        """Statistics to store with the snapshot, from this view's payload (worker thread)."""
+        return {}
 
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
         """Write this view's summaries for one snapshot (worker thread)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from ..settings import Settings
 from .base import View
 from .features import FeatureView
+from .gradients import GradientView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .saliency import SaliencyView
 from .stats import StatsView
 
 
@@ -16,7 +18,7 @@ def build_views(settings: Settings) -> list[View]:
 
     Returns:
         Statistics always; histograms, the feature table, kernel images and
-        responses when the settings ask for them.
+        responses, saliency maps and gradient statistics when the settings ask for them.
     """
     views: list[View] = [StatsView()]
     if settings.histograms:
@@ -40,6 +42,23 @@ def build_views(settings: Settings) -> list[View]:
                 settings.response_layers,
                 settings.max_kernel_tiles,
                 settings.responses_dir,
+            )
+        )
+    if settings.saliency is not None and settings.sample_images is not None:
+        views.append(
+            SaliencyView(
+                settings.sample_images,
+                settings.saliency,
+                settings.saliency_class,
+                settings.saliency_layer,
+                settings.responses_dir,
+                settings.gradient_freq,
+            )
+        )
+    if settings.gradient_data is not None:
+        views.append(
+            GradientView(
+                settings.gradient_data, settings.gradient_freq, settings.gradient_histograms
             )
         )
     return views

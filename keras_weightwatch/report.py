@@ -185,7 +185,8 @@ def render_gradients(run: Run, width: int = 24) -> list[str]:
         return []
     rows = []
     for key in keys:
-        found = [snap.stats[key] for snap in run.snapshots if "grad_norm" in snap.stats.get(key, {})]
+        found = [snap.stats[key] for snap in run.snapshots
+                 if "grad_norm" in snap.stats.get(key, {})]
         norms = [float(st["grad_norm"]) for st in found]
         ratio = found[-1].get("grad_to_weight")
         rows.append([key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),

@@ -1,4 +1,4 @@
-"""views.gradients: gradient norms on a probe batch, against finite differences and the optimizer."""
+"""views.gradients: gradient norms on a probe batch, against finite differences and SGD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""views.saliency: saliency panels read back from TensorBoard, against maps from the stored weights."""
+"""views.saliency: panels read back from TensorBoard, against maps from the stored weights."""
 
 from __future__ import annotations
 

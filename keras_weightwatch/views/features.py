@@ -215,9 +215,12 @@ class FeatureView(View):
         rows = top_k_features(kernel, self.names, self.top_k, self._data, weights=weights)
         when = {"initial": "initial weights", "batch": f"during epoch {snapshot.epoch}"}.get(
             snapshot.label, f"epoch {snapshot.epoch}")
+        ranked = "by |weight|" if self.units == 1 else (
+            f"by the L2 norm of the feature's row over {self.units} units; not its effect "
+            "on the output")
         title = (
             f"Top {len(rows)} of {len(self.names)} input features of `{self.layer_name}` "
-            f"by |weight| ({when}, step {snapshot.step})"
+            f"{ranked} ({when}, step {snapshot.step})"
         )
         values = [text(tag("features", self.layer_name), markdown_table(rows, self.units, title))]
         if len(self.names) <= self.max_feature_scalars:

@@ -168,6 +168,28 @@ class WeightWatch(keras.callbacks.Callback):
             8 CPU seconds per 4096x4096 kernel (48 s for 100M parameters), so it is off
             by default. Needs threadpoolctl (`pip install 'keras-weightwatch[spectral]'`).
             Defaults to None (off).
+        saliency: Draw where the model looks in each of `sample_images`: a
+            method or a list of them among `"vanilla"` (|d score/d pixel|),
+            `"smoothgrad"` (vanilla averaged over noisy copies), `"gradcam"`
+            (Grad-CAM on a convolution layer) and `"hirescam"` (HiResCAM: the
+            activations times their gradients, position by position). Images
+            `saliency/<method>/sample_<i>`; needs `sample_images`. Defaults to
+            None (off).
+        saliency_class: The class each map explains. Defaults to None: each
+            image's predicted class.
+        saliency_layer: Grad-CAM's and HiResCAM's layer. Defaults to None: the
+            last convolution layer at the model's top level.
+        gradient_data: A probe batch `(x, y)`: at each snapshot, every watched
+            trainable weight's gradient of the compiled loss on it (inference
+            mode, no optimizer step), as scalars `<weight key>/grad_norm` and
+            `<weight key>/grad_to_weight` (||g|| / ||W||), also stored in the
+            snapshot's statistics. Defaults to None (off).
+        gradient_freq: Compute `gradient_data`'s gradients and the saliency
+            maps at every `gradient_freq`-th snapshot (the initial one
+            included). Defaults to 1.
+        gradient_histograms: Also write a histogram of each gradient
+            (`<weight key>/grad_histogram`); needs `gradient_data`. Defaults to
+            False.
 
     Example:
 
@@ -214,6 +236,12 @@ class WeightWatch(keras.callbacks.Callback):
         exclude: str | Sequence[str] | None = S.exclude,
         storage_options: Mapping[str, Any] | None = S.storage_options,
         spectral_freq: int | None = S.spectral_freq,
+        saliency: str | Sequence[str] | None = S.saliency,
+        saliency_class: int | None = S.saliency_class,
+        saliency_layer: str | None = S.saliency_layer,
+        gradient_data: Any = S.gradient_data,
+        gradient_freq: int = S.gradient_freq,
+        gradient_histograms: bool = S.gradient_histograms,
     ):
         super().__init__()
         self.settings = Settings.create(
@@ -227,6 +255,10 @@ class WeightWatch(keras.callbacks.Callback):
             keep_every=keep_every, include=include, exclude=exclude,
             storage_options=storage_options,
             spectral_freq=spectral_freq,
+            saliency=saliency,
+            saliency_class=saliency_class, saliency_layer=saliency_layer,
+            gradient_data=gradient_data, gradient_freq=gradient_freq,
+            gradient_histograms=gradient_histograms,
         )
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None

@@ -11,7 +11,8 @@ and trains, each into its own run directory under one log directory:
 - `digits-seed1` and `digits-seed2`: the same small CNN on the 8x8 digits,
   with two seeds; its first conv layer has kernels of shape (3, 3, 1, 5) as
   in the course, drawn as image grids, and four test digits are filtered by
-  each kernel;
+  each kernel; the same digits get saliency maps (vanilla gradients and
+  HiResCAM) and every weight its gradient norm on 64 test digits;
 - `photos`: a small CNN on patches of the two colour photographs scikit-learn
   ships, whose first-layer kernels (5, 5, 3, 8) are drawn as RGB images
   (like AlexNet's first-layer filters), with both photographs filtered by them.
@@ -46,6 +47,10 @@ DEFAULT_LOGDIR = "weightwatch-demo"
 RUN_NAMES = ("diabetes", "digits-seed1", "digits-seed2", "photos")
 DIGITS_FIRST_CONV = "conv1"
 SAMPLE_DIGITS = (0, 1, 4, 7)
+# The digits runs' saliency maps: vanilla gradients and HiResCAM on the last convolution
+# (Grad-CAM's map of this Flatten + Dense head is often zero everywhere: see `saliency`).
+DIGITS_SALIENCY = ("vanilla", "hirescam")
+GRADIENT_PROBE = 64  # examples of the digits test split in the gradient statistics' batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +419,9 @@ def _training_stages(keras: Any, datasets: Any, diabetes: Mapping[str, Any],
             f"{name}: CNN on 8x8 digits, kernels (3,3,1,5), {settings.cnn_epochs} epochs",
             functools.partial(_train, keras, functools.partial(_digits_cnn, keras), digits,
                               runs[name], settings.cnn_epochs, seed,
-                              sample_images=digits["samples"]),
+                              sample_images=digits["samples"], saliency=DIGITS_SALIENCY,
+                              gradient_data=(digits["x_test"][:GRADIENT_PROBE],
+                                             digits["y_test"][:GRADIENT_PROBE])),
             _accuracy,
         ))
     # (d) AlexNet-style colour kernels on the two sample photographs.

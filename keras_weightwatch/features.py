@@ -274,7 +274,8 @@ def _cell(s: str) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | None = None) -> str:
+def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | None = None,
+                   column: str | None = None) -> str:
     """The top-k table as Markdown: rank, feature, weight (and the sample's columns).
 
     For a layer with several units the weight column is the L2 norm over the
@@ -285,6 +286,8 @@ def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | N
         rows: The features, as `top_k_features` returns them.
         units: The layer's number of units. Defaults to 1.
         title: A line shown above the table. Defaults to None.
+        column: The heading of the ranked column. Defaults to None: "weight"
+            for one unit, else "L2 norm over units".
 
     Returns:
         Markdown text.
@@ -298,11 +301,14 @@ def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | N
     | 2 | RM | 2.85 |
     """
     with_data = any(r.std is not None for r in rows)
-    head = ["rank", "feature", "weight" if units == 1 else "L2 norm over units"]
+    if column is None:
+        column = "weight" if units == 1 else "L2 norm over units"
+    head = ["rank", "feature", column]
     align = ["---:", ":---", "---:"]
+    with_std = any(r.standardized is not None for r in rows)
     if with_data:
-        head += ["standardized", "correlated with (r)"]
-        align += ["---:", ":---"]
+        head += ["standardized"] * with_std + ["correlated with (r)"]
+        align += ["---:"] * with_std + [":---"]
     lines = []
     if title:
         lines += [title, ""]
@@ -311,7 +317,7 @@ def markdown_table(rows: Sequence[FeatureWeight], units: int = 1, title: str | N
         cells = [str(r.rank), _cell(r.name), _num(r.weight)]
         if with_data:
             flag = "" if r.partner is None else f"**{_cell(r.partner)}** ({_num(r.correlation)})"
-            cells += [_num(r.standardized), flag]
+            cells += [_num(r.standardized)] * with_std + [flag]
         lines.append("| " + " | ".join(cells) + " |")
     if 1 < units <= MAX_UNIT_COLUMNS and rows:
         lines += ["", "Weight per unit:", ""]

@@ -461,6 +461,7 @@ class Pipeline:
         stats = self._stats(snapshot)
         records = self._store(snapshot)
         self._measure(snapshot, stats)
+        self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
         if self.writer is None:
             # The arrays live in reused buffers: keep a copy for the next update ratio.
@@ -530,6 +531,21 @@ class Pipeline:
                 self._drop(view, e)
                 continue
             for key, values in (extra or {}).items():
+                if key in stats:
+                    stats[key].update(values)
+
+    def _view_stats(self, stats: dict[str, dict[str, float]],
+                    payloads: Mapping[str, Any]) -> None:
+        """Add the statistics views compute from their payloads (gradient norms) to `stats`."""
+        for view in self.views:
+            if view.name not in payloads:
+                continue
+            try:
+                extra = view.stats(stats, payloads[view.name])
+            except Exception as e:
+                self._drop(view, e)
+                continue
+            for key, values in extra.items():
                 if key in stats:
                     stats[key].update(values)
 

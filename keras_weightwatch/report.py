@@ -175,6 +175,9 @@ def render_show(run: Run) -> str:
         out.append("metrics")
         out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
     out += stored_spectral_lines(run)
+    gradient_lines = render_gradients(run)
+    if gradient_lines:
+        out += ["", *gradient_lines]
     return "\n".join(out)
 
 
@@ -195,6 +198,31 @@ def stored_spectral_lines(run: Run) -> list[str]:
     return ["", f"spectral  at {snap.name} (stored at {steps}; any step: weightwatch spectral)",
             table(rows, ["weight", "alpha", "alpha_weighted", "stable_rank", "spectral_norm",
                          "log_norm", "spikes"], right=[1, 2, 3, 4, 5, 6])]
+
+
+GRADIENT_STATS = ("grad_norm", "grad_to_weight")
+"""The statistics the callback's `gradient_data` stores per weight (see `views.gradients`)."""
+
+
+def render_gradients(run: Run, width: int = 24) -> list[str]:
+    """The `gradients` lines of `show` and `drift`: each weight's ||g|| on the probe batch
+    across the snapshots that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
+    keys = [s.key for s in run.specs
+            if any("grad_norm" in snap.stats.get(s.key, {}) for snap in run.snapshots)]
+    if not keys:
+        return []
+    rows = []
+    for key in keys:
+        found = [snap.stats[key] for snap in run.snapshots
+                 if "grad_norm" in snap.stats.get(key, {})]
+        norms = [float(st["grad_norm"]) for st in found]
+        ratio = found[-1].get("grad_to_weight")
+        rows.append([key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),
+                     "-" if ratio is None else fmt_g(float(ratio))])
+    steps = sum(1 for snap in run.snapshots if any("grad_norm" in st for st in snap.stats.values()))
+    return [f"gradients of the loss on the probe batch ({steps} snapshots; one batch: noisy)",
+            table(rows, ["key", "||g|| per snapshot", "last ||g||", "||g||/||W||"],
+                  right=[2, 3])]
 
 # --------------------------------------------------------------------------- diff
 

@@ -20,6 +20,12 @@ probability; Grad-CAM's paper differentiates the score before the softmax.
   and the map can be zero everywhere (as it is for a small digits CNN after
   five epochs, at both of its convolutions).
 
+- `hirescam`: HiResCAM (Draelos and Carin, 2020): the ReLU of the sum over
+  channels of A times G position by position, not G averaged first; for a
+  head of `Flatten` and `Dense` it is the exact contribution of each position
+  to the score (when the head is linear), so it is not emptied by gradients
+  of both signs, as Grad-CAM's map can be.
+
 A saliency map is a local, model-specific explanation: it says which pixels
 move this model's score for this image, not what the class looks like.
 
@@ -51,10 +57,10 @@ class Saliency:
     """Saliency maps of a batch of images.
 
     Attributes:
-        method: `"vanilla"`, `"smoothgrad"` or `"gradcam"`.
+        method: `"vanilla"`, `"smoothgrad"`, `"gradcam"` or `"hirescam"`.
         maps: `(n, H, W)` float64, >= 0, at the images' size.
         classes: `(n,)` the class each map explains.
-        layer: Grad-CAM's layer (None for the other methods).
+        layer: Grad-CAM's (or HiResCAM's) layer (None for the other methods).
     """
 
     method: str
@@ -150,6 +156,11 @@ def gradcam(
     class_index: int | Sequence[int] | None = None,
 ) -> Saliency:
     """Grad-CAM maps on a convolution layer (the last one unless named), at the images' size."""
+    return _cam(model, images, layer, class_index, "gradcam")
+
+
+def _cam(model: Any, images: Any, layer: str | None, class_index: Any, method: str) -> Saliency:
+    """A class activation map of `method` ("gradcam" or "hirescam") on a convolution layer."""
     x = _check_images(images)
     name = layer or last_conv_layer(model)
     index = None if class_index is None else _classes(model, x, class_index)
@@ -161,8 +172,36 @@ def gradcam(
                          f"{None if acts is None else acts.shape}")
     if getattr(model.get_layer(name), "data_format", "channels_last") == "channels_first":
         acts, grads = np.moveaxis(acts, 1, -1), np.moveaxis(grads, 1, -1)
-    maps = resize_bilinear(gradcam_maps(acts, grads), x.shape[1:3])
-    return Saliency("gradcam", maps, np.asarray(g.units), name)
+    combine = hirescam_maps if method == "hirescam" else gradcam_maps
+    maps = resize_bilinear(combine(acts, grads), x.shape[1:3])
+    return Saliency(method, maps, np.asarray(g.units), name)
+
+
+def hirescam(
+    model: Any,
+    images: Any,
+    layer: str | None = None,
+    class_index: int | Sequence[int] | None = None,
+) -> Saliency:
+    """HiResCAM maps on a convolution layer (the last one unless named), at the images' size."""
+    return _cam(model, images, layer, class_index, "hirescam")
+
+
+def hirescam_maps(activations: np.ndarray, activation_gradients: np.ndarray) -> np.ndarray:
+    """`(n, h, w, K)` activations and gradients -> `(n, h, w)` HiResCAM maps (ReLU'd).
+
+    >>> a = np.stack([np.eye(2), np.ones((2, 2))], axis=-1)[None]
+    >>> g = np.stack([np.eye(2), -np.eye(2)], axis=-1)[None]
+    >>> hirescam_maps(a, g)[0]  # ReLU(eye * eye - ones * eye)
+    array([[0., 0.],
+           [0., 0.]])
+    >>> hirescam_maps(a, np.stack([np.eye(2), np.zeros((2, 2))], axis=-1)[None])[0]
+    array([[1., 0.],
+           [0., 1.]])
+    """
+    a = np.asarray(activations, dtype=np.float64)
+    g = np.asarray(activation_gradients, dtype=np.float64)
+    return np.maximum((a * g).sum(axis=-1), 0.0)
 
 
 def gradcam_maps(activations: np.ndarray, activation_gradients: np.ndarray) -> np.ndarray:

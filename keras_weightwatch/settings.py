@@ -28,6 +28,7 @@ RESPONSE_MODES = ("kernel", "activation")
 STORE_DTYPES = ("float16", "bfloat16")
 SECRET_OPTIONS = frozenset({"storage_options"})
 """Options never recorded (`to_config`, the run header): they may hold credentials."""
+SALIENCY_METHODS = ("vanilla", "smoothgrad", "gradcam", "hirescam")
 
 Check = Callable[[str, Any], Any]
 
@@ -221,6 +222,47 @@ def spectral_every(name: str, value: Any) -> int | None:
                 f"computation: {SPECTRAL_EXTRA}. {received(name, value)}"
             )
     return out
+def saliency_methods(name: str, value: Any) -> tuple[str, ...] | None:
+    """None, one saliency method, or a list of them (each once)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, bytes) or not isinstance(items, Sequence) or not items:
+        raise TypeError(
+            f"`{name}` must be one of {list(SALIENCY_METHODS)} or a non-empty list of them. "
+            f"{received(name, value)}"
+        )
+    for method in items:
+        if method not in SALIENCY_METHODS:
+            raise ValueError(
+                f"`{name}`: {method!r} is not a saliency method; choose among "
+                f"{list(SALIENCY_METHODS)}. {received(name, value)}"
+            )
+    return tuple(dict.fromkeys(items))
+
+
+def optional_index(name: str, value: Any) -> int | None:
+    """None or an integer >= 0 (a class index)."""
+    return None if value is None else positive_int(name, value, minimum=0)
+
+
+def check_gradient_data(name: str, value: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """None or a probe batch `(x, y)`: numeric arrays with the same number of examples."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"`{name}` must be a pair (x, y) of arrays. "
+                        f"Received: {name} of type {type(value).__name__}")
+    x, y = (np.asarray(v) for v in value)
+    for part, arr in (("x", x), ("y", y)):
+        _numeric(name, arr, f"numeric arrays; its {part} is not")
+        if arr.ndim < 1 or arr.shape[0] < 1:
+            raise ValueError(f"`{name}`: {part} must hold at least one example. "
+                             f"Received: {name} {part} with shape {arr.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"`{name}`: x and y must hold the same number of examples. "
+                         f"Received: {name} with shapes {x.shape} and {y.shape}")
+    return (x, y)
 
 
 def _option(default: Any, check: Check, **kwargs: Any) -> Any:
@@ -310,6 +352,13 @@ class Settings:
         None, check_storage_options, compare=False, repr=False)
     """Handed to fsspec only: never in `get_config()`, the run header, or a message."""
     spectral_freq: int | None = _option(None, spectral_every)
+    saliency: tuple[str, ...] | None = _option(None, saliency_methods)
+    saliency_class: int | None = _option(None, optional_index)
+    saliency_layer: str | None = _option(None, layer_name)
+    gradient_data: tuple[np.ndarray, np.ndarray] | None = _option(
+        None, check_gradient_data, compare=False)
+    gradient_freq: int = _option(1, positive_int)
+    gradient_histograms: bool = _option(False, boolean)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -326,6 +375,27 @@ class Settings:
                 _is_on(getattr(self, n)) for n in needs.any_of
             ):
                 raise ValueError(_missing(self, needs))
+        self._check_needs()
+
+    def _check_needs(self) -> None:
+        """Options that would do nothing without another are refused, naming the missing one."""
+        if self.saliency is not None and self.sample_images is None:
+            raise ValueError(
+                "`saliency` draws saliency maps of `sample_images`; pass sample_images=. "
+                "Received: sample_images=None"
+            )
+        for option in ("saliency_class", "saliency_layer"):
+            if getattr(self, option) is not None and self.saliency is None:
+                raise ValueError(f"`{option}` needs `saliency` (which maps to draw). "
+                                 "Received: saliency=None")
+        if self.gradient_histograms and self.gradient_data is None:
+            raise ValueError("`gradient_histograms` needs `gradient_data` (the probe batch "
+                             "the gradients are taken on). Received: gradient_data=None")
+        if self.gradient_freq != 1 and self.gradient_data is None and self.saliency is None:
+            raise ValueError(
+                "`gradient_freq` sets how often `gradient_data` and `saliency` run; neither "
+                "is given. Received: gradient_data=None, saliency=None"
+            )
 
     @classmethod
     def create(cls, **options: Any) -> Settings:
@@ -351,7 +421,7 @@ class Settings:
             if isinstance(value, np.ndarray):
                 value = list(value.shape)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [list(v.shape) if isinstance(v, np.ndarray) else v for v in value]
             out[f.name] = value
         return out
 

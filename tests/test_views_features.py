@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from view_helpers import (
     BOSTON,
     PLANTED,
@@ -116,3 +117,70 @@ def test_tags_do_not_collide_for_feature_names_that_clean_to_the_same_tag(tmp_pa
         tag("features", "d", "a b"),
         "features/d/a_b_1",
     }
+
+
+# ------------------------------------------------------------------ a ranking true for the layer
+
+
+def _table_rows(run_dir, step):
+    from view_helpers import _acc, _values
+
+    acc = _acc(run_dir)
+    md = _values(acc, "features/hidden")[step].item().decode()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return md.splitlines()[0], [r.split("|")[2].strip() for r in rows]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_quickstart_ranks_noise_last_in_both_seeds(tmp_path, seed):
+    import random
+
+    from keras_weightwatch import load_run
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 4)).astype("float32")
+    y = x @ np.array([2.0, -1.0, 0.5, 0.0], "float32")
+    names = ["rooms", "distance", "age", "noise"]
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=20, verbose=0, callbacks=[
+        WeightWatch(tmp_path / "run", feature_names=names, feature_data=x, top_k=4)])
+    run = load_run(tmp_path / "run")
+    heading, ranked = _table_rows(run.path, run.epochs[-1])
+    assert "effect on the output" in heading
+    assert ranked[-1] == "noise"
+    # The reference: the product of the kernels (the model is linear), times each std.
+    w = run.weights(run.epochs[-1])
+    effect = np.abs(w["hidden/kernel"].astype(np.float64) @ w["out/kernel"])[:, 0] * x.std(0)
+    assert ranked == [names[i] for i in np.argsort(-effect)]
+
+
+def _planted(irrelevant_weight=5.0):
+    """tanh hidden layer; input 2 feeds only units the output ignores (zero effect)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh",
+                                                                    name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    k1 = np.array([[1.0, 0.5, 0, 0], [0.3, -1.0, 0, 0], [0, 0, irrelevant_weight, 3.0]],
+                  "float32")
+    k2 = np.array([[1.0], [0.8], [0.0], [0.0]], "float32")
+    model.set_weights([k1, np.zeros(4, "float32"), k2, np.zeros(1, "float32")])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_a_planted_irrelevant_input_ranks_last_by_effect(tmp_path, with_data):
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+    model = _planted()
+    extra = {"feature_data": x} if with_data else {}
+    model.fit(x, x[:, :1], epochs=1, verbose=0, callbacks=[WeightWatch(
+        tmp_path / "run", feature_names=["a", "b", "irrelevant"], top_k=3, **extra)])
+    heading, ranked = _table_rows(str(tmp_path / "run"), 0)
+    if with_data:
+        assert "effect on the output" in heading and ranked[-1] == "irrelevant"
+    else:  # the row norm ranks it first, and the heading says what it ranks
+        assert "not its effect" in heading and ranked[0] == "irrelevant"

@@ -205,6 +205,7 @@ def fixed_layers(run: Run, order: list[str], named: tuple[str, ...] = ()) -> dic
     """
     kernels = kernel_layers(run)
     layers = run.layers
+    inbound: dict[str, tuple[str, ...]]
     if not layers or any(layer.inbound is None for layer in layers):
         inbound = {name: (order[i - 1],) if i else () for i, name in enumerate(order)}
     else:

@@ -18,24 +18,31 @@ Tags (all made by `summaries.tag`, so they are stable across runs):
 | `SpectralView` | scalars | `<weight key>/<metric>` (`SCALARS`: `alpha`, `stable_rank`, ...) |
 | `SpectralView` | histograms | `<weight key>/esd` (log10 eigenvalues) |
 | `SpectralView` | text | `spectral/summary` |
+| `SaliencyView` | images | `saliency/<method>/sample_<i>` |
+| `GradientView` | scalars | `<weight key>/grad_norm`, `<weight key>/grad_to_weight` |
+| `GradientView` | histograms | `<weight key>/grad_histogram` (with `gradient_histograms`) |
 """
 
 from .base import View
 from .build import build_views
 from .features import MAX_FEATURE_SCALARS, FeatureView
+from .gradients import GradientView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .saliency import SaliencyView
 from .spectral import SpectralView
 from .stats import StatsView
 
 __all__ = [
     "MAX_FEATURE_SCALARS",
     "FeatureView",
+    "GradientView",
     "HistogramView",
     "KernelImageView",
     "ResponseView",
     "SpectralView",
+    "SaliencyView",
     "StatsView",
     "View",
     "build_views",

@@ -16,6 +16,10 @@ A view has four hooks:
   written: per-tensor numbers the view computes (spectral metrics) that the run stores
   beside each tensor's statistics, so that `show`, `drift` and `diff` read them. It
   returns weight key -> name -> number, or None.
+- `stats(stats, payload)` runs on the background worker before the snapshot
+  is committed, with the weights' statistics so far: the statistics the view
+  adds to the stored ones (weight key -> name -> number), e.g. gradient
+  norms. Most views add none.
 - `write(snapshot, stats, payload, events)` runs on the background worker with
   numpy arrays only, and writes summaries through `events`.
 """
@@ -49,6 +53,9 @@ class View:
     def measure(self, snapshot: Snapshot) -> Stats | None:
         """Per-tensor numbers to store with the snapshot's statistics (worker thread)."""
         return None
+    def stats(self, stats: Stats, payload: Any) -> Stats:
+        """Statistics to store with the snapshot, from this view's payload (worker thread)."""
+        return {}
 
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
         """Write this view's summaries for one snapshot (worker thread)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from ..settings import Settings
 from .base import View
 from .features import FeatureView
+from .gradients import GradientView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
+from .saliency import SaliencyView
 from .spectral import SpectralView
 from .stats import StatsView
 
@@ -19,6 +21,7 @@ def build_views(settings: Settings) -> list[View]:
         Statistics always; histograms, the feature table, kernel images and
         responses and spectral metrics when the
         settings ask for them.
+        responses, saliency maps and gradient statistics when the settings ask for them.
     """
     views: list[View] = [StatsView()]
     if settings.histograms:
@@ -46,4 +49,21 @@ def build_views(settings: Settings) -> list[View]:
         )
     if settings.spectral_freq is not None:
         views.append(SpectralView(settings.spectral_freq))
+    if settings.saliency is not None and settings.sample_images is not None:
+        views.append(
+            SaliencyView(
+                settings.sample_images,
+                settings.saliency,
+                settings.saliency_class,
+                settings.saliency_layer,
+                settings.responses_dir,
+                settings.gradient_freq,
+            )
+        )
+    if settings.gradient_data is not None:
+        views.append(
+            GradientView(
+                settings.gradient_data, settings.gradient_freq, settings.gradient_histograms
+            )
+        )
     return views

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence, Set
 from typing import Any
 
@@ -77,6 +78,21 @@ def _input_fed_dense(model: Any) -> Any | None:
     return None
 
 
+SENSITIVITY_SAMPLE = 256  # the most rows of feature_data the sensitivity is measured on
+
+
+def _input_features(model: Any, layer: Any, n_in: int) -> bool:
+    """Whether `feature_data` can be fed to the model: one input of shape (None, n_in) that
+    feeds the layer (through feature-preserving layers)."""
+    inputs = model_inputs(model)
+    if len(inputs) != 1 or tuple(inputs[0].shape)[1:] != (n_in,):
+        return False
+    try:
+        return _fed_by(layer.input, {id(inputs[0])})
+    except (AttributeError, ValueError):
+        return False
+
+
 class FeatureView(View):
     """The top-k input features of a Dense layer by weight magnitude, with their names.
 
@@ -123,6 +139,7 @@ class FeatureView(View):
         self.names: list[str] = []
         self.tags: list[str] = []
         self._data: Any = None  # FeatureData of feature_data, made at the first write
+        self.sensitivity = False  # rank by the measured effect on the output (see prepare)
 
     def _layer(self, model: Any) -> Any:
         """The Dense layer whose kernel the table reads."""
@@ -174,6 +191,8 @@ class FeatureView(View):
         self.key = weight_keys(model, info)[id(layer.kernel)]
         self.layer_name = key_layer(self.key) or layer.name
         self.units = units
+        self.sensitivity = units > 1 and self.feature_data is not None and _input_features(
+            model, layer, n_in)
         self.tags = []  # made by the worker at the first write: thousands of names take a while
 
     def restrict(self, keys: Set[str]) -> None:
@@ -200,8 +219,33 @@ class FeatureView(View):
             self.tags = tags
         return self.tags
 
+    def capture(self, model: Any) -> np.ndarray | None:
+        """With several units and `feature_data`: each feature's std x mean |d output/d x_i|."""
+        if not self.sensitivity or self.feature_data is None:
+            return None
+        from ..sensitivity import feature_sensitivity
+
+        dtype = str(getattr(model_inputs(model)[0], "dtype", None) or "float32")
+        sample = np.asarray(self.feature_data[:SENSITIVITY_SAMPLE], dtype=dtype)
+        return feature_sensitivity(model, sample).scores
+
+    def _ranked(self, kernel: np.ndarray, payload: Any) -> tuple[np.ndarray, str, str]:
+        """The ranked quantity per feature, what the heading says of it, the column's name."""
+        from ..features import feature_weights
+
+        if payload is not None:
+            return (np.asarray(payload, np.float64),
+                    "by their effect on the output: std x mean |d output / d feature| over "
+                    f"{min(0 if self.feature_data is None else len(self.feature_data), SENSITIVITY_SAMPLE)} rows of feature_data, "
+                    "summed over the output units", "effect")
+        if self.units == 1:
+            return feature_weights(kernel), "by |weight|", "weight"
+        return (feature_weights(kernel),
+                f"by the L2 norm of the feature's row over {self.units} units; not its effect "
+                "on the output", "L2 norm over units")
+
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
-        from ..features import feature_weights, markdown_table, top_k_features
+        from ..features import markdown_table, top_k_features
         from ..summaries import scalar, tag, text
 
         if self.feature_data is not None and self._data is None:
@@ -211,15 +255,18 @@ class FeatureView(View):
         if self.key is None:
             raise ValueError("FeatureView: `prepare` has not run")
         kernel = snapshot.arrays[self.key]
-        weights = feature_weights(kernel)  # once per snapshot: the table and the scalars
+        weights, ranked, column = self._ranked(kernel, payload)  # the table and the scalars
         rows = top_k_features(kernel, self.names, self.top_k, self._data, weights=weights)
+        if payload is not None:  # the effect already carries the feature's std
+            rows = [dataclasses.replace(r, standardized=None) for r in rows]
         when = {"initial": "initial weights", "batch": f"during epoch {snapshot.epoch}"}.get(
             snapshot.label, f"epoch {snapshot.epoch}")
         title = (
             f"Top {len(rows)} of {len(self.names)} input features of `{self.layer_name}` "
-            f"by |weight| ({when}, step {snapshot.step})"
+            f"{ranked} ({when}, step {snapshot.step})"
         )
-        values = [text(tag("features", self.layer_name), markdown_table(rows, self.units, title))]
+        table = markdown_table(rows, self.units, title, column)
+        values = [text(tag("features", self.layer_name), table)]
         if len(self.names) <= self.max_feature_scalars:
             values += [scalar(t, w) for t, w in zip(self._feature_tags(), weights.tolist())]
         else:

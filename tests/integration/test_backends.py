@@ -191,6 +191,15 @@ mixed_dir = os.path.join(out, "mixed_float16")
 report["mixed_mismatches"] = mismatches(mixed_dir, fit(mixed, [WeightWatch(mixed_dir)], 1))
 keras.mixed_precision.set_dtype_policy("float32")
 
+# 4. Gradient statistics and saliency maps, from the same fixed weights on every backend.
+grad_dir = os.path.join(out, "gradients")
+fit(cnn(), [WeightWatch(grad_dir, kernel_images=False, histograms=False, sample_images=x[:2],
+                        saliency=["vanilla", "gradcam", "hirescam"],
+                        gradient_data=(x[:8], y[:8]))], 1)
+grad_run = load_run(grad_dir)
+report["grad_stats"] = {k: {s: v for s, v in st.items() if s.startswith("grad_")}
+                        for k, st in grad_run.snapshot("initial").stats.items()}
+
 report["tensorflow_imported"] = "tensorflow" in sys.modules
 report["frameworks_imported"] = sorted(m for m in FRAMEWORKS if m in sys.modules)
 caught.__exit__(None, None, None)
@@ -390,3 +399,18 @@ def test_same_weights_same_views_on_every_backend(tmp_path_factory):
         assert "conv/kernel/image" in first and "features/dense" in first
         for backend in found[1:]:
             assert initial[backend, name] == first, (name, backend)
+
+
+def test_gradient_stats_and_saliency_agree_across_backends(tmp_path_factory):
+    reports = {b: run_backend(b, tmp_path_factory) for b in BACKENDS}
+    ref = reports[BACKENDS[0]][1]["grad_stats"]
+    assert set(ref) == set(KEYS) and all("grad_norm" in v for v in ref.values())
+    for backend, (out, report) in reports.items():
+        got = report["grad_stats"]
+        for key in KEYS:
+            for stat, value in ref[key].items():
+                assert got[key][stat] == pytest.approx(value, rel=1e-5), (backend, key, stat)
+        tags = event_values(os.path.join(out, "gradients"))
+        want = {f"saliency/{m}/sample_{i}" for m in ("vanilla", "gradcam", "hirescam")
+                for i in range(2)} | {f"{k}/grad_norm" for k in KEYS}
+        assert want <= set(tags), backend

@@ -224,3 +224,43 @@ def test_backend_start_up_notes_are_hidden_unless_the_start_fails(capfd):
     assert capfd.readouterr().err == "E0000 could not load the runtime\n"
     os.write(2, b"after\n")  # file descriptor 2 is back where it was
     assert capfd.readouterr().err == "after\n"
+
+
+def _bbox_mass(image, heat):
+    """(area fraction, saliency mass fraction) of the box around the digit's ink."""
+    ys, xs = np.nonzero(image > 0)
+    box = np.zeros(image.shape, bool)
+    box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    return box.mean(), heat[box].sum() / heat.sum()
+
+
+def test_digits_saliency_falls_on_the_digit_not_the_border(demo):
+    import keras
+    from sklearn import datasets
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+
+    from keras_weightwatch import saliency
+
+    logdir, _ = demo
+    samples = demo_module._digits_data(datasets, demo_module.QUICK.digits)["samples"]
+    margins = {m: [] for m in demo_module.DIGITS_SALIENCY}
+    for name in ("digits-seed1", "digits-seed2"):
+        run = load_run(os.path.join(logdir, name))
+        acc = pea.EventAccumulator(os.path.join(run.path, "weights"))
+        acc.Reload()
+        tags = set(acc.Tags()["tensors"])
+        want = {f"saliency/{m}/sample_{i}" for m in margins for i in range(len(samples))}
+        assert want <= tags
+        assert "grad_norm" in run.snapshots[-1].stats["classes/kernel"]
+        assert "classes/kernel/grad_norm" in tags
+        model = demo_module._digits_cnn(keras)
+        model.set_weights(list(run.weights(run.epochs[-1]).values()))
+        for method in margins:
+            maps = getattr(saliency, method)(model, samples).maps
+            for img, heat in zip(samples[..., 0], maps):
+                area, mass = _bbox_mass(img, heat)
+                margins[method].append(mass - area)  # a uniform map has mass == area
+    # On 8x8 digits the ink's box covers about 3/4 of the image, so the margin is bounded.
+    assert np.mean(margins["vanilla"]) > 0.04, margins
+    assert np.mean(margins["hirescam"]) > 0.1, margins
+    assert min(margins["hirescam"]) > 0, margins

@@ -49,7 +49,7 @@ def test_show_lists_epochs_layers_shapes_params_and_metrics(run_dir):
                    for line in out.splitlines()), layer
     assert any(line.split()[:5] == ["hidden/kernel", "(4,", "3)", "float32", "yes"]
                for line in out.splitlines())
-    assert any(line.split()[:4] == ["bn/moving_mean", "(3)", "float32", "no"]
+    assert any(line.split()[:4] == ["bn/moving_mean", "(3,)", "float32", "no"]
                for line in out.splitlines())
     metric_lines = out.split("metrics")[1].splitlines()[3:]
     metric_rows = {line.split()[0]: line.split()[1:] for line in metric_lines}

@@ -234,9 +234,10 @@ class FeatureView(View):
         from ..features import feature_weights
 
         if payload is not None:
+            rows = 0 if self.feature_data is None else len(self.feature_data)
             return (np.asarray(payload, np.float64),
                     "by their effect on the output: std x mean |d output / d feature| over "
-                    f"{min(0 if self.feature_data is None else len(self.feature_data), SENSITIVITY_SAMPLE)} rows of feature_data, "
+                    f"{min(rows, SENSITIVITY_SAMPLE)} rows of feature_data, "
                     "summed over the output units", "effect")
         if self.units == 1:
             return feature_weights(kernel), "by |weight|", "weight"

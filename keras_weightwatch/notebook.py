@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .textfmt import nonfinite_text
 
-if TYPE_CHECKING:
-    from .compare import DiffResult
-    from .run import Run
+# `Run` and `DiffResult` call these from their `_repr_html_`; they are typed `Any` here so
+# that this module imports neither (no cycle run <-> notebook <-> compare).
+Run = Any
+DiffResult = Any
 
 MAX_ROWS = 50
 """Rows a summary table shows before it says how many it left out."""

@@ -29,6 +29,7 @@ from keras_weightwatch.features import top_k_features
 from keras_weightwatch.images import kernel_grid
 from keras_weightwatch.stats import STAT_NAMES
 from keras_weightwatch.summaries import tag
+from keras_weightwatch.views.gradients import GRAD_STAT_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +83,13 @@ def test_server_lists_every_run_and_exactly_our_scalar_tags(server, logdir):
     assert runs == {f"{r}/{sub}" for r in RUN_NAMES for sub in ("train", "validation", "weights")}
     tags = _json(server, "/data/plugin/scalars/tags")
     run = load_run(os.path.join(logdir, "digits-seed1"))
+    # every weight's statistics, and the demo's digits runs also record gradient norms
+    # of every trainable weight
+    trainable = [s.key for s in run.specs if s.trainable]
+    assert trainable
     assert set(tags["digits-seed1/weights"]) == {
         tag(s.key, stat) for s in run.specs for stat in STAT_NAMES
-    }
+    } | {tag(k, stat) for k in trainable for stat in GRAD_STAT_NAMES}
     # the top-k feature scalars: one per diabetes feature, named after it
     from sklearn.datasets import load_diabetes
 

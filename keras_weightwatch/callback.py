@@ -20,7 +20,15 @@ import keras
 from .capture import Snapshot
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning
-from .pipeline import Diverged, Pipeline, Plan, RunDirError, diverged_run, start_beside
+from .pipeline import (
+    Diverged,
+    Pipeline,
+    Plan,
+    RunDirError,
+    ShardPipeline,
+    diverged_run,
+    start_beside,
+)
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
@@ -299,6 +307,8 @@ class WeightWatch(keras.callbacks.Callback):
         self._undecided = None
         plan = Plan.make(self.model, self.settings)  # bad arguments raise here, before any epoch
         if not is_writer(self.model):
+            if plan.sharded:  # model parallel: each process stores the shards it holds
+                self._guard(lambda: self._open_shards(plan))
             return  # another process of a distributed run writes; this one stays inactive
         # The model this callback watched in its last fit continues its run whatever its
         # weights (EarlyStopping may have restored its best ones); any other model only
@@ -324,6 +334,13 @@ class WeightWatch(keras.callbacks.Callback):
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
         self._guard(lambda: pipeline.prefill(self.model))  # no epoch end allocates buffers
+
+    def _open_shards(self, plan: Plan) -> None:
+        """A process other than 0 of a model-parallel run: store its shards of each snapshot."""
+        pipeline = ShardPipeline(plan, self.settings)
+        self.pipeline, self.run_dir = pipeline, pipeline.run_dir  # type: ignore[assignment]
+        if pipeline.needs_initial:
+            self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
 
     def _decide(self, epoch: int) -> None:
         """At the first epoch of a fit whose weights are not the run's last snapshot: resume

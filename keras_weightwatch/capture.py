@@ -289,6 +289,62 @@ def capture_into(variables: Sequence[Any], pool: BufferPool) -> list[np.ndarray]
         raise
 
 
+class Shard(NamedTuple):
+    """A host copy of one part of a sharded weight, and where it starts in the whole."""
+
+    offset: tuple[int, ...]
+    array: np.ndarray
+
+
+def _jax_value(variable: Any) -> Any:
+    value = getattr(variable, "value", None)
+    return value if type(value).__module__.startswith("jax") else None
+
+
+def is_sharded(variable: Any) -> bool:
+    """Whether the variable is split across processes (a JAX array this process holds only
+    part of: neither all of it addressable here nor replicated on every device)."""
+    value = _jax_value(variable)
+    if value is None:
+        return False
+    try:
+        return not value.is_fully_addressable and not value.is_fully_replicated
+    except AttributeError:
+        return False
+
+
+def process_index() -> tuple[int, int]:
+    """(this process's index, the number of processes) of a JAX multi-process run."""
+    import jax
+
+    return int(jax.process_index()), int(jax.process_count())
+
+
+def _offsets(index: Sequence[slice], shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(sl.indices(n)[0]) for sl, n in zip(index, shape))
+
+
+def owned_shards(variable: Any) -> list[Shard]:
+    """Host copies of the shards of a sharded weight that this process stores.
+
+    Each distinct shard is stored once, by the lowest-numbered process that holds it
+    (a shard replicated on several devices or processes is not stored twice).
+    """
+    value = _jax_value(variable)
+    shape = tuple(value.shape)
+    owner: dict[tuple[int, ...], int] = {}
+    for device, index in value.sharding.devices_indices_map(shape).items():
+        off = _offsets(index, shape)
+        owner[off] = min(owner.get(off, device.process_index), device.process_index)
+    me = process_index()[0]
+    out: dict[tuple[int, ...], Shard] = {}
+    for shard in value.addressable_shards:
+        off = _offsets(shard.index, shape)
+        if owner.get(off) == me and off not in out:
+            out[off] = Shard(off, np.array(shard.data, copy=True, order="C"))
+    return [out[k] for k in sorted(out)]
+
+
 @dataclasses.dataclass
 class Snapshot:
     """One capture of the model's weights, with the step it belongs to.
@@ -302,6 +358,8 @@ class Snapshot:
         arrays: Weight key -> numpy array.
         logs: The epoch's logs (loss, metrics) as floats.
         time: Wall-clock time of the capture (seconds since the epoch).
+        shards: Weight key -> the shards this process stores, for the weights split
+            across processes (those are not in `arrays`).
     """
 
     step: int
@@ -310,6 +368,7 @@ class Snapshot:
     arrays: dict[str, np.ndarray]
     logs: dict[str, float]
     time: float = dataclasses.field(default_factory=time.time)
+    shards: dict[str, list[Shard]] = dataclasses.field(default_factory=dict)
 
 
 def clean_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:

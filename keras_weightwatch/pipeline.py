@@ -37,10 +37,14 @@ from .capture import (
     clean_logs,
     describe_model,
     host_views,
+    is_sharded,
+    owned_shards,
+    process_index,
 )
 from .errors import RunBusyError, WeightWatchError
 from .run import (
     RunWriter,
+    ShardWriter,
     SnapshotRecord,
     TensorRecord,
     architecture_mismatch,
@@ -101,6 +105,8 @@ class Plan:
     views: tuple[View, ...]
     watch: tuple[int, ...]
     """Indices into `model.weights` of the weights the include/exclude filter keeps."""
+    sharded: tuple[int, ...] = ()
+    """The watched weights split across processes (model parallelism), stored as parts."""
 
     @classmethod
     def make(cls, model: Any, settings: Settings) -> Plan:
@@ -111,9 +117,11 @@ class Plan:
             view.prepare(model, info)
         watch = settings.validate(info)
         keys = {info.weights[i].key for i in watch}
+        sharded = tuple(i for i in watch if is_sharded(model.weights[i]))
+        keys -= {info.weights[i].key for i in sharded}  # no view sees a sharded weight
         for view in views:
             view.restrict(keys)
-        return cls(info, tuple(views), watch)
+        return cls(info, tuple(views), watch, sharded)
 
     @property
     def specs(self) -> list[WeightSpec]:
@@ -294,11 +302,13 @@ class Pipeline:
         self.last_step = writer.last_step
         """The step of the last snapshot submitted, else the run's last step (None: none)."""
         self.needs_initial = not writer.has_initial() and writer.last_step is None
-        self.watch = plan.watch
+        self.watch = tuple(i for i in plan.watch if i not in plan.sharded)
+        self.sharded = {writer.specs[plan.watch.index(i)].key: i for i in plan.sharded}
+        self.processes = process_index()[1] if plan.sharded else 1
         self.n_weights = len(plan.info.weights)
         self.keep_last = settings.keep_last
         self.keep_every = settings.keep_every
-        self.keys = [s.key for s in writer.specs]
+        self.keys = [s.key for s in writer.specs if s.key not in self.sharded]
         self.events: _GuardedEvents | None = None
         self._views = list(plan.views)  # the one list of the views: a dropped one is gone
         self._failures: list[Failure] = []
@@ -378,7 +388,8 @@ class Pipeline:
         if self._set_specs is None:
             self._set_specs = tuple((a.shape, a.dtype) for a in arrays)
         return Snapshot(step=0, label=label, epoch=epoch, arrays=dict(zip(self.keys, arrays)),
-                        logs=clean_logs(logs))
+                        logs=clean_logs(logs),
+                        shards={k: owned_shards(variables[i]) for k, i in self.sharded.items()})
 
     def prefill(self, model: Any) -> None:
         """Make sure the buffers of the first epoch ends exist before they end (train begin).
@@ -472,7 +483,10 @@ class Pipeline:
         if self.writer is None:
             return None
         try:
-            return self.writer.store_tensors(snapshot)
+            records = self.writer.store_tensors(snapshot)
+            if snapshot.shards:
+                records.update(self.writer.store_shards(snapshot, self.processes))
+            return records
         except Exception as e:
             self._stop_writer(e)
             return None
@@ -635,6 +649,55 @@ class Pipeline:
                 self._fail("the TensorBoard event file", e)
         if self.writer is not None:
             self.writer.close()
+
+
+class ShardPipeline:
+    """What a process other than process 0 of a model-parallel run does: at each snapshot,
+    store the shards of the sharded weights it holds, then its shard record (on the
+    training thread; process 0's worker waits for the record, then commits the snapshot).
+    It has `Pipeline`'s training-thread interface, so the callback's step arithmetic is
+    the same in every process.
+    """
+
+    def __init__(self, plan: Plan, settings: Settings):
+        specs = plan.specs
+        self.run_dir = settings.log_dir
+        storage = open_storage(settings.log_dir, settings.storage_options)
+        run = load_run(settings.log_dir, settings.storage_options) if is_run(
+            storage) else None
+        self.last_step: int | None = run.steps[-1] if run is not None and run.steps else None
+        self.needs_initial = run is None or not run.steps
+        self.sharded = {specs[plan.watch.index(i)].key: i for i in plan.sharded}
+        self.process = process_index()[0]
+        self.writer = ShardWriter(storage, specs, settings.durable, settings.store_dtype)
+
+    def take(self, model: Any, *, label: str, epoch: int | None,
+             logs: Mapping[str, Any]) -> Snapshot:
+        variables = list(model.weights)
+        return Snapshot(step=0, label=label, epoch=epoch, arrays={}, logs=clean_logs(logs),
+                        shards={k: owned_shards(variables[i]) for k, i in self.sharded.items()})
+
+    def submit(self, snapshot: Snapshot, model: Any = None) -> None:
+        self.writer.publish(snapshot, self.process)
+        self.last_step = snapshot.step
+
+    def capture(self, model: Any, *, step: int, epoch: int | None,
+                logs: Mapping[str, Any], label: str = "epoch") -> None:
+        snapshot = self.take(model, label=label, epoch=epoch, logs=logs)
+        snapshot.step = step
+        self.submit(snapshot, model)
+
+    def prefill(self, model: Any) -> None:
+        """Nothing to prepare: the shards are copied when taken."""
+
+    def pop_notices(self) -> list[str]:
+        return []
+
+    def pop_failures(self) -> list[Failure]:
+        return []
+
+    def close(self) -> list[Failure]:
+        return []
 
 
 class _GuardedEvents:

@@ -32,7 +32,7 @@ from .format import (
 )
 from .reader import Run, VerifyReport, hash_file, is_run, load_run, open_run, verify_run
 from .storage import LocalStorage, Storage
-from .writer import RunLock, RunWriter, retained_steps
+from .writer import RunLock, RunWriter, ShardWriter, retained_steps
 
 __all__ = [
     "FORMAT_NAME",
@@ -47,6 +47,7 @@ __all__ = [
     "Run",
     "RunLock",
     "RunWriter",
+    "ShardWriter",
     "SnapshotRecord",
     "Storage",
     "TensorRecord",

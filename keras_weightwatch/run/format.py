@@ -33,12 +33,14 @@ import numpy as np
 from ..errors import WeightWatchError, received
 
 FORMAT_NAME = "keras-weightwatch-run"
-# 2: tensors hashed with BLAKE3 (a record's digest is named by its hash); 1: SHA-256 only.
-FORMAT_VERSION = 2
+# 3: a tensor may be stored as parts (the shards of a model-parallel run); 2: tensors
+# hashed with BLAKE3 (a record's digest is named by its hash); 1: SHA-256 only.
+FORMAT_VERSION = 3
 HASHES = ("sha256", "blake3")
 WRITE_HASH = "blake3"
 HEADER_FILE = "weightwatch.json"
 SNAPSHOT_DIR = "snapshots"
+SHARD_DIR = "shards"  # per-process shard records of snapshots not committed yet
 TENSOR_DIR = "tensors"
 LOCK_FILE = ".weightwatch.lock"
 TMP_PREFIX = ".tmp-"
@@ -394,6 +396,104 @@ def content_hash(name: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class PartRecord:
+    """One stored part of a tensor (a shard of a model-parallel weight): where it sits.
+
+    Attributes:
+        file: The part's `.npy` file, relative to the run (`tensors/<digest>.npy`).
+        digest: The content hash of the file (also its name).
+        hash: Which content hash `digest` is.
+        offset: Where the part starts in the whole tensor, one index per axis.
+        shape: The part's shape.
+        bytes: The file's size in bytes.
+    """
+
+    file: str
+    digest: str
+    hash: str
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    bytes: int
+
+    FIELDS = (
+        Field("file", STR),
+        Field("sha256", STR, required=False),
+        Field("blake3", STR, required=False),
+        Field("offset", SHAPE),
+        Field("shape", SHAPE),
+        Field("bytes", INT, required=False, default=-1),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, self.hash: self.digest, "offset": list(self.offset),
+                "shape": list(self.shape), "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> PartRecord:
+        """A tensor's part entry, checked; `where` names the file and the weight."""
+        v = check_fields(d, cls.FIELDS, where, "part entry")
+        hash_name, digest = _one_digest(v, where)
+        _check_tensor_file(v["file"], digest, hash_name, where)
+        if len(v["offset"]) != len(v["shape"]):
+            raise WeightWatchError(
+                f"{where}: a part's offset and shape have one entry per axis. "
+                f"{received('offset', v['offset'])}, {received('shape', v['shape'])}")
+        return cls(file=v["file"], digest=digest, hash=hash_name, offset=tuple(v["offset"]),
+                   shape=tuple(v["shape"]), bytes=v["bytes"])
+
+
+def _one_digest(v: Mapping[str, Any], where: str) -> tuple[str, str]:
+    present = [h for h in HASHES if v[h] is not None]
+    if len(present) != 1:
+        raise WeightWatchError(
+            f"{where}: a tensor entry holds one digest, 'sha256' or 'blake3'. "
+            f"{received('digests', present)}"
+        )
+    return present[0], v[present[0]]
+
+
+def _check_tensor_file(file: str, digest: str, hash_name: str, where: str) -> None:
+    m = TENSOR_FILE_RE.match(file)
+    if not m:
+        raise WeightWatchError(
+            f"{where}: tensor file {file!r} is not of the form tensors/<digest>.npy "
+            "inside the run"
+        )
+    if digest != m.group(1):
+        raise WeightWatchError(
+            f"{where}: tensor file {file!r} does not match its {hash_name} {digest!r}"
+        )
+
+
+def parts_digest(parts: Sequence[PartRecord], hash_name: str = WRITE_HASH) -> str:
+    """The digest of a tensor stored as parts: of its parts' offsets and digests, in
+    order, so two such tensors have the same digest exactly when their parts agree."""
+    h = content_hash(hash_name)
+    for p in parts:
+        h.update(json.dumps([list(p.offset), list(p.shape), p.hash, p.digest]).encode())
+    return str(h.hexdigest())
+
+
+def check_tiling(shape: Sequence[int], parts: Sequence[PartRecord], where: str) -> None:
+    """Refuse parts that do not cover the tensor of `shape` exactly once."""
+    boxes = [(p.offset, p.shape) for p in parts]
+    for off, sh in boxes:
+        if len(off) != len(shape) or any(
+                o < 0 or o + n > s for o, n, s in zip(off, sh, shape)):
+            raise WeightWatchError(
+                f"{where}: a part lies outside the tensor of shape {list(shape)}. "
+                f"{received('offset', list(off))}, {received('shape', list(sh))}")
+    for i, (a, ash) in enumerate(boxes):
+        for b, bsh in boxes[i + 1:]:
+            if all(x < y + m and y < x + n for x, n, y, m in zip(a, ash, b, bsh)):
+                raise WeightWatchError(f"{where}: parts at {list(a)} and {list(b)} overlap")
+    if sum(math.prod(sh) for _, sh in boxes) != math.prod(shape):
+        raise WeightWatchError(
+            f"{where}: the parts do not cover the tensor of shape {list(shape)}. "
+            f"{received('parts', len(boxes))}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorRecord:
     """Where a snapshot's tensor lives and how to check it.
 
@@ -409,6 +509,9 @@ class TensorRecord:
         bytes: The file's size in bytes.
         hash: Which content hash `digest` is: `"blake3"` (written since format 2) or
             `"sha256"` (format 1, release 0.1.0).
+        parts: Empty for a tensor in one file. For a tensor stored as parts (format 3:
+            the shards of a model-parallel run), where each part is; `file` is then
+            empty, `digest` is `parts_digest(parts)` and `bytes` the parts' sum.
 
     Example (the README's quickstart run):
 
@@ -426,9 +529,11 @@ class TensorRecord:
     lossy: bool
     bytes: int
     hash: str = "sha256"
+    parts: tuple[PartRecord, ...] = ()
 
     FIELDS = (
-        Field("file", STR),
+        Field("file", STR, required=False),  # absent for a tensor stored as parts
+        Field("parts", LIST, required=False),
         # exactly one of the digests, named by its hash
         Field("sha256", STR, required=False),
         Field("blake3", STR, required=False),
@@ -449,35 +554,37 @@ class TensorRecord:
         """The dtype numpy finds in the file (raw bits for bfloat16 and the float8 types)."""
         return BITS_DTYPES.get(self.stored_dtype, self.stored_dtype)
 
+    def pieces(self) -> tuple[TensorRecord, ...]:
+        """The records of the files that hold the tensor: itself, or one per part (each
+        with the part's file, digest, shape and size, and this tensor's dtypes)."""
+        if not self.parts:
+            return (self,)
+        return tuple(dataclasses.replace(self, file=p.file, digest=p.digest, hash=p.hash,
+                                         shape=p.shape, bytes=p.bytes, parts=())
+                     for p in self.parts)
+
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, self.hash: self.digest, "shape": list(self.shape),
-                "dtype": self.dtype, "stored_dtype": self.stored_dtype, "lossy": self.lossy,
-                "bytes": self.bytes}
+        out = {self.hash: self.digest, "shape": list(self.shape), "dtype": self.dtype,
+               "stored_dtype": self.stored_dtype, "lossy": self.lossy, "bytes": self.bytes}
+        if self.parts:
+            out["parts"] = [p.to_json() for p in self.parts]
+        else:
+            out["file"] = self.file
+        return out
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> TensorRecord:
         """A snapshot's tensor entry, checked; `where` names the file and the weight."""
         v = check_fields(d, cls.FIELDS, where, "tensor entry")
-        present = [h for h in HASHES if v[h] is not None]
-        if len(present) != 1:
-            raise WeightWatchError(
-                f"{where}: a tensor entry holds one digest, 'sha256' or 'blake3'. "
-                f"{received('digests', present)}"
-            )
-        hash_name = present[0]
-        digest = v[hash_name]
-        m = TENSOR_FILE_RE.match(v["file"])
-        if not m:
-            raise WeightWatchError(
-                f"{where}: tensor file {v['file']!r} is not of the form tensors/<digest>.npy "
-                "inside the run"
-            )
-        if digest != m.group(1):
-            raise WeightWatchError(
-                f"{where}: tensor file {v['file']!r} does not match its {hash_name} {digest!r}"
-            )
+        hash_name, digest = _one_digest(v, where)
+        parts = _parts(v, digest, hash_name, where)
+        if not parts:
+            if v["file"] is None:
+                raise WeightWatchError(f"{where}: a tensor entry has a 'file' or 'parts'")
+            _check_tensor_file(v["file"], digest, hash_name, where)
         return cls(
-            file=v["file"],
+            parts=parts,
+            file=v["file"] or "",
             digest=digest,
             shape=tuple(v["shape"]),
             dtype=v["dtype"],
@@ -486,6 +593,21 @@ class TensorRecord:
             bytes=v["bytes"],
             hash=hash_name,
         )
+
+
+def _parts(v: Mapping[str, Any], digest: str, hash_name: str, where: str
+           ) -> tuple[PartRecord, ...]:
+    """The parts of a tensor entry, checked: they tile its shape, and its digest is theirs."""
+    if v["parts"] is None:
+        return ()
+    if v["file"] is not None or not v["parts"]:
+        raise WeightWatchError(
+            f"{where}: a tensor entry has either a 'file' or a non-empty list of 'parts'")
+    parts = tuple(PartRecord.from_json(p, f"{where} part {i}") for i, p in enumerate(v["parts"]))
+    check_tiling(v["shape"], parts, where)
+    if parts_digest(parts, hash_name) != digest:
+        raise WeightWatchError(f"{where}: the {hash_name} digest is not that of its parts")
+    return parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -577,6 +699,44 @@ class SnapshotRecord:
 
 def snapshot_file_name(label: str, step: int) -> str:
     return "initial.json" if label == "initial" else f"epoch_{step:06d}.json"
+
+
+def shard_record_name(label: str, step: int, process: int) -> str:
+    """Where process `process` records the parts it stored of the snapshot at `step`."""
+    stem = snapshot_file_name(label, step)[: -len(".json")]
+    return f"{SHARD_DIR}/{stem}.process_{process:05d}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """What one process of a model-parallel run stored of a snapshot: its parts per weight.
+
+    Written by each process after its part files, read (then removed) by process 0, which
+    commits the snapshot once every process's record is there.
+    """
+
+    step: int
+    label: str
+    process: int
+    tensors: Mapping[str, tuple[PartRecord, ...]]
+
+    FIELDS = (
+        Field("step", INT),
+        Field("label", LABEL),
+        Field("process", INT),
+        Field("tensors", map_of(LIST, "weight keys to lists of parts")),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "label": self.label, "process": self.process,
+                "tensors": {k: [p.to_json() for p in v] for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ShardRecord:
+        v = check_fields(data, cls.FIELDS, where, "shard record")
+        tensors = {str(k): tuple(PartRecord.from_json(p, f"{where}: {k!r} part {i}")
+                                 for i, p in enumerate(ps)) for k, ps in v["tensors"].items()}
+        return cls(step=v["step"], label=v["label"], process=v["process"], tensors=tensors)
 
 
 # --------------------------------------------------------------------------- the run header

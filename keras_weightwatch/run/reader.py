@@ -137,8 +137,24 @@ def read_tensor(storage: Storage, rec: TensorRecord, *, mmap: bool) -> np.ndarra
     """A stored tensor as the weight's dtype, after the checks of `check_layout`.
 
     The one way arrays come out of a run: the file's header is checked before
-    numpy can allocate what it claims, and the loaded array once more.
+    numpy can allocate what it claims, and the loaded array once more. A tensor
+    stored as parts is assembled from them (memory-mapped when one part holds it all).
     """
+    if not rec.parts:
+        return _read_file(storage, rec, mmap=mmap)
+    pieces = rec.pieces()
+    if len(pieces) == 1:
+        return _read_file(storage, pieces[0], mmap=mmap)
+    out = None
+    for part, piece in zip(rec.parts, pieces):
+        arr = _read_file(storage, piece, mmap=True)
+        if out is None:
+            out = np.empty(rec.shape, dtype=arr.dtype)
+        out[tuple(slice(o, o + n) for o, n in zip(part.offset, part.shape))] = arr
+    return np.asarray(out)
+
+
+def _read_file(storage: Storage, rec: TensorRecord, *, mmap: bool) -> np.ndarray:
     name = _safe_tensor_name(storage, rec)
     where = storage.where(name)
     check_npy_header(storage, name, rec)
@@ -427,11 +443,12 @@ class Run:
         return order + sorted(k for k in snap.tensors if k not in seen)
 
     def _load(self, rec: TensorRecord, *, mmap: bool, verify: bool) -> np.ndarray:
-        if verify and rec.file not in self._verified:
-            problem = check_tensor_file(self.storage, rec)
-            if problem:
-                raise WeightWatchError(problem)
-            self._verified.add(rec.file)
+        for piece in rec.pieces() if verify else ():
+            if piece.file not in self._verified:
+                problem = check_tensor_file(self.storage, piece)
+                if problem:
+                    raise WeightWatchError(problem)
+                self._verified.add(piece.file)
         return read_tensor(self.storage, rec, mmap=mmap)
 
     def verify(self) -> VerifyReport:
@@ -520,11 +537,12 @@ def _verify(run: Run) -> VerifyReport:
     checked: dict[str, str | None] = {}
     for snap in run.snapshots:
         for key, rec in snap.tensors.items():
-            if rec.file not in checked:
-                checked[rec.file] = check_tensor_file(run.storage, rec)
-            problem = checked[rec.file]
-            if problem:
-                problems.append(f"snapshot {snap.name}, weight {key}: {problem}")
+            for piece in rec.pieces():
+                if piece.file not in checked:
+                    checked[piece.file] = check_tensor_file(run.storage, piece)
+                problem = checked[piece.file]
+                if problem:
+                    problems.append(f"snapshot {snap.name}, weight {key}: {problem}")
     return VerifyReport(
         path=run.path, snapshots=len(run.snapshots), files=len(checked), problems=tuple(problems)
     )

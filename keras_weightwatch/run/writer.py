@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from .format import (
     FORMAT_VERSION,
     HEADER_FILE,
     LOCK_FILE,
+    SHARD_DIR,
     SNAPSHOT_DIR,
     TENSOR_DIR,
     TENSOR_FILE_RE,
@@ -32,18 +34,23 @@ from .format import (
     WRITE_HASH,
     Encoded,
     ModelInfo,
+    PartRecord,
+    ShardRecord,
     SnapshotRecord,
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
     encode_tensor,
+    check_tiling,
     json_bytes,
     npy_header,
+    parts_digest,
     raw_bytes,
+    shard_record_name,
     snapshot_file_name,
 )
 from .index import INDEX_FILE, entry_line, index_bytes
-from .reader import is_run, open_run, read_tensor
+from .reader import is_run, open_run, read_json, read_tensor
 from .storage import LocalStorage, LockHandle, LockHeld, Storage
 
 if TYPE_CHECKING:
@@ -167,8 +174,9 @@ class RunWriter:
         self.store_dtype = store_dtype
         self._snapshots = {s.step: s for s in snapshots}
         self._files: set[str] = {
-            rec.file for s in snapshots for rec in s.tensors.values()
+            p.file for s in snapshots for rec in s.tensors.values() for p in rec.pieces()
         }
+        self._shard_files: list[str] = []
         self._lock = RunLock(self.storage)
         self._indexed = False
 
@@ -201,6 +209,7 @@ class RunWriter:
         storage = storage if storage is not None else LocalStorage(path)
         storage.makedirs(TENSOR_DIR)
         storage.makedirs(SNAPSHOT_DIR)
+        storage.makedirs(SHARD_DIR)
         lock = RunLock(storage)
         lock.acquire()
         try:
@@ -263,6 +272,8 @@ class RunWriter:
 
         def files() -> Iterator[tuple[str, list[Any]]]:
             for spec in self.specs:
+                if spec.key in snapshot.shards:
+                    continue  # stored as parts: `store_shards`
                 rec, chunks = self._encode(snapshot.arrays[spec.key], spec,
                                            prev.tensors.get(spec.key) if prev else None)
                 records[spec.key] = rec
@@ -343,7 +354,44 @@ class RunWriter:
         record = SnapshotRecord.from_json(json.loads(body), file, where=self.storage.where(file))
         self._snapshots[snapshot.step] = record
         self._index_append(record)
+        shard_files, self._shard_files = self._shard_files, []
+        for name in shard_files:  # merged into the snapshot file: no longer needed
+            self.storage.remove(name)
         return record
+
+    def store_shards(self, snapshot: Snapshot, processes: int, timeout: float = 300.0
+                     ) -> dict[str, TensorRecord]:
+        """Store this process's parts of the sharded weights, wait for every other process's
+        shard record of the step, and return the merged record of each sharded weight.
+
+        Raises:
+            WeightWatchError: a process's record did not come within `timeout` seconds,
+                or the parts do not cover a weight exactly.
+        """
+        specs = {s.key: s for s in self.specs if s.key in snapshot.shards}
+        mine = ShardWriter(self.storage, self.specs, self.durable, self.store_dtype)
+        parts = {k: list(v) for k, v in mine.store_parts(snapshot).items()}
+        for process in range(1, processes):
+            name = shard_record_name(snapshot.label, snapshot.step, process)
+            record = wait_for_shard_record(self.storage, name, timeout)
+            self._shard_files.append(name)
+            for key, more in record.tensors.items():
+                parts.setdefault(key, []).extend(more)
+        records = {}
+        for key, spec in specs.items():
+            found = sorted(parts.get(key, []), key=lambda p: p.offset)
+            where = f"{self.storage.where(SHARD_DIR)}: step {snapshot.step}, weight {key!r}"
+            check_tiling(spec.shape, found, where)
+            self._files.update(p.file for p in found)
+            first = snapshot.shards[key][0].array if snapshot.shards[key] else None
+            enc = encode_tensor(first, spec.dtype, self.store_dtype) if first is not None \
+                else None
+            records[key] = TensorRecord(
+                file="", digest=parts_digest(found), hash=WRITE_HASH, shape=spec.shape,
+                dtype=spec.dtype, stored_dtype=enc.stored_dtype if enc else spec.dtype,
+                lossy=enc.lossy if enc else False, bytes=sum(p.bytes for p in found),
+                parts=tuple(found))
+        return records
 
     def rebuild_index(self) -> None:
         """Write the snapshot index (`index.py`) of every snapshot anew, atomically.
@@ -410,7 +458,8 @@ class RunWriter:
         files (`.tmp-*`) are touched. Call it only between snapshots: the
         tensors of a snapshot being written are not referenced yet.
         """
-        referenced = {rec.file for s in self._snapshots.values() for rec in s.tensors.values()}
+        referenced = {p.file for s in self._snapshots.values() for rec in s.tensors.values()
+                      for p in rec.pieces()}
         deleted = []
         try:
             names = self.storage.listdir(TENSOR_DIR)
@@ -432,3 +481,69 @@ class RunWriter:
     def close(self) -> None:
         """Release the run's lock. Safe to call twice."""
         self._lock.release()
+
+
+def wait_for_shard_record(storage: Storage, name: str, timeout: float,
+                          poll: float = 0.05) -> ShardRecord:
+    """The shard record `name` once it exists (polled, up to `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not storage.isfile(name):
+        if time.monotonic() > deadline:
+            raise WeightWatchError(
+                f"{storage.where(name)}: a process of the model-parallel run did not record "
+                f"its shards within {timeout:g} s (did it stop, or write another log_dir?). "
+                f"Received: timeout={timeout:g}")
+        time.sleep(poll)
+        poll = min(poll * 1.5, 1.0)
+    return ShardRecord.from_json(read_json(storage, name, "shard record"), storage.where(name))
+
+
+class ShardWriter:
+    """Writes one process's parts of a model-parallel run's sharded weights (no lock: the
+    part files are content-addressed and written once, and process 0's `RunWriter` holds
+    the run). `publish` writes the parts, then the process's shard record, last.
+
+    Args:
+        storage: Where the run is.
+        specs: The run's weights.
+        durable: Sync each file before the record that names it.
+        store_dtype: A reduced precision to store floats in (None: their own dtype).
+    """
+
+    def __init__(self, storage: Storage, specs: Sequence[WeightSpec], durable: bool,
+                 store_dtype: str | None):
+        self.storage = storage
+        self.specs = {s.key: s for s in specs}
+        self.durable = durable
+        self.store_dtype = store_dtype
+
+    def store_parts(self, snapshot: Snapshot) -> dict[str, tuple[PartRecord, ...]]:
+        """Write this process's shards of the snapshot; return their records by weight."""
+        out: dict[str, tuple[PartRecord, ...]] = {}
+        files: dict[str, list[Any]] = {}
+        for key, shards in snapshot.shards.items():
+            spec = self.specs[key]
+            parts = []
+            for shard in shards:
+                enc = encode_tensor(shard.array, spec.dtype, self.store_dtype)
+                digest = enc.digest(WRITE_HASH)
+                file = f"{TENSOR_DIR}/{digest}.npy"
+                parts.append(PartRecord(file=file, digest=digest, hash=WRITE_HASH,
+                                        offset=shard.offset, shape=tuple(shard.array.shape),
+                                        bytes=enc.nbytes))
+                if not self.storage.isfile(file):
+                    files[file] = [enc.header, enc.data]
+            out[key] = tuple(parts)
+        self.storage.write_atomic_many(iter(files.items()), self.durable)
+        if files and self.durable:
+            self.storage.sync_dir(TENSOR_DIR)
+        return out
+
+    def publish(self, snapshot: Snapshot, process: int) -> ShardRecord:
+        """Store the parts, then the shard record that tells process 0 they are there."""
+        record = ShardRecord(step=snapshot.step, label=snapshot.label, process=process,
+                             tensors=self.store_parts(snapshot))
+        self.storage.makedirs(SHARD_DIR)
+        name = shard_record_name(snapshot.label, snapshot.step, process)
+        self.storage.write_atomic(name, [json_bytes(record.to_json())], self.durable)
+        return record

@@ -54,7 +54,7 @@ def head_line(specs: Sequence[WeightSpec]) -> bytes:
 
 
 def _compact_tensor(rec: TensorRecord, spec: WeightSpec | None) -> Any:
-    if spec is None or rec.shape != spec.shape or rec.dtype != spec.dtype:
+    if spec is None or rec.shape != spec.shape or rec.dtype != spec.dtype or rec.parts:
         return rec.to_json()
     if rec.stored_dtype == rec.dtype and not rec.lossy:
         return [rec.hash, rec.digest, rec.bytes]

@@ -179,8 +179,8 @@ def test_valid_header_passes_and_is_returned_as_is():
 
 @pytest.mark.parametrize("changes, message", [
     ({"format": "other"}, "not a keras-weightwatch run header"),
-    ({"format_version": 3}, "format version 3 is not supported (this keras-weightwatch reads "
-                            "version 2); upgrade the package"),
+    ({"format_version": 4}, "format version 4 is not supported (this keras-weightwatch reads "
+                            "version 3); upgrade the package"),
     ({"format_version": True}, "format version True is not supported"),
     ({"weights": {}}, "weights must be a list. Received: weights={}"),
     ({"weights": [{"key": 1}]}, "weights[0]: key must be a string. Received: key=1"),

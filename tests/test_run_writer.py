@@ -132,7 +132,7 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     # Read a snapshot with json and numpy alone, as docs/FORMAT.md describes.
     root = tmp_path / "run"
     header = json.loads((root / "weightwatch.json").read_text())
-    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 2
+    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 3
     assert header["versions"]["backend"] == "tensorflow"
     snap = json.loads((root / "snapshots" / "epoch_000000.json").read_text())
     kernel = np.load(root / snap["tensors"]["dense/kernel"]["file"], allow_pickle=False)

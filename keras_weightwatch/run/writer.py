@@ -40,8 +40,8 @@ from .format import (
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
-    encode_tensor,
     check_tiling,
+    encode_tensor,
     json_bytes,
     npy_header,
     parts_digest,
@@ -209,7 +209,6 @@ class RunWriter:
         storage = storage if storage is not None else LocalStorage(path)
         storage.makedirs(TENSOR_DIR)
         storage.makedirs(SNAPSHOT_DIR)
-        storage.makedirs(SHARD_DIR)
         lock = RunLock(storage)
         lock.acquire()
         try:

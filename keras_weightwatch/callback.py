@@ -198,6 +198,10 @@ class WeightWatch(keras.callbacks.Callback):
         gradient_histograms: Also write a histogram of each gradient
             (`<weight key>/grad_histogram`); needs `gradient_data`. Defaults to
             False.
+        shard_timeout: In a model-parallel run whose weights are sharded
+            across processes, how many seconds process 0 waits at each
+            snapshot for every other process to record its shards before the
+            snapshot fails (naming the missing record). Defaults to 300.
 
     Example:
 
@@ -250,6 +254,7 @@ class WeightWatch(keras.callbacks.Callback):
         gradient_data: Any = S.gradient_data,
         gradient_freq: int = S.gradient_freq,
         gradient_histograms: bool = S.gradient_histograms,
+        shard_timeout: float = S.shard_timeout,
     ):
         super().__init__()
         self.settings = Settings.create(
@@ -266,7 +271,7 @@ class WeightWatch(keras.callbacks.Callback):
             saliency=saliency,
             saliency_class=saliency_class, saliency_layer=saliency_layer,
             gradient_data=gradient_data, gradient_freq=gradient_freq,
-            gradient_histograms=gradient_histograms,
+            gradient_histograms=gradient_histograms, shard_timeout=shard_timeout,
         )
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None

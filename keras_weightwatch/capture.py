@@ -320,6 +320,19 @@ def process_index() -> tuple[int, int]:
     return int(jax.process_index()), int(jax.process_count())
 
 
+def shared_token() -> str:
+    """A token that every process of a JAX multi-process run gets the same: 128 random
+    bits drawn by process 0 and broadcast to the others (a collective: every process must
+    call it at the same point, as each does at train begin)."""
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    words = np.frombuffer(secrets.token_bytes(16), dtype=np.uint32)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(words), dtype=np.uint32)
+    return shared.tobytes().hex()
+
+
 def _offsets(index: Sequence[slice], shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(sl.indices(n)[0]) for sl, n in zip(index, shape))
 

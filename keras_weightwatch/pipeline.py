@@ -40,6 +40,7 @@ from .capture import (
     is_sharded,
     owned_shards,
     process_index,
+    shared_token,
 )
 from .errors import RunBusyError, WeightWatchError
 from .run import (
@@ -107,6 +108,9 @@ class Plan:
     """Indices into `model.weights` of the weights the include/exclude filter keeps."""
     sharded: tuple[int, ...] = ()
     """The watched weights split across processes (model parallelism), stored as parts."""
+    attempt: str = ""
+    """With `sharded`: the token of this fit that every process shares (`shared_token`),
+    carried by each shard record so that none of an earlier fit is merged."""
 
     @classmethod
     def make(cls, model: Any, settings: Settings) -> Plan:
@@ -121,7 +125,8 @@ class Plan:
         keys -= {info.weights[i].key for i in sharded}  # no view sees a sharded weight
         for view in views:
             view.restrict(keys)
-        return cls(info, tuple(views), watch, sharded)
+        attempt = shared_token() if sharded else ""  # every process calls make: a collective
+        return cls(info, tuple(views), watch, sharded, attempt)
 
     @property
     def specs(self) -> list[WeightSpec]:
@@ -305,6 +310,8 @@ class Pipeline:
         self.watch = tuple(i for i in plan.watch if i not in plan.sharded)
         self.sharded = {writer.specs[plan.watch.index(i)].key: i for i in plan.sharded}
         self.processes = process_index()[1] if plan.sharded else 1
+        self.attempt = plan.attempt
+        self.shard_timeout = settings.shard_timeout
         self.n_weights = len(plan.info.weights)
         self.keep_last = settings.keep_last
         self.keep_every = settings.keep_every
@@ -485,7 +492,9 @@ class Pipeline:
         try:
             records = self.writer.store_tensors(snapshot)
             if snapshot.shards:
-                records.update(self.writer.store_shards(snapshot, self.processes))
+                records.update(self.writer.store_shards(
+                    snapshot, self.processes, attempt=self.attempt,
+                    timeout=self.shard_timeout))
             return records
         except Exception as e:
             self._stop_writer(e)
@@ -669,6 +678,7 @@ class ShardPipeline:
         self.needs_initial = run is None or not run.steps
         self.sharded = {specs[plan.watch.index(i)].key: i for i in plan.sharded}
         self.process = process_index()[0]
+        self.attempt = plan.attempt
         self.writer = ShardWriter(storage, specs, settings.durable, settings.store_dtype)
 
     def take(self, model: Any, *, label: str, epoch: int | None,
@@ -678,7 +688,7 @@ class ShardPipeline:
                         shards={k: owned_shards(variables[i]) for k, i in self.sharded.items()})
 
     def submit(self, snapshot: Snapshot, model: Any = None) -> None:
-        self.writer.publish(snapshot, self.process)
+        self.writer.publish(snapshot, self.process, self.attempt)
         self.last_step = snapshot.step
 
     def capture(self, model: Any, *, step: int, epoch: int | None,

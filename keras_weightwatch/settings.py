@@ -48,6 +48,14 @@ def optional_int(name: str, value: Any) -> int | None:
     return None if value is None else positive_int(name, value)
 
 
+def positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number > 0. {received(name, value)}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"`{name}` must be a number > 0. {received(name, value)}")
+    return float(value)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"`{name}` must be True or False. {received(name, value)}")
@@ -359,6 +367,7 @@ class Settings:
         None, check_gradient_data, compare=False)
     gradient_freq: int = _option(1, positive_int)
     gradient_histograms: bool = _option(False, boolean)
+    shard_timeout: float = _option(300, positive_number)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

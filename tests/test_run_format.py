@@ -5,6 +5,7 @@ No file is touched here: the format is data and checks of data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -292,3 +293,205 @@ def test_content_hash_blake3_is_blake3(data, expected):
     assert h.hexdigest() == expected
     with pytest.raises(WeightWatchError, match="unknown content hash 'md5'"):
         fmt.content_hash("md5")
+
+
+# ------------------------------------------------------------------ tensors stored as parts
+
+
+def _part(offset, shape, n=0, **changes):
+    digest = f"{n:064x}"
+    d = {"file": f"tensors/{digest}.npy", "blake3": digest, "offset": list(offset),
+         "shape": list(shape), "bytes": 128}
+    d.update(changes)
+    return d
+
+
+def _parts(*boxes):
+    return [fmt.PartRecord.from_json(_part(o, s, i), WHERE) for i, (o, s) in enumerate(boxes)]
+
+
+def _covers_once(shape, boxes) -> bool:
+    """The numpy oracle: every box inside the tensor, and each element counted once."""
+    count = np.zeros(shape, dtype=int)
+    for off, sh in boxes:
+        if len(off) != len(shape) or any(o < 0 or o + n > s for o, n, s in
+                                         zip(off, sh, shape)):
+            return False
+        count[tuple(slice(o, o + n) for o, n in zip(off, sh))] += 1
+    return bool((count == 1).all())
+
+
+@pytest.mark.parametrize("boxes, message", [
+    ([((0, 0), (6, 4))], "a gap in the tensor of shape [6, 8] (24 of its 48 elements "
+                         "covered). Received: offsets=[[0, 0]]"),
+    ([((0, 0), (6, 4)), ((0, 3), (6, 5))],
+     "two parts overlap. Received: offsets=[[0, 0], [0, 3]], shapes=[[6, 4], [6, 5]]"),
+    ([((0, 0), (6, 4)), ((0, 4), (6, 5))],
+     "a part lies outside the tensor of shape [6, 8]. Received: offset=[0, 4], shape=[6, 5]"),
+    ([((0, 0), (6, 4)), ((-1, 4), (6, 4))],
+     "a part lies outside the tensor of shape [6, 8]. Received: offset=[-1, 4]"),
+    ([((0, 0), (6, 4)), ((4,), (6,))],
+     "a part lies outside the tensor of shape [6, 8]. Received: offset=[4], shape=[6]"),
+    ([], "a gap in the tensor of shape [6, 8] (0 of its 48 elements covered). "
+         "Received: offsets=[]"),
+])
+def test_check_tiling_refuses_gaps_overlaps_and_parts_outside(boxes, message):
+    parts = [fmt.PartRecord(f"tensors/{i:064x}.npy", f"{i:064x}", "blake3", o, s, 1)
+             for i, (o, s) in enumerate(boxes)]
+    assert not _covers_once((6, 8), boxes)
+    with pytest.raises(WeightWatchError) as e:
+        fmt.check_tiling((6, 8), parts, "W")
+    assert str(e.value).startswith("W: ") and message in str(e.value)
+    assert "Received: " in str(e.value).rsplit(". ", 1)[-1]
+
+
+def test_check_tiling_agrees_with_a_numpy_count_of_covered_elements():
+    rng = np.random.default_rng(0)
+    shape = (5, 7)
+    verdicts = []
+    for _ in range(300):
+        rows = sorted({0, *rng.integers(1, 5, size=2).tolist()}) + [5]
+        cols = sorted({0, *rng.integers(1, 7, size=2).tolist()}) + [7]
+        boxes = [((r0, c0), (r1 - r0, c1 - c0)) for r0, r1 in zip(rows, rows[1:])
+                 for c0, c1 in zip(cols, cols[1:])]
+        if rng.random() < 0.6:  # damage the grid: move, grow, drop or repeat a box
+            i = int(rng.integers(len(boxes)))
+            (r, c), (h, w) = boxes[i]
+            kind = rng.integers(4)
+            if kind == 0:
+                boxes[i] = ((r + int(rng.integers(-1, 2)), c + int(rng.integers(-1, 2))), (h, w))
+            elif kind == 1:
+                boxes[i] = ((r, c), (h + 1, w))
+            elif kind == 2:
+                boxes.pop(i)
+            else:
+                boxes.append(boxes[i])
+        rng.shuffle(boxes)
+        parts = [fmt.PartRecord(f"tensors/{i:064x}.npy", f"{i:064x}", "blake3", o, s, 1)
+                 for i, (o, s) in enumerate(boxes)]
+        try:
+            fmt.check_tiling(shape, parts, "W")
+            accepted = True
+        except WeightWatchError:
+            accepted = False
+        assert accepted == _covers_once(shape, boxes), boxes
+        verdicts.append(accepted)
+    assert 50 < sum(verdicts) < 250  # both verdicts were exercised
+
+
+def test_a_scalar_is_one_part_with_no_axes():
+    fmt.check_tiling((), _parts(((), ())), "W")
+
+
+def test_parts_digest_names_the_parts_whatever_their_order_not_the_values_alone():
+    halves = _parts(((0, 0), (6, 4)), ((0, 4), (6, 4)))
+    assert fmt.parts_digest(halves) == fmt.parts_digest(halves[::-1])
+    # The same (equal) values split into rows instead of columns: another digest.
+    rows = _parts(((0, 0), (3, 8)), ((3, 0), (3, 8)))
+    assert fmt.parts_digest(rows) != fmt.parts_digest(halves)
+    # One part's content changes: another digest.
+    other = [halves[0], dataclasses.replace(halves[1], digest="f" * 64)]
+    assert fmt.parts_digest(other) != fmt.parts_digest(halves)
+    assert fmt.parts_digest(halves, "sha256") != fmt.parts_digest(halves)
+
+
+def _parted(*boxes, order=None):
+    parts = [_part(o, s, i) for i, (o, s) in enumerate(boxes)]
+    recs = [fmt.PartRecord.from_json(p, WHERE) for p in parts]
+    listed = parts if order is None else [parts[i] for i in order]
+    return {"blake3": fmt.parts_digest(recs), "parts": listed, "shape": [6, 8],
+            "dtype": "float32", "stored_dtype": "float32", "lossy": False, "bytes": 256}
+
+
+def test_a_tensor_of_parts_round_trips_in_any_listed_order():
+    d = _parted(((0, 0), (6, 4)), ((0, 4), (6, 4)), order=[1, 0])
+    rec = TensorRecord.from_json(d, WHERE)
+    assert [p.offset for p in rec.parts] == [(0, 4), (0, 0)] and rec.file == ""
+    assert TensorRecord.from_json(json.loads(json.dumps(rec.to_json())), WHERE) == rec
+    assert [(p.file, p.shape) for p in rec.pieces()] == [
+        (f"tensors/{1:064x}.npy", (6, 4)), (f"tensors/{0:064x}.npy", (6, 4))]
+    assert all(p.dtype == "float32" and not p.parts for p in rec.pieces())
+
+
+_HALVES = (((0, 0), (6, 4)), ((0, 4), (6, 4)))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({**_parted(*_HALVES), "file": f"tensors/{SHA}.npy"},
+     "has either a 'file' or a non-empty list of 'parts'. Received: file="),
+    ({**_parted(*_HALVES), "parts": []}, "has either a 'file' or a non-empty list of 'parts'"),
+    ({**_parted(*_HALVES), "parts": {"0": 1}}, "parts must be a list. Received: parts="),
+    ({k: v for k, v in _parted(*_HALVES).items() if k != "parts"},
+     "a tensor entry has a 'file' or 'parts'. Received: file=None, parts=None"),
+    ({**_parted(*_HALVES), "blake3": "0" * 64},
+     "the blake3 digest is not that of its parts. Received: blake3='000"),
+    (_parted(((0, 0), (6, 4))), "leave a gap"),
+    (_parted(((0, 0), (6, 5)), ((0, 4), (6, 4))), "two parts overlap. Received: "),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), [1]]},
+     "part 1: part entry must be a JSON object. Received: part entry=[1]"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), {**_part((0, 4), (6, 4), 1),
+                                                               "offset": None}]},
+     "part 1: offset must be a list of at most 32 sizes"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), _part((0, 4), (6,), 1)]},
+     "part 1: a part's offset and shape have one entry per axis. Received: offset=[0, 4], "
+     "shape=[6]"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), _part((0, 4), (6, 4), 1,
+                                                                  file="../x.npy")]},
+     "part 1: tensor file '../x.npy' is not of the form tensors/<digest>.npy"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), _part((0, 4), (6, 4), 1,
+                                                                  blake3="e" * 64)]},
+     "part 1: tensor file 'tensors/000"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), _part((0, 4), (6, 4), 1,
+                                                                  sha256=SHA)]},
+     "part 1: a tensor entry holds one digest, 'sha256' or 'blake3'. "
+     "Received: digests=['sha256', 'blake3']"),
+    ({**_parted(*_HALVES), "parts": [_part((0, 0), (6, 4)), _part((0, 4), (6, 4), 1,
+                                                                  bytes="9")]},
+     "part 1: bytes must be an integer. Received: bytes='9'"),
+])
+def test_malformed_parts_are_refused_naming_the_part(entry, message):
+    where = f"{WHERE}: tensor 'dense/kernel'"
+    with pytest.raises(WeightWatchError) as e:
+        TensorRecord.from_json(entry, where)
+    assert str(e.value).startswith(where) and message in str(e.value), str(e.value)
+
+
+def _shard_record(**changes):
+    d = {"step": 3, "label": "epoch", "process": 1, "attempt": "a1",
+         "tensors": {"dense/kernel": [_part((0, 4), (6, 4), 1)]}}
+    d.update(changes)
+    return d
+
+
+def test_a_shard_record_round_trips():
+    rec = fmt.ShardRecord.from_json(_shard_record(), "S")
+    assert (rec.step, rec.label, rec.process, rec.attempt) == (3, "epoch", 1, "a1")
+    assert rec.tensors["dense/kernel"][0].offset == (0, 4)
+    assert fmt.ShardRecord.from_json(json.loads(json.dumps(rec.to_json())), "S") == rec
+    assert fmt.shard_record_name("epoch", 3, 1) == "shards/epoch_000003.process_00001.json"
+    assert fmt.shard_record_name("initial", -1, 12) == "shards/initial.process_00012.json"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"attempt": None}, "attempt must be a string. Received: attempt=None"),
+    ({"process": "1"}, "process must be an integer. Received: process='1'"),
+    ({"label": "last"}, "label must be 'initial', 'epoch' or 'batch'"),
+    ({"tensors": []}, "tensors must map weight keys to lists of parts. Received: tensors=[]"),
+    ({"tensors": {"k": {}}}, "tensors must map weight keys to lists of parts"),
+    ({"tensors": {"k": [{"file": "x"}]}}, "'k' part 0: part entry has no field 'offset'"),
+])
+def test_malformed_shard_records_are_refused(changes, message):
+    with pytest.raises(WeightWatchError) as e:
+        fmt.ShardRecord.from_json(_shard_record(**changes), "RUN/shards/x.json")
+    assert str(e.value).startswith("RUN/shards/x.json") and message in str(e.value), str(e.value)
+    missing = _shard_record()
+    del missing["attempt"]
+    with pytest.raises(WeightWatchError, match="shard record has no field 'attempt'"):
+        fmt.ShardRecord.from_json(missing, "RUN/shards/x.json")
+
+
+def test_stored_as_is_the_dtype_storage_array_stores():
+    for dtype, store in [("float32", None), ("float32", "float16"), ("float64", "bfloat16"),
+                         ("int32", "float16"), ("float16", "float16"), ("bfloat16", "float16")]:
+        arr = np.zeros(3, getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+        assert fmt.stored_as(dtype, store) == storage_array(arr, dtype, store)[1:], (dtype, store)

@@ -36,6 +36,9 @@ FORMAT_NAME = "keras-weightwatch-run"
 # 3: a tensor may be stored as parts (the shards of a model-parallel run); 2: tensors
 # hashed with BLAKE3 (a record's digest is named by its hash); 1: SHA-256 only.
 FORMAT_VERSION = 3
+"""The newest version this package reads, and the one it writes for a run with parts."""
+UNSHARDED_FORMAT_VERSION = 2
+"""The version written for a run with no tensor stored as parts: readers of format 2 read it."""
 HASHES = ("sha256", "blake3")
 WRITE_HASH = "blake3"
 HEADER_FILE = "weightwatch.json"
@@ -437,7 +440,7 @@ class PartRecord:
         if len(v["offset"]) != len(v["shape"]):
             raise WeightWatchError(
                 f"{where}: a part's offset and shape have one entry per axis. "
-                f"{received('offset', v['offset'])}, {received('shape', v['shape'])}")
+                f"{received('offset', v['offset'])}, shape={v['shape']!r}")
         return cls(file=v["file"], digest=digest, hash=hash_name, offset=tuple(v["offset"]),
                    shape=tuple(v["shape"]), bytes=v["bytes"])
 
@@ -466,31 +469,41 @@ def _check_tensor_file(file: str, digest: str, hash_name: str, where: str) -> No
 
 
 def parts_digest(parts: Sequence[PartRecord], hash_name: str = WRITE_HASH) -> str:
-    """The digest of a tensor stored as parts: of its parts' offsets and digests, in
-    order, so two such tensors have the same digest exactly when their parts agree."""
+    """The digest of a tensor stored as parts: of its parts' offsets, shapes and digests,
+    taken in the order of their offsets (the order a record lists them in does not count).
+
+    What it promises: two tensors with the same digest have the same parts, hence the
+    same values. It names the stored layout, not the values alone: the same values split
+    into other parts (another mesh) have another digest, as do parts stored with another
+    hash; compare such tensors by their values."""
     h = content_hash(hash_name)
-    for p in parts:
+    for p in sorted(parts, key=lambda p: p.offset):
         h.update(json.dumps([list(p.offset), list(p.shape), p.hash, p.digest]).encode())
     return str(h.hexdigest())
 
 
 def check_tiling(shape: Sequence[int], parts: Sequence[PartRecord], where: str) -> None:
-    """Refuse parts that do not cover the tensor of `shape` exactly once."""
+    """Refuse parts that do not cover the tensor of `shape` exactly once (a part outside
+    it, two parts that overlap, or a gap)."""
     boxes = [(p.offset, p.shape) for p in parts]
     for off, sh in boxes:
-        if len(off) != len(shape) or any(
+        if len(off) != len(shape) or len(sh) != len(shape) or any(
                 o < 0 or o + n > s for o, n, s in zip(off, sh, shape)):
             raise WeightWatchError(
                 f"{where}: a part lies outside the tensor of shape {list(shape)}. "
-                f"{received('offset', list(off))}, {received('shape', list(sh))}")
+                f"{received('offset', list(off))}, shape={list(sh)!r}")
     for i, (a, ash) in enumerate(boxes):
         for b, bsh in boxes[i + 1:]:
             if all(x < y + m and y < x + n for x, n, y, m in zip(a, ash, b, bsh)):
-                raise WeightWatchError(f"{where}: parts at {list(a)} and {list(b)} overlap")
-    if sum(math.prod(sh) for _, sh in boxes) != math.prod(shape):
+                raise WeightWatchError(
+                    f"{where}: two parts overlap. {received('offsets', [list(a), list(b)])}, "
+                    f"shapes={[list(ash), list(bsh)]!r}")
+    covered = sum(math.prod(sh) for _, sh in boxes)
+    if covered != math.prod(shape):  # inside and disjoint: only a gap is left
         raise WeightWatchError(
-            f"{where}: the parts do not cover the tensor of shape {list(shape)}. "
-            f"{received('parts', len(boxes))}")
+            f"{where}: the parts leave a gap in the tensor of shape {list(shape)} "
+            f"({covered} of its {math.prod(shape)} elements covered). "
+            f"{received('offsets', sorted(list(o) for o, _ in boxes))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,7 +593,8 @@ class TensorRecord:
         parts = _parts(v, digest, hash_name, where)
         if not parts:
             if v["file"] is None:
-                raise WeightWatchError(f"{where}: a tensor entry has a 'file' or 'parts'")
+                raise WeightWatchError(f"{where}: a tensor entry has a 'file' or 'parts'. "
+                                       "Received: file=None, parts=None")
             _check_tensor_file(v["file"], digest, hash_name, where)
         return cls(
             parts=parts,
@@ -602,11 +616,13 @@ def _parts(v: Mapping[str, Any], digest: str, hash_name: str, where: str
         return ()
     if v["file"] is not None or not v["parts"]:
         raise WeightWatchError(
-            f"{where}: a tensor entry has either a 'file' or a non-empty list of 'parts'")
+            f"{where}: a tensor entry has either a 'file' or a non-empty list of 'parts'. "
+            f"{received('file', v['file'])}, parts={v['parts']!r}")
     parts = tuple(PartRecord.from_json(p, f"{where} part {i}") for i, p in enumerate(v["parts"]))
     check_tiling(v["shape"], parts, where)
     if parts_digest(parts, hash_name) != digest:
-        raise WeightWatchError(f"{where}: the {hash_name} digest is not that of its parts")
+        raise WeightWatchError(f"{where}: the {hash_name} digest is not that of its parts. "
+                               f"{received(hash_name, digest)}")
     return parts
 
 
@@ -712,23 +728,35 @@ class ShardRecord:
     """What one process of a model-parallel run stored of a snapshot: its parts per weight.
 
     Written by each process after its part files, read (then removed) by process 0, which
-    commits the snapshot once every process's record is there.
+    commits the snapshot once every process's record of the same attempt is there.
+
+    Attributes:
+        step: The snapshot's step.
+        label: The snapshot's label.
+        process: The index of the process that wrote it.
+        attempt: The token every process of one fit shares (drawn by process 0 at train
+            begin): a record of another attempt, left by a crashed earlier fit at the same
+            step, is not this snapshot's and is never merged.
+        tensors: Weight key -> the parts this process stored.
     """
 
     step: int
     label: str
     process: int
+    attempt: str
     tensors: Mapping[str, tuple[PartRecord, ...]]
 
     FIELDS = (
         Field("step", INT),
         Field("label", LABEL),
         Field("process", INT),
+        Field("attempt", STR),
         Field("tensors", map_of(LIST, "weight keys to lists of parts")),
     )
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "label": self.label, "process": self.process,
+                "attempt": self.attempt,
                 "tensors": {k: [p.to_json() for p in v] for k, v in self.tensors.items()}}
 
     @classmethod
@@ -736,7 +764,8 @@ class ShardRecord:
         v = check_fields(data, cls.FIELDS, where, "shard record")
         tensors = {str(k): tuple(PartRecord.from_json(p, f"{where}: {k!r} part {i}")
                                  for i, p in enumerate(ps)) for k, ps in v["tensors"].items()}
-        return cls(step=v["step"], label=v["label"], process=v["process"], tensors=tensors)
+        return cls(step=v["step"], label=v["label"], process=v["process"],
+                   attempt=v["attempt"], tensors=tensors)
 
 
 # --------------------------------------------------------------------------- the run header
@@ -791,12 +820,20 @@ def raw_bytes(arr: np.ndarray) -> memoryview:
     return flat.view(np.uint8).data
 
 
+def stored_as(dtype_name: str, store_dtype: str | None) -> tuple[str, bool]:
+    """The dtype a weight of `dtype_name` is stored in, and whether that loses precision
+    (only float32 and float64 weights are reduced to `store_dtype`)."""
+    if store_dtype is not None and store_dtype != dtype_name and \
+            dtype_name in ("float32", "float64"):
+        return store_dtype, True
+    return dtype_name, False
+
+
 def storage_array(
     arr: np.ndarray, dtype_name: str, store_dtype: str | None = None
 ) -> tuple[np.ndarray, str, bool]:
     """The array as it goes into the .npy file: (array, stored dtype name, lossy)."""
-    lossy = store_dtype is not None and store_dtype != dtype_name
-    if lossy and store_dtype is not None and dtype_name in ("float32", "float64"):
+    if stored_as(dtype_name, store_dtype)[1] and store_dtype is not None:
         if store_dtype in BITS_DTYPES:
             import ml_dtypes
 

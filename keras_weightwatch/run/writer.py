@@ -31,6 +31,7 @@ from .format import (
     TENSOR_DIR,
     TENSOR_FILE_RE,
     TMP_PREFIX,
+    UNSHARDED_FORMAT_VERSION,
     WRITE_HASH,
     Encoded,
     ModelInfo,
@@ -48,6 +49,7 @@ from .format import (
     raw_bytes,
     shard_record_name,
     snapshot_file_name,
+    stored_as,
 )
 from .index import INDEX_FILE, entry_line, index_bytes
 from .reader import is_run, open_run, read_json, read_tensor
@@ -127,14 +129,14 @@ def same_bytes(a: memoryview, b: memoryview, first: int = 1 << 16, chunk: int = 
 
 
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
-        list[WeightSpec], list[SnapshotRecord], str | None]:
-    """The specs, snapshots and creation time of the run a writer continues (if any).
+        list[WeightSpec], list[SnapshotRecord], Mapping[str, Any]]:
+    """The specs, snapshots and header of the run a writer continues (if any; else `{}`).
 
     The weight keys of an existing run are kept (matched by position), so a
     model rebuilt with other auto-generated layer names continues the same series.
     """
     if not is_run(storage):
-        return specs, [], None
+        return specs, [], {}
     old = open_run(storage)
     problem = architecture_mismatch(old.specs, specs)
     if problem:
@@ -143,7 +145,16 @@ def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
             "if_exists='new' to start a new run beside it, or choose another log_dir"
         )
     kept = [dataclasses.replace(new, key=o.key, layer=o.layer) for o, new in zip(old.specs, specs)]
-    return kept, list(old.snapshots), old.header.get("created")
+    return kept, list(old.snapshots), old.header
+
+
+def format_version(snapshots: Sequence[SnapshotRecord], written: Any = None) -> int:
+    """The format version of a run holding `snapshots` whose header said `written`:
+    `FORMAT_VERSION` (3) once a tensor is stored as parts, else 2, which readers of
+    format 2 read too. A version 3 already written is kept (never lowered)."""
+    parts = any(r.parts for s in snapshots for r in s.tensors.values())
+    kept = isinstance(written, int) and written >= FORMAT_VERSION
+    return FORMAT_VERSION if parts or kept else UNSHARDED_FORMAT_VERSION
 
 
 class RunWriter:
@@ -212,12 +223,12 @@ class RunWriter:
         lock = RunLock(storage)
         lock.acquire()
         try:
-            specs, snapshots, created = _continued_specs(
+            specs, snapshots, old = _continued_specs(
                 storage, list(model.weights if weights is None else weights))
             header = {
                 "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "created": created or _now_iso(),
+                "format_version": format_version(snapshots, old.get("format_version")),
+                "created": old.get("created") or _now_iso(),
                 "updated": _now_iso(),
                 "versions": dict(versions),
                 "model": model.to_json(),
@@ -333,7 +344,12 @@ class RunWriter:
         records: Mapping[str, TensorRecord],
         stats: Mapping[str, Mapping[str, float]] | None = None,
     ) -> SnapshotRecord:
-        """Make the snapshot visible by writing its snapshot file, last."""
+        """Make the snapshot visible by writing its snapshot file, last (after the header
+        says format 3, when this is the run's first snapshot with a tensor stored as parts)."""
+        if any(r.parts for r in records.values()) and \
+                self.header["format_version"] < FORMAT_VERSION:
+            self.header = {**self.header, "format_version": FORMAT_VERSION, "updated": _now_iso()}
+            self.storage.write_atomic(HEADER_FILE, [json_bytes(self.header)], self.durable)
         file = f"{SNAPSHOT_DIR}/{snapshot_file_name(snapshot.label, snapshot.step)}"
         draft = SnapshotRecord(
             step=snapshot.step,
@@ -358,38 +374,37 @@ class RunWriter:
             self.storage.remove(name)
         return record
 
-    def store_shards(self, snapshot: Snapshot, processes: int, timeout: float = 300.0
-                     ) -> dict[str, TensorRecord]:
+    def store_shards(self, snapshot: Snapshot, processes: int, *, attempt: str,
+                     timeout: float) -> dict[str, TensorRecord]:
         """Store this process's parts of the sharded weights, wait for every other process's
-        shard record of the step, and return the merged record of each sharded weight.
+        shard record of the step and `attempt`, and return the merged record of each
+        sharded weight. `timeout` is `Settings.shard_timeout`.
 
         Raises:
             WeightWatchError: a process's record did not come within `timeout` seconds,
                 or the parts do not cover a weight exactly.
         """
-        specs = {s.key: s for s in self.specs if s.key in snapshot.shards}
         mine = ShardWriter(self.storage, self.specs, self.durable, self.store_dtype)
         parts = {k: list(v) for k, v in mine.store_parts(snapshot).items()}
         for process in range(1, processes):
             name = shard_record_name(snapshot.label, snapshot.step, process)
-            record = wait_for_shard_record(self.storage, name, timeout)
+            record = wait_for_shard_record(self.storage, name, attempt, timeout)
             self._shard_files.append(name)
             for key, more in record.tensors.items():
                 parts.setdefault(key, []).extend(more)
         records = {}
-        for key, spec in specs.items():
-            found = sorted(parts.get(key, []), key=lambda p: p.offset)
-            where = f"{self.storage.where(SHARD_DIR)}: step {snapshot.step}, weight {key!r}"
+        for spec in self.specs:
+            if spec.key not in snapshot.shards:
+                continue
+            found = sorted(parts.get(spec.key, []), key=lambda p: p.offset)
+            where = f"{self.storage.where(SHARD_DIR)}: step {snapshot.step}, weight {spec.key!r}"
             check_tiling(spec.shape, found, where)
             self._files.update(p.file for p in found)
-            first = snapshot.shards[key][0].array if snapshot.shards[key] else None
-            enc = encode_tensor(first, spec.dtype, self.store_dtype) if first is not None \
-                else None
-            records[key] = TensorRecord(
+            stored_dtype, lossy = stored_as(spec.dtype, self.store_dtype)
+            records[spec.key] = TensorRecord(
                 file="", digest=parts_digest(found), hash=WRITE_HASH, shape=spec.shape,
-                dtype=spec.dtype, stored_dtype=enc.stored_dtype if enc else spec.dtype,
-                lossy=enc.lossy if enc else False, bytes=sum(p.bytes for p in found),
-                parts=tuple(found))
+                dtype=spec.dtype, stored_dtype=stored_dtype, lossy=lossy,
+                bytes=sum(p.bytes for p in found), parts=tuple(found))
         return records
 
     def rebuild_index(self) -> None:
@@ -482,19 +497,31 @@ class RunWriter:
         self._lock.release()
 
 
-def wait_for_shard_record(storage: Storage, name: str, timeout: float,
+def wait_for_shard_record(storage: Storage, name: str, attempt: str, timeout: float,
                           poll: float = 0.05) -> ShardRecord:
-    """The shard record `name` once it exists (polled, up to `timeout` seconds)."""
+    """The shard record `name` of `attempt` once it exists (polled, up to `timeout` seconds).
+
+    A record of another attempt (left by an earlier fit that stopped at this step) is not
+    merged: it is waited past, until this attempt's record replaces it.
+    """
     deadline = time.monotonic() + timeout
-    while not storage.isfile(name):
+    stale: str | None = None
+    while True:
+        if storage.isfile(name):
+            record = ShardRecord.from_json(read_json(storage, name, "shard record"),
+                                           storage.where(name))
+            if record.attempt == attempt:
+                return record
+            stale = record.attempt
         if time.monotonic() > deadline:
+            found = "none" if stale is None else f"only one of another attempt ({stale!r})"
             raise WeightWatchError(
                 f"{storage.where(name)}: a process of the model-parallel run did not record "
-                f"its shards within {timeout:g} s (did it stop, or write another log_dir?). "
-                f"Received: timeout={timeout:g}")
+                f"its shards of this attempt within {timeout:g} s (found {found}; did it "
+                f"stop, or write another log_dir?). Received: shard_timeout={timeout:g}, "
+                f"attempt={attempt!r}")
         time.sleep(poll)
         poll = min(poll * 1.5, 1.0)
-    return ShardRecord.from_json(read_json(storage, name, "shard record"), storage.where(name))
 
 
 class ShardWriter:
@@ -538,10 +565,11 @@ class ShardWriter:
             self.storage.sync_dir(TENSOR_DIR)
         return out
 
-    def publish(self, snapshot: Snapshot, process: int) -> ShardRecord:
-        """Store the parts, then the shard record that tells process 0 they are there."""
+    def publish(self, snapshot: Snapshot, process: int, attempt: str) -> ShardRecord:
+        """Store the parts, then the shard record that tells process 0 they are there (of
+        `attempt`: the token all processes of this fit share)."""
         record = ShardRecord(step=snapshot.step, label=snapshot.label, process=process,
-                             tensors=self.store_parts(snapshot))
+                             attempt=attempt, tensors=self.store_parts(snapshot))
         self.storage.makedirs(SHARD_DIR)
         name = shard_record_name(snapshot.label, snapshot.step, process)
         self.storage.write_atomic(name, [json_bytes(record.to_json())], self.durable)

@@ -30,3 +30,25 @@ def fd_input_unit(model, x, units, eps=1e-6):
         lo.flat[j] -= eps
         g.flat[j] = (score(hi) - score(lo)) / (2 * eps)
     return g
+
+
+def split(array: np.ndarray, rows: int, cols: int) -> list:
+    """`array` (2-d) cut into a grid of rows x cols blocks, as `capture.Shard`s."""
+    from keras_weightwatch.capture import Shard
+
+    out = []
+    r_edges = np.linspace(0, array.shape[0], rows + 1).astype(int)
+    c_edges = np.linspace(0, array.shape[1], cols + 1).astype(int)
+    for r0, r1 in zip(r_edges, r_edges[1:]):
+        for c0, c1 in zip(c_edges, c_edges[1:]):
+            out.append(Shard((int(r0), int(c0)), array[r0:r1, c0:c1].copy()))
+    return out
+
+
+def sharded_model(shapes: dict):
+    """A `ModelInfo` of float32 weights `key -> shape` (no Keras model needed)."""
+    from keras_weightwatch.run import ModelInfo, WeightSpec
+
+    return ModelInfo("m", "Fake", (), tuple(
+        WeightSpec(k, f"m/{k}", k.split("/")[0], tuple(s), "float32", True)
+        for k, s in shapes.items()))

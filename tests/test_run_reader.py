@@ -15,11 +15,12 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from helpers import assert_same_arrays
+from helpers import assert_same_arrays, sharded_model, split
 from tiny_models import data, functional_with_nested, sequential, subclassed
 
 from keras_weightwatch import WeightWatch, WeightWatchError, load_run, verify_run
-from keras_weightwatch.run import LayerInfo, hash_file
+from keras_weightwatch.capture import Snapshot
+from keras_weightwatch.run import LayerInfo, RunWriter, hash_file
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-0.1.0")
 
@@ -187,3 +188,65 @@ def test_missing_and_malformed_runs_are_named(tmp_path):
                 os.path.join(run, "snapshots", "epoch_0000001.json"))
     with pytest.raises(WeightWatchError, match=r"two snapshot files claim the same step"):
         load_run(run)
+
+
+# ------------------------------------------------------------------ tensors stored as parts
+
+
+def _write_parts(run: str, kernel: np.ndarray, shards: list, store_dtype=None) -> None:
+    info = sharded_model({"big/kernel": kernel.shape})
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays={}, logs={},
+                    shards={"big/kernel": shards})
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False,
+                            store_dtype=store_dtype)
+    try:
+        writer.commit_snapshot(snap, writer.store_shards(snap, 1, attempt="a", timeout=1))
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 3), (3, 1)])
+@pytest.mark.parametrize("store_dtype", [None, "float16"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_tensor_of_parts_reads_as_its_parts_put_together(tmp_path, grid, store_dtype, mmap):
+    run = str(tmp_path / "run")
+    kernel = np.random.default_rng(3).normal(size=(6, 9)).astype("float32")
+    shards = split(kernel, *grid)
+    _write_parts(run, kernel, shards[::-1], store_dtype)  # in any order
+    rows = [np.concatenate([s.array for s in shards[r * grid[1]:(r + 1) * grid[1]]], axis=1)
+            for r in range(grid[0])]
+    expected = np.concatenate(rows, axis=0)
+    if store_dtype:
+        expected = expected.astype(store_dtype).astype("float32")
+    loaded = load_run(run)
+    got = loaded.weights(0, mmap=mmap)["big/kernel"]
+    assert got.dtype == np.float32 and got.shape == (6, 9)
+    assert got.tobytes() == expected.tobytes()
+    rec = loaded.snapshot(0).tensors["big/kernel"]
+    assert len(rec.parts) == grid[0] * grid[1] and rec.lossy == bool(store_dtype)
+    assert rec.stored_dtype == (store_dtype or "float32")
+    assert loaded.verify().ok and loaded.verify().files == len(rec.parts)
+
+
+def test_verify_finds_a_damaged_or_missing_part(tmp_path):
+    run = str(tmp_path / "run")
+    kernel = np.random.default_rng(4).normal(size=(4, 6)).astype("float32")
+    _write_parts(run, kernel, split(kernel, 1, 3))
+    rec = load_run(run).snapshot(0).tensors["big/kernel"]
+    damaged, gone = rec.parts[1], rec.parts[2]
+    with open(os.path.join(run, damaged.file), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.remove(os.path.join(run, gone.file))
+    report = verify_run(run)
+    assert not report.ok and report.files == 3 and len(report.problems) == 2
+    assert report.problems[0].startswith("snapshot 0, weight big/kernel: ")
+    assert damaged.digest[:12] in report.problems[0] and "checksum mismatch" in report.problems[0]
+    assert gone.file.split("/")[1] in report.problems[1]
+    with pytest.raises(WeightWatchError, match="checksum mismatch"):
+        load_run(run).weights(0)
+    # Unverified reads still refuse a part whose file is missing, instead of zeros.
+    with pytest.raises(WeightWatchError):
+        load_run(run).weights(0, verify=False)

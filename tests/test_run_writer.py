@@ -9,17 +9,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import threading
+import time
 
 import keras
 import numpy as np
 import pytest
-from helpers import assert_same_arrays
+from helpers import assert_same_arrays, sharded_model, split
 from tiny_models import data, sequential
 
 from keras_weightwatch import WeightWatch, WeightWatchError, load_run
 from keras_weightwatch.capture import Snapshot
-from keras_weightwatch.run import ModelInfo, RunWriter
+from keras_weightwatch.run import LocalStorage, ModelInfo, RunWriter, ShardWriter
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-0.1.0")
 
@@ -132,7 +135,7 @@ def test_run_directory_is_plain_json_and_npy(tmp_path):
     # Read a snapshot with json and numpy alone, as docs/FORMAT.md describes.
     root = tmp_path / "run"
     header = json.loads((root / "weightwatch.json").read_text())
-    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 3
+    assert header["format"] == "keras-weightwatch-run" and header["format_version"] == 2
     assert header["versions"]["backend"] == "tensorflow"
     snap = json.loads((root / "snapshots" / "epoch_000000.json").read_text())
     kernel = np.load(root / snap["tensors"]["dense/kernel"]["file"], allow_pickle=False)
@@ -388,3 +391,196 @@ def test_a_damaged_byte_is_found_in_old_and_new_runs(tmp_path, which):
     assert f"checksum mismatch ({rec.hash} " in report.problems[0]
     with pytest.raises(WeightWatchError, match="checksum mismatch"):
         load_run(run).weights("last")
+
+
+# ------------------------------------------------------------------ sharded weights: parts
+
+
+def _sharded(step: int, kernel: np.ndarray, shards: list) -> tuple[ModelInfo, Snapshot]:
+    """A snapshot whose `big/kernel` is sharded (this process holds `shards`) beside a
+    plain `small/bias`."""
+    info = sharded_model({"big/kernel": kernel.shape, "small/bias": (3,)})
+    snap = Snapshot(step=step, label="epoch", epoch=step,
+                    arrays={"small/bias": np.arange(3, dtype="float32") * step}, logs={},
+                    shards={"big/kernel": shards})
+    return info, snap
+
+
+def _publish_later(writer: ShardWriter, snap: Snapshot, attempt: str, delay: float):
+    thread = threading.Thread(target=lambda: (time.sleep(delay),
+                                              writer.publish(snap, 1, attempt)))
+    thread.start()
+    return thread
+
+
+def _process_1(run: str, info: ModelInfo, step: int, shards: list) -> tuple[ShardWriter,
+                                                                            Snapshot]:
+    snap = Snapshot(step=step, label="epoch", epoch=step, arrays={}, logs={},
+                    shards={"big/kernel": shards})
+    return ShardWriter(LocalStorage(run), info.weights, False, None), snap
+
+
+def test_process_0_commits_the_parts_of_every_process_once_all_are_stored(tmp_path):
+    run = str(tmp_path / "run")
+    kernel = np.random.default_rng(0).normal(size=(6, 8)).astype("float32")
+    blocks = split(kernel, 2, 2)
+    mine = [blocks[0], blocks[2]]   # the left columns: process 0
+    right = [blocks[1], blocks[3]]  # the right columns: process 1
+    info, snap = _sharded(3, kernel, mine)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    other, theirs = _process_1(run, info, 3, right)
+    thread = _publish_later(other, theirs, "now", 0.2)
+    try:
+        records = writer.store_tensors(snap)
+        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30))
+        writer.commit_snapshot(snap, records)
+    finally:
+        thread.join()
+        writer.close()
+    rec = records["big/kernel"]
+    assert [p.offset for p in rec.parts] == [(0, 0), (0, 4), (3, 0), (3, 4)]
+    assert rec.bytes == sum(p.bytes for p in rec.parts) and rec.file == ""
+    loaded = load_run(run)
+    got = loaded.weights(3)
+    assert got["big/kernel"].tobytes() == kernel.tobytes()
+    np.testing.assert_array_equal(got["small/bias"], snap.arrays["small/bias"])
+    assert loaded.verify().ok and loaded.verify().files == 5
+    assert os.listdir(os.path.join(run, "shards")) == [], "the merged record is removed"
+
+
+def test_a_record_left_by_an_earlier_attempt_at_the_same_step_is_not_merged(tmp_path):
+    run = str(tmp_path / "run")
+    kernel = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
+    halves = split(kernel, 1, 2)
+    info, snap = _sharded(3, kernel, halves[:1])
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    other, theirs = _process_1(run, info, 3, [halves[1]._replace(array=np.zeros((6, 4),
+                                                                                "float32"))])
+    other.publish(theirs, 1, "crashed")  # a fit that stopped after process 1 wrote step 3
+    try:
+        writer.store_tensors(snap)
+        with pytest.raises(WeightWatchError) as e:
+            writer.store_shards(snap, 2, attempt="now", timeout=0.2)
+        where = os.path.join(run, "shards", "epoch_000003.process_00001.json")
+        assert str(e.value).startswith(where)
+        assert "found only one of another attempt ('crashed')" in str(e.value)
+        assert str(e.value).endswith("Received: shard_timeout=0.2, attempt='now'")
+        _, theirs = _process_1(run, info, 3, halves[1:])
+        thread = _publish_later(other, theirs, "now", 0.3)  # this fit's process 1, late
+        records = writer.store_tensors(snap)
+        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30))
+        writer.commit_snapshot(snap, records)
+        thread.join()
+    finally:
+        writer.close()
+    got = load_run(run).weights(3)["big/kernel"]
+    np.testing.assert_array_equal(got, np.concatenate([h.array for h in halves], axis=1))
+    assert got.tobytes() == kernel.tobytes()
+
+
+def test_the_wait_for_a_missing_record_ends_after_shard_timeout_naming_it(tmp_path):
+    run = str(tmp_path / "run")
+    kernel = np.ones((4, 2), "float32")
+    info, snap = _sharded(5, kernel, split(kernel, 2, 1)[:1])
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WeightWatchError) as e:
+            writer.store_shards(snap, 3, attempt="a", timeout=0.05)
+    finally:
+        writer.close()
+    assert time.monotonic() - start < 5
+    missing = os.path.join(run, "shards", "epoch_000005.process_00001.json")
+    assert str(e.value).startswith(f"{missing}: a process of the model-parallel run did not "
+                                   "record its shards of this attempt within 0.05 s (found none")
+    assert str(e.value).endswith("Received: shard_timeout=0.05, attempt='a'")
+    assert not load_run(run).snapshots, "nothing is committed"
+
+
+def test_parts_that_leave_a_gap_are_refused_before_the_commit(tmp_path):
+    run = str(tmp_path / "run")
+    kernel = np.ones((4, 2), "float32")
+    info, snap = _sharded(5, kernel, split(kernel, 2, 1)[:1])  # the other half: nobody
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    try:
+        with pytest.raises(WeightWatchError, match=r"weight 'big/kernel': the parts leave a gap"
+                                                   r".*Received: offsets=\[\[0, 0\]\]"):
+            writer.store_shards(snap, 1, attempt="a", timeout=1)
+    finally:
+        writer.close()
+
+
+def test_settings_shard_timeout_is_what_process_0_waits(tmp_path):
+    from keras_weightwatch.settings import Settings
+
+    assert Settings(str(tmp_path)).shard_timeout == 300
+    assert Settings(str(tmp_path), shard_timeout=0.5).shard_timeout == 0.5
+    assert WeightWatch(tmp_path, shard_timeout=2).get_config()["shard_timeout"] == 2.0
+    for bad, error in ((0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
+                       ("60", TypeError), (True, TypeError)):
+        with pytest.raises(error, match=rf"`shard_timeout` must be a number > 0\. "
+                                        rf"Received: shard_timeout={re.escape(repr(bad))}"):
+            Settings(str(tmp_path), shard_timeout=bad)
+
+
+# ------------------------------------------------------------------ format 2 unless parts
+
+
+def test_a_run_without_parts_stays_format_2_and_turns_3_with_its_first_parts(tmp_path,
+                                                                              monkeypatch):
+    run = str(tmp_path / "run")
+    kernel = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
+    info, sharded = _sharded(2, kernel, split(kernel, 1, 3))
+    plain = Snapshot(step=1, label="epoch", epoch=1, logs={},
+                     arrays={"big/kernel": kernel * 0, "small/bias": np.zeros(3, "float32")})
+
+    def header_version() -> int:
+        with open(os.path.join(run, "weightwatch.json")) as f:
+            return json.load(f)["format_version"]
+
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    writer.commit_snapshot(plain, writer.store_tensors(plain))
+    writer.close()
+    assert header_version() == 2
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)  # continued
+    assert header_version() == 2
+    written = []
+    real = writer.storage.write_atomic
+
+    def spy(name, chunks, durable):
+        written.append((name, header_version() if os.path.exists(
+            os.path.join(run, "weightwatch.json")) else None))
+        real(name, chunks, durable)
+
+    monkeypatch.setattr(writer.storage, "write_atomic", spy)
+    records = writer.store_tensors(sharded)
+    records.update(writer.store_shards(sharded, 1, attempt="a", timeout=1))
+    writer.commit_snapshot(sharded, records)
+    writer.close()
+    # The header says 3 before the first snapshot file with parts is written.
+    assert written == [("weightwatch.json", 2), ("snapshots/epoch_000002.json", 3)]
+    assert header_version() == 3
+    RunWriter.open(run, info, settings={}, versions={}, durable=False).close()
+    assert header_version() == 3, "a run with parts stays format 3 when continued"
+    assert load_run(run).tensor("big/kernel", 2).tobytes() == kernel.tobytes()
+
+
+def test_a_reader_of_format_2_reads_runs_without_parts(tmp_path, monkeypatch):
+    from keras_weightwatch.run import format as fmt
+
+    kernel = np.arange(24, dtype="float32").reshape(4, 6)
+    info, sharded = _sharded(2, kernel, split(kernel, 2, 1))
+    plain = Snapshot(step=1, label="epoch", epoch=1, logs={},
+                     arrays={"big/kernel": kernel, "small/bias": np.zeros(3, "float32")})
+    for name, snap in (("plain", plain), ("parts", sharded)):
+        writer = RunWriter.open(str(tmp_path / name), info, settings={}, versions={},
+                                durable=False)
+        records = writer.store_tensors(snap)
+        if snap.shards:
+            records.update(writer.store_shards(snap, 1, attempt="a", timeout=1))
+        writer.commit_snapshot(snap, records)
+        writer.close()
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)  # what a reader of format 2 checks
+    np.testing.assert_array_equal(load_run(tmp_path / "plain").tensor("big/kernel"), kernel)
+    with pytest.raises(WeightWatchError, match="format version 3 is not supported"):
+        load_run(tmp_path / "parts")

@@ -355,6 +355,10 @@ def response_layer(run: Run, key: str) -> tuple[ResponseLayer | None, str]:
     if run.settings.get("response_mode") == "activation":
         return None, "the run's responses are activations (response_mode='activation'): " \
                      "they need the model, not only its weights"
+    spec = next((s for s in run.specs if s.key == key), None)
+    if spec is not None and spec.layer in (run.settings.get("response_layers") or ()):
+        return None, f"{spec.layer!r} is not fed by the model input: its input, and so its " \
+                     "responses, need the model, not only its weights"
     shown = [r.key for r in samples.responses]
     return None, f"the run draws the responses of {shown or 'no layer'} (response_layers)"
 

@@ -258,7 +258,8 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         if layer is None or key not in snap.tensors:
             return None, reason or f"snapshot {snap.name} has no {key!r}", snap
         images = run.samples.sample_images
-        ident = (key, snap.tensors[key].sha256, images.tensor.digest if images else None)
+        ident = (layer, snap.tensors[key].sha256, images.tensor.digest if images else None,
+                 run.settings.get("max_kernel_tiles"))
         return self.responses.get(ident, lambda: content.responses(run, layer, step)), "", snap
 
     @route("run", "key", "step")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Each picture cut to what its panel fills on the demo's runs.
-HEIGHTS = {"dashboard_glance": 760, "dashboard_compare": 900, "dashboard_kernels": 760,
+HEIGHTS = {"dashboard_glance": 760, "dashboard_compare": 900, "dashboard_kernels": 1010,
            "dashboard_features": 720}
 
 
@@ -138,7 +138,7 @@ def take(url: str, out_dir: str | None, a: str, b: str, kernel_run: str, key: st
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shots.CHROMIUM, args=shots.CHROMIUM_ARGS)
         try:
-            page, frame, tab.first_paint_s = open_tab(browser, url)
+            page, frame, tab.first_paint_s = open_tab(browser, url, max(HEIGHTS.values()))
             def shot(name: str) -> None:
                 if out_dir:
                     clip = {"x": 0, "y": 0, "width": 1400, "height": HEIGHTS[name]}

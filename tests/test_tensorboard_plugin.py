@@ -442,7 +442,7 @@ def test_features_mark_the_partners_the_stored_feature_data_correlates(client, l
     for name, (partner, corr) in expected.items():
         assert body["partners"][name][0] == partner
         assert abs(body["partners"][name][1]) == pytest.approx(corr, rel=1e-9)
-    assert body["partners_from"] == {"rows": 64, "rows_total": 64}
+    assert body["partners_from"] == {"rows": 64, "rows_total": 64, "threshold": 0.9}
     for table in body["tables"]:
         for row in table:
             assert row["partner"] == (expected[row["name"]][0] if row["name"] in expected

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import DiffResult, Run, diff_runs
-from ..features import FeatureData, feature_weights, top_k_features
+from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
 from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
 from ..responses import correlate
@@ -289,7 +289,8 @@ def _partners(run: Run, names: Sequence[str], described: FeatureData | None) -> 
     pairs = {names[i]: [names[p[0]], num(p[1])] for i, p in enumerate(described.partners)
              if p is not None}
     return {"partners": pairs, "partners_from": None if stored is None else
-            {"rows": stored.rows, "rows_total": stored.rows_total}}
+            {"rows": stored.rows, "rows_total": stored.rows_total,
+             "threshold": CORRELATION_THRESHOLD}}
 
 
 def features(run: Run, described: FeatureData | None = None) -> dict[str, Any]:

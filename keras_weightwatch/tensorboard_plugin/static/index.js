@@ -432,9 +432,12 @@ async function featuresPanel(panel) {
           t.append(row);
         }
       }
-      const from = d.partners_from && d.partners_from.rows < d.partners_from.rows_total
-        ? ` (partners from the first ${d.partners_from.rows} of ${d.partners_from.rows_total} samples)` : '';
-      return $('figure', {}, $('figcaption', {text: `${d.run} @ ${step}${from}`}), t);
+      const pf = d.partners_from;
+      const note = !pf ? '' : `Correlated with: the feature whose |r| with it is ${pf.threshold} or more ` +
+        `in the stored feature data (${pf.rows < pf.rows_total ? `the first ${pf.rows} of ${pf.rows_total}`
+          : pf.rows} samples)` + (Object.keys(d.partners).length ? '.' : '; no two features are.');
+      return $('figure', {}, $('figcaption', {text: `${d.run} @ ${step}`}), t,
+          $('div', {class: 'ww-note', text: note}));
     }));
     view.replaceChildren($('div', {class: 'ww-controls'}, 'step ', slider, ` ${first.steps[index]}`),
         legend, chart, tables);

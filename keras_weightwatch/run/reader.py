@@ -44,7 +44,7 @@ class VerifyReport:
     Attributes:
         path: The run directory.
         snapshots: How many snapshots were checked.
-        files: How many distinct tensor files were checked.
+        files: How many distinct tensor files were checked (the stored input samples' too).
         problems: One line per damaged or missing file (empty when all is well).
 
     Example: see `verify_run`.
@@ -562,12 +562,13 @@ def verify_run(path: str | os.PathLike[str],
     Raises `WeightWatchError` only when the run cannot be opened at all; each
     damaged or missing tensor file is a line of the report's `problems`.
 
-    Example (the README's quickstart run: 21 snapshots of 4 tensors):
+    Example (the README's quickstart run: 21 snapshots of 4 tensors, and its stored
+    `feature_data`):
 
     >>> from keras_weightwatch import verify_run
     >>> report = verify_run("runs/exp1")
     >>> report.ok, report.snapshots, report.files, report.problems
-    (True, 21, 84, ())
+    (True, 21, 85, ())
     """
     from .remote import open_storage
 

@@ -5,7 +5,8 @@ architecture: convolutions, then Dense layers of 2048 units, B = A plus noise wi
 one layer's units permuted), starts a real `tensorboard --logdir` server with the
 WeightWatch plugin, and measures
 
-- the compare route (`diff_runs` with matching, then the cached answer), over HTTP;
+- the compare route (`diff_runs` with matching, then the cached answer), over HTTP,
+  and then the matched kernel grid of B (reordered by that diff's own unit order);
 - the first paint of the tab in headless Chromium: from opening the page to the
   run-at-a-glance heatmap drawn (a fresh browser, then a second page).
 
@@ -17,11 +18,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,6 +123,13 @@ def main() -> None:
             cached, _ = _timed_get(q)
             print(f"compare (diff_runs with matching, over HTTP): cold {cold:.2f} s, "
                   f"cached {cached * 1000:.1f} ms ({size} bytes)", flush=True)
+            with urllib.request.urlopen(q, timeout=3600) as r:
+                conv = json.loads(r.read())["conv"]
+            if conv:  # B's kernels in A's order: the cached diff's unit_order, no new matching
+                grid, _ = _timed_get(f"{url}/data/plugin/weightwatch/compare_kernel.png?a=a&b=b"
+                                     f"&which=b&key={urllib.parse.quote(conv[-1])}")
+                print(f"compare kernel grid of B, matched ({conv[-1]}), after the compare: "
+                      f"{grid * 1000:.1f} ms", flush=True)
             if not args.no_browser:
                 c, w = first_paint(url)
                 print(f"first paint of the tab (page open -> heatmap drawn): "

@@ -6,7 +6,8 @@
 Starts `tensorboard --logdir LOGDIR` (the plugin must be installed: it is found
 through the package's `tensorboard_plugins` entry point), opens the WeightWatch
 tab in Debian's Chromium (Playwright, no browser download), compares two runs,
-steps the kernel slider through every snapshot and saves one PNG per panel.
+steps the kernel slider through every snapshot (with the sample images' responses
+at each step), opens the features and saves one PNG per panel.
 tests/integration/test_dashboard_e2e.py runs the same functions and asserts on
 what the page shows; benchmarks/bench_dashboard.py times them.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Each picture cut to what its panel fills on the demo's runs.
-HEIGHTS = {"dashboard_glance": 760, "dashboard_compare": 900, "dashboard_kernels": 500,
+HEIGHTS = {"dashboard_glance": 760, "dashboard_compare": 900, "dashboard_kernels": 1010,
            "dashboard_features": 720}
 
 
@@ -46,6 +47,12 @@ class Tab:
     compare_rows: dict[str, dict[str, str]] = field(default_factory=dict)
     kernel_steps: list[str] = field(default_factory=list)
     kernel_images: dict[str, str] = field(default_factory=dict)
+    response_images: dict[str, list[str]] = field(default_factory=dict)
+    """Step -> the URL of each sample's response image the page showed."""
+    partners: dict[str, str] = field(default_factory=dict)
+    """Feature -> the `correlated with` cell of the features table (non-empty ones)."""
+    partner_marks: list[str] = field(default_factory=list)
+    """The partner marks drawn on the features chart."""
 
 
 def open_tab(browser, url: str, height: int = 900):
@@ -77,13 +84,15 @@ def compare(frame, a: str, b: str, sa: str = "last", sb: str = "last") -> dict[s
     return out
 
 
-def kernel_steps(frame, run: str, key: str) -> tuple[list[str], dict[str, str]]:
-    """Move the kernel slider over every position; the steps shown and each image's URL."""
+def kernel_steps(frame, run: str, key: str
+                 ) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """Move the kernel slider over every position: the steps shown, each kernel image's URL
+    and each step's response image URLs (none where the run has no responses for `key`)."""
     frame.locator("#ww-tab-kernels").click()
     frame.locator("#ww-kernel-run").select_option(run)
     frame.locator("#ww-kernel-key").select_option(key)
     slider = frame.locator("#ww-kernel-slider")
-    steps, images = [], {}
+    steps, images, responses = [], {}, {}
     for i in range(int(slider.get_attribute("max")) + 1):
         slider.fill(str(i))
         label = frame.locator("#ww-kernel-step")
@@ -91,18 +100,45 @@ def kernel_steps(frame, run: str, key: str) -> tuple[list[str], dict[str, str]]:
         frame.locator(f'#ww-kernel-img[data-loaded-step="{step}"]').wait_for(timeout=60_000)
         steps.append(step)
         images[step] = frame.locator("#ww-kernel-img").get_attribute("src")
-    return steps, images
+        shown = frame.locator(f'#ww-responses[data-loaded-step="{step}"] img.ww-response')
+        if frame.locator("#ww-responses-none").count() == 0:
+            shown.first.wait_for(timeout=60_000)
+            responses[step] = [shown.nth(j).get_attribute("src") for j in range(shown.count())]
+    return steps, images, responses
 
 
-def take(url: str, out_dir: str | None, a: str, b: str, kernel_run: str, key: str) -> Tab:
-    """Drive every panel once (saving screenshots into `out_dir` when given)."""
+def features(frame, run: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """Open the Features panel (showing only `run`, when given): the non-empty `correlated
+    with` cells of its table by feature, and the partner marks on its chart."""
+    frame.locator("#ww-tab-features").click()
+    frame.locator("#ww-features-chart").wait_for()
+    if run is not None:
+        boxes = frame.locator("input.ww-features-run")
+        for i in range(boxes.count()):
+            box = boxes.nth(i)
+            if box.is_checked() != (box.get_attribute("data-run") == run):
+                box.click()
+        frame.locator(f'table.ww-features-table[data-run="{run}"]').wait_for()
+    cells = frame.locator('table.ww-features-table td[data-col="partner"].ww-partner')
+    partners = {}
+    for i in range(cells.count()):
+        row = cells.nth(i).locator("xpath=..")
+        partners[row.get_attribute("data-feature")] = cells.nth(i).inner_text()
+    marks = frame.locator("#ww-features-chart .ww-partner-mark")
+    return partners, [marks.nth(i).text_content() for i in range(marks.count())]
+
+
+def take(url: str, out_dir: str | None, a: str, b: str, kernel_run: str, key: str,
+         features_run: str | None = None) -> Tab:
+    """Drive every panel once (saving screenshots into `out_dir` when given); the Features
+    panel shows `features_run` alone when given."""
     from playwright.sync_api import sync_playwright
 
     tab = Tab()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shots.CHROMIUM, args=shots.CHROMIUM_ARGS)
         try:
-            page, frame, tab.first_paint_s = open_tab(browser, url)
+            page, frame, tab.first_paint_s = open_tab(browser, url, max(HEIGHTS.values()))
             def shot(name: str) -> None:
                 if out_dir:
                     clip = {"x": 0, "y": 0, "width": 1400, "height": HEIGHTS[name]}
@@ -115,11 +151,11 @@ def take(url: str, out_dir: str | None, a: str, b: str, kernel_run: str, key: st
             tab.compare_rows = compare(frame, a, b)
             page.wait_for_timeout(1500)
             shot("dashboard_compare")
-            tab.kernel_steps, tab.kernel_images = kernel_steps(frame, kernel_run, key)
-            page.wait_for_timeout(500)
+            tab.kernel_steps, tab.kernel_images, tab.response_images = kernel_steps(
+                frame, kernel_run, key)
+            page.wait_for_timeout(800)
             shot("dashboard_kernels")
-            frame.locator("#ww-tab-features").click()
-            frame.locator("#ww-features-chart").wait_for()
+            tab.partners, tab.partner_marks = features(frame, features_run)
             page.wait_for_timeout(500)
             shot("dashboard_features")
         finally:
@@ -134,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     with shots.serve(args.logdir) as url:
-        take(url, args.out_dir, "digits-seed1", "digits-seed2", "digits-seed1", "conv2/kernel")
+        take(url, args.out_dir, "digits-seed1", "digits-seed2", "digits-seed1", "conv1/kernel")
     return 0
 
 

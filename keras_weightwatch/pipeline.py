@@ -44,6 +44,7 @@ from .capture import (
 )
 from .errors import RunBusyError, WeightWatchError
 from .run import (
+    ResponseLayer,
     RunWriter,
     ShardWriter,
     SnapshotRecord,
@@ -56,7 +57,7 @@ from .run import (
 from .run.remote import FsspecStorage, is_url, open_storage
 from .settings import Settings
 from .stats import tensor_stats
-from .views import FeatureView, View, build_views
+from .views import FeatureView, ResponseView, View, build_views
 from .worker import Worker
 
 EVENTS_SUBDIR = "weights"
@@ -131,6 +132,28 @@ class Plan:
     @property
     def specs(self) -> list[WeightSpec]:
         return [self.info.weights[i] for i in self.watch]
+
+    def samples(self, settings: Settings) -> dict[str, np.ndarray | None]:
+        """The inputs the run stores with its header: `sample_images` channels last (as the
+        responses are computed), and `feature_data`."""
+        images = settings.sample_images
+        view = next((v for v in self.views if isinstance(v, ResponseView)), None)
+        if images is not None and view is not None and view.targets and (
+                view.targets[0].channels_first):
+            images = np.moveaxis(images, 1, -1)
+        return {"sample_images": images, "feature_data": settings.feature_data}
+
+    @property
+    def response_layers(self) -> list[ResponseLayer]:
+        """The layers whose kernel responses a reader computes from the run alone: those of
+        `response_mode="kernel"` fed directly by the model input."""
+        out = []
+        for view in self.views:
+            if isinstance(view, ResponseView) and view.mode == "kernel":
+                out += [ResponseLayer(t.layer, t.key, t.padding, tuple(t.strides),
+                                      tuple(t.dilation))
+                        for t in view.targets if t.fed_by_input]
+        return out
 
     @property
     def feature_key(self) -> str | None:
@@ -263,6 +286,7 @@ def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWrit
                     versions=versions(), durable=settings.durable,
                     store_dtype=settings.store_dtype, weights=specs,
                     storage=open_storage(run_dir, options),
+                    samples=plan.samples(settings), responses=plan.response_layers,
                 )
             except RunBusyError:
                 # Another writer took this directory first (it may not have written

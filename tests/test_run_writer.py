@@ -584,3 +584,76 @@ def test_a_reader_of_format_2_reads_runs_without_parts(tmp_path, monkeypatch):
     np.testing.assert_array_equal(load_run(tmp_path / "plain").tensor("big/kernel"), kernel)
     with pytest.raises(WeightWatchError, match="format version 3 is not supported"):
         load_run(tmp_path / "parts")
+# ------------------------------------------------------------------ stored input samples
+
+
+def _conv_fit(tmp_path, images, **options):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((9, 9, 2)),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", dilation_rate=1, name="conv"),
+        keras.layers.Flatten(), keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 9, 9, 2)).astype("float32"), rng.normal(size=(16, 1))
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0,
+              callbacks=[WeightWatch(tmp_path / "run", sample_images=images, **options)])
+    return load_run(tmp_path / "run"), model
+
+
+def test_sample_images_are_stored_readable_with_numpy_and_survive_retention(tmp_path):
+    images = np.random.default_rng(1).normal(size=(3, 9, 9, 2)).astype("float32")
+    run, model = _conv_fit(tmp_path, images, keep_last=1)
+    np.testing.assert_array_equal(run.sample_images(), images)
+    header = json.loads((tmp_path / "run" / "weightwatch.json").read_text())
+    stored = header["samples"]["sample_images"]
+    assert stored["rows_total"] == 3 and header["samples"]["feature_data"] is None
+    raw = np.load(tmp_path / "run" / stored["tensor"]["file"], allow_pickle=False)
+    np.testing.assert_array_equal(raw, images)
+    conv = model.get_layer("conv")
+    (layer,) = run.samples.responses
+    assert (layer.layer, layer.key, layer.padding) == ("conv", "conv/kernel", conv.padding)
+    assert layer.strides == tuple(conv.strides) and layer.dilation == tuple(conv.dilation_rate)
+    assert len(run.snapshots) == 2  # retention ran, and its garbage collection kept the sample
+    assert run.verify().ok and run.verify().files == len(
+        {r.file for s in run.snapshots for r in s.tensors.values()}) + 1
+
+
+def test_activation_mode_stores_the_images_but_no_kernel_response_layer(tmp_path):
+    images = np.zeros((1, 9, 9, 2), dtype="float32")
+    run, _ = _conv_fit(tmp_path, images, response_mode="activation")
+    np.testing.assert_array_equal(run.sample_images(), images)
+    assert run.samples.responses == ()
+
+
+def test_feature_data_is_stored_as_given(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = sequential()
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0,
+              callbacks=[WeightWatch(tmp_path / "run", feature_data=x.astype("float64"))])
+    run = load_run(tmp_path / "run")
+    np.testing.assert_array_equal(run.feature_data(), x.astype("float64"))
+    assert run.feature_data().dtype == np.float64 and run.sample_images() is None
+
+
+def test_samples_over_the_cap_keep_their_first_rows_and_say_how_many_there_were(tmp_path):
+    from keras_weightwatch.run import LocalStorage
+    from keras_weightwatch.run.writer import store_samples
+
+    storage = LocalStorage(str(tmp_path))
+    storage.makedirs("tensors")
+    x = np.arange(10 * 6, dtype=np.int16).reshape(10, 6)  # 12 bytes a row
+    huge = np.zeros((2, 100), dtype=np.float64)  # one row is over the cap: not stored
+    samples = store_samples(storage, {"feature_data": x, "sample_images": huge}, (), False,
+                            max_bytes=40)
+    assert samples.sample_images is None
+    assert samples.feature_data.rows == 3 and samples.feature_data.rows_total == 10
+    np.testing.assert_array_equal(np.load(tmp_path / samples.feature_data.tensor.file), x[:3])
+
+
+def test_runs_without_stored_samples_read_as_empty():
+    run = load_run(os.path.join(FIXTURE, "run"))
+    assert run.samples.sample_images is None and run.samples.responses == ()
+    assert run.sample_images() is None and run.feature_data() is None

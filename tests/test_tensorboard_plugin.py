@@ -27,6 +27,14 @@ from werkzeug.wrappers import Response  # noqa: E402
 from keras_weightwatch.tensorboard_plugin import WeightWatchPlugin  # noqa: E402
 
 FEATURES = ["age", "dose", "weight", "height", "score"]
+SAMPLES = np.random.default_rng(7).uniform(size=(3, 8, 8, 1)).astype("float32")
+
+
+def _feature_data():
+    """Five features of which `weight` and `height` are correlated (r about 0.99)."""
+    x = np.random.default_rng(8).normal(size=(64, 5))
+    x[:, 3] = 2.0 * x[:, 2] + 0.1 * x[:, 3]
+    return x
 
 
 def _cnn(seed: int):
@@ -61,10 +69,10 @@ def logdir(tmp_path_factory):
     import keras
 
     root = tmp_path_factory.mktemp("tb") / "logs"
-    for name, seed in (("cnn-a", 1), ("group/cnn-b", 2)):
-        _fit(_cnn(seed), root / name, epochs=3)
+    _fit(_cnn(1), root / "cnn-a", epochs=3, sample_images=SAMPLES)
+    _fit(_cnn(2), root / "group/cnn-b", epochs=3)
     linear = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1, name="linear")])
-    _fit(linear, root / "linear", feature_names=FEATURES, top_k=3)
+    _fit(linear, root / "linear", feature_names=FEATURES, top_k=3, feature_data=_feature_data())
     return root
 
 
@@ -362,3 +370,80 @@ def test_heatmap_marks_every_tensor_that_holds_nan_or_inf(tmp_path):
         if not np.isfinite(np.asarray(run.weights(s.name if s.label == "initial" else s.step)
                                       [key])).all())
     assert body["nonfinite"] == expected and [body["keys"].index("out/kernel"), 0] in expected
+
+
+def _reference_responses(images, kernel):
+    """Valid, stride-1 responses by scipy: correlate2d of each channel, summed."""
+    from scipy.signal import correlate2d
+
+    out = []
+    for img in np.asarray(images, np.float64):
+        maps = [sum(correlate2d(img[..., c], kernel[..., c, o], mode="valid")
+                    for c in range(kernel.shape[2])) for o in range(kernel.shape[3])]
+        out.append(np.stack(maps, axis=-1))
+    return np.stack(out)
+
+
+def _event_images(run_dir, tag):
+    """step -> the PNG bytes the responses view wrote (TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    acc = pea.EventAccumulator(os.path.join(run_dir, "weights"), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    return {e.step: tensor_util.make_ndarray(e.tensor_proto)[2] for e in acc.Tensors(tag)}
+
+
+def test_responses_at_every_step_are_the_stored_images_filtered_by_that_steps_kernel(
+        client, logdir):
+    from PIL import Image
+
+    from keras_weightwatch.images import response_grid
+
+    run = load_run(logdir / "cnn-a")
+    np.testing.assert_array_equal(run.sample_images(), SAMPLES)
+    written = _event_images(str(logdir / "cnn-a"), "responses/conv1/sample_1")
+    for s in run.snapshots:
+        body = _json(client, "/responses", run="cnn-a", key="conv1/kernel", step=s.name)
+        assert body["available"] and body["shown"] == body["stored"] == body["total"] == 3
+        kernel = np.asarray(run.weights("initial" if s.label == "initial" else s.step)
+                            ["conv1/kernel"], np.float64)
+        expected = _reference_responses(SAMPLES, kernel)
+        for i in range(3):
+            grid = response_grid(SAMPLES[i], expected[i])
+            img = _png(client, "/responses.png", run="cnn-a", key="conv1/kernel", step=s.name,
+                       sample=str(i))
+            np.testing.assert_allclose(img, grid.image, atol=1)  # float rounding at a colour edge
+            assert body["samples"][i]["vmax"] == pytest.approx(grid.vmax, rel=1e-9)
+        # what the TensorBoard view drew at that step, pixel for pixel
+        view = np.asarray(Image.open(io.BytesIO(written[s.step])).convert("RGB"))
+        np.testing.assert_array_equal(
+            _png(client, "/responses.png", run="cnn-a", key="conv1/kernel", step=s.name,
+                 sample="1"), view)
+
+
+def test_responses_say_why_when_the_run_cannot_have_them(client):
+    conv2 = _json(client, "/responses", run="cnn-a", key="conv2/kernel", step="last")
+    assert not conv2["available"] and "conv1/kernel" in conv2["reason"]
+    none = _json(client, "/responses", run="group/cnn-b", key="conv1/kernel", step="last")
+    assert not none["available"] and "sample_images" in none["reason"]
+    r = client.get("/responses.png", query_string=dict(run="cnn-a", key="conv1/kernel",
+                                                        step="last", sample="3"))
+    assert r.status_code == 400 and b"sample=3" in r.data
+
+
+def test_features_mark_the_partners_the_stored_feature_data_correlates(client, logdir):
+    body = _json(client, "/features", run="linear")
+    r = np.corrcoef(_feature_data(), rowvar=False)
+    np.fill_diagonal(r, 0.0)
+    expected = {FEATURES[i]: [FEATURES[int(np.argmax(np.abs(r[i])))], np.max(np.abs(r[i]))]
+                for i in range(5) if np.max(np.abs(r[i])) >= 0.9}
+    assert set(body["partners"]) == set(expected) == {"weight", "height"}
+    for name, (partner, corr) in expected.items():
+        assert body["partners"][name][0] == partner
+        assert abs(body["partners"][name][1]) == pytest.approx(corr, rel=1e-9)
+    assert body["partners_from"] == {"rows": 64, "rows_total": 64, "threshold": 0.9}
+    for table in body["tables"]:
+        for row in table:
+            assert row["partner"] == (expected[row["name"]][0] if row["name"] in expected
+                                      else None)

@@ -766,6 +766,131 @@ class ShardRecord:
                                  for i, p in enumerate(ps)) for k, ps in v["tensors"].items()}
         return cls(step=v["step"], label=v["label"], process=v["process"],
                    attempt=v["attempt"], tensors=tensors)
+# --------------------------------------------------------------------------- stored inputs
+
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+"""The most bytes of one input sample (`sample_images`, `feature_data`) a run stores: the
+first rows that fit (at least one row; an array whose one row is larger is not stored)."""
+SAMPLE_NAMES = ("sample_images", "feature_data")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseLayer:
+    """A Conv2D layer whose kernel responses the run's sample images were drawn with.
+
+    Everything `responses.correlate` needs besides the images and the kernel, so
+    that a reader computes the responses of any snapshot from the run alone.
+    """
+
+    layer: str
+    key: str
+    """The run's key of the layer's kernel."""
+    padding: str
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    FIELDS = (
+        Field("layer", STR),
+        Field("key", STR),
+        Field("padding", _kind("be 'valid' or 'same'", lambda v: v in ("valid", "same"))),
+        Field("strides", list_of(INT, "integers")),
+        Field("dilation", list_of(INT, "integers")),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "key": self.key, "padding": self.padding,
+                "strides": list(self.strides), "dilation": list(self.dilation)}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> ResponseLayer:
+        v = check_fields(d, cls.FIELDS, where, "response layer")
+        return cls(str(v["layer"]), str(v["key"]), str(v["padding"]),
+                   tuple(v["strides"]), tuple(v["dilation"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSample:
+    """One input sample stored with the run: its tensor file and how much of it is there.
+
+    Attributes:
+        tensor: The `.npy` file (in `tensors/`, checked like a snapshot's tensor).
+        rows_total: The rows (samples) the callback was given; the file holds the
+            first `tensor.shape[0]` of them (fewer when the whole was over
+            `MAX_SAMPLE_BYTES`).
+    """
+
+    tensor: TensorRecord
+    rows_total: int
+
+    FIELDS = (Field("tensor", OBJECT), Field("rows_total", INT))
+
+    @property
+    def rows(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor.to_json(), "rows_total": self.rows_total}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> StoredSample:
+        v = check_fields(d, cls.FIELDS, where, "stored sample")
+        return cls(TensorRecord.from_json(v["tensor"], where), v["rows_total"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """The header's `samples`: the inputs the views were given, stored at train begin.
+
+    Attributes:
+        sample_images: The sample images, channels last `(N, H, W, C)`, or None.
+        feature_data: The sample of inputs `(samples, features)` of the
+            top-k feature table's correlation flags, or None.
+        responses: The layers whose kernel responses the images were drawn with
+            (`response_mode="kernel"`, layers fed by the model input); empty
+            otherwise.
+    """
+
+    sample_images: StoredSample | None = None
+    feature_data: StoredSample | None = None
+    responses: tuple[ResponseLayer, ...] = ()
+
+    FIELDS = (
+        Field("sample_images", optional(OBJECT), required=False),
+        Field("feature_data", optional(OBJECT), required=False),
+        Field("responses", LIST, required=False, default=()),
+    )
+
+    @property
+    def records(self) -> list[TensorRecord]:
+        """The tensor files the samples occupy."""
+        return [s.tensor for s in (self.sample_images, self.feature_data) if s is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sample_images": None if self.sample_images is None else self.sample_images.to_json(),
+            "feature_data": None if self.feature_data is None else self.feature_data.to_json(),
+            "responses": [r.to_json() for r in self.responses],
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> Samples:
+        """The header's `samples` (absent in runs written before it was stored: empty)."""
+        v = check_fields({} if d is None else d, cls.FIELDS, f"{where}: samples", "samples")
+        stored = {n: None if v[n] is None else StoredSample.from_json(v[n], f"{where}: {n}")
+                  for n in SAMPLE_NAMES}
+        layers = tuple(ResponseLayer.from_json(r, f"{where}: responses[{i}]")
+                       for i, r in enumerate(v["responses"]))
+        return cls(stored["sample_images"], stored["feature_data"], layers)
+
+
+def sample_rows(arr: np.ndarray, max_bytes: int = MAX_SAMPLE_BYTES) -> np.ndarray:
+    """The first rows of `arr` that fit in `max_bytes`, in a dtype a `.npy` file stores
+    (numeric dtypes numpy lacks a stored name for become float64)."""
+    a = np.asarray(arr)
+    if a.dtype.name not in NATIVE_DTYPES:
+        a = a.astype(np.float64)
+    row = max(1, a[:1].nbytes)
+    return np.ascontiguousarray(a[: max_bytes // row])
 
 
 # --------------------------------------------------------------------------- the run header
@@ -775,6 +900,7 @@ HEADER_FIELDS = (
     Field("model", OBJECT, required=False, default={}),
     Field("versions", map_of(STR, "names to strings"), required=False, default={}),
     Field("settings", OBJECT, required=False, default={}),
+    Field("samples", optional(OBJECT), required=False),
 )
 
 
@@ -796,6 +922,7 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
     model = check_fields(v["model"], ModelInfo.FIELDS, f"{where}: model", "model")
     for i, layer in enumerate(model["layers"]):
         check_fields(layer, LayerInfo.FIELDS, f"{where}: model layers[{i}]", "layer entry")
+    Samples.from_json(v["samples"], where)
     return header
 
 

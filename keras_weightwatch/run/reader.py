@@ -24,6 +24,7 @@ from .format import (
     SNAPSHOT_FILE_RE,
     TENSOR_DIR,
     LayerInfo,
+    Samples,
     SnapshotRecord,
     TensorRecord,
     WeightSpec,
@@ -43,7 +44,7 @@ class VerifyReport:
     Attributes:
         path: The run directory.
         snapshots: How many snapshots were checked.
-        files: How many distinct tensor files were checked.
+        files: How many distinct tensor files were checked (the stored input samples' too).
         problems: One line per damaged or missing file (empty when all is well).
 
     Example: see `verify_run`.
@@ -356,6 +357,22 @@ class Run:
         return self.header.get("settings", {})
 
     @property
+    def samples(self) -> Samples:
+        """The inputs stored with the run (`sample_images`, `feature_data`) and the layers
+        whose kernel responses the images were drawn with; empty for runs without them."""
+        return Samples.from_json(self.header.get("samples"), self.storage.where(HEADER_FILE))
+
+    def sample_images(self) -> np.ndarray | None:
+        """The stored sample images, channels last `(N, H, W, C)` (memory-mapped), or None."""
+        stored = self.samples.sample_images
+        return None if stored is None else self._load(stored.tensor, mmap=True, verify=True)
+
+    def feature_data(self) -> np.ndarray | None:
+        """The stored sample of inputs `(samples, features)` (memory-mapped), or None."""
+        stored = self.samples.feature_data
+        return None if stored is None else self._load(stored.tensor, mmap=True, verify=True)
+
+    @property
     def versions(self) -> Mapping[str, str]:
         """Package, Keras and backend versions that wrote the run."""
         return self.header.get("versions", {})
@@ -543,6 +560,14 @@ def _verify(run: Run) -> VerifyReport:
                 problem = checked[piece.file]
                 if problem:
                     problems.append(f"snapshot {snap.name}, weight {key}: {problem}")
+    samples = run.samples
+    for name, stored in (("sample_images", samples.sample_images),
+                         ("feature_data", samples.feature_data)):
+        if stored is not None:
+            problem = check_tensor_file(run.storage, stored.tensor)
+            checked[stored.tensor.file] = problem
+            if problem:
+                problems.append(f"stored {name}: {problem}")
     return VerifyReport(
         path=run.path, snapshots=len(run.snapshots), files=len(checked), problems=tuple(problems)
     )
@@ -555,12 +580,13 @@ def verify_run(path: str | os.PathLike[str],
     Raises `WeightWatchError` only when the run cannot be opened at all; each
     damaged or missing tensor file is a line of the report's `problems`.
 
-    Example (the README's quickstart run: 21 snapshots of 4 tensors):
+    Example (the README's quickstart run: 21 snapshots of 4 tensors, and its stored
+    `feature_data`):
 
     >>> from keras_weightwatch import verify_run
     >>> report = verify_run("runs/exp1")
     >>> report.ok, report.snapshots, report.files, report.problems
-    (True, 21, 84, ())
+    (True, 21, 85, ())
     """
     from .remote import open_storage
 

@@ -26,6 +26,7 @@ from .format import (
     FORMAT_VERSION,
     HEADER_FILE,
     LOCK_FILE,
+    MAX_SAMPLE_BYTES,
     SHARD_DIR,
     SNAPSHOT_DIR,
     TENSOR_DIR,
@@ -36,8 +37,11 @@ from .format import (
     Encoded,
     ModelInfo,
     PartRecord,
+    ResponseLayer,
+    Samples,
     ShardRecord,
     SnapshotRecord,
+    StoredSample,
     TensorRecord,
     WeightSpec,
     architecture_mismatch,
@@ -47,6 +51,7 @@ from .format import (
     npy_header,
     parts_digest,
     raw_bytes,
+    sample_rows,
     shard_record_name,
     snapshot_file_name,
     stored_as,
@@ -128,6 +133,34 @@ def same_bytes(a: memoryview, b: memoryview, first: int = 1 << 16, chunk: int = 
     return True
 
 
+def store_samples(storage: Storage, inputs: Mapping[str, np.ndarray | None],
+                  responses: Sequence[ResponseLayer], durable: bool,
+                  max_bytes: int = MAX_SAMPLE_BYTES) -> Samples:
+    """Write the input samples (`sample_images`, `feature_data`) as tensor files; their record.
+
+    Each is stored as its first rows within `MAX_SAMPLE_BYTES`, content-addressed in
+    `tensors/` like a weight (a sample stored before is not written again).
+    """
+    stored: dict[str, StoredSample | None] = {}
+    for name in ("sample_images", "feature_data"):
+        arr = inputs.get(name)
+        rows = None if arr is None else sample_rows(arr, max_bytes)
+        if arr is None or rows is None or rows.shape[0] == 0:
+            stored[name] = None
+            continue
+        enc = encode_tensor(rows, rows.dtype.name)
+        digest = enc.digest(WRITE_HASH)
+        rec = TensorRecord(file=f"{TENSOR_DIR}/{digest}.npy", digest=digest, hash=WRITE_HASH,
+                           shape=tuple(rows.shape), dtype=rows.dtype.name,
+                           stored_dtype=enc.stored_dtype, lossy=False, bytes=enc.nbytes)
+        if not storage.isfile(rec.file):
+            storage.write_atomic(rec.file, [enc.header, enc.data], durable)
+        stored[name] = StoredSample(rec, int(np.shape(arr)[0]))
+    if durable and any(stored.values()):
+        storage.sync_dir(TENSOR_DIR)
+    return Samples(stored["sample_images"], stored["feature_data"], tuple(responses))
+
+
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
         list[WeightSpec], list[SnapshotRecord], Mapping[str, Any]]:
     """The specs, snapshots and header of the run a writer continues (if any; else `{}`).
@@ -190,6 +223,7 @@ class RunWriter:
         self._shard_files: list[str] = []
         self._lock = RunLock(self.storage)
         self._indexed = False
+        self._kept: set[str] = set()  # the header's sample files: never garbage
 
     @classmethod
     def open(
@@ -203,6 +237,8 @@ class RunWriter:
         store_dtype: str | None = None,
         weights: Sequence[WeightSpec] | None = None,
         storage: Storage | None = None,
+        samples: Mapping[str, np.ndarray | None] | None = None,
+        responses: Sequence[ResponseLayer] = (),
     ) -> RunWriter:
         """Create the run, or open an existing one of the same architecture to continue it.
 
@@ -211,7 +247,9 @@ class RunWriter:
         continues the same series. `weights` is the subset of `model.weights`
         the run stores (an include/exclude filter); defaults to all of them.
         `storage` is where the run's files go; defaults to the local directory
-        `path`.
+        `path`. `samples` (`sample_images`, channels last, and `feature_data`) are
+        stored with the run and recorded in the header's `samples`, with the
+        `responses` layers their kernel responses are computed for; defaults to none.
 
         Raises:
             WeightWatchError: the run was written by a model of another
@@ -225,6 +263,7 @@ class RunWriter:
         try:
             specs, snapshots, old = _continued_specs(
                 storage, list(model.weights if weights is None else weights))
+            stored = store_samples(storage, samples or {}, responses, durable)
             header = {
                 "format": FORMAT_NAME,
                 "format_version": format_version(snapshots, old.get("format_version")),
@@ -234,8 +273,10 @@ class RunWriter:
                 "model": model.to_json(),
                 "weights": [s.to_json() for s in specs],
                 "settings": dict(settings),
+                "samples": stored.to_json(),
             }
             writer = cls(path, header, specs, snapshots, durable, store_dtype, storage)
+            writer._kept = {rec.file for rec in stored.records}
             writer._lock = lock
             storage.write_atomic(HEADER_FILE, [json_bytes(header)], durable)
             writer.rebuild_index()
@@ -474,6 +515,7 @@ class RunWriter:
         """
         referenced = {p.file for s in self._snapshots.values() for rec in s.tensors.values()
                       for p in rec.pieces()}
+        referenced |= self._kept
         deleted = []
         try:
             names = self.storage.listdir(TENSOR_DIR)
@@ -487,7 +529,7 @@ class RunWriter:
                 continue
             if self.storage.remove(file):
                 deleted.append(file)
-        self._files &= referenced
+        self._files &= referenced - self._kept
         if deleted and self.durable:
             self.storage.sync_dir(TENSOR_DIR)
         return deleted

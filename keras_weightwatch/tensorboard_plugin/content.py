@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from .. import DiffResult, Run, diff_runs
-from ..features import feature_weights, top_k_features
-from ..images import Grid, diverging_rgb, kernel_grid, symmetric_limit
+from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
+from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
+from ..responses import correlate
+from ..run import ResponseLayer
 from ..textfmt import nonfinite_text
 from .params import BadRequest, Pair
 
@@ -39,8 +41,10 @@ MAX_MATRIX_SIDE = 256
 """A tensor drawn as a matrix is sampled to at most this many rows and columns."""
 MAX_FEATURES = 200
 """The most features whose weights are sent for every step."""
-MAX_MATCH_UNITS = 2048
-"""Kernels with more units are shown without reordering (as `diff_runs` does not match them)."""
+MAX_RESPONSE_SAMPLES = 16
+"""The most sample images whose responses one request draws."""
+MAX_RESPONSE_OPS = 1 << 30
+"""Multiply-adds the responses of one request may take (fewer samples are drawn past it)."""
 
 
 def num(x: float | None) -> float | str | None:
@@ -77,6 +81,11 @@ def spaced(n: int, most: int) -> list[int]:
 
 def _classes(run: Run) -> dict[str, str]:
     return {layer.name: layer.class_name for layer in run.layers}
+
+
+def layer_class(run: Run, layer: str) -> str | None:
+    """The class name of the run's top-level layer `layer`, or None."""
+    return _classes(run).get(layer)
 
 
 def is_conv_kernel(run: Run, key: str, shape: Sequence[int]) -> bool:
@@ -257,8 +266,39 @@ def matrix_image(run: Run, key: str, step: str) -> tuple[np.ndarray, float, list
     return img, vmax, strides
 
 
-def features(run: Run) -> dict[str, Any]:
-    """The feature layer's per-feature weights at every snapshot, and each snapshot's table."""
+def feature_description(run: Run) -> FeatureData | None:
+    """The stored `feature_data`'s standard deviations and correlated partners, as the
+    top-k table's `correlated with` column has them (None: the run stores none)."""
+    data = run.feature_data()
+    names = run.settings.get("feature_names")
+    if data is None or not names or data.ndim != 2 or data.shape[1] != len(names):
+        return None
+    return FeatureData.from_sample(np.asarray(data))
+
+
+def _row(r) -> dict[str, Any]:
+    return {"rank": r.rank, "name": r.name, "index": r.index, "weight": num(r.weight),
+            "partner": r.partner, "correlation": num(r.correlation)}
+
+
+def _partners(run: Run, names: Sequence[str], described: FeatureData | None) -> dict[str, Any]:
+    """Each feature's correlated partner (name -> [partner, r]) and where they come from."""
+    if described is None:
+        return {"partners": None, "partners_from": None}
+    stored = run.samples.feature_data
+    pairs = {names[i]: [names[p[0]], num(p[1])] for i, p in enumerate(described.partners)
+             if p is not None}
+    return {"partners": pairs, "partners_from": None if stored is None else
+            {"rows": stored.rows, "rows_total": stored.rows_total,
+             "threshold": CORRELATION_THRESHOLD}}
+
+
+def features(run: Run, described: FeatureData | None = None) -> dict[str, Any]:
+    """The feature layer's per-feature weights at every snapshot, and each snapshot's table.
+
+    `described` is `feature_description(run)` (the caller caches it): with it, each
+    table row names its correlated partner and `partners` maps every feature to its own.
+    """
     settings = run.settings
     key, names = settings.get("feature_key"), settings.get("feature_names")
     if not key or not names:
@@ -273,14 +313,73 @@ def features(run: Run) -> dict[str, Any]:
     last_top = np.argsort(-np.abs(np.nan_to_num(weights[-1], nan=-np.inf)), kind="stable")
     sent = sorted(int(i) for i in last_top[:MAX_FEATURES])
     tables = []
+    data: Any = described  # top_k_features takes the sample or its FeatureData
     for i in range(len(snaps)):
-        rows = top_k_features(kernels[i], names, k, weights=weights[i])
-        tables.append([{"rank": r.rank, "name": r.name, "index": r.index, "weight": num(r.weight)}
-                       for r in rows])
+        rows = top_k_features(kernels[i], names, k, data, weights=weights[i])
+        tables.append([_row(r) for r in rows])
     return {
         "available": True, "key": key, "top_k": k,
         "steps": [s.name for s in snaps],
         "names": [names[i] for i in sent],
         "weights": [[num(weights[t, i]) for t in range(len(snaps))] for i in sent],
         "tables": tables,
+        **_partners(run, names, described),
     }
+
+
+@dataclass(frozen=True)
+class Responses:
+    """The sample images' kernel responses at one snapshot, as the responses view makes them."""
+
+    layer: ResponseLayer
+    images: np.ndarray
+    """The images drawn (channels last): the first `len(images)` stored ones."""
+    responses: np.ndarray
+    """`(n, h, w, outputs)`: `responses.correlate` of the images with the snapshot's kernel."""
+    stored: int
+    total: int
+    max_tiles: int = MAX_TILES
+
+    def grid(self, i: int) -> Grid:
+        """Sample `i` and its responses, drawn by `images.response_grid` (the view's tiles)."""
+        return response_grid(self.images[i], self.responses[i], self.max_tiles)
+
+
+def response_layer(run: Run, key: str) -> tuple[ResponseLayer | None, str]:
+    """The stored layer whose kernel responses `key` has, or None and why there is none."""
+    samples = run.samples
+    if samples.sample_images is None:
+        return None, "the run stores no sample images (written without sample_images)"
+    layer = next((r for r in samples.responses if r.key == key), None)
+    if layer is not None:
+        return layer, ""
+    if run.settings.get("response_mode") == "activation":
+        return None, "the run's responses are activations (response_mode='activation'): " \
+                     "they need the model, not only its weights"
+    spec = next((s for s in run.specs if s.key == key), None)
+    if spec is not None and spec.layer in (run.settings.get("response_layers") or ()):
+        return None, f"{spec.layer!r} is not fed by the model input: its input, and so its " \
+                     "responses, need the model, not only its weights"
+    shown = [r.key for r in samples.responses]
+    return None, f"the run draws the responses of {shown or 'no layer'} (response_layers)"
+
+
+def responses(run: Run, layer: ResponseLayer, step: str) -> Responses:
+    """`correlate` of the stored sample images with the layer's kernel at `step` (bounded:
+    at most `MAX_RESPONSE_SAMPLES` images and `MAX_RESPONSE_OPS` multiply-adds)."""
+    kernel = np.asarray(tensor_of(run, layer.key, step))
+    images = run.sample_images()
+    stored = run.samples.sample_images
+    if images is None or stored is None or kernel.ndim != 4 or images.ndim != 4:
+        raise BadRequest(f"no responses to draw for this kernel. Received: key={layer.key!r}")
+    per_image = math.prod(images.shape[1:3]) * math.prod(kernel.shape)
+    n = min(len(images), MAX_RESPONSE_SAMPLES, MAX_RESPONSE_OPS // max(per_image, 1))
+    if n < 1:
+        raise BadRequest(
+            f"the responses of one image take {per_image} multiply-adds; the cap is "
+            f"{MAX_RESPONSE_OPS}. Received: key={layer.key!r}"
+        )
+    shown = np.asarray(images[:n])
+    out = correlate(shown, kernel, layer.strides, layer.padding, layer.dilation)
+    tiles = min(int(run.settings.get("max_kernel_tiles") or MAX_TILES), MAX_TILES)
+    return Responses(layer, shown, out, stored.rows, stored.rows_total, tiles)

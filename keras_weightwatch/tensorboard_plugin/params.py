@@ -89,6 +89,14 @@ def step(args: Mapping[str, str], name: str = "step", default: str = "last") -> 
     return value
 
 
+def index(args: Mapping[str, str], name: str, default: int = 0) -> int:
+    """An integer index >= 0 of at most 6 digits."""
+    value = text(args, name, str(default))
+    if not re.match(r"^\d{1,6}$", value):
+        raise BadRequest(f"{name} must be an integer index >= 0. {received(name, value)}")
+    return int(value)
+
+
 def choice(args: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
     """One of `options` (the first is the default)."""
     value = text(args, name, options[0])

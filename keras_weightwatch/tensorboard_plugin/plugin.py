@@ -25,7 +25,7 @@ from ..errors import WeightWatchError
 from ..images import diverging_rgb, encode_png, kernel_grid
 from . import content, params
 from .library import LRU, Library, RunError
-from .matching import match_kernels, reordered
+from .matching import reordered, units_axis
 
 PLUGIN_NAME = "weightwatch"
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -104,8 +104,9 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         self.library = Library(context.logdir or "")
         self.diffs = LRU(16)  # DiffResults, per pair of snapshots
         self.columns = LRU(4096)  # change-since-initial columns, per pair of snapshots
-        self.matchings = LRU(16)  # kernel matchings, per pair of snapshots
         self.grids = LRU(64)
+        self.responses = LRU(32)  # sample images' responses, per kernel file
+        self.described = LRU(16)  # feature data's partners, per stored sample
 
     def is_active(self) -> bool:
         return bool(self.library.logdir) and bool(self.library.list_runs(limit=1)[0])
@@ -127,6 +128,8 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
             "/compare": self._compare,
             "/compare_kernel": self._compare_kernel,
             "/compare_kernel.png": self._compare_kernel_png,
+            "/responses": self._responses,
+            "/responses.png": self._responses_png,
             "/features": self._features,
             "/colorbar.png": self._colorbar,
         }
@@ -219,37 +222,77 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         key = params.text(args, "key")
         which = params.choice(args, "which", ("a", "b", "diff"))
         run_a, run_b = self._pair_runs(pair)
-        snap_a = content.snapshot_of(run_a, pair.step_a)
-        snap_b = content.snapshot_of(run_b, pair.step_b)
-        ident = ("match", pair.run_a, snap_a.file, pair.run_b, snap_b.file,
-                 content.pair_digest(snap_a, snap_b))
-        matching = self.matchings.get(ident, lambda: match_kernels(run_a, snap_a, run_b, snap_b))
+        result = content.compare(run_a, run_b, pair, self.diffs)
+        diff = next((t for t in result.tensors if t.name == key), None)
         a = np.asarray(content.tensor_of(run_a, key, pair.step_a), dtype=np.float64)
         b = np.asarray(content.tensor_of(run_b, key, pair.step_b), dtype=np.float64)
-        if a.shape != b.shape or not content.is_conv_kernel(run_a, key, a.shape):
+        if diff is None or a.shape != b.shape or not content.is_conv_kernel(run_a, key, a.shape):
             raise params.BadRequest(
                 "the tensor is not a convolution kernel of one shape in both. "
                 f"Received: key={key!r}"
             )
-        b = reordered(b, key, matching)
+        spec = next((s for s in run_a.specs if s.key == key), None)
+        layer = None if spec is None else content.layer_class(run_a, spec.layer)
+        b = reordered(b, diff, units_axis(layer))
         arr = {"a": a, "b": b, "diff": b - a}[which]
-        return kernel_grid(arr, max_tiles=content.MAX_TILES), key in matching.perms, a, b
+        return kernel_grid(arr, max_tiles=content.MAX_TILES), diff
 
     @route("a", "sa", "b", "sb", "key", "which")
     def _compare_kernel(self, request, args):
-        grid, matched, a, b = self._compare_grids(args)
-        cos = float(np.vdot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) or np.nan))
-        return _json(request, {"vmax": content.num(grid.vmax), "matched": matched,
-                               "matched_cosine": content.num(cos), "tiles": len(grid.tiles),
-                               "total": grid.total})
+        grid, diff = self._compare_grids(args)
+        return _json(request, {"vmax": content.num(grid.vmax),
+                               "matched": diff.unit_order is not None,
+                               "inputs_aligned": diff.input_order is not None,
+                               "matched_cosine": content.num(diff.matched_cosine),
+                               "tiles": len(grid.tiles), "total": grid.total})
 
     @route("a", "sa", "b", "sb", "key", "which")
     def _compare_kernel_png(self, request, args):
         return _png(request, self._compare_grids(args)[0].image)
 
+    def _drawn(self, args) -> tuple[content.Responses | None, str, Any]:
+        """The responses of the sample images to the kernel `key` at `step` (cached)."""
+        run, key, step = self._one(args)
+        snap = content.snapshot_of(run, step)
+        layer, reason = content.response_layer(run, key)
+        if layer is None or key not in snap.tensors:
+            return None, reason or f"snapshot {snap.name} has no {key!r}", snap
+        images = run.samples.sample_images
+        ident = (layer, snap.tensors[key].sha256, images.tensor.digest if images else None,
+                 run.settings.get("max_kernel_tiles"))
+        return self.responses.get(ident, lambda: content.responses(run, layer, step)), "", snap
+
+    @route("run", "key", "step")
+    def _responses(self, request, args):
+        drawn, reason, snap = self._drawn(args)
+        if drawn is None:
+            return _json(request, {"available": False, "reason": reason, "step": snap.name})
+        grids = [drawn.grid(i) for i in range(len(drawn.images))]
+        return _json(request, {
+            "available": True, "step": snap.name, "layer": drawn.layer.layer,
+            "key": drawn.layer.key, "shown": len(grids), "stored": drawn.stored,
+            "total": drawn.total, "outputs": int(drawn.responses.shape[-1]),
+            "samples": [{"index": i, "vmax": content.num(g.vmax), "tiles": len(g.tiles) - 1}
+                        for i, g in enumerate(grids)],
+        })
+
+    @route("run", "key", "step", "sample")
+    def _responses_png(self, request, args):
+        drawn, reason, _ = self._drawn(args)
+        i = params.index(args, "sample")
+        if drawn is None or i >= len(drawn.images):
+            why = reason or f"{len(drawn.images) if drawn else 0} are drawn"
+            raise params.BadRequest(f"no such response image: {why}. Received: sample={i}")
+        return _png(request, drawn.grid(i).image)
+
     @route("run")
     def _features(self, request, args):
-        return _json(request, content.features(self.library.open(params.run_name(args))))
+        run = self.library.open(params.run_name(args))
+        stored = run.samples.feature_data
+        described = None if stored is None else self.described.get(
+            (stored.tensor.digest, tuple(run.settings.get("feature_names") or ())),
+            lambda: content.feature_description(run))
+        return _json(request, content.features(run, described))
 
     @route()
     def _colorbar(self, request, args):

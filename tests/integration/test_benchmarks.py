@@ -82,6 +82,8 @@ def test_bench_dashboard_times_compare_and_first_paint():
     cold = number(r"compare \(diff_runs with matching, over HTTP\): cold ([\d.]+) s", out)
     cached = number(r"cached ([\d.]+) ms", out)
     assert cold > 0 and cached > 0
+    assert number(r"compare kernel grid of B, matched \(.*\), after the compare: ([\d.]+) ms",
+                  out) > 0
     assert number(r"reference: diff_runs\(a, b\) in this process ([\d.]+) s", out) > 0
     if "--no-browser" not in args:
         assert number(r"fresh browser ([\d.]+) s", out) > 0

@@ -2,7 +2,8 @@
 
 TensorBoard must find the plugin through the package's `tensorboard_plugins` entry
 point (an installed package), list it in `/data/plugins_listing`, and the tab must
-show `diff_runs`' numbers for two runs and every stored kernel step.
+show `diff_runs`' numbers for two runs, every stored kernel step with the sample images'
+responses at that step, and the correlated partners of the stored feature data.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 
 from keras_weightwatch import diff_runs, load_run
 from keras_weightwatch.cli import main
-from keras_weightwatch.images import kernel_grid
+from keras_weightwatch.features import FeatureData
+from keras_weightwatch.images import kernel_grid, response_grid
+from keras_weightwatch.responses import correlate
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +47,31 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not ENTRY, reason="the package is not installed (no tensorboard_plugins entry point)")]
 
 
+CORRELATED = ["a", "b", "c", "twin_of_c"]
+
+
+def _correlated_run(run_dir: str) -> None:
+    """A linear model whose feature data holds a pair correlated at r > 0.9 (c, twin_of_c)."""
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    x[:, 3] = x[:, 2] + 0.05 * x[:, 3]
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="linear")])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, x @ np.array([1.0, -2.0, 3.0, 0.5]), epochs=2, verbose=0, callbacks=[
+        WeightWatch(run_dir, feature_names=CORRELATED, feature_data=x, top_k=4)])
+
+
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dash") / "demo"
     out, err = io.StringIO(), io.StringIO()
     assert main(["demo", "--quick", "--logdir", str(d)], stdout=out, stderr=err) == 0, err
+    _correlated_run(str(d / "correlated"))
     return str(d)
 
 
@@ -88,7 +111,7 @@ def test_the_real_server_refuses_unsafe_requests_with_400(server, query):
 @pytest.mark.skipif(not os.path.exists(dash.shots.CHROMIUM), reason="needs Debian's chromium")
 def test_the_tab_shows_diff_runs_numbers_and_every_kernel_step(server, logdir, tmp_path):
     tab = dash.take(server, str(tmp_path), "digits-seed1", "digits-seed2", "digits-seed1",
-                    "conv1/kernel")
+                    "conv1/kernel", features_run="correlated")
     expected = diff_runs(os.path.join(logdir, "digits-seed1"), os.path.join(logdir, "digits-seed2"))
     assert set(tab.compare_rows) == {t.name for t in expected.tensors}
     for t in expected.tensors:
@@ -114,5 +137,44 @@ def test_the_tab_shows_diff_runs_numbers_and_every_kernel_step(server, logdir, t
         grid = kernel_grid(np.asarray(run.weights(step)["conv1/kernel"]))
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
                                       grid.image)
+    _assert_responses(server, run, tab.response_images)
+    _assert_partners(logdir, tab)
     for name in ("glance", "compare", "kernels", "features"):
         assert (tmp_path / f"dashboard_{name}.png").stat().st_size > 10_000
+
+
+def _png(server, src):
+    from PIL import Image
+
+    code, png = _get(urllib.parse.urljoin(f"{server}/data/plugin/weightwatch/", src))
+    assert code == 200, png[:300]
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _assert_responses(server, run, shown):
+    """At every step the page showed each sample image's responses to that step's kernel."""
+    images = run.sample_images()
+    assert images is not None and list(images.shape) == run.settings["sample_images"]
+    assert set(shown) == {s.name for s in run.snapshots}
+    layer = next(r for r in run.samples.responses if r.key == "conv1/kernel")
+    for s in run.snapshots:
+        kernel = run.weights("initial" if s.label == "initial" else s.step)["conv1/kernel"]
+        res = correlate(images, kernel, layer.strides, layer.padding, layer.dilation)
+        assert len(shown[s.name]) == len(images)
+        for i, src in enumerate(shown[s.name]):
+            assert f"sample={i}" in src and f"step={s.name}" in src
+            np.testing.assert_array_equal(_png(server, src), response_grid(images[i], res[i]).image)
+
+
+def _assert_partners(logdir, tab):
+    """The features table and chart mark the pair the stored feature data correlates."""
+    run = load_run(os.path.join(logdir, "correlated"))
+    described = FeatureData.from_sample(run.feature_data())
+    expected = {CORRELATED[i]: (CORRELATED[p[0]], p[1])
+                for i, p in enumerate(described.partners) if p is not None}
+    assert set(expected) == {"c", "twin_of_c"}  # the data's own pair, found by the library
+    assert set(tab.partners) == set(expected)  # top_k=4: every feature is in the table
+    for name, (partner, r) in expected.items():
+        shown_partner, shown_r = tab.partners[name].rsplit(" (", 1)
+        assert shown_partner == partner and float(shown_r.rstrip(")")) == pytest.approx(r, rel=1e-5)
+    assert sorted(tab.partner_marks) == sorted(f"\u2194 {p}" for p, _ in expected.values())

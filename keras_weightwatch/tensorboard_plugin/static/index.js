@@ -294,18 +294,21 @@ async function kernelsPanel(panel) {
     const scale = $('div', {class: 'ww-colorbar'});
     const slider = $('input', {type: 'range', min: 0, max: s.steps.length - 1, value: k.index,
       id: 'ww-kernel-slider'});
+    const responses = $('div', {id: 'ww-responses'});
     const show = async () => {
       const step = s.steps[k.index].name;
       label.textContent = `step ${step}`;
       label.dataset.step = step;
       img.src = url('kernel.png', {run: k.run, key: k.key, step});
-      const m = await fetchJSON('kernel', {run: k.run, key: k.key, step});
+      const [m, r] = await Promise.all([fetchJSON('kernel', {run: k.run, key: k.key, step}),
+        fetchJSON('responses', {run: k.run, key: k.key, step}).catch((e) => ({error: e}))]);
       if (label.dataset.step !== step) return;  // the slider moved on meanwhile
       scale.replaceChildren($('span', {text: fmt(-m.vmax)}),
           $('img', {src: url('colorbar.png', {}), class: 'ww-bar'}), $('span', {text: fmt(m.vmax)}),
           $('span', {class: 'ww-note', text: ` ${m.tiles} of ${m.total} tiles, ${m.scale} px per weight` +
             (m.rgb ? ', RGB tiles (3 input channels)' : '')}));
       img.dataset.loadedStep = step;
+      showResponses(responses, r, k, step);
     };
     slider.addEventListener('input', () => { k.index = Number(slider.value); show(); });
     view.replaceChildren($('div', {class: 'ww-controls'},
@@ -313,11 +316,33 @@ async function kernelsPanel(panel) {
             (v) => { k.run = v; k.index = null; draw(); }, {id: 'ww-kernel-run'}),
         ' layer ', select(keys.map((x) => ({value: x, label: x})), k.key,
             (v) => { k.key = v; draw(); }, {id: 'ww-kernel-key'}),
-        ' ', slider, ' ', label), scale, img);
+        ' ', slider, ' ', label), scale, img, responses);
     await show();
   }
   panel.replaceChildren(view);
   await draw();
+}
+
+// The sample images' responses to the kernel at this step: the stored images, filtered
+// with the snapshot's kernel by the server (the responses view's own functions).
+function showResponses(where, r, k, step) {
+  if (r.error) { errorBox(where, r.error); return; }
+  if (!r.available) {
+    where.replaceChildren($('div', {class: 'ww-note', id: 'ww-responses-none', text: `No responses: ${r.reason}.`}));
+    return;
+  }
+  const figs = r.samples.map((x) => {
+    const im = zoom($('img', {class: 'ww-pixels ww-response', 'data-sample': x.index,
+      src: url('responses.png', {run: k.run, key: k.key, step, sample: x.index})}), 900);
+    return $('figure', {}, im, $('figcaption', {text:
+      `sample ${x.index}, then its response to each of the ${r.outputs} kernels (${x.tiles} shown); ` +
+      `|r| = ${fmt(x.vmax)} at full colour`}));
+  });
+  where.replaceChildren($('h3', {text: `Sample images filtered by ${r.key} at step ${step}`}),
+      $('div', {class: 'ww-note', text: 'Cross-correlation of each stored sample image with each ' +
+        'kernel (the layer\'s padding, strides and dilation; no bias, no activation); blue < 0 < red.' +
+        (r.shown < r.total ? ` First ${r.shown} of ${r.total} images.` : '')}), ...figs);
+  where.dataset.loadedStep = step;
 }
 
 // ------------------------------------------------------------------ features
@@ -338,7 +363,7 @@ async function featuresPanel(panel) {
   const chosen = state.featureRuns ||= new Set([data[0].run]);
   const view = $('div');
   const boxes = $('div', {class: 'ww-controls'}, 'Runs: ', ...data.map((d) => {
-    const cb = $('input', {type: 'checkbox'});
+    const cb = $('input', {type: 'checkbox', class: 'ww-features-run', 'data-run': d.run});
     cb.checked = chosen.has(d.run);
     cb.addEventListener('change', () => { cb.checked ? chosen.add(d.run) : chosen.delete(d.run); draw(); });
     return $('label', {}, cb, ` ${d.run} `);
@@ -368,6 +393,14 @@ async function featuresPanel(panel) {
       const pts = d.weights[i].map((v, t) => [xs(t), ys(value(v))]).filter(([, y]) => Number.isFinite(y));
       chart.append(svg('polyline', {points: pts.map((p) => p.join(',')).join(' '), fill: 'none',
         stroke: PALETTE[fi % PALETTE.length], 'stroke-width': 2, 'stroke-dasharray': DASHES[ri % DASHES.length]}));
+      const pair = (d.partners || {})[name];
+      if (pair && pts.length) {  // a correlated partner: marked at the line's last point
+        const [x, y] = pts[pts.length - 1];
+        const mark = svg('text', {x: x - 4, y: y - 6, 'font-size': 11, 'text-anchor': 'end',
+          fill: PALETTE[fi % PALETTE.length], class: 'ww-partner-mark', 'data-feature': name});
+        mark.textContent = `↔ ${pair[0]}`;
+        chart.append(mark);
+      }
     }));
     first.steps.forEach((st, t) => {
       if (first.steps.length <= 20 || t % Math.ceil(first.steps.length / 20) === 0) {
@@ -377,17 +410,34 @@ async function featuresPanel(panel) {
     });
     const cursor = svg('line', {x1: xs(index), x2: xs(index), y1: 5, y2: H - B, stroke: '#444', 'stroke-dasharray': '3 3'});
     chart.append(cursor);
-    const legend = $('div', {class: 'ww-note'}, ...top.map((name, fi) =>
-      $('span', {style: `color:${PALETTE[fi % PALETTE.length]}`, text: `■ ${name}  `})),
+    const partners = first.partners || {};  // feature -> [partner, r] (stored feature_data)
+    const legend = $('div', {class: 'ww-note', id: 'ww-features-legend'}, ...top.map((name, fi) =>
+      $('span', {style: `color:${PALETTE[fi % PALETTE.length]}`, 'data-feature': name,
+        text: `■ ${name}${partners[name] ? ` ↔ ${partners[name][0]} (r ${fmt(partners[name][1])})` : ''}  `})),
       ...shown.map((d, ri) => $('span', {text: ` ${['solid', 'dashed', 'dotted', 'dash-dot'][ri % 4]}: ${d.run} `})));
     const slider = $('input', {type: 'range', min: 0, max: first.steps.length - 1, value: index, id: 'ww-features-slider'});
     slider.addEventListener('input', () => { index = Number(slider.value); draw(); });
     const tables = $('div', {class: 'ww-row'}, ...shown.map((d) => {
-      const t = $('table', {class: 'ww-table'},
-          $('tr', {}, $('th', {text: 'rank'}), $('th', {text: 'feature'}), $('th', {text: 'weight'})));
+      const head = $('tr', {}, $('th', {text: 'rank'}), $('th', {text: 'feature'}), $('th', {text: 'weight'}));
+      if (d.partners) head.append($('th', {text: 'correlated with (r)'}));
+      const t = $('table', {class: 'ww-table ww-features-table', 'data-run': d.run}, head);
       const step = first.steps[index], j = d.steps.indexOf(step);
-      if (j >= 0) for (const r of d.tables[j]) t.append($('tr', {}, $('td', {text: r.rank}), $('td', {text: r.name}), $('td', {text: fmt(r.weight)})));
-      return $('figure', {}, $('figcaption', {text: `${d.run} @ ${step}`}), t);
+      if (j >= 0) {
+        for (const r of d.tables[j]) {
+          const row = $('tr', {'data-feature': r.name}, $('td', {text: r.rank}), $('td', {text: r.name}), $('td', {text: fmt(r.weight)}));
+          if (d.partners) {
+            row.append($('td', {'data-col': 'partner', class: r.partner ? 'ww-partner' : '',
+              text: r.partner ? `${r.partner} (${fmt(r.correlation)})` : ''}));
+          }
+          t.append(row);
+        }
+      }
+      const pf = d.partners_from;
+      const note = !pf ? '' : `Correlated with: the feature whose |r| with it is ${pf.threshold} or more ` +
+        `in the stored feature data (${pf.rows < pf.rows_total ? `the first ${pf.rows} of ${pf.rows_total}`
+          : pf.rows} samples)` + (Object.keys(d.partners).length ? '.' : '; no two features are.');
+      return $('figure', {}, $('figcaption', {text: `${d.run} @ ${step}`}), t,
+          $('div', {class: 'ww-note', text: note}));
     }));
     view.replaceChildren($('div', {class: 'ww-controls'}, 'step ', slider, ` ${first.steps[index]}`),
         legend, chart, tables);

@@ -244,17 +244,20 @@ def read_snapshots(storage: Storage, specs: Sequence[WeightSpec] | None = None, 
     snapshot file is read and checked.
     """
     names = list_snapshot_files(storage)
-    index = read_index(storage, specs) if use_index and specs is not None and names else {}
+
+    def from_file(name: str) -> SnapshotRecord:
+        file = f"{SNAPSHOT_DIR}/{name}"
+        data = read_json(storage, file, "snapshot")
+        return SnapshotRecord.from_json(data, file, where=storage.where(file))
+
+    index = (read_index(storage, specs, from_file) if use_index and specs is not None and names
+             else {})
     stamps = _stamps(storage) if index else {}
     snaps = []
     for name in names:
         entry = index.get(name)
-        if entry is not None and stamps.get(name) == entry.stamp:
-            snaps.append(entry.record)
-            continue
-        file = f"{SNAPSHOT_DIR}/{name}"
-        data = read_json(storage, file, "snapshot")
-        snaps.append(SnapshotRecord.from_json(data, file, where=storage.where(file)))
+        snaps.append(entry.record if entry is not None and stamps.get(name) == entry.stamp
+                     else from_file(name))
     if len({s.step for s in snaps}) != len(snaps):
         raise WeightWatchError(f"{storage.path}: two snapshot files claim the same step")
     return snaps

@@ -108,7 +108,10 @@ def _non_finite_lines(run: Run, limit: int = 10) -> list[str]:
     found = []
     for snap in run.snapshots:
         for key, st in snap.stats.items():
-            nan, inf = _count(st.get("nan_count")), _count(st.get("inf_count"))
+            nan, inf = st.get("nan_count"), st.get("inf_count")
+            if not (nan or inf):  # 0, None or absent: nothing to count (the common case)
+                continue
+            nan, inf = _count(nan), _count(inf)
             if nan or inf:
                 found.append(f"{snap.name}: {key} ({nan} NaN, {inf} Inf)")
     if not found:
@@ -169,8 +172,8 @@ def render_show(run: Run) -> str:
     if history:
         metrics = sorted(history)
         rows = []
-        for s in run.snapshots:
-            rows.append([s.name] + [fmt_num(s.logs[k]) if k in s.logs else "-" for k in metrics])
+        for name, s in zip(names, run.snapshots):
+            rows.append([name] + [fmt_num(s.logs[k]) if k in s.logs else "-" for k in metrics])
         out.append("")
         out.append("metrics")
         out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
@@ -207,8 +210,8 @@ GRADIENT_STATS = ("grad_norm", "grad_to_weight")
 def render_gradients(run: Run, width: int = 24) -> list[str]:
     """The `gradients` lines of `show` and `drift`: each weight's ||g|| on the probe batch
     across the snapshots that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
-    keys = [s.key for s in run.specs
-            if any("grad_norm" in snap.stats.get(s.key, {}) for snap in run.snapshots)]
+    have = {key for snap in run.snapshots for key, st in snap.stats.items() if "grad_norm" in st}
+    keys = [s.key for s in run.specs if s.key in have]
     if not keys:
         return []
     rows = []

@@ -56,16 +56,22 @@ def _json(path):
         return json.load(f)
 
 
-def _entries(path) -> list[dict]:
+def _entries(path) -> list[list]:
+    """Each index line as one list: its two halves (8 fields, then statistics and tensors)."""
+    decoder = json.JSONDecoder()
+    out = []
     with open(os.path.join(path, INDEX_FILE)) as f:
-        return [json.loads(line) for line in f.read().splitlines()[1:]]
+        for line in f.read().splitlines()[1:]:
+            head, end = decoder.raw_decode(line)
+            out.append(head + json.loads(line[end + 1:]))
+    return out
 
 
 def _rewrite(path, entries) -> None:
     with open(os.path.join(path, INDEX_FILE)) as f:
         head = f.readline()
     with open(os.path.join(path, INDEX_FILE), "w") as f:
-        f.write(head + "".join(json.dumps(e) + "\n" for e in entries))
+        f.write(head + "".join(f"{json.dumps(e[:8])} {json.dumps(e[8:])}\n" for e in entries))
 
 
 def test_the_writer_indexes_every_snapshot_and_the_reader_uses_it():
@@ -133,13 +139,17 @@ def _set(i, value):
     lambda e: e.__setitem__(4, "epoch") if e[4] == "initial" else None,
     _set(1, lambda size: size + 1),
     _set(2, "0-0-0"),
-    lambda e: e[9].update({"dense/kernel": ["blake3", "../../etc/passwd", 10]}),
-    lambda e: e[9].update({"dense/kernel": {"file": "/etc/passwd"}}),
-    lambda e: e[8][1].update({"dense/kernel": ["big"] * len(e[8][0])}),
+    _set(9, {"dense/kernel": ["blake3", "../../etc/passwd", 10]}),
+    _set(9, {"dense/kernel": {"file": "/etc/passwd"}}),
+    lambda e: e[9].__setitem__(1, "not base64!"),
+    lambda e: e[9].__setitem__(1, e[9][1][:-8]),
+    lambda e: e[9][2].__setitem__(0, "big"),
+    lambda e: e[9].append([["float32", "yes"]] * 3),
+    lambda e: e[8].update({"dense/kernel": {"l2_norm": "big"}}),
     _set(7, [1, 2]),
     lambda e: e.pop(),
-], ids=["step", "label", "size", "version", "digest", "tensor-file", "stats", "logs",
-        "short"])
+], ids=["step", "label", "size", "version", "digest", "tensor-file", "digests-base64",
+        "digests-short", "bytes", "stored", "stats", "logs", "short"])
 def test_an_index_entry_that_disagrees_or_is_malformed_is_not_used(tmp_path, lie):
     run = str(tmp_path / "run")
     _write(run, range(-1, 3))
@@ -177,3 +187,83 @@ def test_retention_and_continuing_keep_the_index_whole(tmp_path):
     _write(run, [3, 4])
     assert _same_as_files(run) == [-1, 2, 3, 4]
     assert len(_entries(run)) == 4
+
+
+def _write_float_stats(storage, specials) -> None:
+    """A run whose statistics are all floats or None (as the callback writes them), so the
+    index holds them packed; `specials` are values planted into the last snapshot's."""
+    writer = RunWriter.open("unused", _info(), settings={}, versions={}, durable=False,
+                            storage=storage)
+    for step in range(-1, 3):
+        arrays = {k: a + step for k, a in ARRAYS.items()}
+        snap = Snapshot(step=step, label="initial" if step == -1 else "epoch",
+                        epoch=None if step == -1 else step, arrays=arrays, logs={},
+                        time=100.0 + step)
+        stats = {k: {"l2_norm": float(np.linalg.norm(a)), "mean": float(np.mean(a)),
+                     "update_ratio": None if step == -1 else 0.25} for k, a in arrays.items()}
+        if step == 2:
+            stats["dense/bias"].update(specials)
+        writer.commit_snapshot(snap, writer.store_tensors(snap), stats)
+    writer.close()
+
+
+def test_packed_statistics_keep_every_float_none_nan_and_signed_zero():
+    mem = MemoryStorage()
+    specials = {"l2_norm": -0.0, "mean": float("nan"), "update_ratio": float("-inf")}
+    _write_float_stats(mem, specials)
+    line = mem.files[INDEX_FILE].decode().splitlines()[-1]
+    assert '"l2_norm"' in line and "NaN" not in line  # packed, not written as JSON numbers
+    mem.ops.clear()
+    run = open_run(mem)
+    for snap in run.snapshots:
+        assert snap.stats and snap.tensors  # every record's both halves decoded
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]
+    files_only = open_run(mem, use_index=False)
+    for a, b in zip(run.snapshots, files_only.snapshots):
+        assert a.stats.keys() == b.stats.keys()
+        for key, st in b.stats.items():  # the same values (below) of the same types
+            assert {n: type(v) for n, v in a.stats[key].items()} == {
+                n: type(v) for n, v in st.items()}
+    got = run.snapshot(2).stats["dense/bias"]
+    assert np.signbit(got["l2_norm"]) and got["l2_norm"] == 0.0 and np.isnan(got["mean"])
+    assert got["update_ratio"] == float("-inf") and run.snapshot(-1).stats["step"][
+        "update_ratio"] is None
+    assert run.snapshots == files_only.snapshots  # NaN included: the decoder's own NaN
+
+
+def test_a_line_whose_second_half_is_damaged_reads_that_snapshot_file_when_used():
+    mem = MemoryStorage()
+    _write_float_stats(mem, {})
+    lines = mem.files[INDEX_FILE].decode().split("\n")
+    damaged = lines[2][:-30]  # the snapshot at step 0: its tensors cut short
+    mem.files[INDEX_FILE] = "\n".join(lines[:2] + [damaged] + lines[3:]).encode()
+    mem.ops.clear()
+    run = open_run(mem)
+    assert run.steps == [-1, 0, 1, 2]
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]  # nothing read yet
+    files_only = open_run(mem, use_index=False)
+    mem.ops.clear()
+    assert run.snapshot(1).tensors == files_only.snapshot(1).tensors
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]
+    assert run.snapshot(0).tensors == files_only.snapshot(0).tensors
+    assert run.snapshot(0).stats == files_only.snapshot(0).stats
+    assert [op for op in mem.ops if op.startswith("read snapshots/")] == [
+        "read snapshots/epoch_000000.json"]  # once, for both halves
+    assert run.snapshots == files_only.snapshots
+
+
+def test_an_index_of_the_previous_layout_is_not_used_and_is_rebuilt(tmp_path):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 2))
+    index = os.path.join(run, INDEX_FILE)
+    with open(index) as f:
+        head = json.loads(f.readline())
+    with open(index, "w") as f:  # version 1: one JSON list per line, all of it read at once
+        f.write(json.dumps(dict(head, version=1)) + "\n" + "".join(
+            json.dumps(e) + "\n" for e in _entries(run)))
+    assert _same_as_files(run) == [-1, 0, 1]
+    _write(run, [2])
+    with open(index) as f:
+        assert json.loads(f.readline())["version"] == head["version"]
+    assert sorted(e[0] for e in _entries(run)) == sorted(os.listdir(os.path.join(run, "snapshots")))
+    assert _same_as_files(run) == [-1, 0, 1, 2]

@@ -250,3 +250,52 @@ def test_verify_finds_a_damaged_or_missing_part(tmp_path):
     # Unverified reads still refuse a part whose file is missing, instead of zeros.
     with pytest.raises(WeightWatchError):
         load_run(run).weights(0, verify=False)
+def _blake3_run(path: str) -> str:
+    from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
+    from keras_weightwatch.run import RunWriter
+
+    arrays = {"d/kernel": np.arange(2048, dtype="float32").reshape(64, 32),
+              "d/bias": np.ones(32, "float32")}
+    info = ModelInfo("m", "Sequential", (), tuple(
+        WeightSpec(k, f"m/{k}", "d", a.shape, "float32", True) for k, a in arrays.items()))
+    writer = RunWriter.open(path, info, settings={}, versions={}, durable=False)
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays=arrays, logs={})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("hash_name", ["sha256", "blake3"])
+def test_one_flipped_byte_is_found_by_the_mapped_and_the_streamed_hash(tmp_path, hash_name):
+    import blake3
+
+    from keras_weightwatch.run.reader import hash_stream
+
+    path = str(tmp_path / "run")
+    if hash_name == "sha256":  # format 1, written by release 0.1.0
+        shutil.copytree(os.path.join(FIXTURE, "run"), path)
+    else:
+        _blake3_run(path)
+    run = load_run(path)
+    rec = run.snapshot("last").tensors[run.specs[0].key]
+    assert rec.hash == hash_name
+    file = os.path.join(path, rec.file)
+    with open(file, "rb") as f:
+        data = f.read()
+    reference = (hashlib.sha256(data).hexdigest() if hash_name == "sha256"
+                 else blake3.blake3(data).hexdigest())
+    with open(file, "rb") as f:  # a local file: mapped
+        assert hash_stream(f, hash=hash_name) == reference == rec.digest
+    assert hash_stream(io.BytesIO(data), chunk=100, hash=hash_name) == reference  # streamed
+    damaged = bytearray(data)
+    damaged[len(data) - 5] ^= 0x01  # one bit of the last value: same size, same header
+    with open(file, "wb") as f:
+        f.write(damaged)
+    report = verify_run(path)
+    assert not report.ok and len(report.problems) == 1
+    assert f"{file}: checksum mismatch ({hash_name} " in report.problems[0]
+    with open(file, "rb") as f:
+        assert hash_stream(f, hash=hash_name) != reference
+    assert hash_stream(io.BytesIO(bytes(damaged)), chunk=100, hash=hash_name) != reference
+    with pytest.raises(WeightWatchError, match="checksum mismatch"):
+        load_run(path).weights("last")

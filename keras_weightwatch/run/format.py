@@ -387,12 +387,15 @@ def architecture_mismatch(old: Sequence[WeightSpec], new: Sequence[WeightSpec]) 
 # --------------------------------------------------------------------------- snapshot records
 
 
-def content_hash(name: str) -> Any:
-    """A new hasher of the content hash `name` (`"sha256"` or `"blake3"`): `update`, `hexdigest`."""
+def content_hash(name: str, threads: bool = False) -> Any:
+    """A new hasher of the content hash `name` (`"sha256"` or `"blake3"`): `update`, `hexdigest`.
+
+    BLAKE3 hashes on one thread (the writer's: the other core is training's), or with
+    `threads` on as many as large inputs can use (a reader checking files)."""
     if name == "blake3":
         import blake3
 
-        return blake3.blake3(max_threads=1)  # one thread: the other core is training's
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
     if name == "sha256":
         return hashlib.sha256()
     raise WeightWatchError(f"unknown content hash {name!r}; expected one of {list(HASHES)}")

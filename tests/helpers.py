@@ -30,3 +30,13 @@ def fd_input_unit(model, x, units, eps=1e-6):
         lo.flat[j] -= eps
         g.flat[j] = (score(hi) - score(lo)) / (2 * eps)
     return g
+
+
+def invert_diverging(rgb: np.ndarray) -> np.ndarray:
+    """Colours of `images.diverging_rgb(..., 1.0)` back to values in [-1, 1] (nearest colour)."""
+    from keras_weightwatch.images import diverging_rgb
+
+    t = np.linspace(-1, 1, 4001)
+    lut = diverging_rgb(t, 1.0).astype(np.int32)
+    d = np.abs(rgb.reshape(-1, 1, 3).astype(np.int32) - lut[None]).sum(-1)
+    return t[np.argmin(d, axis=1)].reshape(rgb.shape[:-1])

@@ -12,7 +12,9 @@ from tensorboard.util import tensor_util
 from keras_weightwatch.capture import describe_model
 from keras_weightwatch.views import build_views
 
-STATS = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
+# The scalars of a weight without NaN or Inf (its nan_count and inf_count are written only once
+# one is non-zero).
+STATS = ("l2_norm", "mean", "std", "max_abs", "update_ratio")
 
 
 def _acc(run_dir):

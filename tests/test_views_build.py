@@ -11,6 +11,8 @@ from view_helpers import (
     _cnn,
     _fit,
     _images,
+    _kernel_tags,
+    _response_tag,
     _tags_by_plugin,
     _values,
 )
@@ -25,15 +27,16 @@ def test_exact_tags_per_kind_for_a_tiny_cnn(tmp_path, recorder):
     _fit(model, WeightWatch(run, sample_images=_images()), extra=[recorder])
     acc = _acc(run)
     weights = ["conv/kernel", "conv/bias", "out/kernel", "out/bias"]
+    kernel_image = _kernel_tags(model, ["conv/kernel"])["conv/kernel"]
     assert _tags_by_plugin(acc) == {
         "scalars": {f"{w}/{s}" for w in weights for s in STATS},
         "histograms": {f"{w}/histogram" for w in weights},
-        "images": {"conv/kernel/image", "responses/conv/sample_0", "responses/conv/sample_1"},
+        "images": {kernel_image, _response_tag(model, "conv", 0), _response_tag(model, "conv", 1)},
     }
     # steps: the initial snapshot is -1; update_ratio starts at the first epoch
     assert sorted(_values(acc, "conv/kernel/l2_norm")) == [-1, 0, 1]
     assert sorted(_values(acc, "conv/kernel/update_ratio")) == [0, 1]
-    assert sorted(_values(acc, "conv/kernel/image")) == [-1, 0, 1]
+    assert sorted(_values(acc, kernel_image)) == [-1, 0, 1]
     assert sorted(_values(acc, "out/bias/histogram")) == [-1, 0, 1]
     # statistics equal a numpy computation on get_weights()
     snaps = {-1: recorder.initial, 0: recorder.epochs[0], 1: recorder.epochs[1]}

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..capture import ModelInfo, Snapshot
 from ..errors import received
+from ..naming import model_group
 from ..settings import Settings
 from .base import Stats, View, find_layer, keras_module, model_inputs, weight_keys
 
@@ -90,6 +91,8 @@ class ResponseView(View):
         max_tiles: The most response tiles per image. Defaults to 256.
         out_dir: Also write the grids as PNG files here
             (`<layer>/sample_<i>/step_<step>.png`). Defaults to None.
+
+    Tags: `<model>/1_responses/<layer>/sample_<i>` (`summaries.response_tag`).
     """
 
     name = "responses"
@@ -111,6 +114,7 @@ class ResponseView(View):
         self._submodels: dict[str, Any] = {}
         self._images_nhwc: np.ndarray | None = None
         self._model_images: np.ndarray | None = None
+        self._group = ""
 
     # ------------------------------------------------------------ train begin
 
@@ -196,6 +200,7 @@ class ResponseView(View):
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
         x = self.sample_images
+        self._group = model_group(info.name, info.class_name)
         chosen = self._chosen_layers(model)
         inputs = model_inputs(model)
         keys = weight_keys(model, info)
@@ -323,10 +328,10 @@ class ResponseView(View):
         events.write(snapshot.step, values, wall_time=snapshot.time)
 
     def tag(self, layer: str, sample: int) -> str:
-        """The image tag of `layer`'s responses of sample `sample`."""
-        from ..summaries import tag
+        """The image tag of `layer`'s responses of sample `sample` (set by `prepare`)."""
+        from ..summaries import response_tag
 
-        return tag("responses", layer, f"sample_{sample}")
+        return response_tag(self._group, layer, sample)
 
     def close(self) -> None:
         self._submodels = {}

@@ -29,7 +29,7 @@ from keras_weightwatch.demo import RUN_NAMES
 from keras_weightwatch.features import top_k_features
 from keras_weightwatch.images import kernel_grid
 from keras_weightwatch.stats import STAT_NAMES
-from keras_weightwatch.summaries import IMAGE_SECTIONS, RESPONSES, response_tag, tag
+from keras_weightwatch.summaries import IMAGE_SECTIONS, KERNELS, RESPONSES, response_tag, tag
 from keras_weightwatch.views.gradients import GRAD_STAT_NAMES
 from keras_weightwatch.views.stats import NONFINITE_STATS
 
@@ -139,7 +139,8 @@ def test_each_models_images_are_one_group_headline_views_first(server, logdir):
         run = load_run(os.path.join(logdir, name))
         tags = set(served.get(f"{name}/weights", {}))
         assert {t.split("/")[0] for t in tags} <= {run_group(run)}
-        groups.setdefault(run_group(run), set()).update(tags)
+        if tags:  # (the diabetes model has no images)
+            groups.setdefault(run_group(run), set()).update(tags)
     digits = run_group(load_run(os.path.join(logdir, "digits-seed1")))
     assert digits == run_group(load_run(os.path.join(logdir, "digits-seed2")))
     assert len(groups) == 2 and digits != run_group(load_run(os.path.join(logdir, "photos")))
@@ -219,15 +220,17 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
         for key, image_tag in run_kernel_tags(r).items():
             widths[(f"{name}/weights", image_tag)] = kernel_grid(
                 np.asarray(r.weights()[key])).image.shape[1]
-    # (the filtered section and the tag groups below it may show a grid twice)
-    got = {((run, t), w) for run, t, w in served(pages["kernels"])}
+    # (the filtered section and the open model groups below it, which also hold the other
+    # views, may show a grid twice)
+    got = {((run, t), w) for run, t, w in served(pages["kernels"]) if f"/{KERNELS}/" in t}
     assert got == set(widths.items())
 
-    # responses of samples 0 and 1 for both digits runs, each loaded in the page
+    # responses of samples 0 and 1 for both digits runs, each loaded in the page (the open
+    # model groups below the filtered section load the other samples' too)
     group = run_group(load_run(os.path.join(logdir, "digits-seed1")))
     responses = {(run, t) for run, t, w in served(pages["responses"])
                  if f"/{RESPONSES}/" in t and w > 0}
-    assert responses == {(f"digits-seed{s}/weights", response_tag(group, "conv1", i))
+    assert responses >= {(f"digits-seed{s}/weights", response_tag(group, "conv1", i))
                          for s in (1, 2) for i in (0, 1)}
 
     for stat in set(STAT_NAMES) - set(NONFINITE_STATS):

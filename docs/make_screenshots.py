@@ -22,9 +22,12 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from keras_weightwatch.summaries import KERNELS, RESPONSES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -49,13 +52,20 @@ class Shot:
     click: str | None = None  # the text of a control to click first (a checkbox's label)
 
 
-# One picture per view. `tagFilter` is the legacy dashboards' tag regex; scalars are shown
-# without smoothing and with every point in range.
+def _filter(regex: str) -> str:
+    """A URL fragment's `tagFilter` (the legacy dashboards' tag regex)."""
+    return "tagFilter=" + urllib.parse.quote(regex, safe="")
+
+
+# One picture per view. Image tags are `<model>/<section>/...` (`summaries.response_tag`,
+# `kernel_tag`); scalars are shown without smoothing and with every point in range.
 SHOTS = (
     Shot("features", "#text&tagFilter=features", "rank"),
-    Shot("kernels", "#images&tagFilter=kernel%2Fimage", "kernel/image"),
-    Shot("rgb_kernels", "#images&tagFilter=rgb_conv", "rgb_conv/kernel/image", height=780),
-    Shot("responses", "#images&tagFilter=responses%2Fconv1%2Fsample_%5B01%5D", "responses/conv1"),
+    Shot("kernels", f"#images&{_filter(f'/{KERNELS}/')}", f"/{KERNELS}/"),
+    Shot("rgb_kernels", f"#images&{_filter('/rgb_conv/')}", f"{KERNELS}/0_rgb_conv/kernel/image",
+         height=780),
+    Shot("responses", f"#images&{_filter(f'/{RESPONSES}/conv1/sample_[01]$')}",
+         f"{RESPONSES}/conv1"),
     Shot("statistics",
          "#scalars&_smoothingWeight=0&tagFilter=conv1%2Fkernel%2F",
          "conv1/kernel/l2_norm", click="Ignore outliers in chart scaling"),

@@ -181,8 +181,8 @@ class WeightWatch(keras.callbacks.Callback):
             `"smoothgrad"` (vanilla averaged over noisy copies), `"gradcam"`
             (Grad-CAM on a convolution layer) and `"hirescam"` (HiResCAM: the
             activations times their gradients, position by position). Images
-            `saliency/<method>/sample_<i>`; needs `sample_images`. Defaults to
-            None (off).
+            `<model>/3_saliency/<method>/sample_<i>`; needs `sample_images`.
+            Defaults to None (off).
         saliency_class: The class each map explains. Defaults to None: each
             image's predicted class.
         saliency_layer: Grad-CAM's and HiResCAM's layer. Defaults to None: the

@@ -8,6 +8,10 @@ the classic AlexNet filter figure). NaN and Inf are drawn in `NONFINITE_RGB`
 (bright green, a colour the diverging map never uses). Tiles are upscaled by
 nearest neighbour, so every pixel of a tile is exactly one weight, and are
 separated by dark lines.
+
+Response tiles are drawn at the sample image's size, each on its own scale around
+its own mean (see `response_grid`); pixels no output covers are `UNCOVERED_RGB`
+(mid-grey).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .responses import Geometry, at_input_size
+
 NONFINITE_RGB = (0, 255, 0)
+UNCOVERED_RGB = (128, 128, 128)
 SEPARATOR_RGB = (48, 48, 48)
 # RdBu-like control points from -1 to 1 (blue, light blue, near-white, light red, red).
 _CMAP_X = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
@@ -122,6 +129,9 @@ class Grid:
         vmax: The |value| drawn at full colour.
         total: How many tiles there would be without the cap.
         rgb: Whether kernel tiles are drawn as RGB pictures.
+        means: Response grids: each response tile's mean (drawn white).
+        scales: Response grids: each response tile's largest |r - mean|
+            (drawn at full colour); `vmax` is then 1.0.
     """
 
     image: np.ndarray
@@ -131,6 +141,8 @@ class Grid:
     vmax: float
     total: int
     rgb: bool = False
+    means: tuple[float, ...] = ()
+    scales: tuple[float, ...] = ()
 
     @property
     def truncated(self) -> bool:
@@ -256,21 +268,55 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
     return Grid(image, tuple(index), origins, scale, vmax, total, bool(rgb))
 
 
-def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256) -> Grid:
-    """One sample image followed by its response maps, as one grid.
+def _centred(maps: np.ndarray, covered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each tile `(n, H, W)` minus its mean, over its own largest |deviation| (non-finite kept).
+
+    Means and scales are taken over each tile's covered finite pixels.
+
+    Returns:
+        The scaled tiles (in [-1, 1] where finite), each tile's mean and scale.
+    """
+    x = np.asarray(maps, dtype=np.float64)
+    use = np.isfinite(x) & covered[None]
+    count = use.sum(axis=(1, 2))
+    means = np.where(use, x, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1)
+    dev = np.where(use, x - means[:, None, None], 0.0)
+    scales = np.abs(dev).max(axis=(1, 2), initial=0.0)
+    safe = np.where(scales > 0, scales, 1.0)[:, None, None]
+    finite = np.isfinite(x)
+    t = np.where(finite, dev / safe, x)
+    return t, means, scales
+
+
+def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256,
+                  geometry: Geometry | None = None) -> Grid:
+    """One sample image followed by its response maps, each drawn at the image's size.
 
     The image (channels last) is drawn in grey (1 channel), in colour (3
-    channels) or by its first channel, min-max scaled. The responses
-    `(h, w, outputs)` share one symmetric diverging colour scale, so their
-    strengths compare across outputs.
+    channels) or by its first channel, min-max scaled. Each response map is
+    resampled onto the image's pixels (nearest neighbour around each output's
+    receptive-field centre, `responses.at_input_size`), so a strided layer's
+    tile is as large as the image and lies over the pixels it was computed
+    from. Each tile has its own contrast: the map minus its mean, divided by
+    its largest |deviation|, drawn with the diverging colour map (white at
+    the tile's mean, full red/blue at mean ± scale). Pixels no output covers
+    (the border `"valid"` padding leaves out) are `UNCOVERED_RGB`; NaN and
+    Inf are `NONFINITE_RGB`.
 
     Args:
         image: `(H, W, C)`.
-        responses: `(h, w, outputs)`.
+        responses: `(h, w, outputs)`: the layer's output size for an image of
+            `(H, W)` under `geometry`.
         max_tiles: The most response tiles drawn. Defaults to 256.
+        geometry: The layer's `responses.Geometry` (kernel size, strides,
+            padding, dilation). Defaults to None: the maps are stretched to
+            the image's size by nearest neighbour (exact for maps already at
+            that size).
 
     Returns:
-        A `Grid` whose first tile is `"image"`, then `("response", output)`.
+        A `Grid` whose first tile is `"image"`, then `("response", output)`;
+        `means` and `scales` hold each response tile's mean and scale, and
+        `vmax` is 1.0 (full colour is one tile scale from the tile's mean).
     """
     img = np.asarray(image)
     if img.ndim != 3:
@@ -280,14 +326,18 @@ def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256
         raise ValueError(
             f"responses must be (h, w, outputs). Received: responses.shape={res.shape}"
         )
-    shown = img if img.shape[-1] == 3 else img[..., 0]
     n = min(res.shape[-1], max_tiles)
-    vmax = symmetric_limit(res[..., :n])
-    tiles = [intensity_rgb(shown)] + list(diverging_rgb(np.moveaxis(res[..., :n], -1, 0), vmax))
+    maps, covered = at_input_size(res[..., :n], (img.shape[0], img.shape[1]), geometry)
+    t, means, scales = _centred(np.moveaxis(maps, -1, 0), covered)
+    drawn = diverging_rgb(t, 1.0)
+    drawn[:, ~covered] = UNCOVERED_RGB
+    shown = img if img.shape[-1] == 3 else img[..., 0]
+    tiles = [intensity_rgb(shown)] + list(drawn)
     labels: tuple = ("image",) + tuple(("response", o) for o in range(n))
     cols = len(tiles) if len(tiles) <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
     out, origins, scale = compose(tiles, cols)
-    return Grid(out, labels, origins, scale, vmax, res.shape[-1] + 1)
+    return Grid(out, labels, origins, scale, 1.0, res.shape[-1] + 1,
+                means=tuple(float(m) for m in means), scales=tuple(float(v) for v in scales))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

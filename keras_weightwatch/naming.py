@@ -1,4 +1,5 @@
-"""The names the package reads from a model: weight keys and convolution layer classes.
+"""The names the package reads from a model: weight keys, the model's name that groups its
+views, and convolution layer classes.
 
 A weight key is `weight.path` without the model's name (`dense/kernel`, `block/conv/bias`),
 with `#2`, `#3`, ... appended to repeats. This module is the one place that takes keys
@@ -8,6 +9,7 @@ Keras import.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,32 @@ def strip_model_prefix(path: str, model_name: str) -> str:
     if path.startswith(prefix) and len(path) > len(prefix):
         return path[len(prefix) :]
     return path
+
+
+def _snake_case(class_name: str) -> str:
+    """Keras's default name stem for a class: `Sequential` -> `sequential`, `MyNet` -> `my_net`."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def model_group(name: str, class_name: str) -> str:
+    """The name that groups a model's TensorBoard views: its name, with Keras's process
+    counter removed from a default name (`sequential_1` -> `sequential`), so that the same
+    model built twice in one process (two runs) lands in the same groups.
+
+    A name the user chose is kept as it is (`digits_cnn`, `encoder_2`); an empty name
+    (a run written before models were recorded) becomes `model`.
+
+    >>> model_group("sequential_3", "Sequential"), model_group("my_net_1", "MyNet")
+    ('sequential', 'my_net')
+    >>> model_group("digits_cnn", "Sequential")
+    'digits_cnn'
+    """
+    stem = _snake_case(class_name) if class_name else ""
+    if stem and re.fullmatch(re.escape(stem) + r"(_\d+)?", name):
+        return stem
+    return name or "model"
 
 
 def unique_keys(keys: Sequence[str]) -> list[str]:

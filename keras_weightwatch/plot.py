@@ -29,6 +29,7 @@ from . import DiffResult, Run, drift
 from .errors import received
 from .features import top_k_features
 from .images import Grid, diverging_rgb, kernel_grid, response_grid
+from .responses import Geometry
 
 EXTRA_HINT = "pip install 'keras-weightwatch[plot]'"
 
@@ -90,9 +91,15 @@ def kernels(run_or_kernel: Run | np.ndarray, key: str | None = None, step: int |
     return _grid_figure(kernel_grid(arr, max_tiles=max_tiles), title, "weight")
 
 
-def responses(image: np.ndarray, response_maps: np.ndarray, max_tiles: int = 256):
-    """A sample image followed by its response maps `(h, w, outputs)`, on one colour scale."""
-    return _grid_figure(response_grid(image, response_maps, max_tiles), "responses", "response")
+def responses(image: np.ndarray, response_maps: np.ndarray, max_tiles: int = 256,
+              geometry: Geometry | None = None):
+    """A sample image followed by its response maps `(h, w, outputs)`, as the views draw them.
+
+    Each map at the image's size, on its own scale around its own mean (see
+    `images.response_grid`; `geometry` is the layer's `responses.Geometry`).
+    """
+    grid = response_grid(image, response_maps, max_tiles, geometry)
+    return _grid_figure(grid, "responses", "(response - tile mean) / tile's max |deviation|")
 
 
 def top_k(run: Run, step: int | str = "last", k: int | None = None):

@@ -15,10 +15,15 @@ Padding semantics (the ones every Keras backend follows):
   smaller half before and the larger half after (TensorFlow's convention).
   For odd kernels and stride 1 this equals `scipy.signal.correlate2d(...,
   mode="same")`; for even kernels the extra row/column goes at the end.
+
+To draw a response over the image it came from, `at_input_size` resamples it onto the
+input's pixels (nearest neighbour around each output's receptive-field centre,
+`source_index`), so a strided layer's map is as large as its input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -101,3 +106,115 @@ def correlate(
             patch = x[:, y0 : y0 + (oh - 1) * sh + 1 : sh, x0 : x0 + (ow - 1) * sw + 1 : sw, :]
             out += patch @ k[i, j]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where a Conv2D layer's output pixels sit on its input: its kernel size and sampling.
+
+    Attributes:
+        kernel_size: `(kh, kw)`.
+        strides: Stride per spatial axis.
+        padding: `"valid"` or `"same"`.
+        dilation_rate: Dilation per spatial axis.
+        input_size: The layer input's `(H, W)` where it is not the sample
+            image's (a layer after pooling); None: the image's.
+    """
+
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "valid"
+    dilation_rate: tuple[int, int] = (1, 1)
+    input_size: tuple[int, int] | None = None
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The response's `(h, w)` for an input of `size` `(H, W)`."""
+        return tuple(  # type: ignore[return-value]
+            _pads(n, k, s, d, self.padding)[2]
+            for n, k, s, d in zip(size, self.kernel_size, self.strides, self.dilation_rate)
+        )
+
+
+def source_index(n: int, k: int, s: int = 1, d: int = 1, padding: str = "valid") -> np.ndarray:
+    """For each of `n` input positions on one axis, the output whose receptive field is centred
+    nearest to it, or -1 where no output is centred within half a stride (the border
+    that `"valid"` padding leaves out).
+
+    Output `o`'s receptive field is centred on input position
+    `o * s - pad_before + ((k - 1) * d) / 2`; an input position takes the output
+    centred nearest to it (ties to the later one). So upsampling by this index is
+    nearest-neighbour resampling that keeps each response over the pixels it was
+    computed from.
+
+    Example:
+
+    >>> source_index(6, 3).tolist()  # valid, stride 1: the outer pixels have no output
+    [-1, 0, 1, 2, 3, -1]
+    >>> source_index(6, 3, s=2, padding="same").tolist()
+    [0, 0, 1, 1, 2, 2]
+    """
+    before, _, out = _pads(n, k, s, d, padding)
+    if out == 0:
+        return np.full(n, -1, dtype=np.int64)
+    centre0 = ((k - 1) * d) / 2 - before
+    y = np.arange(n)
+    o = np.clip(np.floor((y - centre0) / s + 0.5).astype(np.int64), 0, out - 1)
+    return np.where(np.abs(y - (centre0 + o * s)) <= s / 2, o, -1)
+
+
+def _stretch_index(n: int, size: int) -> np.ndarray:
+    """Nearest-neighbour indices that stretch `n` positions over `size` (proportionally)."""
+    return np.minimum(((np.arange(size) + 0.5) * n / size).astype(np.int64), n - 1)
+
+
+def at_input_size(
+    maps: np.ndarray, size: tuple[int, int], geometry: Geometry | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Response maps `(..., h, w, outputs)` drawn on the sample image's `(H, W)` grid.
+
+    With a `geometry`, nearest-neighbour resampling by `source_index` on each
+    axis: a strided layer's response pixel covers the `strides` input pixels
+    around its receptive field's centre. When the layer's input is not the
+    image (`geometry.input_size`, a layer after pooling), the maps are placed
+    on that input so, then stretched to `size` by nearest neighbour. Without a
+    geometry, the maps are only stretched.
+
+    Returns:
+        The maps at `(..., H, W, outputs)`, and a boolean `(H, W)` mask of the
+        pixels some output covers (elsewhere the maps hold 0).
+
+    Example:
+
+    >>> m = np.arange(4.0).reshape(2, 2, 1)  # a 3x3 stride-2 'same' layer on a 4x4 image
+    >>> out, covered = at_input_size(m, (4, 4), Geometry((3, 3), (2, 2), "same"))
+    >>> out[..., 0].tolist()[0], bool(covered.all())
+    ([0.0, 0.0, 1.0, 1.0], True)
+    """
+    m = np.asarray(maps)
+    if m.ndim < 3:
+        raise ValueError(f"maps must be (..., h, w, outputs). Received: maps.shape={m.shape}")
+    if geometry is None:
+        base: tuple[int, int] = (m.shape[-3], m.shape[-2])
+        covered = np.ones(base, dtype=bool)
+    else:
+        base = geometry.input_size or (int(size[0]), int(size[1]))
+        m, covered = _placed(m, base, geometry)
+    if base != tuple(size):
+        rows, cols = _stretch_index(base[0], size[0]), _stretch_index(base[1], size[1])
+        m = m[..., rows, :, :][..., cols, :]
+        covered = covered[rows][:, cols]
+    return m, covered
+
+
+def _placed(m: np.ndarray, base: tuple[int, int], g: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    expected = g.output_size(base)
+    if tuple(m.shape[-3:-1]) != expected:
+        raise ValueError(
+            f"responses of an input of size {base} through {g} are {expected}. "
+            f"Received: maps.shape={m.shape}"
+        )
+    rows = source_index(base[0], g.kernel_size[0], g.strides[0], g.dilation_rate[0], g.padding)
+    cols = source_index(base[1], g.kernel_size[1], g.strides[1], g.dilation_rate[1], g.padding)
+    covered = (rows >= 0)[:, None] & (cols >= 0)[None, :]
+    out = m[..., np.maximum(rows, 0), :, :][..., np.maximum(cols, 0), :]
+    return np.where(covered[..., None], out, 0), covered

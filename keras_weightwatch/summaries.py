@@ -16,7 +16,9 @@ Encodings (what TensorBoard's default loader reads):
 - text: a rank-0 `DT_STRING` tensor holding Markdown.
 
 Tags come from one function, `tag`, so they are stable across runs and several
-runs overlay in TensorBoard.
+runs overlay in TensorBoard; the image views' tags from `response_tag`,
+`kernel_tag` and `saliency_tag`, which put each model's images in a group of
+their own, headline views first (see `IMAGE_SECTIONS`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,54 @@ def tag(*parts: str) -> str:
             if clean:
                 comps.append(clean)
     return "/".join(comps)
+
+
+# ---------------------------------------------------------------- image tags
+#
+# TensorBoard's Images tab groups tags by their first component (groups in natural sort
+# order, the first two open) and sorts a group's cards by tag, then run. So an image tag
+# starts with the model's group name (`naming.model_group`), then a numbered section that
+# puts the filtered images first, the kernel grids next and the saliency maps last.
+
+RESPONSES = "1_responses"
+"""The section of the filtered images: `<model>/1_responses/<layer>/sample_<i>`."""
+KERNELS = "2_kernels"
+"""The section of the kernel grids: `<model>/2_kernels/<n>_<weight key>/image`."""
+SALIENCY = "3_saliency"
+"""The section of the saliency maps: `<model>/3_saliency/<method>/sample_<i>`."""
+IMAGE_SECTIONS = (RESPONSES, KERNELS, SALIENCY)
+
+
+def response_tag(model: str, layer: str, sample: int) -> str:
+    """The image tag of conv layer `layer`'s responses to sample image `sample`.
+
+    >>> response_tag("digits_cnn", "conv1", 0)
+    'digits_cnn/1_responses/conv1/sample_0'
+    """
+    return tag(model, RESPONSES, layer, f"sample_{sample}")
+
+
+def kernel_tag(model: str, key: str, position: int, count: int) -> str:
+    """The image tag of a kernel grid: `position` is the kernel's place among the model's
+    `count` convolution kernels in model order (zero-padded to `count`'s width), so that
+    the grids sort as the layers come.
+
+    >>> kernel_tag("digits_cnn", "conv1/kernel", 0, 2)
+    'digits_cnn/2_kernels/0_conv1/kernel/image'
+    >>> kernel_tag("resnet50", "conv1_conv/kernel", 0, 53)
+    'resnet50/2_kernels/00_conv1_conv/kernel/image'
+    """
+    width = len(str(max(count - 1, 0)))
+    return tag(model, KERNELS, f"{position:0{width}d}_{key}", "image")
+
+
+def saliency_tag(model: str, method: str, sample: int) -> str:
+    """The image tag of the saliency maps of sample image `sample` by `method`.
+
+    >>> saliency_tag("digits_cnn", "hirescam", 1)
+    'digits_cnn/3_saliency/hirescam/sample_1'
+    """
+    return tag(model, SALIENCY, method, f"sample_{sample}")
 
 
 # ---------------------------------------------------------------- summary values (pure)

@@ -52,3 +52,30 @@ def sharded_model(shapes: dict):
     return ModelInfo("m", "Fake", (), tuple(
         WeightSpec(k, f"m/{k}", k.split("/")[0], tuple(s), "float32", True)
         for k, s in shapes.items()))
+def invert_diverging(rgb: np.ndarray) -> np.ndarray:
+    """Colours of `images.diverging_rgb(..., 1.0)` back to values in [-1, 1] (nearest colour)."""
+    from keras_weightwatch.images import diverging_rgb
+
+    t = np.linspace(-1, 1, 4001)
+    lut = diverging_rgb(t, 1.0).astype(np.int32)
+    d = np.abs(rgb.reshape(-1, 1, 3).astype(np.int32) - lut[None]).sum(-1)
+    return t[np.argmin(d, axis=1)].reshape(rgb.shape[:-1])
+
+
+def run_group(run) -> str:
+    """The group of a run's image tags: its model's name as the run's header records it."""
+    from keras_weightwatch.naming import model_group
+
+    return model_group(run.model.get("name", ""), run.model.get("class_name", ""))
+
+
+def run_kernel_tags(run) -> dict[str, str]:
+    """Weight key -> kernel-grid tag for a run whose convolution layers are all top-level:
+    the kernels of the layers the header lists as convolutions, numbered in model order."""
+    from keras_weightwatch.naming import conv_kind
+    from keras_weightwatch.summaries import kernel_tag
+
+    kinds = {layer.name: conv_kind(layer.class_name) for layer in run.layers}
+    keys = [s.key for s in run.specs
+            if kinds.get(s.layer) is not None and s.key == f"{s.layer}/{kinds[s.layer].kernel}"]
+    return {k: kernel_tag(run_group(run), k, i, len(keys)) for i, k in enumerate(keys)}

@@ -6,16 +6,19 @@ import zlib
 
 import numpy as np
 import pytest
+from scipy.signal import correlate2d
 
 from keras_weightwatch.images import (
     NONFINITE_RGB,
     SEPARATOR_RGB,
+    UNCOVERED_RGB,
     diverging_rgb,
     encode_png,
     kernel_grid,
     response_grid,
     upscale,
 )
+from keras_weightwatch.responses import Geometry, correlate
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -141,21 +144,118 @@ def test_image_size_is_capped():
     assert max(g.image.shape[:2]) <= 2048 and g.scale == 8
 
 
-def test_response_grid():
+def _per_tile(ref):
+    """The reference drawing of one map: minus its mean, over its largest |deviation|."""
+    dev = ref - ref.mean()
+    return dev / np.abs(dev).max()
+
+
+def test_response_grid_draws_each_tile_around_its_own_mean_on_its_own_scale():
     img = np.random.default_rng(0).random((6, 6, 1))
-    res = np.random.default_rng(1).normal(size=(4, 4, 3))
+    res = np.random.default_rng(1).normal(size=(6, 6, 3))
+    res[..., 2] = res[..., 2] * 100 + 50  # a strong map with a large mean: no shared scale
     g = response_grid(img, res)
     assert g.tiles == ("image", ("response", 0), ("response", 1), ("response", 2))
-    assert g.vmax == pytest.approx(np.abs(res).max())
+    assert g.vmax == 1.0
+    np.testing.assert_allclose(g.means, res.mean(axis=(0, 1)))
+    np.testing.assert_allclose(g.scales, np.abs(res - res.mean(axis=(0, 1))).max(axis=(0, 1)))
     grey = _tile_pixels(g, 0, (6, 6))
     assert np.all(grey[..., 0] == grey[..., 1])
     lo, hi = img.min(), img.max()
     np.testing.assert_array_equal(grey[..., 0], np.rint((img[..., 0] - lo) / (hi - lo) * 255))
     for o in range(3):
-        px = _tile_pixels(g, o + 1, (4, 4))
-        np.testing.assert_allclose(_invert(px) * g.vmax, res[..., o], atol=0.02 * g.vmax)
-        y, x = g.origins[o + 1]  # smaller tiles sit on the separator colour
-        assert tuple(g.image[y + 4 * g.scale, x]) == SEPARATOR_RGB
+        px = _tile_pixels(g, o + 1, (6, 6))  # as large as the image
+        np.testing.assert_allclose(_invert(px), _per_tile(res[..., o]), atol=0.02)
+
+
+def test_response_grid_marks_pixels_no_output_covers_and_nonfinite_values():
+    res = np.random.default_rng(2).normal(size=(4, 4, 2))  # 'valid' 3x3 on a 6x6 image
+    res[1, 2, 1] = np.nan
+    g = response_grid(np.zeros((6, 6, 1)), res, geometry=Geometry((3, 3)))
+    px = _tile_pixels(g, 1, (6, 6))
+    assert all(tuple(p) == UNCOVERED_RGB for p in (px[0, 0], px[5, 3], px[2, 0], px[0, 5]))
+    np.testing.assert_allclose(_invert(px[1:-1, 1:-1]), _per_tile(res[..., 0]), atol=0.02)
+    assert tuple(_tile_pixels(g, 2, (6, 6))[2, 3]) == NONFINITE_RGB
+    assert np.isfinite(g.scales[1]) and np.isfinite(g.means[1])
+
+
+def _scipy_same(image, kernel):
+    """Zero-padded 'same' correlation of (H, W, C) with (k, k, C), summed over channels."""
+    return sum(correlate2d(image[..., c], kernel[..., c], mode="same")
+               for c in range(image.shape[-1]))
+
+
+def _edge_columns(drawn, ref_columns):
+    """Column-mean colour strength of a drawn tile: where it lights up, and where the
+    reference's does."""
+    strength = np.abs(drawn).mean(axis=0)
+    return set(np.flatnonzero(strength > 0.5)), set(np.flatnonzero(ref_columns > 0.5))
+
+
+VERTICAL_EDGE = np.array([[-1.0, 0.0, 1.0]] * 3)  # Prewitt: responds to vertical edges
+
+
+def test_a_vertical_edge_kernel_lights_up_exactly_the_edges_of_a_digit_sized_image():
+    img = np.zeros((8, 8, 1))
+    img[:, 2:6] = 1.0  # a vertical bar: edges between columns 1|2 and 5|6
+    kernel = np.stack([VERTICAL_EDGE, VERTICAL_EDGE.T], axis=-1)[:, :, None, :]  # (3,3,1,2)
+    res = correlate(img[None], kernel, padding="same")[0]
+    ref = _scipy_same(img, kernel[..., 0])
+    g = response_grid(img, res, geometry=Geometry((3, 3), padding="same"))
+    drawn = _invert(_tile_pixels(g, 1, (8, 8)))
+    np.testing.assert_allclose(drawn, _per_tile(ref), atol=0.02)
+    lit, want = _edge_columns(drawn, np.abs(_per_tile(ref)).mean(axis=0))
+    assert lit == want == {1, 2, 5, 6}
+    assert np.abs(drawn[:, [0, 3, 4, 7]]).max() <= 0.02  # flat columns stay white
+
+
+def _photo(size):
+    """A bundled photograph, box-downsampled to `size` (H, W), as floats in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    china = load_sample_images().images[0].astype(np.float64) / 255.0  # (427, 640, 3)
+    fh, fw = china.shape[0] // size[0], china.shape[1] // size[1]
+    crop = china[: size[0] * fh, : size[1] * fw]
+    return crop.reshape(size[0], fh, size[1], fw, 3).mean(axis=(1, 3))
+
+
+def test_on_a_photo_the_edge_tile_shows_the_edges_a_bright_tile_would_wash_out():
+    img = _photo((60, 80))
+    kernel = np.stack([np.repeat(VERTICAL_EDGE[..., None], 3, -1) / 3,  # edges
+                       np.ones((3, 3, 3))], axis=-1)  # brightness: a large positive mean
+    res = correlate(img[None], kernel, padding="same")[0]
+    ref = _scipy_same(img, kernel[..., 0])
+    g = response_grid(img, res, geometry=Geometry((3, 3), padding="same"))
+    drawn = _invert(_tile_pixels(g, 1, (60, 80)))
+    np.testing.assert_allclose(drawn, _per_tile(ref), atol=0.02)
+    # the strongest tenth of the reference's edge pixels are drawn far stronger than the rest
+    edges = np.abs(_per_tile(ref)) >= np.quantile(np.abs(_per_tile(ref)), 0.9)
+    assert np.abs(drawn[edges]).mean() > 4 * np.abs(drawn[~edges]).mean()
+    # one scale shared with the brightness map would have drawn the edges near white
+    assert np.abs(ref).max() < 0.2 * np.abs(res[..., 1]).max()
+
+
+def test_a_strided_7x7_first_layer_is_drawn_at_the_input_size_over_its_edges():
+    rng = np.random.default_rng(3)
+    img = 0.1 * rng.random((64, 64, 3))
+    img[:, 20:40] += 0.8  # a bright vertical bar: edges at columns 19|20 and 39|40
+    edge = np.zeros((7, 7))
+    edge[:, :3], edge[:, 4:] = -1.0, 1.0
+    kernel = rng.normal(size=(7, 7, 3, 4)) * 0.1
+    kernel[..., 0] = np.repeat(edge[..., None], 3, -1)
+    res = correlate(img[None], kernel, strides=2, padding="same")[0]
+    assert res.shape == (32, 32, 4)
+    full = _scipy_same(img, kernel[..., 0])  # stride 1; output o of stride 2 is centred on 2o+1
+    np.testing.assert_allclose(res[..., 0], full[1::2, 1::2], atol=1e-9)
+    g = response_grid(img, res, geometry=Geometry((7, 7), (2, 2), "same"))
+    assert g.scale == 1 and g.origins[2][1] - g.origins[1][1] == 64 + 1  # cells: 64 px + line
+    drawn = _invert(_tile_pixels(g, 1, (64, 64)))  # the tile is the input's 64 x 64 pixels
+    upsampled = np.repeat(np.repeat(_per_tile(full[1::2, 1::2]), 2, axis=0), 2, axis=1)
+    np.testing.assert_allclose(drawn, upsampled, atol=0.02)
+    lit, want = _edge_columns(drawn, np.abs(_per_tile(full)).mean(axis=0))
+    assert lit == want  # lit exactly where the stride-1 reference is
+    assert all(min(abs(c - 19.5), abs(c - 39.5)) < 3 for c in lit)  # at the planted edges
+    assert lit & set(range(17, 23)) and lit & set(range(37, 43))  # both edges light up
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (1, 1, 3)])

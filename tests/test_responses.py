@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.signal import correlate2d
 
-from keras_weightwatch.responses import correlate
+from keras_weightwatch.responses import Geometry, at_input_size, correlate, source_index
 
 
 def _scipy(images, kernel, mode):
@@ -85,3 +85,60 @@ def test_errors():
         correlate(np.ones((1, 2, 2, 1)), np.ones((1, 1, 2, 1)))
     with pytest.raises(ValueError, match="Received: padding='causal'"):
         correlate(np.ones((1, 2, 2, 1)), np.ones((1, 1, 1, 1)), padding="causal")
+
+
+# ------------------------------------------------------------ drawing responses at the input's size
+
+
+def _keras_centres(n, k, s, d, padding):
+    """Each output's receptive-field centre on a 1-D axis of `n` pixels, read from Keras's own
+    convolution: a delta at input y reaches output o through the centre tap of an odd kernel
+    exactly when o is centred on y."""
+    import keras
+
+    x = np.eye(n, dtype=np.float32).reshape(n, 1, n, 1)  # n images, one delta each
+    tap = np.zeros((1, k, 1, 1), np.float32)
+    tap[0, k // 2] = 1.0
+    y = keras.ops.convert_to_numpy(
+        keras.ops.conv(x, tap, strides=(1, s), padding=padding, dilation_rate=(1, d)))
+    hits = y[:, 0, :, 0]  # (input y, output o)
+    assert np.all(hits.sum(axis=0) == 1)  # every output has exactly one centre
+    return hits.argmax(axis=0)
+
+
+@pytest.mark.parametrize("n, k, s, d, padding", [
+    (8, 3, 1, 1, "same"), (8, 3, 1, 1, "valid"), (64, 7, 2, 1, "same"), (63, 7, 2, 1, "same"),
+    (11, 3, 2, 1, "valid"), (12, 3, 3, 1, "same"), (10, 5, 1, 2, "valid"), (9, 5, 1, 2, "same"),
+])
+def test_source_index_takes_the_output_centred_nearest_within_half_a_stride(n, k, s, d, padding):
+    centres = _keras_centres(n, k, s, d, padding)
+    got = source_index(n, k, s, d, padding)
+    assert got.shape == (n,)
+    for y in range(n):
+        dist = np.abs(centres - y)
+        if dist.min() > s / 2:
+            assert got[y] == -1, y
+        else:
+            assert got[y] >= 0 and dist[got[y]] == dist.min(), y
+    assert set(got[got >= 0]) == set(range(len(centres)))  # every output is drawn
+
+
+def test_at_input_size_repeats_a_stride_2_map_and_masks_the_valid_border():
+    m = np.random.default_rng(4).normal(size=(2, 4, 4, 3))
+    out, covered = at_input_size(m, (8, 8), Geometry((3, 3), (2, 2), "same"))
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(m, 2, axis=1), 2, axis=2))
+    assert covered.all()
+    v = np.random.default_rng(5).normal(size=(6, 4, 1))  # 'valid' 3x3 on 8x6
+    out, covered = at_input_size(v, (8, 6), Geometry((3, 3)))
+    assert covered[1:-1, 1:-1].all() and covered.sum() == 6 * 4
+    np.testing.assert_array_equal(out[1:-1, 1:-1], v)
+    assert np.all(out[~covered] == 0)
+
+
+def test_at_input_size_of_a_layer_after_pooling_stretches_its_input_to_the_image():
+    m = np.random.default_rng(6).normal(size=(4, 4, 2))  # 3x3 'same' on a 4x4 pooled input
+    out, covered = at_input_size(m, (8, 8), Geometry((3, 3), padding="same", input_size=(4, 4)))
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(m, 2, axis=0), 2, axis=1))
+    assert covered.all()
+    with pytest.raises(ValueError, match=r"Received: maps.shape=\(3, 3, 2\)"):
+        at_input_size(m[:3, :3], (8, 8), Geometry((3, 3), padding="same", input_size=(4, 4)))

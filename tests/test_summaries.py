@@ -40,6 +40,40 @@ def test_tag(parts, expected):
     assert tag(*parts) == expected
 
 
+def _natural_key(text):
+    """TensorBoard's natural sort of tag and group names: digit runs compare as numbers."""
+    import re
+
+    return [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", text)]
+
+
+def test_image_tags_group_by_model_with_the_headline_views_first():
+    """TensorBoard's Images tab groups tags by their first component and sorts a group's
+    cards by tag: each model's images are one group; responses, kernels, saliency follow
+    in that order, and the kernels in model order, however many there are."""
+    for count in (1, 3, 12, 101):
+        keys = [f"layer{i}/kernel" for i in range(count)]  # model order
+        tags = [summaries.kernel_tag("net", k, i, count) for i, k in enumerate(keys)]
+        for order in (sorted, lambda t: sorted(t, key=_natural_key)):
+            assert order(tags) == tags
+        assert {t.split("/")[0] for t in tags} == {"net"}
+        assert all(t.endswith(f"_{k}/image") for t, k in zip(tags, keys))
+    tags = {
+        summaries.saliency_tag("net", "vanilla", 0): 2,
+        summaries.kernel_tag("net", "conv/kernel", 0, 1): 1,
+        summaries.response_tag("net", "conv", 10): 0,
+        summaries.response_tag("net", "conv", 9): 0,
+    }
+    for order in (sorted, lambda t: sorted(t, key=_natural_key)):
+        assert [tags[t] for t in order(tags)] == [0, 0, 1, 2]
+    sections = [t.split("/")[1] for t in sorted(tags)]
+    assert list(dict.fromkeys(sections)) == list(summaries.IMAGE_SECTIONS)
+    # the parts are cleaned like every tag's
+    assert summaries.response_tag("my net", "c 1", 2) == "my_net/1_responses/c_1/sample_2"
+    assert (summaries.kernel_tag("m", "blk/conv/kernel#2", 3, 4)
+            == "m/2_kernels/3_blk/conv/kernel_2/image")
+
+
 def test_every_kind_reads_back_with_tensorboard(tmp_path):
     png = encode_png(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
     buckets = np.array([[0.0, 0.5, 2.0], [0.5, 1.0, 3.0]])

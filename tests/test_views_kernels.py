@@ -9,6 +9,7 @@ from view_helpers import (
     _cnn,
     _fit,
     _image,
+    _kernel_tags,
     _tags_by_plugin,
 )
 
@@ -21,12 +22,14 @@ def test_3x3x1x5_kernel_image_has_5_tiles_of_the_kernel(tmp_path, recorder):
     run = str(tmp_path / "run")
     _fit(model, WeightWatch(run), extra=[recorder])
     acc = _acc(run)
+    name = _kernel_tags(model, ["conv/kernel"])["conv/kernel"]
+    assert name == "sequential/2_kernels/0_conv/kernel/image"  # an unnamed Sequential
     for step, weights in ((-1, recorder.initial), (1, recorder.epochs[1])):
         kernel = weights[0]
         assert kernel.shape == (3, 3, 1, 5)
         grid = kernel_grid(kernel)
         assert len(grid.tiles) == 5
-        img = _image(acc, "conv/kernel/image", step)
+        img = _image(acc, name, step)
         np.testing.assert_array_equal(img, grid.image)
         # the pixels map back to values: the tile of the largest weight is at full colour
         o = int(np.argmax(np.abs(kernel).reshape(-1, 5).max(0)))
@@ -34,7 +37,7 @@ def test_3x3x1x5_kernel_image_has_5_tiles_of_the_kernel(tmp_path, recorder):
         y, x = grid.origins[o]
         px = img[y + i * grid.scale, x + j * grid.scale]
         assert tuple(px) in {(33, 102, 172), (178, 24, 43)}
-    desc = acc.SummaryMetadata("conv/kernel/image").summary_description
+    desc = acc.SummaryMetadata(name).summary_description
     assert "5 of 5 tiles" in desc
 
 
@@ -43,12 +46,13 @@ def test_7x7x3x64_kernel_is_one_rgb_grid_of_64_tiles(tmp_path, recorder):
     run = str(tmp_path / "run")
     _fit(model, WeightWatch(run), epochs=1, extra=[recorder])
     acc = _acc(run)
-    assert _tags_by_plugin(acc)["images"] == {"conv/kernel/image"}
+    name = _kernel_tags(model, ["conv/kernel"])["conv/kernel"]
+    assert _tags_by_plugin(acc)["images"] == {name}
     grid = kernel_grid(recorder.epochs[0][0])
     assert grid.rgb and len(grid.tiles) == 64
-    img = _image(acc, "conv/kernel/image", 0)
+    img = _image(acc, name, 0)
     np.testing.assert_array_equal(img, grid.image)
-    assert "64 of 64 tiles (RGB" in acc.SummaryMetadata("conv/kernel/image").summary_description
+    assert "64 of 64 tiles (RGB" in acc.SummaryMetadata(name).summary_description
 
 
 def test_every_conv_kind_gets_a_grid_and_the_tile_cap_applies(tmp_path):
@@ -65,22 +69,35 @@ def test_every_conv_kind_gets_a_grid_and_the_tile_cap_applies(tmp_path):
     x = np.random.default_rng(0).random((8, 10, 10, 2)).astype("float32")
     _fit(model, WeightWatch(run, max_kernel_tiles=6), epochs=1, x=x)
     acc = _acc(run)
-    assert _tags_by_plugin(acc)["images"] == {
-        "c2/kernel/image",
-        "dw/kernel/image",
-        "sep/depthwise_kernel/image",
-        "tr/kernel/image",
-        "c1/kernel/image",
-    }
+    # numbered in model order, so that TensorBoard (sorting by tag) shows them as the layers come
+    tags = _kernel_tags(model, ["c2/kernel", "dw/kernel", "sep/depthwise_kernel", "tr/kernel",
+                                "c1/kernel"])
+    assert _tags_by_plugin(acc)["images"] == set(tags.values())
+    assert sorted(tags, key=tags.__getitem__) == list(tags)
+    assert tags["c1/kernel"] == "functional/2_kernels/4_c1/kernel/image"
     weights = load_run(run).weights(0)
     for key in ("c2/kernel", "dw/kernel", "sep/depthwise_kernel"):
         np.testing.assert_array_equal(
-            _image(acc, f"{key}/image", 0), kernel_grid(weights[key], 6, rgb=False).image
+            _image(acc, tags[key], 0), kernel_grid(weights[key], 6, rgb=False).image
         )
     # 3 input channels (transposed conv: 3 output channels): RGB tiles
     assert weights["tr/kernel"].shape == (3, 3, 3, 3) and weights["c1/kernel"].shape == (3, 3, 2)
     for key in ("tr/kernel", "c1/kernel"):
         grid = kernel_grid(weights[key], 6)
         assert grid.rgb
-        np.testing.assert_array_equal(_image(acc, f"{key}/image", 0), grid.image)
-    assert "6 of 8 tiles" in acc.SummaryMetadata("c2/kernel/image").summary_description
+        np.testing.assert_array_equal(_image(acc, tags[key], 0), grid.image)
+    assert "6 of 8 tiles" in acc.SummaryMetadata(tags["c2/kernel"]).summary_description
+
+
+def test_a_kernel_keeps_its_number_when_include_exclude_leave_others_out(tmp_path):
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(2, 3, name="a"),
+        keras.layers.Conv2D(2, 3, name="b"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1),
+    ], name="two_convs")
+    run = str(tmp_path / "run")
+    _fit(model, WeightWatch(run, exclude=["a"]), epochs=1)
+    # the same tag as in a run that watches both, so the two runs' grids overlay
+    assert _tags_by_plugin(_acc(run))["images"] == {"two_convs/2_kernels/1_b/kernel/image"}

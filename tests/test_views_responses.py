@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from helpers import invert_diverging
 from scipy.signal import correlate2d
 from view_helpers import (
     _acc,
@@ -12,13 +13,17 @@ from view_helpers import (
     _fit,
     _image,
     _images,
+    _response_tag,
     _values,
     cb_views,
 )
 
 from keras_weightwatch import WeightWatch
 from keras_weightwatch.images import response_grid
+from keras_weightwatch.responses import Geometry
 from keras_weightwatch.views import ResponseView
+
+VALID_3X3 = Geometry((3, 3))  # the geometry of `_cnn`'s conv layer
 
 
 def _scipy_responses(images, kernel):
@@ -53,11 +58,39 @@ def test_kernel_responses_equal_scipy_correlation(tmp_path, recorder):
         snap = type("S", (), {"arrays": {"conv/kernel": weights[0]}})()
         np.testing.assert_allclose(view.responses(snap, None)["conv"], ref, rtol=1e-6, atol=1e-6)
         for i in range(2):
-            img = _image(acc, f"responses/conv/sample_{i}", step)
-            expected = response_grid(samples[i], ref[i]).image
+            img = _image(acc, _response_tag(model, "conv", i), step)
+            expected = response_grid(samples[i], ref[i], geometry=VALID_3X3).image
             assert np.abs(img.astype(int) - expected).max() <= 1
             with open(pngs / "conv" / f"sample_{i}" / f"step_{step}.png", "rb") as f:
-                assert f.read() == _values(acc, f"responses/conv/sample_{i}")[step][2]
+                assert f.read() == _values(acc, _response_tag(model, "conv", i))[step][2]
+
+
+def test_a_planted_edge_kernel_in_a_strided_7x7_first_layer_lights_up_the_images_edges(tmp_path):
+    model = keras.Sequential([keras.Input((32, 32, 3)),
+                              keras.layers.Conv2D(3, 7, strides=2, padding="same", name="conv1"),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    rng = np.random.default_rng(11)
+    kernel = rng.normal(size=(7, 7, 3, 3)).astype("float32") * 0.1
+    kernel[:, :3, :, 0], kernel[:, 3, :, 0], kernel[:, 4:, :, 0] = -1.0, 0.0, 1.0
+    model.get_layer("conv1").set_weights([kernel, np.zeros(3, "float32")])
+    samples = (0.1 * rng.random((1, 32, 32, 3))).astype("float32")
+    samples[:, :, 10:22] += 0.8  # vertical edges between columns 9|10 and 21|22
+    run = str(tmp_path / "run")
+    _fit(model, WeightWatch(run, sample_images=samples, kernel_images=False), epochs=1, lr=0.0)
+    acc = _acc(run)
+    img = _image(acc, _response_tag(model, "conv1", 0), -1)
+    assert img.shape == (34, 4 * 33 + 1, 3)  # image + 3 tiles, each 32 x 32 px, one px apart
+    tile = invert_diverging(img[1:33, 34:66])  # the tile after the image
+    full = sum(correlate2d(samples[0, :, :, c], kernel[:, :, c, 0], mode="same") for c in range(3))
+    strided = full[1::2, 1::2]  # a stride-2 'same' output o is centred on input 2o + 1
+    dev = strided - strided.mean()
+    want = np.repeat(np.repeat(dev / np.abs(dev).max(), 2, axis=0), 2, axis=1)
+    np.testing.assert_allclose(tile, want, atol=0.03)  # drawn at the input's 32 x 32 pixels
+    lit = set(np.flatnonzero(np.abs(tile).mean(axis=0) > 0.5))
+    assert lit and all(min(abs(c - 9.5), abs(c - 21.5)) < 3 for c in lit)
+    desc = acc.SummaryMetadata(_response_tag(model, "conv1", 0)).summary_description
+    assert "drawn at the image's 32x32 pixels (the 16x16 output, stride 2x2" in desc
+    assert "on its own scale: white is the tile's mean" in desc
 
 
 def test_activation_responses_equal_a_sub_model_output(tmp_path):
@@ -78,8 +111,9 @@ def test_activation_responses_equal_a_sub_model_output(tmp_path):
     assert ref.min() >= 0  # relu: the layer's output, not the plain correlation
     acc = _acc(run)
     for i in range(2):
-        img = _image(acc, f"responses/conv/sample_{i}", 1)
-        assert np.abs(img.astype(int) - response_grid(samples[i], ref[i]).image).max() <= 1
+        img = _image(acc, _response_tag(model, "conv", i), 1)
+        expected = response_grid(samples[i], ref[i], geometry=VALID_3X3).image
+        assert np.abs(img.astype(int) - expected).max() <= 1
 
 
 def test_kernel_responses_of_a_deeper_layer_use_its_input(tmp_path):
@@ -150,8 +184,9 @@ def test_kernel_responses_work_for_a_model_with_two_inputs(tmp_path, recorder):
     for step, weights in ((-1, recorder.initial), (1, recorder.epochs[1])):
         ref = _scipy_responses(samples, weights[conv].astype(np.float64))
         for i in range(2):
-            img = _image(acc, f"responses/conv/sample_{i}", step)
-            assert np.abs(img.astype(int) - response_grid(samples[i], ref[i]).image).max() <= 1
+            img = _image(acc, _response_tag(model, "conv", i), step)
+            expected = response_grid(samples[i], ref[i], geometry=VALID_3X3).image
+            assert np.abs(img.astype(int) - expected).max() <= 1
 
 
 def _prepare_error(model, **kwargs):

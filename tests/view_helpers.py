@@ -10,9 +10,13 @@ from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 from tensorboard.util import tensor_util
 
 from keras_weightwatch.capture import describe_model
+from keras_weightwatch.naming import model_group
+from keras_weightwatch.summaries import kernel_tag, response_tag, saliency_tag
 from keras_weightwatch.views import build_views
 
-STATS = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
+# The scalars of a weight without NaN or Inf (its nan_count and inf_count are written only once
+# one is non-zero).
+STATS = ("l2_norm", "mean", "std", "max_abs", "update_ratio")
 
 
 def _acc(run_dir):
@@ -44,6 +48,25 @@ def _image(acc, t, step):
     img = _decode(arr[2])
     assert img.shape[:2] == (int(arr[1]), int(arr[0]))
     return img
+
+
+def _group(model) -> str:
+    """The model's group in TensorBoard, from its name as `describe_model` records it."""
+    info = describe_model(model)
+    return model_group(info.name, info.class_name)
+
+
+def _kernel_tags(model, keys) -> dict[str, str]:
+    """Weight key -> image tag of the kernel grids of `keys`, the model's conv kernels in order."""
+    return {k: kernel_tag(_group(model), k, i, len(keys)) for i, k in enumerate(keys)}
+
+
+def _response_tag(model, layer, sample) -> str:
+    return response_tag(_group(model), layer, sample)
+
+
+def _saliency_tag(model, method, sample) -> str:
+    return saliency_tag(_group(model), method, sample)
 
 
 def _cnn(filters=5, channels=1, size=8, ksize=3, activation=None):

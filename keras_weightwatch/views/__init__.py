@@ -5,7 +5,9 @@ One module per view; `base` holds the `View` protocol (its hooks: `prepare`,
 turns `Settings` into the list of views. Importing this package imports
 neither Keras nor TensorFlow: the views import Keras when they first need it.
 
-Tags (all made by `summaries.tag`, so they are stable across runs):
+Tags (all made by `summaries.tag`, so they are stable across runs; the images by
+`summaries.response_tag`, `kernel_tag` and `saliency_tag`, grouped by model,
+`<model>` being `naming.model_group`: the model's name without Keras's counter):
 
 | view | plugin | tag |
 |---|---|---|
@@ -13,12 +15,12 @@ Tags (all made by `summaries.tag`, so they are stable across runs):
 | `HistogramView` | histograms | `<weight key>/histogram` |
 | `FeatureView` | text | `features/<layer>` |
 | `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
-| `KernelImageView` | images | `<weight key>/image` (`conv2d/kernel/image`) |
-| `ResponseView` | images | `responses/<layer>/sample_<i>` |
+| `KernelImageView` | images | `<model>/2_kernels/<n>_<weight key>/image` (`n`: the layer's place) |
+| `ResponseView` | images | `<model>/1_responses/<layer>/sample_<i>` |
 | `SpectralView` | scalars | `<weight key>/<metric>` (`SCALARS`: `alpha`, `stable_rank`, ...) |
 | `SpectralView` | histograms | `<weight key>/esd` (log10 eigenvalues) |
 | `SpectralView` | text | `spectral/summary` |
-| `SaliencyView` | images | `saliency/<method>/sample_<i>` |
+| `SaliencyView` | images | `<model>/3_saliency/<method>/sample_<i>` |
 | `GradientView` | scalars | `<weight key>/grad_norm`, `<weight key>/grad_to_weight` |
 | `GradientView` | histograms | `<weight key>/grad_histogram` (with `gradient_histograms`) |
 """

@@ -6,7 +6,7 @@ from collections.abc import Set
 from typing import Any, NamedTuple
 
 from ..capture import ModelInfo, Snapshot
-from ..naming import CONV_KINDS
+from ..naming import CONV_KINDS, model_group
 from ..settings import Settings
 from .base import Stats, View, all_layers, keras_module, weight_keys
 
@@ -23,6 +23,9 @@ class _Kernel(NamedTuple):
     rgb: bool
     """Whether a kernel with 3 input channels may be drawn as colour images."""
     class_name: str
+    tag: str
+    """Its image tag (`summaries.kernel_tag`: numbered by its place among all the model's
+    convolution kernels, so it does not change with `include`/`exclude`)."""
 
 
 def _conv_classes() -> list[_ConvClass]:
@@ -43,6 +46,7 @@ class KernelImageView(View):
     for regular and transposed convolutions with exactly 3 input (transposed:
     output) channels, one tile per (input, output) pair otherwise, at most
     `max_tiles` tiles. Separable convolutions show their depthwise kernel.
+    Tags: `<model>/2_kernels/<n>_<weight key>/image` (`summaries.kernel_tag`).
 
     Args:
         max_tiles: The most tiles one grid holds. Defaults to 256.
@@ -55,26 +59,31 @@ class KernelImageView(View):
         self.kernels: list[_Kernel] = []
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
+        from ..summaries import kernel_tag
+
         keys = weight_keys(model, info)
         classes = _conv_classes()
-        self.kernels = []
+        found: list[tuple[str, bool, str]] = []
         for layer in all_layers(model):
             for conv in classes:
                 if isinstance(layer, conv.cls):
                     var = getattr(layer, conv.kernel, None)
                     if var is not None and id(var) in keys:
-                        self.kernels.append(_Kernel(keys[id(var)], conv.rgb, type(layer).__name__))
+                        found.append((keys[id(var)], conv.rgb, type(layer).__name__))
                     break
+        group = model_group(info.name, info.class_name)
+        self.kernels = [_Kernel(key, rgb, cls, kernel_tag(group, key, i, len(found)))
+                        for i, (key, rgb, cls) in enumerate(found)]
 
     def restrict(self, keys: Set[str]) -> None:
         self.kernels = [k for k in self.kernels if k.key in keys]
 
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
         from ..images import encode_png, kernel_grid
-        from ..summaries import image, tag
+        from ..summaries import image
 
         values = []
-        for key, rgb_ok, cls in self.kernels:
+        for key, rgb_ok, cls, name in self.kernels:
             k = snapshot.arrays[key]
             grid = kernel_grid(
                 k, self.max_tiles, rgb=None if rgb_ok and k.shape[-2] == 3 else False
@@ -86,5 +95,5 @@ class KernelImageView(View):
                 + f", {grid.scale} px per weight; blue < 0 < red, |w| = {grid.vmax:.4g} at full "
                 "colour; green marks NaN/Inf"
             )
-            values.append(image(tag(key, "image"), [encode_png(grid.image)], w, h, desc))
+            values.append(image(name, [encode_png(grid.image)], w, h, desc))
         events.write(snapshot.step, values, wall_time=snapshot.time)

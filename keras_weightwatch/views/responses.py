@@ -10,6 +10,7 @@ import numpy as np
 
 from ..capture import ModelInfo, Snapshot
 from ..errors import received
+from ..naming import model_group
 from ..settings import Settings
 from .base import Stats, View, find_layer, keras_module, model_inputs, weight_keys
 
@@ -26,6 +27,8 @@ class _Target(NamedTuple):
     dilation: tuple[int, ...]
     fed_by_input: bool
     """Whether the model input feeds the layer directly (no sub-model needed in kernel mode)."""
+    input_size: tuple[int, int] | None
+    """The layer input's static `(H, W)`, where known."""
 
 
 def _shape(x: np.ndarray) -> str:
@@ -38,6 +41,23 @@ def _layer_input(layer: Any) -> Any:
         return layer.input
     except (AttributeError, ValueError):
         return None
+
+
+def _spatial_size(tensor: Any, channels_first: bool) -> tuple[int, int] | None:
+    """A 4-D tensor's `(H, W)`, or None where not both are known."""
+    shape = tuple(getattr(tensor, "shape", ()) or ())
+    if len(shape) != 4:
+        return None
+    h, w = shape[2:4] if channels_first else shape[1:3]
+    return None if h is None or w is None else (int(h), int(w))
+
+
+def _geometry(t: _Target, kernel_shape: tuple[int, ...], input_size: Any) -> Any:
+    """Where `t`'s output pixels sit on its input (`responses.Geometry`)."""
+    from ..responses import Geometry
+
+    return Geometry((int(kernel_shape[0]), int(kernel_shape[1])), (t.strides[0], t.strides[1]),
+                    t.padding, (t.dilation[0], t.dilation[1]), input_size)
 
 
 def _write_png(path: str, png: bytes) -> None:
@@ -58,6 +78,10 @@ class ResponseView(View):
     from the snapshot's kernel; for a layer that is not fed by the model input
     directly, its input is computed at each snapshot by a sub-model. In
     `"activation"` mode it is the layer's output, computed by a sub-model.
+    Each response is drawn at the sample image's size (nearest neighbour
+    around each output's receptive-field centre, so a strided layer's map
+    lies over the pixels it came from) and on its own scale around its own
+    mean (`images.response_grid`; the tag's description states the scales).
 
     Args:
         sample_images: `(N, H, W, C)` (or `(N, C, H, W)` for a channels_first
@@ -67,6 +91,8 @@ class ResponseView(View):
         max_tiles: The most response tiles per image. Defaults to 256.
         out_dir: Also write the grids as PNG files here
             (`<layer>/sample_<i>/step_<step>.png`). Defaults to None.
+
+    Tags: `<model>/1_responses/<layer>/sample_<i>` (`summaries.response_tag`).
     """
 
     name = "responses"
@@ -88,6 +114,7 @@ class ResponseView(View):
         self._submodels: dict[str, Any] = {}
         self._images_nhwc: np.ndarray | None = None
         self._model_images: np.ndarray | None = None
+        self._group = ""
 
     # ------------------------------------------------------------ train begin
 
@@ -136,6 +163,7 @@ class ResponseView(View):
             strides=tuple(layer.strides),
             dilation=tuple(layer.dilation_rate),
             fed_by_input=layer_input is not None and any(layer_input is t for t in inputs),
+            input_size=_spatial_size(layer_input, layer.data_format == "channels_first"),
         )
 
     def _model_input(self, inputs: Sequence[Any], target: _Target) -> Any:
@@ -172,6 +200,7 @@ class ResponseView(View):
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
         x = self.sample_images
+        self._group = model_group(info.name, info.class_name)
         chosen = self._chosen_layers(model)
         inputs = model_inputs(model)
         keys = weight_keys(model, info)
@@ -251,27 +280,58 @@ class ResponseView(View):
             )
         return out
 
+    def _layer_geometry(self, t: _Target, snapshot: Snapshot, payload: Any) -> Any:
+        """`t`'s geometry on the sample images: None where its input size is unknown (then
+        its maps are only stretched to the images' size)."""
+        shape = snapshot.arrays[t.key].shape
+        if t.fed_by_input:
+            return _geometry(t, shape, None)
+        if self.mode == "kernel" and payload is not None and t.layer in payload:
+            return _geometry(t, shape, _spatial_size(payload[t.layer], t.channels_first))
+        return None if t.input_size is None else _geometry(t, shape, t.input_size)
+
+    def _description(self, i: int, name: str, res: np.ndarray, grid: Any, geometry: Any) -> str:
+        size = "x".join(str(n) for n in self._images().shape[1:3])
+        lo, hi = (min(grid.scales), max(grid.scales)) if grid.scales else (0.0, 0.0)
+        how = (
+            "stretched by nearest neighbour" if geometry is None else
+            f"stride {geometry.strides[0]}x{geometry.strides[1]}, upsampled by nearest "
+            "neighbour around each output's receptive-field centre"
+        )
+        return (
+            f"Sample {i} and its {self.mode} response to each of the {res.shape[-1]} kernels "
+            f"of `{name}` ({len(grid.tiles) - 1} shown). Each tile is drawn at the image's "
+            f"{size} pixels (the {res.shape[1]}x{res.shape[2]} output, {how}) and on its own "
+            "scale: white is the tile's mean, full red (blue) its mean plus (minus) its "
+            f"largest |r - mean|, which ranges from {lo:.4g} to {hi:.4g} across tiles; "
+            "mid-grey: no output covers the pixel ('valid' border); green: NaN/Inf"
+        )
+
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
         from ..images import encode_png, response_grid
-        from ..summaries import image, tag
+        from ..summaries import image
 
         images = self._images()
         values = []
         for name, res in self.responses(snapshot, payload).items():
+            target = next(t for t in self.targets if t.layer == name)
+            geometry = self._layer_geometry(target, snapshot, payload)
             for i in range(res.shape[0]):
-                grid = response_grid(images[i], res[i], self.max_tiles)
+                grid = response_grid(images[i], res[i], self.max_tiles, geometry)
                 png = encode_png(grid.image)
                 h, w = grid.image.shape[:2]
-                desc = (
-                    f"Sample {i} and its {self.mode} response to each of the {res.shape[-1]} "
-                    f"kernels of `{name}` ({len(grid.tiles) - 1} shown); blue < 0 < red, "
-                    f"|r| = {grid.vmax:.4g} at full colour"
-                )
-                values.append(image(tag("responses", name, f"sample_{i}"), [png], w, h, desc))
+                desc = self._description(i, name, res, grid, geometry)
+                values.append(image(self.tag(name, i), [png], w, h, desc))
                 if self.out_dir is not None:
                     sample_dir = os.path.join(self.out_dir, name, f"sample_{i}")
                     _write_png(os.path.join(sample_dir, f"step_{snapshot.step}.png"), png)
         events.write(snapshot.step, values, wall_time=snapshot.time)
+
+    def tag(self, layer: str, sample: int) -> str:
+        """The image tag of `layer`'s responses of sample `sample` (set by `prepare`)."""
+        from ..summaries import response_tag
+
+        return response_tag(self._group, layer, sample)
 
     def close(self) -> None:
         self._submodels = {}

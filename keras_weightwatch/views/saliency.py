@@ -10,6 +10,7 @@ import numpy as np
 
 from ..capture import ModelInfo, Snapshot
 from ..errors import received
+from ..naming import model_group
 from ..settings import Settings
 from .base import Stats, View, find_layer, model_inputs
 from .responses import _write_png
@@ -57,7 +58,8 @@ class SaliencyView(View):
     At every `freq`-th snapshot (the initial one included) the training thread
     computes the maps (`saliency`: vanilla, SmoothGrad, Grad-CAM, HiResCAM) for
     the predicted class of each image, or `class_index`; the worker draws them
-    (`saliency.panel`) as images `saliency/<method>/sample_<i>` and, with
+    (`saliency.panel`) as images `<model>/3_saliency/<method>/sample_<i>`
+    (`summaries.saliency_tag`) and, with
     `out_dir`, PNG files `<out_dir>/saliency/<method>/sample_<i>/step_<step>.png`.
 
     A saliency map is a local, model-specific explanation: it says which
@@ -92,11 +94,13 @@ class SaliencyView(View):
         self.freq = freq
         self._images: np.ndarray | None = None
         self._count = 0
+        self._group = ""
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
         from ..saliency import last_conv_layer
 
         x = self.sample_images
+        self._group = model_group(info.name, info.class_name)
         shape = f"Received: sample_images with shape {x.shape}"
         inputs = model_inputs(model)
         if len(inputs) != 1:
@@ -151,7 +155,7 @@ class SaliencyView(View):
             return
         from ..images import encode_png
         from ..saliency import panel
-        from ..summaries import image, tag
+        from ..summaries import image, saliency_tag
 
         images = np.asarray(self.sample_images)
         values = []
@@ -160,7 +164,7 @@ class SaliencyView(View):
                 pic = panel(images[i], sal.maps[i])
                 png = encode_png(pic)
                 desc = caption(method, i, int(sal.classes[i]), sal.maps[i], sal.layer)
-                name = tag("saliency", method, f"sample_{i}")
+                name = saliency_tag(self._group, method, i)
                 values.append(image(name, [png], pic.shape[1], pic.shape[0], desc))
                 if self.out_dir is not None:
                     path = os.path.join(self.out_dir, "saliency", method, f"sample_{i}",

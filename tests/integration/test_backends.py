@@ -21,6 +21,7 @@ import pytest
 from helpers import assert_same_arrays
 
 from keras_weightwatch import load_run, verify_run
+from keras_weightwatch.summaries import RESPONSES, kernel_tag, response_tag, saliency_tag
 
 pytestmark = pytest.mark.slow
 
@@ -260,7 +261,11 @@ def event_values(run_dir: str) -> dict[str, dict[int, bytes]]:
 
 
 KEYS = ["conv/kernel", "conv/bias", "dense/kernel", "dense/bias", "head/kernel", "head/bias"]
-STATS = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count")
+STATS = ("l2_norm", "mean", "std", "max_abs")  # no NaN/Inf: no nan_count, inf_count charts
+
+
+GROUP = "cnn"  # the model's name: its image tags' group
+KERNEL_IMAGE = kernel_tag(GROUP, "conv/kernel", 0, 1)  # its one convolution kernel
 
 
 def expected_tags(n_samples: int = 2) -> dict[str, list[int]]:
@@ -269,10 +274,10 @@ def expected_tags(n_samples: int = 2) -> dict[str, list[int]]:
     tags = {f"{k}/{s}": every for k in KEYS for s in STATS}
     tags |= {f"{k}/update_ratio": [0, 1] for k in KEYS}  # needs a previous snapshot
     tags |= {f"{k}/histogram": every for k in KEYS}
-    tags["conv/kernel/image"] = every
+    tags[KERNEL_IMAGE] = every
     tags["features/dense"] = every
     tags |= {f"features/dense/px{i}": every for i in range(6 * 6 * 2)}
-    tags |= {f"responses/conv/sample_{i}": every for i in range(n_samples)}
+    tags |= {response_tag(GROUP, "conv", i): every for i in range(n_samples)}
     return tags
 
 
@@ -392,11 +397,11 @@ def test_same_weights_same_views_on_every_backend(tmp_path_factory):
             initial[backend, name] = {
                 t: v[-1]
                 for t, v in values.items()
-                if -1 in v and not (name == "cnn_activation" and t.startswith("responses/"))
+                if -1 in v and not (name == "cnn_activation" and f"/{RESPONSES}/" in t)
             }
     for name in ("cnn_kernel", "cnn_activation"):
         first = initial[found[0], name]
-        assert "conv/kernel/image" in first and "features/dense" in first
+        assert KERNEL_IMAGE in first and "features/dense" in first
         for backend in found[1:]:
             assert initial[backend, name] == first, (name, backend)
 
@@ -411,6 +416,6 @@ def test_gradient_stats_and_saliency_agree_across_backends(tmp_path_factory):
             for stat, value in ref[key].items():
                 assert got[key][stat] == pytest.approx(value, rel=1e-5), (backend, key, stat)
         tags = event_values(os.path.join(out, "gradients"))
-        want = {f"saliency/{m}/sample_{i}" for m in ("vanilla", "gradcam", "hirescam")
+        want = {saliency_tag(GROUP, m, i) for m in ("vanilla", "gradcam", "hirescam")
                 for i in range(2)} | {f"{k}/grad_norm" for k in KEYS}
         assert want <= set(tags), backend

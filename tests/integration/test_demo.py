@@ -9,10 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_group, run_kernel_tags
 
 from keras_weightwatch import demo as demo_module
 from keras_weightwatch import load_run, verify_run
 from keras_weightwatch.cli import main
+from keras_weightwatch.summaries import RESPONSES, response_tag, saliency_tag
 
 pytestmark = pytest.mark.slow
 
@@ -203,13 +205,13 @@ def test_tensorboard_holds_kernel_grids_and_filtered_images(demo):
         run = load_run(os.path.join(logdir, name))
         events = _events(run.path)
         kernel = np.asarray(run.weights()[f"{layer}/kernel"])
-        grid = events[f"{layer}/kernel/image"]
+        grid = events[run_kernel_tags(run)[f"{layer}/kernel"]]
         assert [step for step, _ in grid] == run.steps
         expected = images.kernel_grid(kernel)
         assert len(expected.tiles) == kernel.shape[-1]  # 5 grey tiles; 8 RGB tiles for photos
         assert _png_size(grid[-1][1][2]) == expected.image.shape[:2]
-        responses = sorted(t for t in events if t.startswith(f"responses/{layer}/"))
-        assert responses == [f"responses/{layer}/sample_{i}" for i in range(samples)]
+        responses = sorted(t for t in events if t.startswith(f"{run_group(run)}/{RESPONSES}/"))
+        assert responses == [response_tag(run_group(run), layer, i) for i in range(samples)]
         for t in responses:
             assert [step for step, _ in events[t]] == run.steps
 
@@ -249,7 +251,7 @@ def test_digits_saliency_falls_on_the_digit_not_the_border(demo):
         acc = pea.EventAccumulator(os.path.join(run.path, "weights"))
         acc.Reload()
         tags = set(acc.Tags()["tensors"])
-        want = {f"saliency/{m}/sample_{i}" for m in margins for i in range(len(samples))}
+        want = {saliency_tag(run_group(run), m, i) for m in margins for i in range(len(samples))}
         assert want <= tags
         assert "grad_norm" in run.snapshots[-1].stats["classes/kernel"]
         assert "classes/kernel/grad_norm" in tags

@@ -21,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import run_group, run_kernel_tags
 
 from keras_weightwatch import load_run
 from keras_weightwatch.cli import main
@@ -28,8 +29,9 @@ from keras_weightwatch.demo import RUN_NAMES
 from keras_weightwatch.features import top_k_features
 from keras_weightwatch.images import kernel_grid
 from keras_weightwatch.stats import STAT_NAMES
-from keras_weightwatch.summaries import tag
+from keras_weightwatch.summaries import IMAGE_SECTIONS, KERNELS, RESPONSES, response_tag, tag
 from keras_weightwatch.views.gradients import GRAD_STAT_NAMES
+from keras_weightwatch.views.stats import NONFINITE_STATS
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +89,12 @@ def test_server_lists_every_run_and_exactly_our_scalar_tags(server, logdir):
     # of every trainable weight
     trainable = [s.key for s in run.specs if s.trainable]
     assert trainable
+    # nan_count and inf_count only for a weight that has had a NaN or an Inf: none here
+    assert not any(st["nan_count"] or st["inf_count"]
+                   for step in run.steps for st in run.snapshot(step).stats.values())
     assert set(tags["digits-seed1/weights"]) == {
         tag(s.key, stat) for s in run.specs for stat in STAT_NAMES
+        if stat not in NONFINITE_STATS
     } | {tag(k, stat) for k in trainable for stat in GRAD_STAT_NAMES}
     # the top-k feature scalars: one per diabetes feature, named after it
     from sklearn.datasets import load_diabetes
@@ -124,11 +130,31 @@ def test_text_table_ranks_the_features_of_every_step(server, logdir):
         assert [float(r[2]) for r in rows] == pytest.approx(kernel[order].tolist(), rel=1e-3)
 
 
+def test_each_models_images_are_one_group_headline_views_first(server, logdir):
+    """TensorBoard groups image tags by their first component (opening the first two groups)
+    and sorts a group's cards by tag: one group per model, filtered images first."""
+    served = _json(server, "/data/plugin/images/tags")
+    groups: dict[str, set[str]] = {}
+    for name in RUN_NAMES:
+        run = load_run(os.path.join(logdir, name))
+        tags = set(served.get(f"{name}/weights", {}))
+        assert {t.split("/")[0] for t in tags} <= {run_group(run)}
+        if tags:  # (the diabetes model has no images)
+            groups.setdefault(run_group(run), set()).update(tags)
+    digits = run_group(load_run(os.path.join(logdir, "digits-seed1")))
+    assert digits == run_group(load_run(os.path.join(logdir, "digits-seed2")))
+    assert len(groups) == 2 and digits != run_group(load_run(os.path.join(logdir, "photos")))
+    for tags in groups.values():
+        sections = [t.split("/")[1] for t in sorted(tags)]
+        assert sections == sorted(sections) and sections[0] == RESPONSES
+        assert set(sections) <= set(IMAGE_SECTIONS)
+
+
 def test_images_are_the_kernel_grids_of_the_stored_weights(server, logdir):
     for name, key in (("digits-seed1", "conv1/kernel"), ("photos", "rgb_conv/kernel")):
         run = load_run(os.path.join(logdir, name))
         entries = _json(server, "/data/plugin/images/images",
-                        run=f"{name}/weights", tag=tag(key, "image"))
+                        run=f"{name}/weights", tag=run_kernel_tags(run)[key])
         assert [e["step"] for e in entries] == run.steps
         for e in entries:
             png = _get(f"{server}/data/plugin/images/individualImage?{e['query']}")
@@ -191,21 +217,23 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
     widths = {}
     for name in RUN_NAMES:
         r = load_run(os.path.join(logdir, name))
-        for s in r.specs:
-            if s.key.endswith("/kernel") and len(s.shape) == 4:
-                widths[(f"{name}/weights", s.key)] = kernel_grid(
-                    np.asarray(r.weights()[s.key])).image.shape[1]
-    # (the filtered section and the tag groups below it may show a grid twice)
-    got = {((run, t.removesuffix("/image")), w) for run, t, w in served(pages["kernels"])}
+        for key, image_tag in run_kernel_tags(r).items():
+            widths[(f"{name}/weights", image_tag)] = kernel_grid(
+                np.asarray(r.weights()[key])).image.shape[1]
+    # (the filtered section and the open model groups below it, which also hold the other
+    # views, may show a grid twice)
+    got = {((run, t), w) for run, t, w in served(pages["kernels"]) if f"/{KERNELS}/" in t}
     assert got == set(widths.items())
 
-    # responses of samples 0 and 1 for both digits runs, each loaded in the page
+    # responses of samples 0 and 1 for both digits runs, each loaded in the page (the open
+    # model groups below the filtered section load the other samples' too)
+    group = run_group(load_run(os.path.join(logdir, "digits-seed1")))
     responses = {(run, t) for run, t, w in served(pages["responses"])
-                 if t.startswith("responses/") and w > 0}
-    assert responses == {(f"digits-seed{s}/weights", f"responses/conv1/sample_{i}")
+                 if f"/{RESPONSES}/" in t and w > 0}
+    assert responses >= {(f"digits-seed{s}/weights", response_tag(group, "conv1", i))
                          for s in (1, 2) for i in (0, 1)}
 
-    for stat in STAT_NAMES:
+    for stat in set(STAT_NAMES) - set(NONFINITE_STATS):
         assert f"conv1/kernel/{stat}" in pages["statistics"].text
     assert pages["histograms"].text.count("conv1/kernel/histogram") >= 2
 

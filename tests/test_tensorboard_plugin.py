@@ -396,13 +396,17 @@ def _event_images(run_dir, tag):
 
 def test_responses_at_every_step_are_the_stored_images_filtered_by_that_steps_kernel(
         client, logdir):
+    from helpers import run_group
     from PIL import Image
 
     from keras_weightwatch.images import response_grid
+    from keras_weightwatch.responses import Geometry
+    from keras_weightwatch.summaries import response_tag
 
     run = load_run(logdir / "cnn-a")
     np.testing.assert_array_equal(run.sample_images(), SAMPLES)
-    written = _event_images(str(logdir / "cnn-a"), "responses/conv1/sample_1")
+    written = _event_images(str(logdir / "cnn-a"), response_tag(run_group(run), "conv1", 1))
+    (layer,) = run.samples.responses
     for s in run.snapshots:
         body = _json(client, "/responses", run="cnn-a", key="conv1/kernel", step=s.name)
         assert body["available"] and body["shown"] == body["stored"] == body["total"] == 3
@@ -410,11 +414,13 @@ def test_responses_at_every_step_are_the_stored_images_filtered_by_that_steps_ke
                             ["conv1/kernel"], np.float64)
         expected = _reference_responses(SAMPLES, kernel)
         for i in range(3):
-            grid = response_grid(SAMPLES[i], expected[i])
+            geometry = Geometry(kernel.shape[:2], layer.strides, layer.padding, layer.dilation)
+            grid = response_grid(SAMPLES[i], expected[i], geometry=geometry)
             img = _png(client, "/responses.png", run="cnn-a", key="conv1/kernel", step=s.name,
                        sample=str(i))
             np.testing.assert_allclose(img, grid.image, atol=1)  # float rounding at a colour edge
-            assert body["samples"][i]["vmax"] == pytest.approx(grid.vmax, rel=1e-9)
+            assert body["samples"][i]["scales"] == pytest.approx(grid.scales, rel=1e-9)
+            assert body["samples"][i]["means"] == pytest.approx(grid.means, rel=1e-9, abs=1e-12)
         # what the TensorBoard view drew at that step, pixel for pixel
         view = np.asarray(Image.open(io.BytesIO(written[s.step])).convert("RGB"))
         np.testing.assert_array_equal(

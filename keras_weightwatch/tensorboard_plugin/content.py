@@ -22,7 +22,7 @@ from .. import DiffResult, Run, diff_runs
 from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
 from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
-from ..responses import correlate
+from ..responses import Geometry, correlate
 from ..run import ResponseLayer
 from ..textfmt import nonfinite_text
 from .params import BadRequest, Pair
@@ -339,10 +339,13 @@ class Responses:
     stored: int
     total: int
     max_tiles: int = MAX_TILES
+    geometry: Geometry | None = None
+    """Where the layer's output pixels sit on the images (the layer is fed by the input)."""
 
     def grid(self, i: int) -> Grid:
-        """Sample `i` and its responses, drawn by `images.response_grid` (the view's tiles)."""
-        return response_grid(self.images[i], self.responses[i], self.max_tiles)
+        """Sample `i` and its responses, drawn by `images.response_grid` (the view's tiles:
+        at the image's size, each on its own contrast)."""
+        return response_grid(self.images[i], self.responses[i], self.max_tiles, self.geometry)
 
 
 def response_layer(run: Run, key: str) -> tuple[ResponseLayer | None, str]:
@@ -382,4 +385,7 @@ def responses(run: Run, layer: ResponseLayer, step: str) -> Responses:
     shown = np.asarray(images[:n])
     out = correlate(shown, kernel, layer.strides, layer.padding, layer.dilation)
     tiles = min(int(run.settings.get("max_kernel_tiles") or MAX_TILES), MAX_TILES)
-    return Responses(layer, shown, out, stored.rows, stored.rows_total, tiles)
+    geometry = Geometry((int(kernel.shape[0]), int(kernel.shape[1])),
+                        (layer.strides[0], layer.strides[1]), layer.padding,
+                        (layer.dilation[0], layer.dilation[1]))
+    return Responses(layer, shown, out, stored.rows, stored.rows_total, tiles, geometry)

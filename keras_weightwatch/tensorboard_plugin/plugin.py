@@ -272,7 +272,9 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
             "available": True, "step": snap.name, "layer": drawn.layer.layer,
             "key": drawn.layer.key, "shown": len(grids), "stored": drawn.stored,
             "total": drawn.total, "outputs": int(drawn.responses.shape[-1]),
-            "samples": [{"index": i, "vmax": content.num(g.vmax), "tiles": len(g.tiles) - 1}
+            "samples": [{"index": i, "tiles": len(g.tiles) - 1,
+                         "means": [content.num(m) for m in g.means],
+                         "scales": [content.num(v) for v in g.scales]}
                         for i, g in enumerate(grids)],
         })
 

@@ -336,11 +336,13 @@ function showResponses(where, r, k, step) {
       src: url('responses.png', {run: k.run, key: k.key, step, sample: x.index})}), 900);
     return $('figure', {}, im, $('figcaption', {text:
       `sample ${x.index}, then its response to each of the ${r.outputs} kernels (${x.tiles} shown); ` +
-      `|r| = ${fmt(x.vmax)} at full colour`}));
+      `each tile on its own contrast: white at its mean, full colour at mean ± scale ` +
+      `(scales ${fmt(Math.min(...x.scales))} to ${fmt(Math.max(...x.scales))})`}));
   });
   where.replaceChildren($('h3', {text: `Sample images filtered by ${r.key} at step ${step}`}),
       $('div', {class: 'ww-note', text: 'Cross-correlation of each stored sample image with each ' +
-        'kernel (the layer\'s padding, strides and dilation; no bias, no activation); blue < 0 < red.' +
+        'kernel (the layer\'s padding, strides and dilation; no bias, no activation), drawn at the ' +
+        'image\'s size; blue below the tile\'s mean, red above; grey: no output covers the pixel.' +
         (r.shown < r.total ? ` First ${r.shown} of ${r.total} images.` : '')}), ...figs);
   where.dataset.loadedStep = step;
 }

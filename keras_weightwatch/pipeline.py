@@ -697,10 +697,11 @@ def combined_stats(own: Mapping[str, Partial], others: Mapping[str, list[Partial
 
 class ShardPipeline:
     """What a process other than process 0 of a model-parallel run does: at each snapshot,
-    store the shards of the sharded weights it holds, then its shard record (on the
-    training thread; process 0's worker waits for the record, then commits the snapshot).
-    It has `Pipeline`'s training-thread interface, so the callback's step arithmetic is
-    the same in every process.
+    copy the shards of the sharded weights it holds (training thread), then, on its worker
+    thread, compute their partial sums and store them and its shard record (process 0's
+    worker waits for the record, then commits the snapshot). The queue is bounded by
+    `max_queue`, as process 0's. It has `Pipeline`'s training-thread interface, so the
+    callback's step arithmetic is the same in every process.
     """
 
     def __init__(self, plan: Plan, settings: Settings):
@@ -715,7 +716,10 @@ class ShardPipeline:
         self.process = process_index()[0]
         self.attempt = plan.attempt
         self._prev_shards: Mapping[str, list[Shard]] = {}
+        """The shards of the previous snapshot (worker thread only), for the update ratios."""
         self.writer = ShardWriter(storage, specs, settings.durable, settings.store_dtype)
+        self._worker = Worker(self.publish, maxsize=settings.max_queue,
+                              name="weightwatch-shards")
 
     def take(self, model: Any, *, label: str, epoch: int | None,
              logs: Mapping[str, Any]) -> Snapshot:
@@ -724,10 +728,16 @@ class ShardPipeline:
                         shards={k: owned_shards(variables[i]) for k, i in self.sharded.items()})
 
     def submit(self, snapshot: Snapshot, model: Any = None) -> None:
+        """Queue the snapshot's shards for the worker (waits while the queue is full)."""
+        self._worker.submit(snapshot)
+        self.last_step = snapshot.step
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """The worker's job: the shards' partial sums, then their parts and shard record."""
         partials = shard_partials(snapshot.shards, self._prev_shards)
+        self._prev_shards = {}  # a failed publish leaves no stale previous shards
         self.writer.publish(snapshot, self.process, self.attempt, partials)
         self._prev_shards = snapshot.shards
-        self.last_step = snapshot.step
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
                 logs: Mapping[str, Any], label: str = "epoch") -> None:
@@ -742,10 +752,12 @@ class ShardPipeline:
         return []
 
     def pop_failures(self) -> list[Failure]:
-        return []
+        return [("writing this process's shards", e) for e in self._worker.pop_errors()]
 
     def close(self) -> list[Failure]:
-        return []
+        """Finish writing every queued snapshot's shards; return what failed, in order."""
+        self._worker.close()
+        return self.pop_failures()
 
 
 class _GuardedEvents:

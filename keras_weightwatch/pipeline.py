@@ -18,6 +18,7 @@ too) and its error is kept for the callback to report (`pop_failures`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import threading
@@ -30,6 +31,7 @@ from . import _version
 from .capture import (
     BufferPool,
     ModelInfo,
+    Shard,
     Snapshot,
     Ticket,
     WeightSpec,
@@ -56,7 +58,7 @@ from .run import (
 )
 from .run.remote import FsspecStorage, is_url, open_storage
 from .settings import Settings
-from .stats import tensor_stats
+from .stats import Partial, combine, finish, partial_stats, tensor_stats
 from .views import FeatureView, ResponseView, View, build_views
 from .worker import Worker
 
@@ -345,6 +347,8 @@ class Pipeline:
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
         self._prev_arrays: dict[str, np.ndarray] | None = None
+        self._prev_shards: Mapping[str, list[Shard]] = {}
+        """This process's shards at the previous snapshot, for the update ratios."""
         self._last_written: Ticket | None = None  # the set of the snapshot written last
         self._set_specs: tuple[tuple[tuple[int, ...], np.dtype], ...] | None = None
         self._worker: Worker | None = None
@@ -501,7 +505,7 @@ class Pipeline:
     def write(self, snapshot: Snapshot, payloads: Mapping[str, Any]) -> None:
         """Its statistics, then store the snapshot, retention; then every view's summaries."""
         stats = self._stats(snapshot)
-        records = self._store(snapshot)
+        records = self._store(snapshot, stats)
         self._measure(snapshot, stats)
         self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
@@ -510,15 +514,22 @@ class Pipeline:
             self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
         self._write_views(snapshot, stats, payloads)
 
-    def _store(self, snapshot: Snapshot) -> dict[str, TensorRecord] | None:
+    def _store(self, snapshot: Snapshot,
+               stats: dict[str, dict[str, float]]) -> dict[str, TensorRecord] | None:
+        """Store the snapshot's tensors and parts; add the statistics of each sharded weight,
+        combined from every process's partial sums, to `stats`."""
         if self.writer is None:
             return None
         try:
             records = self.writer.store_tensors(snapshot)
             if snapshot.shards:
-                records.update(self.writer.store_shards(
+                own = shard_partials(snapshot.shards, self._prev_shards)
+                self._prev_shards = snapshot.shards  # fresh copies, never reused
+                gathered = self.writer.store_shards(
                     snapshot, self.processes, attempt=self.attempt,
-                    timeout=self.shard_timeout))
+                    timeout=self.shard_timeout)
+                records.update(gathered.records)
+                stats.update(combined_stats(own, gathered.stats, gathered.records))
             return records
         except Exception as e:
             self._stop_writer(e)
@@ -684,12 +695,37 @@ class Pipeline:
             self.writer.close()
 
 
+def shard_partials(shards: Mapping[str, list[Shard]],
+                   prev: Mapping[str, list[Shard]]) -> dict[str, Partial]:
+    """The partial sums of this process's shards of each weight; each shard's update-ratio
+    sums against the shard at the same offset in `prev` (none where there is none)."""
+    out = {}
+    for key, parts in shards.items():
+        before = {s.offset: s.array for s in prev.get(key, ())}
+        out[key] = combine(partial_stats(s.array, before.get(s.offset)) for s in parts)
+    return out
+
+
+def combined_stats(own: Mapping[str, Partial], others: Mapping[str, list[Partial]],
+                   records: Mapping[str, TensorRecord]) -> dict[str, dict[str, float]]:
+    """Each sharded weight's statistics from every process's partial sums, as
+    `tensor_stats` gives them for a whole tensor; none for a weight whose sums do not
+    cover it (a process that recorded none)."""
+    out = {}
+    for key, mine in own.items():
+        total = combine([mine, *others.get(key, ())])
+        if key in records and total.size == math.prod(records[key].shape):
+            out[key] = finish(total)
+    return out
+
+
 class ShardPipeline:
     """What a process other than process 0 of a model-parallel run does: at each snapshot,
-    store the shards of the sharded weights it holds, then its shard record (on the
-    training thread; process 0's worker waits for the record, then commits the snapshot).
-    It has `Pipeline`'s training-thread interface, so the callback's step arithmetic is
-    the same in every process.
+    copy the shards of the sharded weights it holds (training thread), then, on its worker
+    thread, compute their partial sums and store them and its shard record (process 0's
+    worker waits for the record, then commits the snapshot). The queue is bounded by
+    `max_queue`, as process 0's. It has `Pipeline`'s training-thread interface, so the
+    callback's step arithmetic is the same in every process.
     """
 
     def __init__(self, plan: Plan, settings: Settings):
@@ -703,7 +739,11 @@ class ShardPipeline:
         self.sharded = {specs[plan.watch.index(i)].key: i for i in plan.sharded}
         self.process = process_index()[0]
         self.attempt = plan.attempt
+        self._prev_shards: Mapping[str, list[Shard]] = {}
+        """The shards of the previous snapshot (worker thread only), for the update ratios."""
         self.writer = ShardWriter(storage, specs, settings.durable, settings.store_dtype)
+        self._worker = Worker(self.publish, maxsize=settings.max_queue,
+                              name="weightwatch-shards")
 
     def take(self, model: Any, *, label: str, epoch: int | None,
              logs: Mapping[str, Any]) -> Snapshot:
@@ -712,8 +752,16 @@ class ShardPipeline:
                         shards={k: owned_shards(variables[i]) for k, i in self.sharded.items()})
 
     def submit(self, snapshot: Snapshot, model: Any = None) -> None:
-        self.writer.publish(snapshot, self.process, self.attempt)
+        """Queue the snapshot's shards for the worker (waits while the queue is full)."""
+        self._worker.submit(snapshot)
         self.last_step = snapshot.step
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """The worker's job: the shards' partial sums, then their parts and shard record."""
+        partials = shard_partials(snapshot.shards, self._prev_shards)
+        self._prev_shards = {}  # a failed publish leaves no stale previous shards
+        self.writer.publish(snapshot, self.process, self.attempt, partials)
+        self._prev_shards = snapshot.shards
 
     def capture(self, model: Any, *, step: int, epoch: int | None,
                 logs: Mapping[str, Any], label: str = "epoch") -> None:
@@ -728,10 +776,12 @@ class ShardPipeline:
         return []
 
     def pop_failures(self) -> list[Failure]:
-        return []
+        return [("writing this process's shards", e) for e in self._worker.pop_errors()]
 
     def close(self) -> list[Failure]:
-        return []
+        """Finish writing every queued snapshot's shards; return what failed, in order."""
+        self._worker.close()
+        return self.pop_failures()
 
 
 class _GuardedEvents:

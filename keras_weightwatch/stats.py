@@ -7,7 +7,9 @@ the rest of the tensor is doing while the count still flags it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -127,3 +129,143 @@ def _ratio(diff_sq: float, prev_sq: float) -> float:
     if prev_sq == 0.0:
         return math.nan
     return math.sqrt(diff_sq) / math.sqrt(prev_sq)
+
+
+# ------------------------------------------------------------ statistics combined from parts
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial:
+    """Sums over one part of a tensor (a shard) from which the whole tensor's statistics
+    combine (`combine`, then `finish`), without ever holding the whole tensor.
+
+    The variance travels as the mean and the sum of squared deviations from it (`m2`),
+    merged with Chan et al.'s parallel formula, so no sum of squares is subtracted from
+    another (no cancellation when the mean is large next to the spread).
+
+    Attributes:
+        size: Elements of the part.
+        count: Its finite elements.
+        mean: Their mean (0.0 when there is none).
+        m2: Their sum of squared deviations from `mean`.
+        sumsq: Their sum of squares (for `l2_norm`).
+        max_abs: Their largest magnitude (-inf when there is none).
+        nan: NaN elements.
+        inf: Infinite elements.
+        diff_sq: Sum of (x - prev)^2 over the part against the same part at the previous
+            snapshot (None: no previous part, so no `update_ratio`).
+        prev_sq: Sum of prev^2 over the previous part (None with `diff_sq`).
+    """
+
+    size: int
+    count: int
+    mean: float
+    m2: float
+    sumsq: float
+    max_abs: float
+    nan: int
+    inf: int
+    diff_sq: float | None = None
+    prev_sq: float | None = None
+
+
+EMPTY = Partial(size=0, count=0, mean=0.0, m2=0.0, sumsq=0.0, max_abs=-math.inf, nan=0, inf=0,
+                diff_sq=0.0, prev_sq=0.0)
+"""The identity of `merge`: no elements (and a previous part of none)."""
+
+
+def _finite_partial(x: np.ndarray) -> Partial:
+    """The sums of a 1-d float64 array of finite values (it is overwritten)."""
+    n = int(x.size)
+    if n == 0:
+        return dataclasses.replace(EMPTY, diff_sq=None, prev_sq=None)
+    sumsq = _sumsq(x)
+    hi, lo = float(x.max()), float(x.min())
+    mean = float(x.sum()) / n
+    np.subtract(x, mean, out=x)  # two passes within the chunk: m2 from the deviations
+    return Partial(size=n, count=n, mean=mean, m2=_sumsq(x), sumsq=sumsq,
+                   max_abs=max(hi, -lo), nan=0, inf=0)
+
+
+def _chunk_partial(x: np.ndarray) -> Partial:
+    """The sums of one chunk (1-d float64, overwritten), its non-finite values counted."""
+    finite = np.isfinite(x)
+    if bool(finite.all()):
+        return _finite_partial(x)
+    n_nan = int(np.count_nonzero(np.isnan(x)))
+    n_inf = int(x.size - np.count_nonzero(finite) - n_nan)
+    return dataclasses.replace(_finite_partial(x[finite]), size=int(x.size), nan=n_nan,
+                               inf=n_inf)
+
+
+def partial_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> Partial:
+    """The sums of one part of a tensor, chunk by chunk (at most `CHUNK` float64 values).
+
+    Args:
+        arr: The part (any numeric or boolean dtype, any shape, may be empty).
+        prev: The same part at the previous snapshot (ignored unless of the same shape).
+    """
+    a = np.asarray(arr)
+    flat = a.reshape(-1)
+    pflat = None
+    if prev is not None and np.shape(prev) == a.shape:
+        pflat = np.asarray(prev).reshape(-1)
+    out = EMPTY
+    for start in range(0, flat.size, CHUNK):
+        x = _as_float(flat[start : start + CHUNK])  # a copy of its own, overwritten below
+        diff_sq = prev_sq = None
+        if pflat is not None:  # the update ratio's sums first, while x is intact
+            p = _as_float(pflat[start : start + CHUNK])
+            prev_sq = _sumsq(p)
+            np.subtract(x, p, out=p)
+            diff_sq = _sumsq(p)
+        part = dataclasses.replace(_chunk_partial(x), diff_sq=diff_sq, prev_sq=prev_sq)
+        out = merge(out, part)
+    if pflat is None:
+        out = dataclasses.replace(out, diff_sq=None, prev_sq=None)
+    return out
+
+
+def _sum_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
+def merge(a: Partial, b: Partial) -> Partial:
+    """The sums of two disjoint parts together (Chan et al.'s update of mean and m2)."""
+    n = a.count + b.count
+    if n == 0:
+        mean, m2 = 0.0, 0.0
+    else:
+        delta = b.mean - a.mean
+        mean = a.mean + delta * (b.count / n)
+        m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+    return Partial(size=a.size + b.size, count=n, mean=mean, m2=m2, sumsq=a.sumsq + b.sumsq,
+                   max_abs=max(a.max_abs, b.max_abs), nan=a.nan + b.nan, inf=a.inf + b.inf,
+                   diff_sq=_sum_or_none(a.diff_sq, b.diff_sq),
+                   prev_sq=_sum_or_none(a.prev_sq, b.prev_sq))
+
+
+def combine(parts: Iterable[Partial]) -> Partial:
+    """The sums of a tensor from those of parts that tile it (in any order).
+
+    `update_ratio` survives only when every part had its previous part.
+    """
+    out = EMPTY
+    for part in parts:
+        out = merge(out, part)
+    return out
+
+
+def finish(p: Partial) -> dict[str, float]:
+    """The statistics of `tensor_stats` (same names, same conventions) from a tensor's sums."""
+    if p.count:
+        out = {"l2_norm": math.sqrt(p.sumsq), "mean": p.mean,
+               "std": math.sqrt(max(p.m2, 0.0) / p.count), "max_abs": p.max_abs}
+    else:
+        out = {"l2_norm": math.nan, "mean": math.nan, "std": math.nan, "max_abs": math.nan}
+    out["nan_count"] = float(p.nan)
+    out["inf_count"] = float(p.inf)
+    out["size"] = float(p.size)
+    if p.diff_sq is not None and p.prev_sq is not None:
+        out["update_ratio"] = _ratio(p.diff_sq, p.prev_sq)
+    return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 import re
 import shutil
@@ -598,3 +599,70 @@ def test_update_ratios_read_the_previous_snapshot_from_memory_not_from_disk(tmp_
             got = run.snapshot(step).stats[key]["update_ratio"]
             if np.isfinite(expected):
                 assert got == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------ a model-parallel process other than 0
+
+
+class _JaxVariable:
+    def __init__(self, value):
+        self.value = value
+
+
+class _JaxModel:
+    """What `ShardPipeline` reads of a model: `weights`, each with a JAX `value`."""
+
+    def __init__(self, value):
+        self.weights = [_JaxVariable(value)]
+
+
+def test_a_shard_process_writes_its_shards_on_its_worker_after_the_epoch_end(tmp_path,
+                                                                              monkeypatch):
+    """The training thread only copies the shards; the parts, their sums and the shard
+    record are written by the worker, so `capture` (what `on_epoch_end` calls) returns while
+    the write is still held back, and what is written is the value at the capture."""
+    jnp = pytest.importorskip("jax.numpy")
+    from helpers import sharded_model
+
+    from keras_weightwatch.pipeline import Plan, ShardPipeline
+    from keras_weightwatch.run import format as fmt
+    from keras_weightwatch.settings import Settings
+    from keras_weightwatch.stats import finish, tensor_stats
+
+    run = tmp_path / "run"
+    (run / "tensors").mkdir(parents=True)  # made by process 0's writer when it opens the run
+    plan = Plan(sharded_model({"big/kernel": (6, 8)}), (), (0,), (0,), "a1")
+    pipe = ShardPipeline(plan, Settings(str(run)))
+    storage = pipe.writer.storage
+    real, started, release = storage.write_atomic_many, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        started.set()
+        assert release.wait(30), "the test never released the write"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "write_atomic_many", held)
+    rng = np.random.default_rng(0)
+    kernels = [rng.normal(size=(6, 8)).astype("float32") for _ in range(2)]
+    model = _JaxModel(jnp.asarray(kernels[0]))
+    try:
+        pipe.capture(model, step=0, epoch=0, logs={})
+        assert started.wait(10)
+        model.weights[0].value = jnp.asarray(kernels[1])  # training moved on
+        pipe.capture(model, step=1, epoch=1, logs={})  # queued behind the held write
+        assert not (run / "shards").exists() or not os.listdir(run / "shards")
+    finally:
+        release.set()
+        failures = pipe.close()
+    assert failures == []
+    for step, kernel in enumerate(kernels):
+        with open(run / fmt.shard_record_name("epoch", step, 0)) as f:
+            record = fmt.ShardRecord.from_json(json.load(f), "record")
+        (part,) = record.tensors["big/kernel"]
+        assert part.offset == (0, 0)
+        assert np.load(run / part.file).tobytes() == kernel.tobytes()
+        got = finish(record.stats["big/kernel"])
+        want = tensor_stats(kernel, kernels[step - 1] if step else None)
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-12), name

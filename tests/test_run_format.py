@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from keras_weightwatch import WeightWatchError
+from keras_weightwatch import WeightWatchError, stats
 from keras_weightwatch.run import format as fmt
 from keras_weightwatch.run.format import (
     LayerInfo,
@@ -470,6 +471,37 @@ def test_a_shard_record_round_trips():
     assert fmt.ShardRecord.from_json(json.loads(json.dumps(rec.to_json())), "S") == rec
     assert fmt.shard_record_name("epoch", 3, 1) == "shards/epoch_000003.process_00001.json"
     assert fmt.shard_record_name("initial", -1, 12) == "shards/initial.process_00012.json"
+
+
+def _sums(**changes):
+    d = {"size": 24, "count": 22, "mean": 0.5, "m2": 3.0, "sumsq": 8.5, "max_abs": 2.0,
+         "nan": 1, "inf": 1, "diff_sq": 0.25, "prev_sq": 8.0}
+    d.update(changes)
+    return d
+
+
+def test_a_shard_records_partial_sums_round_trip_through_its_json():
+    rec = fmt.ShardRecord.from_json(_shard_record(stats={"dense/kernel": _sums()}), "S")
+    assert rec.stats["dense/kernel"] == stats.Partial(24, 22, 0.5, 3.0, 8.5, 2.0, 1, 1, 0.25, 8.0)
+    none = stats.Partial(4, 0, 0.0, 0.0, 0.0, -math.inf, 4, 0, None, None)  # all NaN, no prev
+    rec = dataclasses.replace(rec, stats={"dense/kernel": none})
+    back = fmt.ShardRecord.from_json(json.loads(fmt.json_bytes(rec.to_json())), "S")
+    assert back == rec
+    assert fmt.ShardRecord.from_json(_shard_record(), "S").stats == {}  # an older writer's
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mean": "0.5"}, "mean must be a number. Received: mean='0.5'"),
+    ({"nan": 1.5}, "nan must be an integer"),
+    ({"count": 25}, "partial sums count at most `size` finite values and no negative number "
+                    "of NaN or Inf. Received: size=24, count=25, nan=1, inf=1"),
+    ({"inf": -1}, "Received: size=24, count=22, nan=1, inf=-1"),
+])
+def test_malformed_partial_sums_are_refused_naming_the_weight(changes, message):
+    where = "RUN/shards/x.json"
+    with pytest.raises(WeightWatchError) as e:
+        fmt.ShardRecord.from_json(_shard_record(stats={"dense/kernel": _sums(**changes)}), where)
+    assert str(e.value).startswith(f"{where}: 'dense/kernel' stats") and message in str(e.value)
 
 
 @pytest.mark.parametrize("changes, message", [

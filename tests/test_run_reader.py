@@ -200,7 +200,7 @@ def _write_parts(run: str, kernel: np.ndarray, shards: list, store_dtype=None) -
     writer = RunWriter.open(run, info, settings={}, versions={}, durable=False,
                             store_dtype=store_dtype)
     try:
-        writer.commit_snapshot(snap, writer.store_shards(snap, 1, attempt="a", timeout=1))
+        writer.commit_snapshot(snap, writer.store_shards(snap, 1, attempt="a", timeout=1).records)
     finally:
         writer.close()
 

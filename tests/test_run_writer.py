@@ -432,7 +432,7 @@ def test_process_0_commits_the_parts_of_every_process_once_all_are_stored(tmp_pa
     thread = _publish_later(other, theirs, "now", 0.2)
     try:
         records = writer.store_tensors(snap)
-        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30))
+        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30).records)
         writer.commit_snapshot(snap, records)
     finally:
         thread.join()
@@ -468,7 +468,7 @@ def test_a_record_left_by_an_earlier_attempt_at_the_same_step_is_not_merged(tmp_
         _, theirs = _process_1(run, info, 3, halves[1:])
         thread = _publish_later(other, theirs, "now", 0.3)  # this fit's process 1, late
         records = writer.store_tensors(snap)
-        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30))
+        records.update(writer.store_shards(snap, 2, attempt="now", timeout=30).records)
         writer.commit_snapshot(snap, records)
         thread.join()
     finally:
@@ -554,7 +554,7 @@ def test_a_run_without_parts_stays_format_2_and_turns_3_with_its_first_parts(tmp
 
     monkeypatch.setattr(writer.storage, "write_atomic", spy)
     records = writer.store_tensors(sharded)
-    records.update(writer.store_shards(sharded, 1, attempt="a", timeout=1))
+    records.update(writer.store_shards(sharded, 1, attempt="a", timeout=1).records)
     writer.commit_snapshot(sharded, records)
     writer.close()
     # The header says 3 before the first snapshot file with parts is written.
@@ -577,7 +577,7 @@ def test_a_reader_of_format_2_reads_runs_without_parts(tmp_path, monkeypatch):
                                 durable=False)
         records = writer.store_tensors(snap)
         if snap.shards:
-            records.update(writer.store_shards(snap, 1, attempt="a", timeout=1))
+            records.update(writer.store_shards(snap, 1, attempt="a", timeout=1).records)
         writer.commit_snapshot(snap, records)
         writer.close()
     monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)  # what a reader of format 2 checks

@@ -35,3 +35,69 @@ def test_statistics_equal_numpy_across_chunk_boundaries(monkeypatch, chunk, dtyp
     assert s["max_abs"] == np.abs(fin).max()
     if dtype.startswith("float"):  # a non-finite change has no finite ratio
         assert not math.isfinite(s["update_ratio"])
+
+
+def _numpy_stats(a: np.ndarray, prev: np.ndarray | None) -> dict[str, float]:
+    """The statistics by their definitions, in float64 numpy (the oracle)."""
+    x = a.astype(np.float64).ravel()
+    fin = x[np.isfinite(x)]
+    out = {"l2_norm": np.sqrt(np.sum(fin * fin)), "mean": fin.mean(), "std": fin.std(),
+           "max_abs": np.abs(fin).max(), "nan_count": np.isnan(x).sum(),
+           "inf_count": np.isinf(x).sum(), "size": x.size}
+    if prev is not None:
+        p = prev.astype(np.float64).ravel()
+        with np.errstate(invalid="ignore"):
+            d = np.sum((x - p) ** 2)
+        out["update_ratio"] = np.sqrt(d) / np.sqrt(np.sum(p * p)) if np.isfinite(d) else np.nan
+    return {k: float(v) for k, v in out.items()}
+
+
+def _tiles(shape, cuts):
+    """The slices of `shape` cut at `cuts` (one list of cut points per axis)."""
+    import itertools
+
+    axes = [[slice(a, b) for a, b in zip([0, *c], [*c, n])] for c, n in zip(cuts, shape)]
+    return list(itertools.product(*axes))
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+@pytest.mark.parametrize("cuts", [([], []), ([20], []), ([], [1, 30, 60]), ([3, 40], [7, 8])])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_partial_sums_of_parts_combine_to_the_whole(monkeypatch, chunk, cuts, nonfinite):
+    monkeypatch.setattr(stats, "CHUNK", chunk)
+    rng = np.random.default_rng(len(cuts[0]) * 10 + len(cuts[1]))
+    a = (rng.normal(size=(41, 61)) * 3 + 100).astype("float32")  # a large mean: no cancellation
+    prev = (a + rng.normal(size=a.shape)).astype("float32")
+    if nonfinite:
+        a.flat[[3, 1000, 2400, 2500]] = [np.nan, np.inf, -np.inf, np.nan]
+    tiles = _tiles(a.shape, cuts)
+    parts = [stats.partial_stats(a[t], prev[t]) for t in tiles]
+    got = stats.finish(stats.combine(reversed(parts)))  # any order
+    want = _numpy_stats(a, prev)
+    assert set(got) == set(want) == set(stats.tensor_stats(a, prev))
+    for name, value in want.items():
+        if math.isnan(value):
+            assert math.isnan(got[name]), name
+        else:
+            assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    without = stats.finish(stats.combine(stats.partial_stats(a[t]) for t in tiles))
+    assert "update_ratio" not in without
+    one_missing = [stats.partial_stats(a[t], prev[t] if i else None) for i, t in enumerate(tiles)]
+    assert "update_ratio" not in stats.finish(stats.combine(one_missing))
+
+
+def test_partial_sums_keep_the_spread_of_a_large_mean():
+    """Chan's merge of mean and m2, not sums of squares subtracted: the std of values near
+    1e8 that differ by units survives being split in parts."""
+    x = 1e8 + np.arange(10_000, dtype=np.float64) % 7
+    parts = [stats.partial_stats(p) for p in np.array_split(x, 13)]
+    assert stats.finish(stats.combine(parts))["std"] == pytest.approx(x.std(), rel=1e-9)
+
+
+def test_partial_sums_of_empty_and_all_nonfinite_parts():
+    empty = stats.finish(stats.combine([stats.partial_stats(np.zeros((0, 3)))]))
+    assert empty["size"] == 0 and math.isnan(empty["mean"]) and math.isnan(empty["max_abs"])
+    a = np.array([np.nan, np.inf, 1.0, -2.0])
+    got = stats.finish(stats.combine([stats.partial_stats(a[:2]), stats.partial_stats(a[2:])]))
+    assert (got["nan_count"], got["inf_count"], got["size"]) == (1.0, 1.0, 4.0)
+    assert (got["mean"], got["max_abs"], got["l2_norm"]) == (-0.5, 2.0, math.sqrt(5.0))

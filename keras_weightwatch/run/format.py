@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import WeightWatchError, received
+from ..stats import Partial
 
 FORMAT_NAME = "keras-weightwatch-run"
 # 3: a tensor may be stored as parts (the shards of a model-parallel run); 2: tensors
@@ -741,6 +742,8 @@ class ShardRecord:
             begin): a record of another attempt, left by a crashed earlier fit at the same
             step, is not this snapshot's and is never merged.
         tensors: Weight key -> the parts this process stored.
+        stats: Weight key -> the partial sums of those parts (`stats.Partial`), from which
+            process 0 combines the weight's statistics; absent in records of older writers.
     """
 
     step: int
@@ -748,6 +751,7 @@ class ShardRecord:
     process: int
     attempt: str
     tensors: Mapping[str, tuple[PartRecord, ...]]
+    stats: Mapping[str, Partial] = dataclasses.field(default_factory=dict)
 
     FIELDS = (
         Field("step", INT),
@@ -755,20 +759,57 @@ class ShardRecord:
         Field("process", INT),
         Field("attempt", STR),
         Field("tensors", map_of(LIST, "weight keys to lists of parts")),
+        Field("stats", map_of(OBJECT, "weight keys to partial sums"), required=False,
+              default={}),
     )
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "label": self.label, "process": self.process,
                 "attempt": self.attempt,
-                "tensors": {k: [p.to_json() for p in v] for k, v in self.tensors.items()}}
+                "tensors": {k: [p.to_json() for p in v] for k, v in self.tensors.items()},
+                "stats": {k: dataclasses.asdict(p) for k, p in self.stats.items()}}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> ShardRecord:
         v = check_fields(data, cls.FIELDS, where, "shard record")
         tensors = {str(k): tuple(PartRecord.from_json(p, f"{where}: {k!r} part {i}")
                                  for i, p in enumerate(ps)) for k, ps in v["tensors"].items()}
+        sums = {str(k): partial_from_json(p, f"{where}: {k!r} stats")
+                for k, p in v["stats"].items()}
         return cls(step=v["step"], label=v["label"], process=v["process"],
-                   attempt=v["attempt"], tensors=tensors)
+                   attempt=v["attempt"], tensors=tensors, stats=sums)
+
+
+PARTIAL_FIELDS = (
+    Field("size", INT),
+    Field("count", INT),
+    Field("mean", NUMBER),
+    Field("m2", NUMBER),
+    Field("sumsq", NUMBER),
+    Field("max_abs", NUMBER),
+    Field("nan", INT),
+    Field("inf", INT),
+    Field("diff_sq", optional(NUMBER), required=False),
+    Field("prev_sq", optional(NUMBER), required=False),
+)
+
+
+def partial_from_json(data: Any, where: str) -> Partial:
+    """A shard record's partial sums of one weight (`stats.Partial`), checked."""
+    v = check_fields(data, PARTIAL_FIELDS, where, "partial sums")
+    if not 0 <= v["count"] <= v["size"] or min(v["nan"], v["inf"]) < 0:
+        raise WeightWatchError(
+            f"{where}: partial sums count at most `size` finite values and no negative "
+            f"number of NaN or Inf. Received: size={v['size']!r}, count={v['count']!r}, "
+            f"nan={v['nan']!r}, inf={v['inf']!r}")
+    def number(name: str) -> float | None:
+        return None if v[name] is None else float(v[name])
+
+    return Partial(size=v["size"], count=v["count"], mean=float(v["mean"]), m2=float(v["m2"]),
+                   sumsq=float(v["sumsq"]), max_abs=float(v["max_abs"]), nan=v["nan"],
+                   inf=v["inf"], diff_sq=number("diff_sq"), prev_sq=number("prev_sq"))
+
+
 # --------------------------------------------------------------------------- stored inputs
 
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024

@@ -16,11 +16,12 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ..errors import RunBusyError, WeightWatchError
+from ..stats import Partial
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -416,10 +417,11 @@ class RunWriter:
         return record
 
     def store_shards(self, snapshot: Snapshot, processes: int, *, attempt: str,
-                     timeout: float) -> dict[str, TensorRecord]:
+                     timeout: float) -> StoredShards:
         """Store this process's parts of the sharded weights, wait for every other process's
         shard record of the step and `attempt`, and return the merged record of each
-        sharded weight. `timeout` is `Settings.shard_timeout`.
+        sharded weight with the other processes' partial sums. `timeout` is
+        `Settings.shard_timeout`.
 
         Raises:
             WeightWatchError: a process's record did not come within `timeout` seconds,
@@ -427,12 +429,15 @@ class RunWriter:
         """
         mine = ShardWriter(self.storage, self.specs, self.durable, self.store_dtype)
         parts = {k: list(v) for k, v in mine.store_parts(snapshot).items()}
+        sums: dict[str, list[Partial]] = {}
         for process in range(1, processes):
             name = shard_record_name(snapshot.label, snapshot.step, process)
             record = wait_for_shard_record(self.storage, name, attempt, timeout)
             self._shard_files.append(name)
             for key, more in record.tensors.items():
                 parts.setdefault(key, []).extend(more)
+            for key, partial in record.stats.items():
+                sums.setdefault(key, []).append(partial)
         records = {}
         for spec in self.specs:
             if spec.key not in snapshot.shards:
@@ -446,7 +451,7 @@ class RunWriter:
                 file="", digest=parts_digest(found), hash=WRITE_HASH, shape=spec.shape,
                 dtype=spec.dtype, stored_dtype=stored_dtype, lossy=lossy,
                 bytes=sum(p.bytes for p in found), parts=tuple(found))
-        return records
+        return StoredShards(records, sums)
 
     def rebuild_index(self) -> None:
         """Write the snapshot index (`index.py`) of every snapshot anew, atomically.
@@ -539,6 +544,15 @@ class RunWriter:
         self._lock.release()
 
 
+class StoredShards(NamedTuple):
+    """What `RunWriter.store_shards` gathered of one snapshot's sharded weights."""
+
+    records: dict[str, TensorRecord]
+    """Weight key -> its merged record (every part, of every process)."""
+    stats: dict[str, list[Partial]]
+    """Weight key -> the partial sums the other processes recorded of their parts."""
+
+
 def wait_for_shard_record(storage: Storage, name: str, attempt: str, timeout: float,
                           poll: float = 0.05) -> ShardRecord:
     """The shard record `name` of `attempt` once it exists (polled, up to `timeout` seconds).
@@ -607,11 +621,14 @@ class ShardWriter:
             self.storage.sync_dir(TENSOR_DIR)
         return out
 
-    def publish(self, snapshot: Snapshot, process: int, attempt: str) -> ShardRecord:
+    def publish(self, snapshot: Snapshot, process: int, attempt: str,
+                stats: Mapping[str, Partial] | None = None) -> ShardRecord:
         """Store the parts, then the shard record that tells process 0 they are there (of
-        `attempt`: the token all processes of this fit share)."""
+        `attempt`: the token all processes of this fit share), with `stats`, the partial
+        sums of this process's parts of each weight."""
         record = ShardRecord(step=snapshot.step, label=snapshot.label, process=process,
-                             attempt=attempt, tensors=self.store_parts(snapshot))
+                             attempt=attempt, tensors=self.store_parts(snapshot),
+                             stats=dict(stats or {}))
         self.storage.makedirs(SHARD_DIR)
         name = shard_record_name(snapshot.label, snapshot.step, process)
         self.storage.write_atomic(name, [json_bytes(record.to_json())], self.durable)

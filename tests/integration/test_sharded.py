@@ -2,7 +2,9 @@
 
 Each process stores only the shards it holds; process 0 commits a snapshot once every
 process's shards are stored. The snapshots equal the weights gathered across the
-processes (`process_allgather`) bit for bit, and the run verifies.
+processes (`process_allgather`) bit for bit, and the run verifies. The sharded kernel's
+statistics, combined from each process's partial sums, equal those of the gathered kernel,
+in the snapshots and in TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 from test_distributed import _env, _run
 
 from keras_weightwatch import load_run, verify_run
+from keras_weightwatch.stats import tensor_stats
 
 # argv: out, rank, coordinator port.
 SCRIPT = r'''
@@ -96,9 +99,37 @@ def test_two_processes_sharded_kernel(tmp_path):
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape
             assert g.tobytes() == w.tobytes()
+    _assert_stats_of_the_gathered_kernel(run, data, os.path.join(out, "run"))
     assert verify_run(os.path.join(out, "run")).ok
     assert not [n for n in os.listdir(os.path.join(out, "run", "shards"))
                 if n.endswith(".json")], "shard records are removed once committed"
     with open(os.path.join(out, "run", "weightwatch.json")) as f:
         header = json.load(f)
     assert header["format_version"] == 3
+
+
+def _assert_stats_of_the_gathered_kernel(run, data, run_dir):
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    keys = list(run.weights("initial"))
+    k = keys.index("hidden/kernel")
+    names = [("initial", "initial"), ("0", 0), ("1", 1)]
+    for i, (name, step) in enumerate(names):
+        before = data[f"{names[i - 1][0]}__{k}"] if i else None
+        want = tensor_stats(data[f"{name}__{k}"], before)
+        got = run.snapshot(step).stats["hidden/kernel"]
+        assert set(got) == set(want) == set(run.snapshot(step).stats["hidden/bias"])
+        assert ("update_ratio" in got) == (i > 0)
+        for stat, value in want.items():
+            assert got[stat] == pytest.approx(value, rel=1e-12, abs=1e-15), (step, stat)
+    acc = pea.EventAccumulator(os.path.join(run_dir, "weights"),
+                               size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    last = run.snapshot(1).stats["hidden/kernel"]
+    for stat in ("l2_norm", "mean", "std", "max_abs", "nan_count", "update_ratio"):
+        events = acc.Tensors(f"hidden/kernel/{stat}")
+        assert len(events) == (2 if stat == "update_ratio" else 3), stat  # as the bias's:
+        assert len(events) == len(acc.Tensors(f"hidden/bias/{stat}")), stat
+        value = float(tensor_util.make_ndarray(events[-1].tensor_proto))
+        assert value == pytest.approx(last[stat], rel=1e-6), stat

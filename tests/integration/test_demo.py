@@ -171,7 +171,8 @@ def test_the_two_digits_runs_match_layer_for_layer_and_differ_in_values(demo):
     assert not np.array_equal(wa["conv1/kernel"], wb["conv1/kernel"])  # two seeds
     assert a.settings["sample_images"] == [4, 8, 8, 1]
     photos = load_run(os.path.join(logdir, "photos"))
-    assert photos.specs[0].key == "rgb_conv/kernel" and photos.specs[0].shape == (5, 5, 3, 8)
+    assert photos.specs[0].key == f"{demo_module.PHOTOS_FIRST_CONV}/kernel"
+    assert photos.specs[0].shape == (5, 5, 3, 8)
     assert photos.settings["sample_images"] == [2, 107, 160, 3]
 
 
@@ -275,7 +276,8 @@ def test_tensorboard_holds_kernel_grids_and_filtered_images(demo):
     from keras_weightwatch import images
 
     logdir, _ = demo
-    for name, layer, samples in (("digits-seed1", "conv1", 4), ("photos", "rgb_conv", 2)):
+    photos = demo_module.PHOTOS_FIRST_CONV
+    for name, layer, samples in (("digits-seed1", "conv1", 4), ("photos", photos, 2)):
         run = load_run(os.path.join(logdir, name))
         events = _events(run.path)
         kernel = np.asarray(run.weights()[f"{layer}/kernel"])

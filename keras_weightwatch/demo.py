@@ -78,7 +78,7 @@ class DemoSettings:
     """
 
     linear_epochs: int = 20
-    cnn_epochs: int = 12
+    cnn_epochs: int = 8
     digits: int = 1797
     photo_epochs: int = 6
     photo_patches: int = 400
@@ -368,7 +368,7 @@ PHOTOS_FIRST_CONV = "colour_conv"
 PHOTOS_INIT_STD = 0.01
 
 
-def _photos_autoencoder(keras: Any) -> Any:
+def _photos_autoencoder(keras: Any, steps: int) -> Any:
     """A linear convolutional autoencoder of photo patches (any image size divisible by 2).
 
     Eight RGB kernels (5x5) code each patch at half resolution (8 numbers
@@ -388,7 +388,10 @@ def _photos_autoencoder(keras: Any) -> Any:
         ],
         name="photos_autoencoder",
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.03), loss="mse")
+    # Adam's steps shrink to zero over the `steps` of training (a cosine from 0.03), so the
+    # kernels settle instead of carrying the last steps' noise.
+    schedule = keras.optimizers.schedules.CosineDecay(0.03, steps, alpha=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
     return model
 
 
@@ -472,7 +475,9 @@ def _training_stages(keras: Any, datasets: Any, diabetes: Mapping[str, Any],
         "photos",
         f"photos: autoencoder with RGB kernels (5,5,3,8) on photo patches, "
         f"{settings.photo_epochs} epochs",
-        functools.partial(_train, keras, functools.partial(_photos_autoencoder, keras), photos,
+        functools.partial(_train, keras, functools.partial(
+            _photos_autoencoder, keras,
+            settings.photo_epochs * -(-len(photos["x_train"]) // BATCH_SIZE)), photos,
                           runs["photos"], settings.photo_epochs, 0,
                           sample_images=photos["samples"]),
         lambda logs: f"val_loss {logs['val_loss']:.4f}",

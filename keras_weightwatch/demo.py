@@ -5,17 +5,21 @@ Nothing is downloaded. The demo needs the `demo` extra
 and trains, each into its own run directory under one log directory:
 
 - `diabetes`: a linear regression on scikit-learn's diabetes data, whose
-  10 inputs have names (age, sex, bmi, bp, s1..s6), standardized as the
-  book recommends, so the top-k feature table shows which named inputs the
-  model leans on, epoch by epoch (the book's Boston-housing flow);
+  inputs have names (age, sex, bmi, bp, s1..s6, and the derived ratio
+  ldl_hdl) and keep their own units, so the top-k feature table shows which
+  named inputs the model leans on, epoch by epoch (the book's Boston-housing
+  flow), with each weight also per standard deviation of its feature, and
+  the features that correlate (ldl_hdl with s4) flagged;
 - `digits-seed1` and `digits-seed2`: the same small CNN on the 8x8 digits,
   with two seeds; its first conv layer has kernels of shape (3, 3, 1, 5) as
   in the course, drawn as image grids, and four test digits are filtered by
   each kernel; the same digits get saliency maps (vanilla gradients and
   HiResCAM) and every weight its gradient norm on 64 test digits;
-- `photos`: a small CNN on patches of the two colour photographs scikit-learn
-  ships, whose first-layer kernels (5, 5, 3, 8) are drawn as RGB images
-  (like AlexNet's first-layer filters), with both photographs filtered by them.
+- `photos`: a small convolutional autoencoder of patches of the two colour
+  photographs scikit-learn ships, whose first-layer kernels (5, 5, 3, 8),
+  started near zero as AlexNet's were, learn smooth colour and luminance
+  patterns, drawn as RGB images (like AlexNet's first-layer filters), with
+  both photographs filtered by them.
 
 Then it prints the `tensorboard` command that shows it all and a
 `weightwatch diff` of the two digits runs.
@@ -38,6 +42,7 @@ from typing import Any, NamedTuple, TextIO
 import numpy as np
 
 from .errors import WeightWatchError, received
+from .features import FeatureWeight
 
 __all__ = ["DemoResult", "DemoSettings", "render_result", "run_and_print", "run_demo"]
 
@@ -50,6 +55,7 @@ SAMPLE_DIGITS = (0, 1, 4, 7)
 # The digits runs' saliency maps: vanilla gradients and HiResCAM on the last convolution
 # (Grad-CAM's map of this Flatten + Dense head is often zero everywhere: see `saliency`).
 DIGITS_SALIENCY = ("vanilla", "hirescam")
+BATCH_SIZE = 32
 GRADIENT_PROBE = 64  # examples of the digits test split in the gradient statistics' batch
 
 
@@ -71,15 +77,15 @@ class DemoSettings:
     2
     """
 
-    linear_epochs: int = 40
-    cnn_epochs: int = 12
+    linear_epochs: int = 20
+    cnn_epochs: int = 8
     digits: int = 1797
     photo_epochs: int = 6
     photo_patches: int = 400
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(linear_epochs=4, cnn_epochs=2, digits=300, photo_epochs=2, photo_patches=40)
+QUICK = DemoSettings(linear_epochs=4, cnn_epochs=2, digits=300, photo_epochs=2, photo_patches=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +95,9 @@ class DemoResult:
     Attributes:
         logdir: The log directory holding every run.
         runs: Run name -> run directory, in training order.
-        top_features: The diabetes model's (feature, weight) pairs of largest
-            magnitude after its last epoch, largest first.
+        top_features: The diabetes model's top-k rows after its last epoch
+            (features of largest |weight|, largest first, with their
+            standardized weight and correlated partner).
         diff_text: The `weightwatch diff` of the two digits runs, as printed.
         seconds: Stage name -> seconds it took.
 
@@ -103,7 +110,7 @@ class DemoResult:
 
     logdir: str
     runs: Mapping[str, str]
-    top_features: list[tuple[str, float]]
+    top_features: list[FeatureWeight]
     diff_text: str
     seconds: Mapping[str, float]
 
@@ -215,26 +222,38 @@ class _Progress:
 # --------------------------------------------------------------------------- data
 
 
-def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return ((x - ref.mean(axis=0)) / ref.std(axis=0)).astype("float32")
+# The diabetes features' own units, and the derived ratio the demo adds: LDL/HDL is read
+# beside s4 (total cholesterol / HDL), a ratio over the same HDL, and correlates with it.
+DIABETES_RATIO = "ldl_hdl"
+DIABETES_TOP_K = 5
 
 
 def _diabetes_data(datasets: Any) -> dict[str, Any]:
-    """scikit-learn's diabetes data, split 80/20 with a fixed seed, inputs standardized.
+    """scikit-learn's diabetes data in its own units, split 80/20 with a fixed seed.
 
-    Returns a dict with `names` (the 10 feature names), `x_train`, `y_train`,
+    The 10 measured features keep their units (age in years, sex coded 1/2,
+    bmi in kg/m^2, bp in mmHg, s1..s3 and s6 in mg/dL, s4 a ratio, s5 a log),
+    so their spreads differ by a factor of 70; an 11th feature, `ldl_hdl`
+    (s2 / s3, the LDL/HDL ratio), correlates with s4 (r about 0.95), as s1
+    and s2 do with each other (r about 0.90). Every feature is centred on its
+    training mean (a shift: a weight is still per unit of the feature).
+
+    Returns a dict with `names` (the 11 feature names), `x_train`, `y_train`,
     `x_test`, `y_test` (float32; y is the disease progression in its own units).
     """
     d = datasets.load_diabetes(scaled=False)
     order = np.random.default_rng(0).permutation(len(d.target))
     cut = int(0.8 * len(order))
     tr, te = order[:cut], order[cut:]
+    names = list(d.feature_names)
     x = d.data.astype("float64")
+    x = np.concatenate([x, x[:, [names.index("s2")]] / x[:, [names.index("s3")]]], axis=1)
+    mean = x[tr].mean(axis=0)
     return {
-        "names": list(d.feature_names),
-        "x_train": _standardize(x[tr], x[tr]),
+        "names": names + [DIABETES_RATIO],
+        "x_train": (x[tr] - mean).astype("float32"),
         "y_train": d.target[tr].astype("float32"),
-        "x_test": _standardize(x[te], x[tr]),
+        "x_test": (x[te] - mean).astype("float32"),
         "y_test": d.target[te].astype("float32"),
     }
 
@@ -267,32 +286,29 @@ def _digits_data(datasets: Any, n: int = 1797) -> dict[str, Any]:
 
 
 def _photos_data(datasets: Any, patches: int = 400) -> dict[str, Any]:
-    """Patches of scikit-learn's two sample photographs, labelled by photograph.
+    """Patches of scikit-learn's two sample photographs, to be drawn back by an autoencoder.
 
-    Returns `x_train`, `y_train` (0 china, 1 flower), `x_test`, `y_test`: 24x24x3
-    patches in [0, 1] from the photographs at half size, and `samples`: both
-    photographs at a quarter size (2, 107, 160, 3), to be filtered by the kernels.
+    Returns `x_train`, `x_test`: 24x24x3 patches in [0, 1] from both
+    photographs at half size (80% / 20%), `y_train`, `y_test`: the same
+    patches (the target of an autoencoder), and `samples`: both photographs at
+    a quarter size (2, 107, 160, 3), to be filtered by the kernels.
     """
     photos = np.stack(datasets.load_sample_images().images).astype("float32") / 255.0
     half = photos[:, ::2, ::2, :]
     rng = np.random.default_rng(0)
     size = 24
-    xs, ys = [], []
-    for label in range(len(half)):
+    xs = []
+    for photo in half:
         rows = rng.integers(0, half.shape[1] - size, patches)
         cols = rng.integers(0, half.shape[2] - size, patches)
-        xs += [half[label, r:r + size, c:c + size] for r, c in zip(rows, cols)]
-        ys += [label] * patches
-    x = np.stack(xs)
-    y = np.asarray(ys, dtype="int32")
-    order = rng.permutation(len(y))
-    x, y = x[order], y[order]
-    cut = int(0.8 * len(y))
+        xs += [photo[r:r + size, c:c + size] for r, c in zip(rows, cols)]
+    x = np.stack(xs)[rng.permutation(len(xs))]
+    cut = int(0.8 * len(x))
     return {
         "x_train": x[:cut],
-        "y_train": y[:cut],
+        "y_train": x[:cut],
         "x_test": x[cut:],
-        "y_test": y[cut:],
+        "y_test": x[cut:],
         "samples": np.ascontiguousarray(photos[:, ::4, ::4, :]),
     }
 
@@ -300,13 +316,25 @@ def _photos_data(datasets: Any, patches: int = 400) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models
 
 
-def _linear_model(keras: Any, features: int) -> Any:
-    """A linear regression: one Dense unit on `features` standardized inputs."""
+def _linear_model(keras: Any, features: int, steps: int, target_mean: float) -> Any:
+    """A linear regression: one Dense unit on `features` inputs in their own units.
+
+    Adam (whose steps do not depend on each input's scale) with a learning
+    rate decaying from 1 to 0 over the `steps` of training, and the bias
+    starting at the target's mean: the weights settle within a few epochs
+    although the inputs' spreads differ by a factor of 70.
+    """
     model = keras.Sequential(
-        [keras.Input((features,), name="features"), keras.layers.Dense(1, name="linear")],
+        [
+            keras.Input((features,), name="features"),
+            keras.layers.Dense(
+                1, name="linear", bias_initializer=keras.initializers.Constant(target_mean)
+            ),
+        ],
         name="linear_regression",
     )
-    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    schedule = keras.optimizers.schedules.CosineDecay(1.0, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse", metrics=["mae"])
     return model
 
 
@@ -332,25 +360,40 @@ def _digits_cnn(keras: Any) -> Any:
     return model
 
 
-def _photos_cnn(keras: Any) -> Any:
-    """A fully convolutional CNN (any image size) telling the two photographs apart."""
+PHOTOS_FIRST_CONV = "colour_conv"
+# Image tags are grouped by model name, and TensorBoard's Images tab lists the groups in
+# name order, the first screen filled by the first one: this model's name sorts before
+# `digits_cnn`, so its photographs' responses and RGB kernels are what a person sees first.
+PHOTOS_MODEL = "colour_autoencoder"
+# AlexNet's initialisation (zero-mean Gaussian, std 0.01): the kernels start near zero, so
+# what they show after training is what they learned, not the random start.
+PHOTOS_INIT_STD = 0.01
+
+
+def _photos_autoencoder(keras: Any, steps: int) -> Any:
+    """A linear convolutional autoencoder of photo patches (any image size divisible by 2).
+
+    Eight RGB kernels (5x5) code each patch at half resolution (8 numbers
+    per 4 pixels: fewer than the 12 colour values they stand for) and a
+    transposed convolution draws the patch back; to fit, the kernels become
+    the smooth colour and luminance patterns that photographs are made of.
+    """
     layers = keras.layers
     model = keras.Sequential(
         [
             keras.Input((None, None, 3), name="image"),
-            layers.Conv2D(8, 5, padding="same", activation="relu", name="rgb_conv"),
-            layers.MaxPooling2D(2, name="pool"),
-            layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2"),
-            layers.GlobalAveragePooling2D(name="gap"),
-            layers.Dense(2, activation="softmax", name="which_photo"),
+            layers.Conv2D(8, 5, padding="same", name=PHOTOS_FIRST_CONV,
+                          kernel_initializer=keras.initializers.RandomNormal(
+                              stddev=PHOTOS_INIT_STD)),
+            layers.AveragePooling2D(2, name="pool"),
+            layers.Conv2DTranspose(3, 4, strides=2, padding="same", name="decode"),
         ],
-        name="photos_cnn",
+        name=PHOTOS_MODEL,
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(0.01),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    # Adam's steps shrink to zero over the `steps` of training (a cosine from 0.03), so the
+    # kernels settle instead of carrying the last steps' noise.
+    schedule = keras.optimizers.schedules.CosineDecay(0.03, steps, alpha=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
     return model
 
 
@@ -379,7 +422,7 @@ def _train(keras: Any, build: Callable[[], Any], data: Mapping[str, Any], run_di
     keras.utils.set_random_seed(seed)
     model = build()
     watch = WeightWatch(run_dir, **watch_args)
-    return _fit(keras, model, data, run_dir, epochs, 32, watch)
+    return _fit(keras, model, data, run_dir, epochs, BATCH_SIZE, watch)
 
 
 class _Stage(NamedTuple):
@@ -399,13 +442,17 @@ def _training_stages(keras: Any, datasets: Any, diabetes: Mapping[str, Any],
                      runs: Mapping[str, str], settings: DemoSettings) -> list[_Stage]:
     """The demo's four trainings, in order."""
     # (a) The book's flow: a linear model whose inputs have names.
+    steps = settings.linear_epochs * -(-len(diabetes["x_train"]) // BATCH_SIZE)
+    linear = functools.partial(_linear_model, keras, len(diabetes["names"]), steps,
+                               float(np.mean(diabetes["y_train"])))
     out = [_Stage(
         "diabetes",
-        f"diabetes: linear regression on 10 named features, {settings.linear_epochs} epochs",
+        f"diabetes: linear regression on {len(diabetes['names'])} named features in their "
+        f"own units, {settings.linear_epochs} epochs",
         functools.partial(
-            _train, keras, functools.partial(_linear_model, keras, len(diabetes["names"])),
-            diabetes, runs["diabetes"], settings.linear_epochs, 0,
-            feature_names=diabetes["names"], feature_data=diabetes["x_train"], top_k=5,
+            _train, keras, linear, diabetes, runs["diabetes"], settings.linear_epochs, 0,
+            feature_names=diabetes["names"], feature_data=diabetes["x_train"],
+            top_k=DIABETES_TOP_K,
         ),
         lambda logs: f"val_mae {logs['val_mae']:.1f}",
     )]
@@ -428,23 +475,26 @@ def _training_stages(keras: Any, datasets: Any, diabetes: Mapping[str, Any],
     photos = _photos_data(datasets, settings.photo_patches)
     out.append(_Stage(
         "photos",
-        f"photos: CNN with RGB kernels (5,5,3,8) on photo patches, {settings.photo_epochs} epochs",
-        functools.partial(_train, keras, functools.partial(_photos_cnn, keras), photos,
+        f"photos: autoencoder with RGB kernels (5,5,3,8) on photo patches, "
+        f"{settings.photo_epochs} epochs",
+        functools.partial(_train, keras, functools.partial(
+            _photos_autoencoder, keras,
+            settings.photo_epochs * -(-len(photos["x_train"]) // BATCH_SIZE)), photos,
                           runs["photos"], settings.photo_epochs, 0,
                           sample_images=photos["samples"]),
-        _accuracy,
+        lambda logs: f"val_loss {logs['val_loss']:.4f}",
     ))
     return out
 
 
-def _top_features(run_dir: str, names: list[str], k: int = 5,
-                  key: str = "linear/kernel") -> list[tuple[str, float]]:
-    """The `k` (feature, weight) pairs of largest |weight| in a run's last snapshot."""
+def _top_features(run_dir: str, names: list[str], data: np.ndarray,
+                  k: int = DIABETES_TOP_K, key: str = "linear/kernel") -> list[FeatureWeight]:
+    """The top-k rows of a run's last snapshot: largest |weight| first, with `data`'s columns."""
     from .features import top_k_features
     from .run import load_run
 
     kernel = load_run(run_dir).weights("last", keys=[key])[key]
-    return [(f.name, f.weight) for f in top_k_features(kernel, names, k)]
+    return top_k_features(kernel, names, k, data)
 
 
 def _diff_text(run_a: str, run_b: str) -> str:
@@ -466,8 +516,8 @@ def run_demo(
 ) -> DemoResult:
     """Train the demo's models into `logdir` and return what was written.
 
-    The runs are `diabetes` (a linear regression with 10 named, standardized
-    features), `digits-seed1` and `digits-seed2` (one small CNN on 8x8 digits
+    The runs are `diabetes` (a linear regression with 11 named features in
+    their own units), `digits-seed1` and `digits-seed2` (one small CNN on 8x8 digits
     trained with two seeds; first conv layer kernels (3, 3, 1, 5)) and
     `photos` (a small CNN with RGB kernels on scikit-learn's two sample
     photographs). Seeds are fixed, nothing is downloaded. Running it again on
@@ -521,7 +571,7 @@ def run_demo(
     return DemoResult(
         logdir=logdir,
         runs=runs,
-        top_features=_top_features(runs["diabetes"], diabetes["names"]),
+        top_features=_top_features(runs["diabetes"], diabetes["names"], diabetes["x_train"]),
         diff_text=text,
         seconds=dict(steps.seconds),
     )
@@ -539,8 +589,11 @@ def render_result(result: DemoResult) -> str:
 
     Example:
 
+    >>> top = [FeatureWeight(1, 3, "s4", 2.4, (2.4,), 1.3, 3.1, "ldl_hdl", 0.946)]
     >>> r = DemoResult("wd", {"digits-seed1": "wd/a", "digits-seed2": "wd/b"},
-    ...                [("bmi", 27.2)], "(diff)", {"all": 30.0})
+    ...                top, "(diff)", {"all": 30.0})
+    >>> print(render_result(r).splitlines()[5])
+      1. s4         +2.400  standardized    +3.100  correlated with ldl_hdl (r=0.95)
     >>> print(render_result(r).splitlines()[-4])
       tensorboard --logdir wd --samples_per_plugin images=100
     """
@@ -549,9 +602,12 @@ def render_result(result: DemoResult) -> str:
     for name, path in result.runs.items():
         out.append(f"  {name:<13} {path}")
     out.append("")
-    out.append("diabetes: the 5 largest weights after the last epoch (inputs standardized):")
-    for rank, (feature, weight) in enumerate(result.top_features, 1):
-        out.append(f"  {rank}. {feature:<4} {weight:+9.3f}")
+    out.append(f"diabetes: the {len(result.top_features)} largest weights after the last epoch "
+               "(per unit of each feature; standardized: per std of the feature):")
+    for r in result.top_features:
+        std = "" if r.standardized is None else f"  standardized {r.standardized:+9.3f}"
+        pair = "" if r.partner is None else f"  correlated with {r.partner} (r={r.correlation:.2f})"
+        out.append(f"  {r.rank}. {r.name:<7} {r.weight:+9.3f}{std}{pair}")
     out.append("")
     out.append("See every view in TensorBoard (weights, kernels, filtered images, top-k table):")
     out.append(f"  tensorboard --logdir {q(result.logdir)} --samples_per_plugin images=100")

@@ -69,22 +69,98 @@ def test_every_run_loads_verifies_and_has_each_epoch(demo):
         assert "val_loss" in run.logs()
 
 
+def _diabetes():
+    from sklearn import datasets
+
+    return demo_module._diabetes_data(datasets)
+
+
+_PRINTED_ROW = re.compile(
+    r"  (\d)\. (\S+)\s+([+-]\d+\.\d{3})  standardized\s+([+-]\d+\.\d{3})"
+    r"(?:  correlated with (\S+) \(r=(-?\d\.\d\d)\))?"
+)
+
+
 def test_diabetes_top_k_are_real_feature_names_with_the_runs_weights(demo):
     from sklearn.datasets import load_diabetes
 
     logdir, out = demo
-    names = list(load_diabetes().feature_names)
+    names = list(load_diabetes().feature_names) + [demo_module.DIABETES_RATIO]
+    x = _diabetes()["x_train"].astype(np.float64)
     rows = _section(out, "diabetes: the 5 largest weights")
-    parsed = [re.fullmatch(r"  (\d)\. (\S+)\s+([+-]\d+\.\d{3})", row).groups() for row in rows]
-    assert [int(r) for r, _, _ in parsed] == [1, 2, 3, 4, 5]
+    parsed = [_PRINTED_ROW.fullmatch(row).groups() for row in rows]
+    assert [int(p[0]) for p in parsed] == [1, 2, 3, 4, 5]
     kernel = np.asarray(load_run(os.path.join(logdir, "diabetes")).weights()["linear/kernel"])[:, 0]
     expected = np.argsort(-np.abs(kernel), kind="stable")[:5]
-    assert [name for _, name, _ in parsed] == [names[i] for i in expected]
-    for (_, _, value), i in zip(parsed, expected):
-        assert float(value) == pytest.approx(kernel[i], abs=6e-4)
+    assert [p[1] for p in parsed] == [names[i] for i in expected]
+    for p, i in zip(parsed, expected):
+        assert float(p[2]) == pytest.approx(kernel[i], abs=6e-4)
+        assert float(p[3]) == pytest.approx(kernel[i] * x[:, i].std(), abs=6e-4)
     header = load_run(os.path.join(logdir, "diabetes")).settings
     assert header["feature_names"] == names
-    assert header["feature_data"] == [353, 10]
+    assert header["feature_data"] == [353, 11]
+
+
+def _numpy_partner(x, i, threshold=0.9):
+    """(name index, r) of the feature most correlated with feature i, if |r| >= threshold."""
+    r = np.corrcoef(x, rowvar=False)[i]
+    r[i] = 0.0
+    j = int(np.argmax(np.abs(r)))
+    return (j, r[j]) if abs(r[j]) >= threshold else None
+
+
+def test_diabetes_features_keep_their_units_and_include_a_correlated_pair():
+    from sklearn.datasets import load_diabetes
+
+    d = _diabetes()
+    raw = load_diabetes(scaled=False)
+    x = d["x_train"].astype(np.float64)
+    stds = x.std(axis=0)
+    assert stds.max() / stds.min() > 50  # cholesterol in mg/dL beside a log and a ratio
+    assert np.abs(x.mean(axis=0)).max() < 1e-3 * stds.max()  # centred, not rescaled
+    names = d["names"]
+    s2, s3, s4 = (raw.data[:, raw.feature_names.index(n)] for n in ("s2", "s3", "s4"))
+    ratio = s2 / s3
+    assert np.corrcoef(ratio, s4)[0, 1] > 0.9
+    everything = np.concatenate([d["x_train"], d["x_test"]]).astype(np.float64)
+    shift = np.sort(ratio) - np.sort(everything[:, -1])  # the ratio, moved by its train mean
+    assert np.allclose(shift, shift.mean(), atol=1e-4)
+    assert names[-1] == demo_module.DIABETES_RATIO
+    assert _numpy_partner(x, names.index("s4"))[0] == names.index(demo_module.DIABETES_RATIO)
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in row.strip("|").split("|")]
+            for row in markdown.splitlines() if re.match(r"\| \d+ \|", row)]
+
+
+def test_diabetes_table_standardized_and_correlated_columns_equal_numpy(demo):
+    """Every epoch's table: standardized = weight x std of feature_data, partners from
+    numpy's correlation matrix; and the columns carry information."""
+    logdir, _ = demo
+    x = _diabetes()["x_train"].astype(np.float64)
+    names = _diabetes()["names"]
+    run = load_run(os.path.join(logdir, "diabetes"))
+    kernels = {s: np.asarray(run.weights(s)["linear/kernel"])[:, 0] for s in run.steps}
+    flagged, ratios = set(), []
+    for step, table in _events(run.path)["features/linear"]:
+        lines = table.item().decode()
+        assert "| rank | feature | weight | standardized | correlated with (r) |" in lines
+        for _rank, name, weight, standardized, partner in _table_rows(lines):
+            i = names.index(name)
+            w = kernels[step][i]
+            assert float(weight) == pytest.approx(w, rel=1e-3, abs=1e-6)
+            assert float(standardized) == pytest.approx(w * x[:, i].std(), rel=1e-3, abs=1e-6)
+            expect = _numpy_partner(x, i)
+            if expect is None:
+                assert partner == ""
+            else:
+                assert partner == f"**{names[expect[0]]}** ({expect[1]:.4g})"
+                flagged.add(name)
+            if abs(w) > 0:
+                ratios.append(float(standardized) / float(weight))
+    assert flagged, "no top-k row names a correlated partner"
+    assert max(ratios) / min(ratios) > 10  # standardized is not a copy of weight
 
 
 def test_the_two_digits_runs_match_layer_for_layer_and_differ_in_values(demo):
@@ -97,7 +173,8 @@ def test_the_two_digits_runs_match_layer_for_layer_and_differ_in_values(demo):
     assert not np.array_equal(wa["conv1/kernel"], wb["conv1/kernel"])  # two seeds
     assert a.settings["sample_images"] == [4, 8, 8, 1]
     photos = load_run(os.path.join(logdir, "photos"))
-    assert photos.specs[0].key == "rgb_conv/kernel" and photos.specs[0].shape == (5, 5, 3, 8)
+    assert photos.specs[0].key == f"{demo_module.PHOTOS_FIRST_CONV}/kernel"
+    assert photos.specs[0].shape == (5, 5, 3, 8)
     assert photos.settings["sample_images"] == [2, 107, 160, 3]
 
 
@@ -201,7 +278,8 @@ def test_tensorboard_holds_kernel_grids_and_filtered_images(demo):
     from keras_weightwatch import images
 
     logdir, _ = demo
-    for name, layer, samples in (("digits-seed1", "conv1", 4), ("photos", "rgb_conv", 2)):
+    photos = demo_module.PHOTOS_FIRST_CONV
+    for name, layer, samples in (("digits-seed1", "conv1", 4), ("photos", photos, 2)):
         run = load_run(os.path.join(logdir, name))
         events = _events(run.path)
         kernel = np.asarray(run.weights()[f"{layer}/kernel"])
@@ -266,3 +344,32 @@ def test_digits_saliency_falls_on_the_digit_not_the_border(demo):
     assert np.mean(margins["vanilla"]) > 0.04, margins
     assert np.mean(margins["hirescam"]) > 0.1, margins
     assert min(margins["hirescam"]) > 0, margins
+
+
+def _low_frequency_fraction(kernel: np.ndarray) -> np.ndarray:
+    """Per kernel of a (kh, kw, in, out) kernel: the fraction of its spectral energy (summed
+    over input channels) at spatial frequencies |fx| <= 1 and |fy| <= 1 cycle per kernel.
+    For white noise that is the share of those frequencies: 9 of 25 for a 5x5 kernel."""
+    power = np.abs(np.fft.fft2(kernel, axes=(0, 1))) ** 2
+    fy = np.abs(np.fft.fftfreq(kernel.shape[0]) * kernel.shape[0])
+    fx = np.abs(np.fft.fftfreq(kernel.shape[1]) * kernel.shape[1])
+    low = (fy[:, None] <= 1) & (fx[None, :] <= 1)
+    return power[low].sum(axis=(0, 1)) / power.sum(axis=(0, 1, 2))
+
+
+def test_photos_rgb_kernels_learn_smooth_patterns_from_their_random_start(demo):
+    """The quick demo's own photos run (2 epochs of 100 patches per photograph): each RGB
+    kernel's energy moves to the low spatial frequencies (smooth colour blobs and luminance
+    patterns), far above the share that its random start, white noise, has there."""
+    logdir, _ = demo
+    run = load_run(os.path.join(logdir, "photos"))
+    key = f"{demo_module.PHOTOS_FIRST_CONV}/kernel"
+    start = np.asarray(run.weights("initial")[key], np.float64)
+    learned = np.asarray(run.weights("last")[key], np.float64)
+    assert learned.shape == (5, 5, 3, 8)
+    before, after = _low_frequency_fraction(start), _low_frequency_fraction(learned)
+    assert before.mean() == pytest.approx(9 / 25, abs=0.1), before  # the measure: noise ~ 0.36
+    assert after.mean() > 0.65, after
+    assert np.all(after > before), (before, after)  # every kernel moved to low frequencies
+    # What was learned dominates the start (AlexNet's N(0, 0.01)): the kernels grew.
+    assert np.linalg.norm(learned) > 2 * np.linalg.norm(start)

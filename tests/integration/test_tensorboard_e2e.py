@@ -25,7 +25,7 @@ from helpers import run_group, run_kernel_tags
 
 from keras_weightwatch import load_run
 from keras_weightwatch.cli import main
-from keras_weightwatch.demo import RUN_NAMES
+from keras_weightwatch.demo import DIABETES_RATIO, PHOTOS_FIRST_CONV, RUN_NAMES
 from keras_weightwatch.features import top_k_features
 from keras_weightwatch.images import kernel_grid
 from keras_weightwatch.stats import STAT_NAMES
@@ -74,6 +74,13 @@ def _json(server: str, path: str, **query) -> object:
     return json.loads(_get(f"{server}{path}?{urllib.parse.urlencode(query)}"))
 
 
+def _diabetes_names() -> list[str]:
+    """The diabetes run's feature names: scikit-learn's ten and the demo's derived ratio."""
+    from sklearn.datasets import load_diabetes
+
+    return list(load_diabetes().feature_names) + [DIABETES_RATIO]
+
+
 def _decode_png(data: bytes) -> np.ndarray:
     import tensorflow as tf
 
@@ -97,9 +104,7 @@ def test_server_lists_every_run_and_exactly_our_scalar_tags(server, logdir):
         if stat not in NONFINITE_STATS
     } | {tag(k, stat) for k in trainable for stat in GRAD_STAT_NAMES}
     # the top-k feature scalars: one per diabetes feature, named after it
-    from sklearn.datasets import load_diabetes
-
-    names = load_diabetes().feature_names
+    names = _diabetes_names()
     feature_tags = {t for t in tags["diabetes/weights"] if t.startswith("features/")}
     assert feature_tags == {f"features/linear/{n}" for n in names}
 
@@ -115,9 +120,7 @@ def test_scalars_are_the_norms_of_the_stored_weights(server, logdir):
 
 
 def test_text_table_ranks_the_features_of_every_step(server, logdir):
-    from sklearn.datasets import load_diabetes
-
-    names = list(load_diabetes().feature_names)
+    names = _diabetes_names()
     run = load_run(os.path.join(logdir, "diabetes"))
     entries = _json(server, "/data/plugin/text/text", run="diabetes/weights", tag="features/linear")
     assert [e["step"] for e in entries] == run.steps
@@ -151,7 +154,7 @@ def test_each_models_images_are_one_group_headline_views_first(server, logdir):
 
 
 def test_images_are_the_kernel_grids_of_the_stored_weights(server, logdir):
-    for name, key in (("digits-seed1", "conv1/kernel"), ("photos", "rgb_conv/kernel")):
+    for name, key in (("digits-seed1", "conv1/kernel"), ("photos", f"{PHOTOS_FIRST_CONV}/kernel")):
         run = load_run(os.path.join(logdir, name))
         entries = _json(server, "/data/plugin/images/images",
                         run=f"{name}/weights", tag=run_kernel_tags(run)[key])
@@ -191,9 +194,7 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
         assert _png_size(str(tmp_path / f"{s.name}.png")) == (1400, s.height)
 
     # the text dashboard shows the last step's table first, rows in rank order
-    from sklearn.datasets import load_diabetes
-
-    names = list(load_diabetes().feature_names)
+    names = _diabetes_names()
     run = load_run(os.path.join(logdir, "diabetes"))
     kernel = np.asarray(run.weights()["linear/kernel"])[:, 0]
     top = [f.name for f in top_k_features(kernel[:, None], names, 5)]
@@ -237,3 +238,57 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
         assert f"conv1/kernel/{stat}" in pages["statistics"].text
     assert pages["histograms"].text.count("conv1/kernel/histogram") >= 2
 
+
+
+def _image_tags_by_content(server: str, logdir: str, name: str) -> tuple[dict, set]:
+    """A run's image tags, told apart by what they hold, not by their names: {kernel key:
+    tag of its grid} (the tag whose last image is `kernel_grid` of that stored kernel), and
+    the other image tags (the filtered images, for a run without saliency maps)."""
+    run = load_run(os.path.join(logdir, name))
+    last = run.weights()
+    grids = {s.key: kernel_grid(np.asarray(last[s.key])).image for s in run.specs
+             if s.key.endswith("/kernel") and len(s.shape) == 4}
+    kernel_tags, others = {}, set()
+    for t in _json(server, "/data/plugin/images/tags")[f"{name}/weights"]:
+        entries = _json(server, "/data/plugin/images/images", run=f"{name}/weights", tag=t)
+        png = _decode_png(_get(f"{server}/data/plugin/images/individualImage?"
+                               f"{entries[-1]['query']}"))
+        hits = [k for k, g in grids.items() if g.shape == png.shape and np.array_equal(g, png)]
+        if hits:
+            kernel_tags[hits[0]] = t
+        else:
+            others.add(t)
+    assert sorted(kernel_tags) == sorted(grids)
+    return kernel_tags, others
+
+
+def _on_screen(page) -> dict:
+    """(run, tag) -> the rectangles of its loaded images that lie in the first screen:
+    inside the viewport, without scrolling."""
+    width, height = page.viewport
+    out: dict = {}
+    for img in page.images:
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(img["src"]).query)
+        if "blob_key" not in query or img["width"] <= 0:
+            continue
+        key = json.loads(base64.urlsafe_b64decode(query["blob_key"][0] + "=="))
+        if img["top"] >= 0 and img["bottom"] <= height and img["bottom"] > img["top"] \
+                and 0 <= img["left"] and img["right"] <= width:
+            out.setdefault((key[1], key[2]), []).append(img)
+    return out
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(shots.CHROMIUM), reason="needs Debian's chromium")
+def test_images_tab_first_screen_shows_the_rgb_kernels_and_filtered_images(server, logdir,
+                                                                           tmp_path):
+    """A newcomer opens the Images tab (no tag filter, no clicks): the photos run's RGB
+    first-layer kernels and its filtered photographs are in the first screen."""
+    kernel_tags, response_tags = _image_tags_by_content(server, logdir, "photos")
+    rgb = kernel_tags[f"{PHOTOS_FIRST_CONV}/kernel"]
+    assert response_tags, "the photos run wrote no filtered images"
+    first = shots.Shot("first_screen", "#images", rgb, height=900)
+    page = shots.take(server, str(tmp_path), (first,))["first_screen"]
+    seen = _on_screen(page)
+    assert ("photos/weights", rgb) in seen, sorted(seen)
+    assert {("photos/weights", t) for t in response_tags} & set(seen), sorted(seen)

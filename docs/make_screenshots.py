@@ -62,8 +62,8 @@ def _filter(regex: str) -> str:
 SHOTS = (
     Shot("features", "#text&tagFilter=features", "rank"),
     Shot("kernels", f"#images&{_filter(f'/{KERNELS}/')}", f"/{KERNELS}/"),
-    Shot("rgb_kernels", f"#images&{_filter('/colour_conv/')}", f"{KERNELS}/0_colour_conv/kernel/image",
-         height=780),
+    Shot("rgb_kernels", f"#images&{_filter('/colour_conv/')}",
+         f"{KERNELS}/0_colour_conv/kernel/image", height=780),
     Shot("responses", f"#images&{_filter(f'/{RESPONSES}/conv1/sample_[01]$')}",
          f"{RESPONSES}/conv1"),
     Shot("statistics",

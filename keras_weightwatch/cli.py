@@ -188,11 +188,6 @@ def _cmd_drift(args: argparse.Namespace, stdout: TextIO) -> int:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
     else:
         print(render_drift(result), file=stdout)
-        from .report import render_gradients
-
-        lines = render_gradients(load_run(args.run))
-        if lines:
-            print("\n" + "\n".join(lines), file=stdout)
     return EXIT_OK
 
 

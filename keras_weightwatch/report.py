@@ -205,24 +205,47 @@ GRADIENT_STATS = ("grad_norm", "grad_to_weight")
 
 
 def render_gradients(run: Run, width: int = 24) -> list[str]:
-    """The `gradients` lines of `show` and `drift`: each weight's ||g|| on the probe batch
-    across the snapshots that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
-    keys = [s.key for s in run.specs
-            if any("grad_norm" in snap.stats.get(s.key, {}) for snap in run.snapshots)]
-    if not keys:
-        return []
-    rows = []
-    for key in keys:
-        found = [snap.stats[key] for snap in run.snapshots
-                 if "grad_norm" in snap.stats.get(key, {})]
-        norms = [float(st["grad_norm"]) for st in found]
-        ratio = found[-1].get("grad_to_weight")
-        rows.append([key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),
-                     "-" if ratio is None else fmt_g(float(ratio))])
+    """`show`'s `gradients` lines: each weight's ||g|| on the probe batch across the snapshots
+    that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
+    from .compare.records import StoredGradients
+
+    series = []
+    for spec in run.specs:
+        found = [g for g in (StoredGradients.from_stats(snap.stats.get(spec.key))
+                             for snap in run.snapshots) if g is not None]
+        if found:
+            series.append((spec.key, [g.grad_norm for g in found], found[-1].grad_to_weight))
     steps = sum(1 for snap in run.snapshots if any("grad_norm" in st for st in snap.stats.values()))
+    return _gradient_table(series, steps, width)
+
+
+def drift_gradient_lines(result: DriftResult, width: int = 24) -> list[str]:
+    """`drift`'s `gradients` lines, from the gradient statistics the result read: as `show`'s."""
+    series = []
+    has = [False] * len(result.steps)
+    for layer in result.layers:
+        for g in layer.gradients:
+            kept = [i for i, v in enumerate(g.grad_norm) if not math.isnan(v)]
+            if not kept:
+                continue
+            for i in kept:
+                has[i] = True
+            series.append((g.key, [g.grad_norm[i] for i in kept], g.grad_to_weight[kept[-1]]))
+    lines = _gradient_table(series, sum(has), width)
+    return ["", *lines] if lines else []
+
+
+def _gradient_table(series: Sequence[tuple[str, Sequence[float], float]], steps: int,
+                    width: int) -> list[str]:
+    """(key, ||g|| at each snapshot that has it, the last ||g||/||W||) per weight, as a table."""
+    if not series:
+        return []
+    rows = [[key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),
+             "-" if math.isnan(ratio) else fmt_g(ratio)] for key, norms, ratio in series]
     return [f"gradients of the loss on the probe batch ({steps} snapshots; one batch: noisy)",
             table(rows, ["key", "||g|| per snapshot", "last ||g||", "||g||/||W||"],
                   right=[2, 3])]
+
 
 # --------------------------------------------------------------------------- diff
 
@@ -245,9 +268,36 @@ def render_diff(result: DiffResult) -> str:
     out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
             "of B's hidden units to A's (a model's outputs and --fixed layers keep their",
             "order); blank where no matching applies"]
+    out += stored_diff_lines(result)
     if result.features is not None:
         out += ["", *_feature_lines(result.features)]
     return "\n".join(out)
+
+
+def _a_to_b(a: float, b: float) -> str:
+    return f"{fmt_num(a)} -> {fmt_num(b)}"
+
+
+def stored_diff_lines(result: DiffResult) -> list[str]:
+    """`diff`'s sections of what both snapshots store beside a tensor: its spectral metrics
+    (`spectral_freq`) and its gradient norms (`gradient_data`), A -> B; [] without any."""
+    out: list[str] = []
+    spectral = [t for t in result.tensors if t.spectral_a is not None and t.spectral_b is not None]
+    if spectral:
+        rows = [[t.name] + [_a_to_b(getattr(t.spectral_a, n), getattr(t.spectral_b, n))
+                            for n in ("alpha", "stable_rank", "spectral_norm", "log_norm")]
+                for t in spectral if t.spectral_a is not None and t.spectral_b is not None]
+        out += ["", "spectral metrics stored in both snapshots, A -> B (alpha 2-6 is usual)",
+                table(rows, ["weight", "alpha", "stable_rank", "spectral_norm", "log_norm"])]
+    grads = [t for t in result.tensors if t.gradients_a is not None and t.gradients_b is not None]
+    if grads:
+        rows = [[t.name] + [_a_to_b(getattr(t.gradients_a, n), getattr(t.gradients_b, n))
+                            for n in ("grad_norm", "grad_to_weight")]
+                for t in grads if t.gradients_a is not None and t.gradients_b is not None]
+        out += ["", "gradient norms on the probe batch stored in both snapshots, A -> B "
+                "(each run's own probe batch)",
+                table(rows, ["weight", "||g||", "||g||/||W||"])]
+    return out
 
 
 def _diff_summary(result: DiffResult) -> str:
@@ -395,6 +445,7 @@ def render_drift(result: DriftResult) -> str:
         out.append((_fit(layer.name or "(model)", name_w).ljust(name_w)
                     + "".join("  " + c for c in cells)).rstrip())
     out += alpha_lines(result)
+    out += drift_gradient_lines(result)
     return "\n".join(out)
 
 

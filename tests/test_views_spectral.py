@@ -121,6 +121,24 @@ def test_drift_and_show_read_the_stored_alpha(fitted):
     assert "spectral  at 1 (stored at initial, 1" in render_show(load_run(run))
 
 
+def test_diff_reads_the_stored_spectral_metrics_of_both_snapshots(fitted):
+    from keras_weightwatch import diff_runs
+
+    run, _ = fitted
+    r = load_run(run)
+    result = diff_runs(f"{run}@initial", f"{run}@1")
+    for key in ("h1/kernel", "h2/kernel", "out/kernel"):
+        t = result.tensor(key)
+        for got, step in ((t.spectral_a, -1), (t.spectral_b, 1)):
+            stored = r.snapshot(step).stats[key]
+            for name in ("alpha", "stable_rank", "spectral_norm", "log_norm"):
+                v = getattr(got, name)
+                assert v == stored[name] or (math.isnan(v) and math.isnan(stored[name]))
+    assert math.isfinite(result.tensor("h1/kernel").spectral_b.alpha)
+    assert result.tensor("h1/bias").spectral_a is None
+    assert diff_runs(f"{run}@0", f"{run}@1").tensor("h1/kernel").spectral_a is None
+
+
 def test_cli_spectral_json_equals_the_records(fitted):
     run, _ = fitted
     out = io.StringIO()

@@ -367,9 +367,25 @@ def _tensor_lines(t: TensorDiff, name_w: int) -> list[str]:
     return out
 
 
+_RANKED_BY = {"weight": ("by |weight|", "weight"),
+              "row_norm": ("by the L2 norm of its kernel row over {units} units", "row norm"),
+              "effect": ("by the measured effect on the output (as the runs' tables)", "effect")}
+
+
 def _feature_lines(f: FeatureDiff) -> list[str]:
-    out = [f"top {f.k} input features of {f.key_b} by |weight|, A -> B"
-           + ("" if f.units == 1 else f" (L2 norm over {f.units} units)")]
+    heading, column = _RANKED_BY.get(f.ranked_by, (f.ranked_by, f.ranked_by))
+    out = [f"top {f.k} input features of {f.key_b} {heading.format(units=f.units)}, A -> B"]
+    if f.note:
+        out.append(f"  ({f.note})")
+    if f.rank_changed:
+        summary = [f"rank changed: {', '.join(f.rank_changed)}"]
+        if f.entered:
+            summary.append(f"entered the top {f.k}: {', '.join(f.entered)}")
+        if f.left:
+            summary.append(f"left it: {', '.join(f.left)}")
+        out.append("; ".join(summary))
+    else:
+        out.append(f"the same top {f.k} in the same order")
     rows = []
     for r in f.rows:
         move = "=" if r.move == 0 else f"{r.move:+d}"
@@ -378,8 +394,8 @@ def _feature_lines(f: FeatureDiff) -> list[str]:
             flip = "flipped" if f.units == 1 else f"{r.sign_flips} units flipped"
         rows.append([r.name, str(r.rank_a), str(r.rank_b), move, fmt_g(r.weight_a),
                      fmt_g(r.weight_b), flip])
-    out.append(table(rows, ["feature", "rank A", "rank B", "move", "weight A", "weight B",
-                            "sign"], right=[1, 2, 3, 4, 5]))
+    out.append(table(rows, ["feature", "rank A", "rank B", "move", f"{column} A",
+                            f"{column} B", "sign"], right=[1, 2, 3, 4, 5]))
     return out
 
 

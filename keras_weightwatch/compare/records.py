@@ -239,11 +239,11 @@ class FeatureMove:
 
     Attributes:
         name: The feature's name.
-        rank_a: Its rank by |weight| in A (1 = largest).
+        rank_a: Its rank in A (1 = largest), by what `FeatureDiff.ranked_by` says.
         rank_b: Its rank in B.
-        weight_a: Its weight in A (signed for a one-unit layer, else the L2
-            norm of its kernel row).
-        weight_b: Its weight in B.
+        weight_a: What it is ranked by in A: its weight for a one-unit layer, the
+            L2 norm of its kernel row, or its measured effect on the output.
+        weight_b: The same in B.
         sign_flips: How many units' weights for this feature changed sign.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
@@ -267,6 +267,11 @@ class FeatureMove:
         return self.rank_a - self.rank_b
 
 
+RANKED_BY = ("weight", "row_norm", "effect")
+"""What a `FeatureDiff` ranks by: |weight| (a one-unit layer), the L2 norm of the feature's
+kernel row, or its measured effect on the output that both snapshots store."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureDiff:
     """The top-k named input features of A and B side by side.
@@ -277,6 +282,10 @@ class FeatureDiff:
         k: How many features each top-k holds.
         units: The layer's number of units.
         rows: B's top-k in order, then features that left A's top-k.
+        ranked_by: `"effect"` where both snapshots store each feature's measured
+            effect on the output (the feature table's ranking with `feature_data`),
+            else `"weight"` (one unit) or `"row_norm"` (several).
+        note: Why the ranking differs from the runs' own tables, or None.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -291,6 +300,24 @@ class FeatureDiff:
     k: int
     units: int
     rows: tuple[FeatureMove, ...]
+    ranked_by: str = "weight"
+    note: str | None = None
+
+    @property
+    def entered(self) -> tuple[str, ...]:
+        """Features in B's top-k that were not in A's, in B's order."""
+        return tuple(r.name for r in self.rows if r.rank_b <= self.k < r.rank_a)
+
+    @property
+    def left(self) -> tuple[str, ...]:
+        """Features in A's top-k that are not in B's, in A's order."""
+        return tuple(r.name for r in self.rows if r.rank_a <= self.k < r.rank_b)
+
+    @property
+    def rank_changed(self) -> tuple[str, ...]:
+        """Features of either top-k whose rank changed from A to B (entered and left
+        included), in the order of `rows`."""
+        return tuple(r.name for r in self.rows if r.move != 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -298,6 +325,11 @@ class FeatureDiff:
             "key_b": self.key_b,
             "k": self.k,
             "units": self.units,
+            "ranked_by": self.ranked_by,
+            "note": self.note,
+            "entered": list(self.entered),
+            "left": list(self.left),
+            "rank_changed": list(self.rank_changed),
             "rows": [
                 {**{k: json_num(v) for k, v in dataclasses.asdict(r).items()}, "move": r.move}
                 for r in self.rows

@@ -39,7 +39,8 @@ eigenvalues >= x_min, and the candidate with the smallest Kolmogorov–Smirnov d
 the fitted CDF 1 - (x / x_min)^(1 - alpha) and the empirical CDF 0, 1/n, ..., (n-1)/n is
 chosen (Clauset, Shalizi & Newman 2009). Here all candidates are fitted at once from suffix
 sums of the logs, and the KS distances in blocks of candidates (no Python loop per
-candidate).
+candidate), exactly only for the candidates that a coarse pass at 128 points leaves in the
+running for the smallest.
 
 Correlation traps (large singular values of the element-wise randomised matrix) are not
 computed: they need a second decomposition of every matrix, which would double the cost.
@@ -319,43 +320,96 @@ def fit_power_law(evals: np.ndarray, threshold: float = EVALS_THRESHOLD) -> Powe
                        sigma=(alpha - 1.0) / math.sqrt(count[i]), tail_size=int(count[i]))
 
 
-def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """KS distance of each candidate's fit: max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|.
+_GRID = 128
+"""Columns of the coarse pass of the KS distances (see `_ks_distances`)."""
 
-    Candidates are taken in blocks of rows, in two reused buffers of `_BLOCK` elements; a
-    block of rows [a, b) needs only the columns j >= a, and its entries j < i (all in its
-    first b - a columns, the triangle a block of at most 1/8 of the rows left wastes) are
-    clipped to k = 0, where both CDFs are 0.
+
+def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """KS distance of each candidate's fit, max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|, exactly
+    where it can be the smallest, and a lower bound (at least the smallest) elsewhere.
+
+    The argmin equals that of the exact distances of every candidate, at a fraction of their
+    cost: a coarse pass evaluates each candidate at `_GRID` points of its own tail only (a
+    max over fewer terms: a lower bound, bit for bit the same terms as the exact pass, and
+    exact for a tail of at most `_GRID`); then the candidate with the smallest bound, and
+    every candidate whose bound does not exceed that one's exact distance, get their exact
+    distance (over all their terms). Any other candidate's exact distance is at least its
+    bound, which exceeds a distance already found, so it is not the first minimum.
     """
     size = logs.size
     cands = size - 1
-    out = np.ones(cands)
     inv_n = 1.0 / (size - np.arange(cands, dtype=np.float64))
-    slope = np.where(valid, 1.0 - alphas, 0.0)  # invalid rows are set to 1 below
-    offset = np.arange(cands, dtype=np.float64) * inv_n  # i / n_i
-    cols = np.arange(size, dtype=np.float64)
-    half = max(min(_BLOCK, cands * size), size)  # a block holds at most this many elements
-    work = np.empty(2 * half)
-    a = 0
-    while a < cands:
-        # at most 1/8 of the remaining rows at once, so the clipped triangle wastes little
-        rows = min(_BLOCK // (size - a), max(64, (size - a) // 8))
-        b = min(cands, a + max(1, rows))
-        shape = (b - a, size - a)
-        gap = work[: shape[0] * shape[1]].reshape(shape)
-        frac = work[half: half + shape[0] * shape[1]].reshape(shape)
-        np.subtract(logs[None, a:], logs[a:b, None], out=gap)
-        np.maximum(gap[:, : b - a], 0.0, out=gap[:, : b - a])
-        gap *= slope[a:b, None]
-        np.expm1(gap, out=gap)  # -(fitted CDF)
-        np.multiply(cols[None, a:], inv_n[a:b, None], out=frac)
-        frac -= offset[a:b, None]  # (j - i) / n_i, the empirical CDF
-        np.maximum(frac[:, : b - a], 0.0, out=frac[:, : b - a])
-        gap += frac
-        np.abs(gap, out=gap)
-        out[a:b] = np.where(valid[a:b], gap.max(axis=1), 1.0)
-        a = b
+    terms = _KSTerms(logs, np.where(valid, 1.0 - alphas, 0.0),  # invalid rows are set to 1
+                     np.arange(cands, dtype=np.float64) * inv_n, inv_n,
+                     np.arange(size, dtype=np.float64))
+    every = np.arange(cands)
+    if size <= 2 * _GRID:  # small: exact everywhere
+        return np.where(valid, terms.max_over(every), 1.0)
+    out = np.where(valid, terms.max_sampled(every, _GRID), 1.0)
+    first = int(np.argmin(out))
+    out[first] = terms.max_over(np.array([first]))[0] if valid[first] else 1.0
+    rest = np.flatnonzero((out <= out[first]) & valid & (size - every > _GRID))
+    rest = rest[rest != first]
+    if rest.size:
+        out[rest] = terms.max_over(rest)
     return out
+
+
+class _KSTerms(NamedTuple):
+    """What every term |(x_j/x_i)^(1-α_i) - 1 + (j - i)/n_i| of the KS distances needs."""
+
+    logs: np.ndarray
+    slope: np.ndarray
+    """1 - α_i (0 for an invalid candidate)."""
+    offset: np.ndarray
+    """i / n_i."""
+    inv_n: np.ndarray
+    cols: np.ndarray
+    """0, 1, ..., size - 1 as floats."""
+
+    def _terms(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """|term| of each row at `cols` (shape `(1, c)` or `(rows, c)`); 0 where j < i."""
+        gap = np.subtract(self.logs[cols], self.logs[rows, None])
+        np.maximum(gap, 0.0, out=gap)
+        gap *= self.slope[rows, None]
+        np.expm1(gap, out=gap)  # -(fitted CDF)
+        frac = np.multiply(self.cols[cols], self.inv_n[rows, None])
+        frac -= self.offset[rows, None]  # (j - i) / n_i, the empirical CDF
+        np.maximum(frac, 0.0, out=frac)
+        gap += frac
+        return np.abs(gap, out=gap)
+
+    def max_over(self, rows: np.ndarray) -> np.ndarray:
+        """For each of `rows` (ascending), its exact distance: the largest term over j >= i.
+
+        Rows are taken in blocks of at most `_BLOCK` terms and at most 1/8 of the rows left
+        (a block's columns start at its first row; its triangle j < i is computed and gives
+        0, so it is kept small).
+        """
+        out = np.empty(rows.size)
+        size = self.logs.size
+        a = 0
+        while a < rows.size:
+            start = int(rows[a])
+            share = max(64, (rows.size - a) // 8)
+            b = min(rows.size, a + max(1, min(_BLOCK // (size - start), share)))
+            out[a:b] = self._terms(rows[a:b], np.arange(start, size)[None, :]).max(axis=1)
+            a = b
+        return out
+
+    def max_sampled(self, rows: np.ndarray, points: int) -> np.ndarray:
+        """For each of `rows`, the largest term at `points` evenly spread j of its own tail
+        (its first and last included): a lower bound of its distance, exact for a tail of
+        at most `points`."""
+        out = np.empty(rows.size)
+        steps = np.linspace(0.0, 1.0, points)
+        per = max(1, _BLOCK // points)
+        for a in range(0, rows.size, per):
+            r = rows[a: a + per]
+            last = self.logs.size - 1 - r  # the largest k of each row's tail
+            cols = r[:, None] + np.rint(steps[None, :] * last[:, None]).astype(np.int64)
+            out[a: a + per] = self._terms(r, cols).max(axis=1)
+        return out
 
 
 # ------------------------------------------------------------------ metrics

@@ -141,6 +141,45 @@ def test_fit_equals_weightwatchers_fit_on_the_same_eigenvalues(sample):
     assert ours.tail_size == theirs.data.size
 
 
+def _brute_force_fit(x: np.ndarray) -> tuple[float, float, float]:
+    """(x_min, alpha, D): every candidate fitted and its KS distance computed, one by one."""
+    x = np.sort(x[x > EVALS_THRESHOLD])
+    best = (math.inf, math.nan, math.nan)
+    for i in range(x.size - 1):
+        tail = x[i:]
+        spread = np.sum(np.log(tail / tail[0]))
+        if spread <= 0:
+            continue
+        alpha = 1.0 + tail.size / spread
+        fitted = 1.0 - (tail / tail[0]) ** (1.0 - alpha)
+        d = np.max(np.abs(fitted - np.arange(tail.size) / tail.size))
+        if d < best[0] - 1e-12:  # the first of equal distances, as argmin
+            best = (d, tail[0], alpha)
+    return best[1], best[2], best[0]
+
+
+@pytest.mark.parametrize("sample", ["pareto", "mp_square", "mp_tall", "ties", "heavy"])
+def test_fit_equals_a_brute_force_fit_of_every_candidate(sample):
+    # Above 256 eigenvalues only the candidates a coarse pass leaves in the running get
+    # their exact KS distance: the choice must still be the one of all candidates.
+    rng = np.random.default_rng(11)
+    if sample == "pareto":
+        x = _pareto(rng, 2.5, 1500)
+    elif sample == "mp_square":
+        x = eigenvalues(rng.standard_normal((1, 900, 900)))[0]
+    elif sample == "mp_tall":
+        x = eigenvalues(rng.standard_normal((1, 2000, 500)))[0]
+    elif sample == "ties":
+        x = np.round(_pareto(rng, 3.0, 1200), 1)
+    else:
+        x = eigenvalues(rng.standard_t(2.5, (1, 1200, 800)))[0]
+    xmin, alpha, d = _brute_force_fit(x)
+    ours = fit_power_law(x)
+    assert ours.xmin == xmin
+    assert ours.alpha == pytest.approx(alpha, rel=1e-9)
+    assert ours.ks_distance == pytest.approx(d, rel=1e-9)
+
+
 # ------------------------------------------------------------------ planted spectra
 
 

@@ -492,7 +492,13 @@ def render_spectral(result: SpectralResult) -> str:
     if not result.tensors:
         return "\n".join(out + ["no Dense or convolution kernel in this snapshot"])
     rows = [_spectral_cells(key, m) for key, m in result.tensors.items()]
-    out.append(table(rows, _SPECTRAL_HEADER, right=[2, 3, 4, 5, 6, 7]))
+    header, right = list(_SPECTRAL_HEADER), [2, 3, 4, 5, 6, 7]
+    if any(m.num_traps is not None for m in result.tensors.values()):
+        header.insert(-1, "traps")
+        right.append(8)
+        for row, m in zip(rows, result.tensors.values()):
+            row.insert(-1, "-" if m.num_traps is None else str(m.num_traps))
+    out.append(table(rows, header, right=right))
     return "\n".join(out)
 
 
@@ -508,6 +514,10 @@ def spectral_markdown(step: int, metrics: Mapping[str, SpectralMetrics]) -> str:
     out = [f"**Spectral health at step {step}**: {len(fitted)} of {len(metrics)} kernels have "
            f"an alpha; {len(outside)} outside {low:g}-{high:g} (well-trained layers usually lie "
            "inside)."]
+    trapped = [f"`{k}` ({m.num_traps})" for k, m in metrics.items() if m.has_traps]
+    if trapped:
+        out += ["", "**Correlation traps** (eigenvalues of the shuffled matrix above the "
+                f"Marchenko-Pastur edge: entries of outsized magnitude) in {', '.join(trapped)}."]
     if outside or missing:
         out += ["", "| " + " | ".join(_SPECTRAL_HEADER) + " |",
                 "|" + "---|" * len(_SPECTRAL_HEADER)]

@@ -42,8 +42,17 @@ sums of the logs, and the KS distances in blocks of candidates (no Python loop p
 candidate), exactly only for the candidates that a coarse pass at 128 points leaves in the
 running for the smallest.
 
-Correlation traps (large singular values of the element-wise randomised matrix) are not
-computed: they need a second decomposition of every matrix, which would double the cost.
+Correlation traps (`traps=True`; off by default, as weightwatcher's `randomize=False`): as
+weightwatcher's `analyze(randomize=True)` defines them (`num_traps`, its `rand_num_spikes`),
+the entries of each matrix are shuffled (a random permutation of all its elements, which
+keeps their values and destroys every correlation between them), and the eigenvalues of the
+shuffled matrix above its Marchenko–Pastur bulk edge are counted. Shuffled i.i.d. noise is
+i.i.d. noise again, with none; a few entries of unusually large magnitude stay large after
+the shuffle and make singular values the bulk cannot hold. The edge is the one of
+`mp_spikes` (σ² the mean square, the Tracy–Widom 99% margin), not weightwatcher's fitted
+σ_mp (a kernel-density fit of the bulk), and the permutation is seeded, so the count is
+reproducible; weightwatcher pools 5 shuffles of layers with fewer than 100 eigenvalues, here
+one. The cost is a second set of eigenvalues per matrix: about twice the metrics alone.
 """
 
 from __future__ import annotations
@@ -120,6 +129,15 @@ class SpectralMetrics:
     """Eigenvalues above the Marchenko–Pastur bulk edge of each matrix (see `mp_spikes`)."""
     reason: str | None = None
     """Why alpha (or more) is NaN; None when everything was computed."""
+    num_traps: int | None = None
+    """Correlation traps: eigenvalues of the element-wise shuffled matrices above their
+    Marchenko–Pastur edge (see the module docstring); None when not computed (`traps=False`,
+    or no eigenvalues)."""
+
+    @property
+    def has_traps(self) -> bool:
+        """Whether correlation traps were found (False when not computed)."""
+        return bool(self.num_traps)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -129,15 +147,20 @@ class SpectralMetrics:
 
 
     def to_stats(self) -> dict[str, float]:
-        """The numbers as the snapshot statistics store them (`STAT_NAMES`; NaN kept)."""
-        return {k: float(getattr(self, k)) for k in STAT_NAMES}
+        """The numbers as the snapshot statistics store them (`STAT_NAMES`; NaN kept), and
+        `num_traps` where it was computed."""
+        out = {k: float(getattr(self, k)) for k in STAT_NAMES}
+        if self.num_traps is not None:
+            out["num_traps"] = float(self.num_traps)
+        return out
 
 
 STAT_NAMES = ("spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "alpha",
               "alpha_weighted", "xmin", "ks_distance", "sigma", "tail_size", "num_spikes",
               "num_eigenvalues", "matrices")
 """The `SpectralMetrics` fields stored beside a tensor's statistics in a snapshot file (when
-the callback's `spectral_freq` computed them), under these names."""
+the callback's `spectral_freq` computed them), under these names; `num_traps` too where the
+traps were computed (`spectral_traps`)."""
 
 
 def stored_metric(stats: Mapping[str, Any], name: str) -> float:
@@ -293,6 +316,24 @@ def mp_spikes(evals: np.ndarray, shape: tuple[int, int]) -> int:
     return int(np.count_nonzero(evals > sigma2 * edge))
 
 
+TRAPS_SEED = 0
+"""The seed of the permutation that shuffles a matrix for its correlation traps."""
+
+
+def correlation_traps(matrices: np.ndarray, seed: int = TRAPS_SEED) -> int:
+    """How many eigenvalues of the element-wise shuffled matrices of a `(P, rows, cols)` stack
+    lie above their Marchenko–Pastur edge (`mp_spikes`): weightwatcher's correlation traps.
+
+    Each matrix's entries are permuted at random (seeded: the same count every time), as
+    weightwatcher's `random_eigenvalues` shuffles each of a layer's matrices.
+    """
+    mats = np.asarray(matrices)
+    p, rows, cols = mats.shape
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([rng.permutation(m.reshape(-1)) for m in mats])
+    return mp_spikes(eigenvalues(shuffled.reshape(p, rows, cols)), (rows, cols))
+
+
 # ------------------------------------------------------------------ the power-law fit
 
 
@@ -416,8 +457,8 @@ class _KSTerms(NamedTuple):
 
 
 def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
-                    min_evals: int = MIN_EVALS,
-                    max_evals: int = MAX_EVALS) -> SpectralMetrics | None:
+                    min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+                    traps: bool = False) -> SpectralMetrics | None:
     """The spectral metrics of one weight tensor, or None if it holds no matrices.
 
     The one call per tensor: the callback's worker and `spectral(run)` both use it.
@@ -432,6 +473,8 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
             estimator).
         max_evals: Most eigenvalues per tensor; a larger one gets only `norm` and
             `log_norm`. Defaults to 15,000 (weightwatcher's default).
+        traps: Also count the correlation traps (`num_traps`, see the module docstring),
+            at about the cost of the metrics again. Defaults to False.
 
     Example:
 
@@ -440,12 +483,14 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     >>> m.spectral_norm, m.norm, m.stable_rank, m.reason
     (9.0, 14.0, 1.5555555555555556, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 3')
     """
-    esd = tensor_esd(array, layer_class, name, min_evals=min_evals, max_evals=max_evals)
+    esd = tensor_esd(array, layer_class, name, min_evals=min_evals, max_evals=max_evals,
+                     traps=traps)
     return None if esd is None else esd.metrics
 
 
 def tensor_esd(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
-               min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> ESD | None:
+               min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+               traps: bool = False) -> ESD | None:
     """`tensor_spectral`'s metrics together with the eigenvalues they come from.
 
     Arguments as for `tensor_spectral`. The eigenvalues are None where they were not
@@ -469,12 +514,19 @@ def tensor_esd(array: np.ndarray, layer_class: str | None = None, name: str = "k
     if not np.isfinite(np.einsum("pii->p", gram)).all():
         return _esd(mats, shape, None, None, "the tensor has NaN or Inf values")
     evals = np.maximum(np.linalg.eigvalsh(gram), 0.0)
+    del gram
     usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
+    fit, reason = None, None
     if usable < min_evals:
         reason = (f"alpha needs {min_evals} eigenvalues above {EVALS_THRESHOLD:g}; "
                   f"the ESD has {usable}")
-        return _esd(mats, shape, evals, None, reason)
-    return _esd(mats, shape, evals, fit_power_law(evals), None)
+    else:
+        fit = fit_power_law(evals)
+    esd = _esd(mats, shape, evals, fit, reason)
+    if traps:
+        esd = esd._replace(metrics=dataclasses.replace(
+            esd.metrics, num_traps=correlation_traps(mats)))
+    return esd
 
 
 def _esd(mats: np.ndarray, shape: tuple[int, int], evals: np.ndarray | None,
@@ -525,7 +577,8 @@ def _check_int(name: str, value: Any, least: int) -> None:
 
 
 def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = None, *,
-             min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> SpectralResult:
+             min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+             traps: bool = False) -> SpectralResult:
     """The spectral metrics of every Dense and convolution kernel of a snapshot on disk.
 
     Args:
@@ -533,7 +586,7 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
         step: An int step, `"initial"` or `"last"`. Defaults to `"last"`.
         layers: Only the kernels of these layers (layer paths as the run's weight keys
             spell them, e.g. `"dense"` or `"block/conv"`). Defaults to None: every layer.
-        min_evals, max_evals: As for `tensor_spectral`.
+        min_evals, max_evals, traps: As for `tensor_spectral`.
 
     Example: the README's quickstart run, whose kernels are too small for a fit of alpha.
 
@@ -555,7 +608,7 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
     out: dict[str, SpectralMetrics] = {}
     for t in chosen:
         m = tensor_spectral(run.tensor(t.key, resolved), t.layer_class, t.name,
-                            min_evals=min_evals, max_evals=max_evals)
+                            min_evals=min_evals, max_evals=max_evals, traps=traps)
         if m is not None:
             out[t.key] = m
     return SpectralResult(path=str(run.path), step=int(resolved), tensors=out)

@@ -176,6 +176,11 @@ class WeightWatch(keras.callbacks.Callback):
             8 CPU seconds per 4096x4096 kernel (48 s for 100M parameters), so it is off
             by default. Needs threadpoolctl (`pip install 'keras-weightwatch[spectral]'`).
             Defaults to None (off).
+        spectral_traps: Also count each kernel's correlation traps at those snapshots
+            (`num_traps`, stored with the metrics: eigenvalues of the element-wise shuffled
+            matrix above its Marchenko–Pastur edge, as weightwatcher's
+            `analyze(randomize=True)`), at about twice the cost of the metrics. Needs
+            `spectral_freq`. Defaults to False.
         saliency: Draw where the model looks in each of `sample_images`: a
             method or a list of them among `"vanilla"` (|d score/d pixel|),
             `"smoothgrad"` (vanilla averaged over noisy copies), `"gradcam"`
@@ -248,6 +253,7 @@ class WeightWatch(keras.callbacks.Callback):
         exclude: str | Sequence[str] | None = S.exclude,
         storage_options: Mapping[str, Any] | None = S.storage_options,
         spectral_freq: int | None = S.spectral_freq,
+        spectral_traps: bool = S.spectral_traps,
         saliency: str | Sequence[str] | None = S.saliency,
         saliency_class: int | None = S.saliency_class,
         saliency_layer: str | None = S.saliency_layer,
@@ -267,7 +273,7 @@ class WeightWatch(keras.callbacks.Callback):
             max_queue=max_queue, store_dtype=store_dtype, keep_last=keep_last,
             keep_every=keep_every, include=include, exclude=exclude,
             storage_options=storage_options,
-            spectral_freq=spectral_freq,
+            spectral_freq=spectral_freq, spectral_traps=spectral_traps,
             saliency=saliency,
             saliency_class=saliency_class, saliency_layer=saliency_layer,
             gradient_data=gradient_data, gradient_freq=gradient_freq,

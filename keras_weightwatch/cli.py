@@ -188,11 +188,6 @@ def _cmd_drift(args: argparse.Namespace, stdout: TextIO) -> int:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
     else:
         print(render_drift(result), file=stdout)
-        from .report import render_gradients
-
-        lines = render_gradients(load_run(args.run))
-        if lines:
-            print("\n" + "\n".join(lines), file=stdout)
     return EXIT_OK
 
 
@@ -214,7 +209,7 @@ def _cmd_spectral(args: argparse.Namespace, stdout: TextIO) -> int:
     from .report import render_spectral
 
     run, snap = open_snapshot(args.run, None)
-    result = run.spectral(snap.step)
+    result = run.spectral(snap.step, traps=args.traps)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False), file=stdout)
     else:
@@ -233,6 +228,9 @@ def _add_spectral(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, as RUN or RUN@STEP")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (NaN and Inf as null)")
+    p.add_argument("--traps", action="store_true",
+                   help="also count correlation traps (eigenvalues of the element-wise "
+                   "shuffled matrix above the Marchenko-Pastur edge; about twice the time)")
     p.set_defaults(func=_cmd_spectral)
 
 

@@ -7,13 +7,17 @@ the L2 norm of their row (for several units). Correlated features can trade
 weight between them, so with a sample of the inputs each feature whose
 absolute correlation with another is 0.9 or more is flagged with its
 partner, and standardized weights (weight x the feature's standard
-deviation) put features of different scales side by side.
+deviation) put features of different scales side by side. Where the callback
+ranked by the measured effect on the output instead (`feature_data`, several
+units), the snapshot stores each feature's effect (`effect_stats`) so that a
+diff compares the ranking the table showed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +57,26 @@ class FeatureWeight:
     standardized: float | None = None
     partner: str | None = None
     correlation: float | None = None
+
+
+EFFECT_STAT = "effect/{}"
+"""The name under which a snapshot stores input feature i's measured effect on the output (the
+feature table's ranking with `feature_data`), in the feature kernel's statistics."""
+
+
+def effect_stats(scores: np.ndarray) -> dict[str, float]:
+    """Each feature's effect as the snapshot statistics store it (`EFFECT_STAT`)."""
+    return {EFFECT_STAT.format(i): float(v) for i, v in enumerate(np.asarray(scores).ravel())}
+
+
+def stored_effects(stats: Any, features: int) -> np.ndarray | None:
+    """The effects `effect_stats` stored for `features` features, or None unless all are there."""
+    if not stats:
+        return None
+    values = [stats.get(EFFECT_STAT.format(i)) for i in range(features)]
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
 
 
 def feature_weights(kernel: np.ndarray) -> np.ndarray:

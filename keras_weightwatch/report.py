@@ -208,24 +208,47 @@ GRADIENT_STATS = ("grad_norm", "grad_to_weight")
 
 
 def render_gradients(run: Run, width: int = 24) -> list[str]:
-    """The `gradients` lines of `show` and `drift`: each weight's ||g|| on the probe batch
-    across the snapshots that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
-    have = {key for snap in run.snapshots for key, st in snap.stats.items() if "grad_norm" in st}
-    keys = [s.key for s in run.specs if s.key in have]
-    if not keys:
-        return []
-    rows = []
-    for key in keys:
-        found = [snap.stats[key] for snap in run.snapshots
-                 if "grad_norm" in snap.stats.get(key, {})]
-        norms = [float(st["grad_norm"]) for st in found]
-        ratio = found[-1].get("grad_to_weight")
-        rows.append([key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),
-                     "-" if ratio is None else fmt_g(float(ratio))])
+    """`show`'s `gradients` lines: each weight's ||g|| on the probe batch across the snapshots
+    that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
+    from .compare.records import StoredGradients
+
+    series = []
+    for spec in run.specs:
+        found = [g for g in (StoredGradients.from_stats(snap.stats.get(spec.key))
+                             for snap in run.snapshots) if g is not None]
+        if found:
+            series.append((spec.key, [g.grad_norm for g in found], found[-1].grad_to_weight))
     steps = sum(1 for snap in run.snapshots if any("grad_norm" in st for st in snap.stats.values()))
+    return _gradient_table(series, steps, width)
+
+
+def drift_gradient_lines(result: DriftResult, width: int = 24) -> list[str]:
+    """`drift`'s `gradients` lines, from the gradient statistics the result read: as `show`'s."""
+    series = []
+    has = [False] * len(result.steps)
+    for layer in result.layers:
+        for g in layer.gradients:
+            kept = [i for i, v in enumerate(g.grad_norm) if not math.isnan(v)]
+            if not kept:
+                continue
+            for i in kept:
+                has[i] = True
+            series.append((g.key, [g.grad_norm[i] for i in kept], g.grad_to_weight[kept[-1]]))
+    lines = _gradient_table(series, sum(has), width)
+    return ["", *lines] if lines else []
+
+
+def _gradient_table(series: Sequence[tuple[str, Sequence[float], float]], steps: int,
+                    width: int) -> list[str]:
+    """(key, ||g|| at each snapshot that has it, the last ||g||/||W||) per weight, as a table."""
+    if not series:
+        return []
+    rows = [[key, sparkline(norms, min(width, max(8, len(norms)))), fmt_g(norms[-1]),
+             "-" if math.isnan(ratio) else fmt_g(ratio)] for key, norms, ratio in series]
     return [f"gradients of the loss on the probe batch ({steps} snapshots; one batch: noisy)",
             table(rows, ["key", "||g|| per snapshot", "last ||g||", "||g||/||W||"],
                   right=[2, 3])]
+
 
 # --------------------------------------------------------------------------- diff
 
@@ -248,9 +271,36 @@ def render_diff(result: DiffResult) -> str:
     out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
             "of B's hidden units to A's (a model's outputs and --fixed layers keep their",
             "order); blank where no matching applies"]
+    out += stored_diff_lines(result)
     if result.features is not None:
         out += ["", *_feature_lines(result.features)]
     return "\n".join(out)
+
+
+def _a_to_b(a: float, b: float) -> str:
+    return f"{fmt_num(a)} -> {fmt_num(b)}"
+
+
+def stored_diff_lines(result: DiffResult) -> list[str]:
+    """`diff`'s sections of what both snapshots store beside a tensor: its spectral metrics
+    (`spectral_freq`) and its gradient norms (`gradient_data`), A -> B; [] without any."""
+    out: list[str] = []
+    spectral = [t for t in result.tensors if t.spectral_a is not None and t.spectral_b is not None]
+    if spectral:
+        rows = [[t.name] + [_a_to_b(getattr(t.spectral_a, n), getattr(t.spectral_b, n))
+                            for n in ("alpha", "stable_rank", "spectral_norm", "log_norm")]
+                for t in spectral if t.spectral_a is not None and t.spectral_b is not None]
+        out += ["", "spectral metrics stored in both snapshots, A -> B (alpha 2-6 is usual)",
+                table(rows, ["weight", "alpha", "stable_rank", "spectral_norm", "log_norm"])]
+    grads = [t for t in result.tensors if t.gradients_a is not None and t.gradients_b is not None]
+    if grads:
+        rows = [[t.name] + [_a_to_b(getattr(t.gradients_a, n), getattr(t.gradients_b, n))
+                            for n in ("grad_norm", "grad_to_weight")]
+                for t in grads if t.gradients_a is not None and t.gradients_b is not None]
+        out += ["", "gradient norms on the probe batch stored in both snapshots, A -> B "
+                "(each run's own probe batch)",
+                table(rows, ["weight", "||g||", "||g||/||W||"])]
+    return out
 
 
 def _diff_summary(result: DiffResult) -> str:
@@ -320,9 +370,25 @@ def _tensor_lines(t: TensorDiff, name_w: int) -> list[str]:
     return out
 
 
+_RANKED_BY = {"weight": ("by |weight|", "weight"),
+              "row_norm": ("by the L2 norm of its kernel row over {units} units", "row norm"),
+              "effect": ("by the measured effect on the output (as the runs' tables)", "effect")}
+
+
 def _feature_lines(f: FeatureDiff) -> list[str]:
-    out = [f"top {f.k} input features of {f.key_b} by |weight|, A -> B"
-           + ("" if f.units == 1 else f" (L2 norm over {f.units} units)")]
+    heading, column = _RANKED_BY.get(f.ranked_by, (f.ranked_by, f.ranked_by))
+    out = [f"top {f.k} input features of {f.key_b} {heading.format(units=f.units)}, A -> B"]
+    if f.note:
+        out.append(f"  ({f.note})")
+    if f.rank_changed:
+        summary = [f"rank changed: {', '.join(f.rank_changed)}"]
+        if f.entered:
+            summary.append(f"entered the top {f.k}: {', '.join(f.entered)}")
+        if f.left:
+            summary.append(f"left it: {', '.join(f.left)}")
+        out.append("; ".join(summary))
+    else:
+        out.append(f"the same top {f.k} in the same order")
     rows = []
     for r in f.rows:
         move = "=" if r.move == 0 else f"{r.move:+d}"
@@ -331,8 +397,8 @@ def _feature_lines(f: FeatureDiff) -> list[str]:
             flip = "flipped" if f.units == 1 else f"{r.sign_flips} units flipped"
         rows.append([r.name, str(r.rank_a), str(r.rank_b), move, fmt_g(r.weight_a),
                      fmt_g(r.weight_b), flip])
-    out.append(table(rows, ["feature", "rank A", "rank B", "move", "weight A", "weight B",
-                            "sign"], right=[1, 2, 3, 4, 5]))
+    out.append(table(rows, ["feature", "rank A", "rank B", "move", f"{column} A",
+                            f"{column} B", "sign"], right=[1, 2, 3, 4, 5]))
     return out
 
 
@@ -398,6 +464,7 @@ def render_drift(result: DriftResult) -> str:
         out.append((_fit(layer.name or "(model)", name_w).ljust(name_w)
                     + "".join("  " + c for c in cells)).rstrip())
     out += alpha_lines(result)
+    out += drift_gradient_lines(result)
     return "\n".join(out)
 
 
@@ -428,7 +495,13 @@ def render_spectral(result: SpectralResult) -> str:
     if not result.tensors:
         return "\n".join(out + ["no Dense or convolution kernel in this snapshot"])
     rows = [_spectral_cells(key, m) for key, m in result.tensors.items()]
-    out.append(table(rows, _SPECTRAL_HEADER, right=[2, 3, 4, 5, 6, 7]))
+    header, right = list(_SPECTRAL_HEADER), [2, 3, 4, 5, 6, 7]
+    if any(m.num_traps is not None for m in result.tensors.values()):
+        header.insert(-1, "traps")
+        right.append(8)
+        for row, m in zip(rows, result.tensors.values()):
+            row.insert(-1, "-" if m.num_traps is None else str(m.num_traps))
+    out.append(table(rows, header, right=right))
     return "\n".join(out)
 
 
@@ -444,6 +517,10 @@ def spectral_markdown(step: int, metrics: Mapping[str, SpectralMetrics]) -> str:
     out = [f"**Spectral health at step {step}**: {len(fitted)} of {len(metrics)} kernels have "
            f"an alpha; {len(outside)} outside {low:g}-{high:g} (well-trained layers usually lie "
            "inside)."]
+    trapped = [f"`{k}` ({m.num_traps})" for k, m in metrics.items() if m.has_traps]
+    if trapped:
+        out += ["", "**Correlation traps** (eigenvalues of the shuffled matrix above the "
+                f"Marchenko-Pastur edge: entries of outsized magnitude) in {', '.join(trapped)}."]
     if outside or missing:
         out += ["", "| " + " | ".join(_SPECTRAL_HEADER) + " |",
                 "|" + "---|" * len(_SPECTRAL_HEADER)]

@@ -294,6 +294,8 @@ NEEDS = (
     Needs("response_mode", ("sample_images",), "how the responses to the sample images are made"),
     Needs("response_layers", ("sample_images",), "the layers the sample images are filtered by"),
     Needs("responses_dir", ("sample_images",), "where the response grids are also written"),
+    Needs("spectral_traps", ("spectral_freq",),
+          "whether the spectral metrics count correlation traps"),
     Needs("keep_every", ("keep_last",),
           "which snapshots retention keeps besides the last `keep_last`"),
 )
@@ -360,6 +362,7 @@ class Settings:
         None, check_storage_options, compare=False, repr=False)
     """Handed to fsspec only: never in `get_config()`, the run header, or a message."""
     spectral_freq: int | None = _option(None, spectral_every)
+    spectral_traps: bool = _option(False, boolean)
     saliency: tuple[str, ...] | None = _option(None, saliency_methods)
     saliency_class: int | None = _option(None, optional_index)
     saliency_layer: str | None = _option(None, layer_name)

@@ -39,10 +39,20 @@ eigenvalues >= x_min, and the candidate with the smallest Kolmogorov–Smirnov d
 the fitted CDF 1 - (x / x_min)^(1 - alpha) and the empirical CDF 0, 1/n, ..., (n-1)/n is
 chosen (Clauset, Shalizi & Newman 2009). Here all candidates are fitted at once from suffix
 sums of the logs, and the KS distances in blocks of candidates (no Python loop per
-candidate).
+candidate), exactly only for the candidates that a coarse pass at 128 points leaves in the
+running for the smallest.
 
-Correlation traps (large singular values of the element-wise randomised matrix) are not
-computed: they need a second decomposition of every matrix, which would double the cost.
+Correlation traps (`traps=True`; off by default, as weightwatcher's `randomize=False`): as
+weightwatcher's `analyze(randomize=True)` defines them (`num_traps`, its `rand_num_spikes`),
+the entries of each matrix are shuffled (a random permutation of all its elements, which
+keeps their values and destroys every correlation between them), and the eigenvalues of the
+shuffled matrix above its Marchenko–Pastur bulk edge are counted. Shuffled i.i.d. noise is
+i.i.d. noise again, with none; a few entries of unusually large magnitude stay large after
+the shuffle and make singular values the bulk cannot hold. The edge is the one of
+`mp_spikes` (σ² the mean square, the Tracy–Widom 99% margin), not weightwatcher's fitted
+σ_mp (a kernel-density fit of the bulk), and the permutation is seeded, so the count is
+reproducible; weightwatcher pools 5 shuffles of layers with fewer than 100 eigenvalues, here
+one. The cost is a second set of eigenvalues per matrix: about twice the metrics alone.
 """
 
 from __future__ import annotations
@@ -119,6 +129,15 @@ class SpectralMetrics:
     """Eigenvalues above the Marchenko–Pastur bulk edge of each matrix (see `mp_spikes`)."""
     reason: str | None = None
     """Why alpha (or more) is NaN; None when everything was computed."""
+    num_traps: int | None = None
+    """Correlation traps: eigenvalues of the element-wise shuffled matrices above their
+    Marchenko–Pastur edge (see the module docstring); None when not computed (`traps=False`,
+    or no eigenvalues)."""
+
+    @property
+    def has_traps(self) -> bool:
+        """Whether correlation traps were found (False when not computed)."""
+        return bool(self.num_traps)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,15 +147,20 @@ class SpectralMetrics:
 
 
     def to_stats(self) -> dict[str, float]:
-        """The numbers as the snapshot statistics store them (`STAT_NAMES`; NaN kept)."""
-        return {k: float(getattr(self, k)) for k in STAT_NAMES}
+        """The numbers as the snapshot statistics store them (`STAT_NAMES`; NaN kept), and
+        `num_traps` where it was computed."""
+        out = {k: float(getattr(self, k)) for k in STAT_NAMES}
+        if self.num_traps is not None:
+            out["num_traps"] = float(self.num_traps)
+        return out
 
 
 STAT_NAMES = ("spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "alpha",
               "alpha_weighted", "xmin", "ks_distance", "sigma", "tail_size", "num_spikes",
               "num_eigenvalues", "matrices")
 """The `SpectralMetrics` fields stored beside a tensor's statistics in a snapshot file (when
-the callback's `spectral_freq` computed them), under these names."""
+the callback's `spectral_freq` computed them), under these names; `num_traps` too where the
+traps were computed (`spectral_traps`)."""
 
 
 def stored_metric(stats: Mapping[str, Any], name: str) -> float:
@@ -292,6 +316,24 @@ def mp_spikes(evals: np.ndarray, shape: tuple[int, int]) -> int:
     return int(np.count_nonzero(evals > sigma2 * edge))
 
 
+TRAPS_SEED = 0
+"""The seed of the permutation that shuffles a matrix for its correlation traps."""
+
+
+def correlation_traps(matrices: np.ndarray, seed: int = TRAPS_SEED) -> int:
+    """How many eigenvalues of the element-wise shuffled matrices of a `(P, rows, cols)` stack
+    lie above their Marchenko–Pastur edge (`mp_spikes`): weightwatcher's correlation traps.
+
+    Each matrix's entries are permuted at random (seeded: the same count every time), as
+    weightwatcher's `random_eigenvalues` shuffles each of a layer's matrices.
+    """
+    mats = np.asarray(matrices)
+    p, rows, cols = mats.shape
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([rng.permutation(m.reshape(-1)) for m in mats])
+    return mp_spikes(eigenvalues(shuffled.reshape(p, rows, cols)), (rows, cols))
+
+
 # ------------------------------------------------------------------ the power-law fit
 
 
@@ -319,51 +361,104 @@ def fit_power_law(evals: np.ndarray, threshold: float = EVALS_THRESHOLD) -> Powe
                        sigma=(alpha - 1.0) / math.sqrt(count[i]), tail_size=int(count[i]))
 
 
-def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """KS distance of each candidate's fit: max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|.
+_GRID = 128
+"""Columns of the coarse pass of the KS distances (see `_ks_distances`)."""
 
-    Candidates are taken in blocks of rows, in two reused buffers of `_BLOCK` elements; a
-    block of rows [a, b) needs only the columns j >= a, and its entries j < i (all in its
-    first b - a columns, the triangle a block of at most 1/8 of the rows left wastes) are
-    clipped to k = 0, where both CDFs are 0.
+
+def _ks_distances(logs: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """KS distance of each candidate's fit, max_k |1 - (x_{i+k}/x_i)^(1-α_i) - k/n_i|, exactly
+    where it can be the smallest, and a lower bound (at least the smallest) elsewhere.
+
+    The argmin equals that of the exact distances of every candidate, at a fraction of their
+    cost: a coarse pass evaluates each candidate at `_GRID` points of its own tail only (a
+    max over fewer terms: a lower bound, bit for bit the same terms as the exact pass, and
+    exact for a tail of at most `_GRID`); then the candidate with the smallest bound, and
+    every candidate whose bound does not exceed that one's exact distance, get their exact
+    distance (over all their terms). Any other candidate's exact distance is at least its
+    bound, which exceeds a distance already found, so it is not the first minimum.
     """
     size = logs.size
     cands = size - 1
-    out = np.ones(cands)
     inv_n = 1.0 / (size - np.arange(cands, dtype=np.float64))
-    slope = np.where(valid, 1.0 - alphas, 0.0)  # invalid rows are set to 1 below
-    offset = np.arange(cands, dtype=np.float64) * inv_n  # i / n_i
-    cols = np.arange(size, dtype=np.float64)
-    half = max(min(_BLOCK, cands * size), size)  # a block holds at most this many elements
-    work = np.empty(2 * half)
-    a = 0
-    while a < cands:
-        # at most 1/8 of the remaining rows at once, so the clipped triangle wastes little
-        rows = min(_BLOCK // (size - a), max(64, (size - a) // 8))
-        b = min(cands, a + max(1, rows))
-        shape = (b - a, size - a)
-        gap = work[: shape[0] * shape[1]].reshape(shape)
-        frac = work[half: half + shape[0] * shape[1]].reshape(shape)
-        np.subtract(logs[None, a:], logs[a:b, None], out=gap)
-        np.maximum(gap[:, : b - a], 0.0, out=gap[:, : b - a])
-        gap *= slope[a:b, None]
-        np.expm1(gap, out=gap)  # -(fitted CDF)
-        np.multiply(cols[None, a:], inv_n[a:b, None], out=frac)
-        frac -= offset[a:b, None]  # (j - i) / n_i, the empirical CDF
-        np.maximum(frac[:, : b - a], 0.0, out=frac[:, : b - a])
-        gap += frac
-        np.abs(gap, out=gap)
-        out[a:b] = np.where(valid[a:b], gap.max(axis=1), 1.0)
-        a = b
+    terms = _KSTerms(logs, np.where(valid, 1.0 - alphas, 0.0),  # invalid rows are set to 1
+                     np.arange(cands, dtype=np.float64) * inv_n, inv_n,
+                     np.arange(size, dtype=np.float64))
+    every = np.arange(cands)
+    if size <= 2 * _GRID:  # small: exact everywhere
+        return np.where(valid, terms.max_over(every), 1.0)
+    out = np.where(valid, terms.max_sampled(every, _GRID), 1.0)
+    first = int(np.argmin(out))
+    out[first] = terms.max_over(np.array([first]))[0] if valid[first] else 1.0
+    rest = np.flatnonzero((out <= out[first]) & valid & (size - every > _GRID))
+    rest = rest[rest != first]
+    if rest.size:
+        out[rest] = terms.max_over(rest)
     return out
+
+
+class _KSTerms(NamedTuple):
+    """What every term |(x_j/x_i)^(1-α_i) - 1 + (j - i)/n_i| of the KS distances needs."""
+
+    logs: np.ndarray
+    slope: np.ndarray
+    """1 - α_i (0 for an invalid candidate)."""
+    offset: np.ndarray
+    """i / n_i."""
+    inv_n: np.ndarray
+    cols: np.ndarray
+    """0, 1, ..., size - 1 as floats."""
+
+    def _terms(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """|term| of each row at `cols` (shape `(1, c)` or `(rows, c)`); 0 where j < i."""
+        gap = np.subtract(self.logs[cols], self.logs[rows, None])
+        np.maximum(gap, 0.0, out=gap)
+        gap *= self.slope[rows, None]
+        np.expm1(gap, out=gap)  # -(fitted CDF)
+        frac = np.multiply(self.cols[cols], self.inv_n[rows, None])
+        frac -= self.offset[rows, None]  # (j - i) / n_i, the empirical CDF
+        np.maximum(frac, 0.0, out=frac)
+        gap += frac
+        return np.abs(gap, out=gap)
+
+    def max_over(self, rows: np.ndarray) -> np.ndarray:
+        """For each of `rows` (ascending), its exact distance: the largest term over j >= i.
+
+        Rows are taken in blocks of at most `_BLOCK` terms and at most 1/8 of the rows left
+        (a block's columns start at its first row; its triangle j < i is computed and gives
+        0, so it is kept small).
+        """
+        out = np.empty(rows.size)
+        size = self.logs.size
+        a = 0
+        while a < rows.size:
+            start = int(rows[a])
+            share = max(64, (rows.size - a) // 8)
+            b = min(rows.size, a + max(1, min(_BLOCK // (size - start), share)))
+            out[a:b] = self._terms(rows[a:b], np.arange(start, size)[None, :]).max(axis=1)
+            a = b
+        return out
+
+    def max_sampled(self, rows: np.ndarray, points: int) -> np.ndarray:
+        """For each of `rows`, the largest term at `points` evenly spread j of its own tail
+        (its first and last included): a lower bound of its distance, exact for a tail of
+        at most `points`."""
+        out = np.empty(rows.size)
+        steps = np.linspace(0.0, 1.0, points)
+        per = max(1, _BLOCK // points)
+        for a in range(0, rows.size, per):
+            r = rows[a: a + per]
+            last = self.logs.size - 1 - r  # the largest k of each row's tail
+            cols = r[:, None] + np.rint(steps[None, :] * last[:, None]).astype(np.int64)
+            out[a: a + per] = self._terms(r, cols).max(axis=1)
+        return out
 
 
 # ------------------------------------------------------------------ metrics
 
 
 def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
-                    min_evals: int = MIN_EVALS,
-                    max_evals: int = MAX_EVALS) -> SpectralMetrics | None:
+                    min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+                    traps: bool = False) -> SpectralMetrics | None:
     """The spectral metrics of one weight tensor, or None if it holds no matrices.
 
     The one call per tensor: the callback's worker and `spectral(run)` both use it.
@@ -378,6 +473,8 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
             estimator).
         max_evals: Most eigenvalues per tensor; a larger one gets only `norm` and
             `log_norm`. Defaults to 15,000 (weightwatcher's default).
+        traps: Also count the correlation traps (`num_traps`, see the module docstring),
+            at about the cost of the metrics again. Defaults to False.
 
     Example:
 
@@ -386,12 +483,14 @@ def tensor_spectral(array: np.ndarray, layer_class: str | None = None, name: str
     >>> m.spectral_norm, m.norm, m.stable_rank, m.reason
     (9.0, 14.0, 1.5555555555555556, 'alpha needs 50 eigenvalues above 1e-05; the ESD has 3')
     """
-    esd = tensor_esd(array, layer_class, name, min_evals=min_evals, max_evals=max_evals)
+    esd = tensor_esd(array, layer_class, name, min_evals=min_evals, max_evals=max_evals,
+                     traps=traps)
     return None if esd is None else esd.metrics
 
 
 def tensor_esd(array: np.ndarray, layer_class: str | None = None, name: str = "kernel", *,
-               min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> ESD | None:
+               min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+               traps: bool = False) -> ESD | None:
     """`tensor_spectral`'s metrics together with the eigenvalues they come from.
 
     Arguments as for `tensor_spectral`. The eigenvalues are None where they were not
@@ -415,12 +514,19 @@ def tensor_esd(array: np.ndarray, layer_class: str | None = None, name: str = "k
     if not np.isfinite(np.einsum("pii->p", gram)).all():
         return _esd(mats, shape, None, None, "the tensor has NaN or Inf values")
     evals = np.maximum(np.linalg.eigvalsh(gram), 0.0)
+    del gram
     usable = int(np.count_nonzero(evals > EVALS_THRESHOLD))
+    fit, reason = None, None
     if usable < min_evals:
         reason = (f"alpha needs {min_evals} eigenvalues above {EVALS_THRESHOLD:g}; "
                   f"the ESD has {usable}")
-        return _esd(mats, shape, evals, None, reason)
-    return _esd(mats, shape, evals, fit_power_law(evals), None)
+    else:
+        fit = fit_power_law(evals)
+    esd = _esd(mats, shape, evals, fit, reason)
+    if traps:
+        esd = esd._replace(metrics=dataclasses.replace(
+            esd.metrics, num_traps=correlation_traps(mats)))
+    return esd
 
 
 def _esd(mats: np.ndarray, shape: tuple[int, int], evals: np.ndarray | None,
@@ -471,7 +577,8 @@ def _check_int(name: str, value: Any, least: int) -> None:
 
 
 def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = None, *,
-             min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS) -> SpectralResult:
+             min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
+             traps: bool = False) -> SpectralResult:
     """The spectral metrics of every Dense and convolution kernel of a snapshot on disk.
 
     Args:
@@ -479,7 +586,7 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
         step: An int step, `"initial"` or `"last"`. Defaults to `"last"`.
         layers: Only the kernels of these layers (layer paths as the run's weight keys
             spell them, e.g. `"dense"` or `"block/conv"`). Defaults to None: every layer.
-        min_evals, max_evals: As for `tensor_spectral`.
+        min_evals, max_evals, traps: As for `tensor_spectral`.
 
     Example: the README's quickstart run, whose kernels are too small for a fit of alpha.
 
@@ -501,7 +608,7 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
     out: dict[str, SpectralMetrics] = {}
     for t in chosen:
         m = tensor_spectral(run.tensor(t.key, resolved), t.layer_class, t.name,
-                            min_evals=min_evals, max_evals=max_evals)
+                            min_evals=min_evals, max_evals=max_evals, traps=traps)
         if m is not None:
             out[t.key] = m
     return SpectralResult(path=str(run.path), step=int(resolved), tensors=out)

@@ -45,7 +45,8 @@ def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def write_run(path, snapshots, layers=LAYERS, settings=None) -> str:
-    """Write a run directory without Keras: `snapshots` is a list of (label, step, arrays)."""
+    """Write a run directory without Keras: `snapshots` is a list of (label, step, arrays), or
+    of (label, step, arrays, stats) with the statistics to store (weight key -> name -> number)."""
     first = snapshots[0][2]
     specs = tuple(
         WeightSpec(key=k, path=f"model/{k}", layer=k.rsplit("/", 1)[0], shape=a.shape,
@@ -56,11 +57,11 @@ def write_run(path, snapshots, layers=LAYERS, settings=None) -> str:
                      specs)
     writer = RunWriter.open(str(path), info, settings=settings or {}, versions={}, durable=False)
     try:
-        for label, step, arrays in snapshots:
+        for label, step, arrays, *stats in snapshots:
             snap = Snapshot(step=step, label=label, epoch=None if label == "initial" else step,
                             arrays=dict(arrays),
                             logs={"loss": 1.0 / (step + 2)})
-            writer.commit_snapshot(snap, writer.store_tensors(snap))
+            writer.commit_snapshot(snap, writer.store_tensors(snap), *stats)
     finally:
         writer.close()
     return str(path)

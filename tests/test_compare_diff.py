@@ -164,3 +164,90 @@ def test_non_finite_values_are_counted_and_flagged(tmp_path):
     same = diff_runs(b, b).tensor("dense/kernel")
     assert same.identical and (same.nonfinite_a, same.nonfinite_b) == (3, 3)
     assert "NON-FINITE: dense/kernel holds 3 NaN/Inf in A, 3 in B" in render_diff(diff_runs(b, b))
+
+
+def _stored(arrays, spectral=True, gradients=True, seed=0):
+    """Statistics a callback would store: each kernel's spectral metrics (from `spectral`) and
+    planted gradient norms of every weight."""
+    from keras_weightwatch.spectral import tensor_spectral
+
+    rng = np.random.default_rng(seed)
+    layer_class = dict(LAYERS)
+    stats = {}
+    for key, a in arrays.items():
+        st = {}
+        m = tensor_spectral(a, layer_class[key.split("/")[0]], key.split("/")[1])
+        if spectral and m is not None:
+            st.update(m.to_stats())
+        if gradients:
+            g = float(rng.uniform(0.1, 1.0))
+            w = float(np.linalg.norm(a))
+            st.update(grad_norm=g, **({"grad_to_weight": g / w} if w else {}))
+        stats[key] = st
+    return stats
+
+
+def test_diff_shows_the_spectral_and_gradient_numbers_both_snapshots_store(tmp_path):
+    import json
+    import math
+
+    from compare_runs import cli
+
+    snaps = epochs(3)
+    planted = [(label, step, arrays, _stored(arrays, seed=i))
+               for i, (label, step, arrays) in enumerate(snaps)]
+    planted[1] = planted[1][:3] + (_stored(planted[1][2], spectral=False, seed=1),)
+    path = write_run(tmp_path / "run", planted)
+    run = load_run(path)
+    result = diff_runs(f"{path}@initial", f"{path}@1")
+    a, b = run.snapshot("initial").stats, run.snapshot(1).stats
+    kernels = {"conv1/kernel", "conv2/kernel", "dense/kernel", "out/kernel"}
+    for t in result.tensors:
+        assert t.gradients_a.grad_norm == a[t.name]["grad_norm"]
+        assert t.gradients_b.grad_to_weight == b[t.name]["grad_to_weight"]
+        ratio_a = a[t.name].get("grad_to_weight", math.nan)  # absent where ||W|| = 0
+        assert t.gradients_a.grad_to_weight == ratio_a or math.isnan(ratio_a)
+        if t.name not in kernels:
+            assert t.spectral_a is None and t.spectral_b is None
+            continue
+        for name in ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_norm"):
+            for got, stats in ((getattr(t.spectral_a, name), a), (getattr(t.spectral_b, name), b)):
+                want = stats[t.name][name]
+                missing = want is None or math.isnan(want)  # not computable: null or NaN
+                assert got == want or (missing and math.isnan(got)), (t.name, name)
+    dense = result.tensor("dense/kernel")
+    assert dense.spectral_a.spectral_norm == pytest.approx(
+        np.linalg.norm(snaps[0][2]["dense/kernel"].astype(np.float64), 2) ** 2, rel=1e-12)
+    assert math.isnan(dense.spectral_a.alpha)  # 5 eigenvalues: no fit, stored as null
+    # JSON: the same numbers, NaN spelled "NaN"; a snapshot without spectral metrics: null.
+    code, out, _ = cli("diff", f"{path}@initial", f"{path}@1", "--json")
+    doc = {t["name"]: t for t in json.loads(out)["tensors"]}
+    assert doc["dense/kernel"]["spectral_a"]["stable_rank"] == a["dense/kernel"]["stable_rank"]
+    assert doc["dense/kernel"]["spectral_a"]["alpha"] == "NaN"
+    assert doc["dense/kernel"]["gradients_b"]["grad_norm"] == b["dense/kernel"]["grad_norm"]
+    mid = diff_runs(f"{path}@0", f"{path}@1")
+    assert all(t.spectral_a is None for t in mid.tensors)
+    assert all(t.gradients_a is not None for t in mid.tensors)
+    # Text: the spectral section only where both store them; gradients A -> B.
+    text = render_diff(result)
+    section = text.split("spectral metrics stored in both snapshots", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("dense/kernel "))
+    sr_a, sr_b = a["dense/kernel"]["stable_rank"], b["dense/kernel"]["stable_rank"]
+    cells = row.split()
+    assert cells[1:4] == ["NaN", "->", "NaN"]
+    assert float(cells[4]) == pytest.approx(sr_a, rel=1e-3)
+    assert float(cells[6]) == pytest.approx(sr_b, rel=1e-3)
+    grads = text.split("gradient norms on the probe batch", 1)[1]
+    row = next(line for line in grads.splitlines() if line.startswith("conv1/bias "))
+    assert float(row.split()[1]) == pytest.approx(a["conv1/bias"]["grad_norm"], rel=1e-3)
+    assert "spectral metrics stored" not in render_diff(mid)
+    assert "gradient norms on the probe batch" in render_diff(mid)
+
+
+def test_diff_of_runs_without_stored_numbers_has_none(run_dir):
+    result = diff_runs(f"{run_dir}@initial", run_dir)
+    assert all(t.spectral_a is t.spectral_b is t.gradients_a is t.gradients_b is None
+               for t in result.tensors)
+    assert all(t.to_json()["spectral_a"] is None for t in result.tensors)
+    text = render_diff(result)
+    assert "spectral metrics stored" not in text and "gradient norms on" not in text

@@ -110,3 +110,76 @@ def test_drift_memory_does_not_grow_with_the_number_of_snapshots(tmp_path):
 
     chunk = hash_stream.__defaults__[0]
     assert peaks[60, True] < peaks[60, False] + chunk + snapshot_bytes / 4
+
+
+def _with_gradients(snaps, every=2, seed=5):
+    """`snaps` with planted gradient statistics for every weight at every `every`-th snapshot."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (label, step, arrays) in enumerate(snaps):
+        stats = {}
+        if i % every == 0:
+            for key, a in arrays.items():
+                g = float(rng.uniform(0.1, 2.0))
+                w = float(np.linalg.norm(a.astype(np.float64)))
+                stats[key] = {"grad_norm": g, **({"grad_to_weight": g / w} if w else {})}
+        out.append((label, step, arrays, stats))
+    return out
+
+
+def test_drift_reads_the_stored_gradient_statistics_per_weight(tmp_path):
+    import json
+    import math
+
+    from compare_runs import cli
+
+    from keras_weightwatch import load_run
+    from keras_weightwatch.report import render_drift
+
+    path = write_run(tmp_path / "run", _with_gradients(epochs(4)))
+    run = load_run(path)
+    d = drift(path)
+    assert d.steps == ("initial", "0", "1", "2")
+    seen = set()
+    for layer in d.layers:
+        keys = [s.key for s in run.specs if s.layer == layer.name]
+        assert [g.key for g in layer.gradients] == keys
+        for g in layer.gradients:
+            seen.add(g.key)
+            for i, snap in enumerate(run.snapshots):
+                st = snap.stats.get(g.key, {})
+                assert ("grad_norm" in st) == (i % 2 == 0)
+                want = st.get("grad_norm", math.nan)
+                ratio = st.get("grad_to_weight", math.nan)
+                assert g.grad_norm[i] == want or (math.isnan(want) and math.isnan(g.grad_norm[i]))
+                assert g.grad_to_weight[i] == ratio or (math.isnan(ratio)
+                                                       and math.isnan(g.grad_to_weight[i]))
+    assert seen == {s.key for s in run.specs}
+    # The zero bias has ||W|| = 0: no ratio stored, NaN in the record, "NaN" in JSON.
+    bias = next(g for layer in d.layers for g in layer.gradients if g.key == "conv1/bias")
+    assert math.isnan(bias.grad_to_weight[0]) and not math.isnan(bias.grad_norm[0])
+    code, out, _ = cli("drift", path, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc == json.loads(json.dumps(d.to_json()))
+    dense = next(x for x in doc["layers"] if x["name"] == "dense")["gradients"][0]
+    assert dense["key"] == "dense/kernel" and dense["grad_norm"][1] == "NaN"
+    assert dense["grad_norm"][2] == run.snapshot(1).stats["dense/kernel"]["grad_norm"]
+    # The text: one row per weight with its last stored ||g|| and ||g||/||W||.
+    text = render_drift(d)
+    assert "gradients of the loss on the probe batch (2 snapshots" in text
+    code, out, _ = cli("drift", path)
+    assert out.rstrip("\n") == text
+    row = next(line for line in text.splitlines() if line.startswith("dense/kernel "))
+    last = run.snapshot(1).stats["dense/kernel"]
+    assert float(row.split()[-2]) == pytest.approx(last["grad_norm"], rel=1e-3)
+    assert float(row.split()[-1]) == pytest.approx(last["grad_to_weight"], rel=1e-3)
+
+
+def test_drift_without_stored_gradients_has_no_gradient_section(run_dir):
+    from keras_weightwatch.report import render_drift
+
+    d = drift(run_dir)
+    assert all(layer.gradients == () for layer in d.layers)
+    assert all(x["gradients"] == [] for x in d.to_json()["layers"])
+    assert "gradients of the loss" not in render_drift(d)

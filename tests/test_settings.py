@@ -96,6 +96,10 @@ def test_bad_arguments_raise_in_init(tmp_path, kwargs, error, match):
     ({"keep_every": 4}, "`keep_every` sets which snapshots retention keeps besides the last "
      "`keep_last` and does nothing without `keep_last`; pass it or leave `keep_every` out. "
      "Received: keep_every=4, keep_last=None", {"keep_last": 2}),
+    ({"spectral_traps": True}, "`spectral_traps` sets whether the spectral metrics count "
+     "correlation traps and does nothing without `spectral_freq`; pass it or leave "
+     "`spectral_traps` out. Received: spectral_traps=True, spectral_freq=None",
+     {"spectral_freq": 1}),
 ])
 def test_an_option_that_would_do_nothing_alone_is_refused(tmp_path, kwargs, message, partner):
     from keras_weightwatch.settings import NEEDS
@@ -114,7 +118,7 @@ def test_every_option_that_needs_another_is_tested():
     from keras_weightwatch.settings import NEEDS
 
     tested = {"top_k", "max_kernel_tiles", "response_mode", "response_layers", "responses_dir",
-              "keep_every"}
+              "keep_every", "spectral_traps"}
     assert {n.option for n in NEEDS} == tested
 
 

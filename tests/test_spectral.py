@@ -141,6 +141,45 @@ def test_fit_equals_weightwatchers_fit_on_the_same_eigenvalues(sample):
     assert ours.tail_size == theirs.data.size
 
 
+def _brute_force_fit(x: np.ndarray) -> tuple[float, float, float]:
+    """(x_min, alpha, D): every candidate fitted and its KS distance computed, one by one."""
+    x = np.sort(x[x > EVALS_THRESHOLD])
+    best = (math.inf, math.nan, math.nan)
+    for i in range(x.size - 1):
+        tail = x[i:]
+        spread = np.sum(np.log(tail / tail[0]))
+        if spread <= 0:
+            continue
+        alpha = 1.0 + tail.size / spread
+        fitted = 1.0 - (tail / tail[0]) ** (1.0 - alpha)
+        d = np.max(np.abs(fitted - np.arange(tail.size) / tail.size))
+        if d < best[0] - 1e-12:  # the first of equal distances, as argmin
+            best = (d, tail[0], alpha)
+    return best[1], best[2], best[0]
+
+
+@pytest.mark.parametrize("sample", ["pareto", "mp_square", "mp_tall", "ties", "heavy"])
+def test_fit_equals_a_brute_force_fit_of_every_candidate(sample):
+    # Above 256 eigenvalues only the candidates a coarse pass leaves in the running get
+    # their exact KS distance: the choice must still be the one of all candidates.
+    rng = np.random.default_rng(11)
+    if sample == "pareto":
+        x = _pareto(rng, 2.5, 1500)
+    elif sample == "mp_square":
+        x = eigenvalues(rng.standard_normal((1, 900, 900)))[0]
+    elif sample == "mp_tall":
+        x = eigenvalues(rng.standard_normal((1, 2000, 500)))[0]
+    elif sample == "ties":
+        x = np.round(_pareto(rng, 3.0, 1200), 1)
+    else:
+        x = eigenvalues(rng.standard_t(2.5, (1, 1200, 800)))[0]
+    xmin, alpha, d = _brute_force_fit(x)
+    ours = fit_power_law(x)
+    assert ours.xmin == xmin
+    assert ours.alpha == pytest.approx(alpha, rel=1e-9)
+    assert ours.ks_distance == pytest.approx(d, rel=1e-9)
+
+
 # ------------------------------------------------------------------ planted spectra
 
 
@@ -317,3 +356,57 @@ def test_spectral_rejects_unknown_layers(tmp_path):
         spectral(tmp_path / "run", layers=["nope"])
     with pytest.raises(TypeError, match="Received: layers='hidden'"):
         spectral(tmp_path / "run", layers="hidden")
+
+
+# ------------------------------------------------------------------ correlation traps
+
+
+@pytest.mark.parametrize("layer_class, shape", [
+    ("Dense", (400, 200)), ("Dense", (256, 256)), ("Dense", (64, 700)),
+    ("Conv2D", (3, 3, 64, 32)),
+])
+def test_iid_noise_has_no_correlation_trap(layer_class, shape):
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        for a in (rng.standard_normal(shape), rng.laplace(size=shape), rng.uniform(-1, 1, shape)):
+            m = tensor_spectral(a * 0.05, layer_class, traps=True)
+            assert m.num_traps == 0 and not m.has_traps, (seed, shape)
+
+
+@pytest.mark.parametrize("planted", [1, 3, 5])
+def test_a_few_outsized_entries_are_correlation_traps(planted):
+    rng = np.random.default_rng(planted)
+    w = rng.standard_normal((400, 200)) * 0.05
+    where = rng.choice(w.size, planted, replace=False)
+    w.flat[where] = 2.5 * rng.choice([-1.0, 1.0], planted)  # 50 sigma
+    m = tensor_spectral(w, "Dense", traps=True)
+    # Each outsized entry x is a rank-one spike x² of the shuffled matrix too, above the edge
+    # (x > (NM)^(1/4) σ): one trap per entry. The same count from the SVD of a shuffle.
+    assert m.num_traps == planted and m.has_traps
+    shuffled = rng.permutation(w.reshape(-1)).reshape(w.shape)
+    sv2 = np.linalg.svd(shuffled, compute_uv=False) ** 2
+    sigma2 = np.mean(w * w)
+    assert np.count_nonzero(sv2 > sigma2 * (math.sqrt(400) + math.sqrt(200)) ** 2) == planted
+    assert m.to_stats()["num_traps"] == planted
+    # Off by default: not computed, not stored.
+    off = tensor_spectral(w, "Dense")
+    assert off.num_traps is None and "num_traps" not in off.to_stats()
+
+
+def test_a_low_rank_signal_is_a_spike_but_not_a_trap():
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal((400, 200))
+    u, _ = np.linalg.qr(rng.standard_normal((400, 2)))
+    v, _ = np.linalg.qr(rng.standard_normal((200, 2)))
+    w = noise + (u * [80.0, 60.0]) @ v.T
+    m = tensor_spectral(w, "Dense", traps=True)
+    assert m.num_spikes == 2 and m.num_traps == 0
+
+
+def test_traps_of_a_convolution_shuffle_each_kernel_position():
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((3, 3, 64, 32)) * 0.05
+    k[1, 2, 5, 7] = 3.0  # one outsized entry at one position
+    m = tensor_spectral(k, "Conv2D", traps=True)
+    assert m.num_traps == 1
+    assert tensor_spectral(k, "Conv2D", traps=True).num_traps == 1  # seeded: reproducible

@@ -157,6 +157,18 @@ def test_quickstart_ranks_noise_last_in_both_seeds(tmp_path, seed):
     w = run.weights(run.epochs[-1])
     effect = np.abs(w["hidden/kernel"].astype(np.float64) @ w["out/kernel"])[:, 0] * x.std(0)
     assert ranked == [names[i] for i in np.argsort(-effect)]
+    # The snapshot stores the effects (the scalars' values), and diff ranks by them.
+    from keras_weightwatch import diff_runs
+
+    acc = _acc(run.path)
+    last = run.epochs[-1]
+    stored = run.snapshot(last).stats["hidden/kernel"]
+    for i, n in enumerate(names):
+        assert stored[f"effect/{i}"] == pytest.approx(
+            float(_values(acc, f"features/hidden/{n}")[last]), rel=1e-6)
+    f = diff_runs(run, run, step_a="initial").features
+    assert f.ranked_by == "effect"
+    assert [r.name for r in f.rows][:4] == ranked
 
 
 def _planted(irrelevant_weight=5.0):

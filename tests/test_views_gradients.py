@@ -57,6 +57,10 @@ def _fd_norms(w, x, y, eps=1e-6):
 KEYS = ["hid/kernel", "hid/bias", "out/kernel", "out/bias"]
 
 
+def last_stats(run):
+    return run.snapshots[-1].stats
+
+
 def test_stored_gradient_norms_match_finite_differences(tmp_path):
     x, y = _probe()
     model = _tanh_mlp()
@@ -133,6 +137,18 @@ def test_show_prints_the_gradient_norms(tmp_path):
         cells = row.split()
         assert float(cells[-2]) == pytest.approx(last["grad_norm"], rel=1e-3)
         assert float(cells[-1]) == pytest.approx(last["grad_to_weight"], rel=1e-3)
+    # drift and diff read the same stored numbers.
+    from keras_weightwatch import diff_runs, drift
+
+    d = drift(run)
+    for g in (g for layer in d.layers for g in layer.gradients):
+        assert g.grad_norm == tuple(s.stats[g.key]["grad_norm"] for s in run.snapshots)
+    assert {g.key for layer in d.layers for g in layer.gradients} == set(KEYS)
+    result = diff_runs(run, run, step_a="initial")
+    for key in KEYS:
+        t = result.tensor(key)
+        assert t.gradients_a.grad_norm == run.snapshot("initial").stats[key]["grad_norm"]
+        assert t.gradients_b.grad_to_weight == last_stats(run)[key]["grad_to_weight"]
     # A run without gradient_data has no such section.
     model.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "plain")])
     assert render_gradients(load_run(tmp_path / "plain")) == []

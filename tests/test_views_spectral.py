@@ -121,6 +121,24 @@ def test_drift_and_show_read_the_stored_alpha(fitted):
     assert "spectral  at 1 (stored at initial, 1" in render_show(load_run(run))
 
 
+def test_diff_reads_the_stored_spectral_metrics_of_both_snapshots(fitted):
+    from keras_weightwatch import diff_runs
+
+    run, _ = fitted
+    r = load_run(run)
+    result = diff_runs(f"{run}@initial", f"{run}@1")
+    for key in ("h1/kernel", "h2/kernel", "out/kernel"):
+        t = result.tensor(key)
+        for got, step in ((t.spectral_a, -1), (t.spectral_b, 1)):
+            stored = r.snapshot(step).stats[key]
+            for name in ("alpha", "stable_rank", "spectral_norm", "log_norm"):
+                v = getattr(got, name)
+                assert v == stored[name] or (math.isnan(v) and math.isnan(stored[name]))
+    assert math.isfinite(result.tensor("h1/kernel").spectral_b.alpha)
+    assert result.tensor("h1/bias").spectral_a is None
+    assert diff_runs(f"{run}@0", f"{run}@1").tensor("h1/kernel").spectral_a is None
+
+
 def test_cli_spectral_json_equals_the_records(fitted):
     run, _ = fitted
     out = io.StringIO()
@@ -143,3 +161,43 @@ def test_cli_spectral_json_equals_the_records(fitted):
 def test_bad_spectral_freq_raises_in_init(tmp_path, value, error, match):
     with pytest.raises(error, match=match):
         WeightWatch(tmp_path / "run", spectral_freq=value)
+
+
+def test_spectral_traps_are_stored_written_and_printed(tmp_path):
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    weights = model.get_weights()
+    weights[0][3, 5] = 40.0  # one outsized entry of h1's kernel: a trap
+    model.set_weights(weights)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64)).astype("float32")
+    run = str(tmp_path / "run")
+    model.fit(x, np.zeros((16, 10), "float32"), epochs=1, verbose=0, callbacks=[
+        WeightWatch(run, histograms=False, kernel_images=False, spectral_freq=1,
+                    spectral_traps=True)])
+    r = load_run(run)
+    stats = r.snapshots[-1].stats
+    assert stats["h1/kernel"]["num_traps"] >= 1 and stats["h2/kernel"]["num_traps"] == 0
+    again = spectral(r, traps=True).tensors
+    assert {k: float(m.num_traps) for k, m in again.items()} == {
+        k: stats[k]["num_traps"] for k in again}
+    acc = _acc(run)
+    assert float(_values(acc, "h1/kernel/num_traps")[0]) == stats["h1/kernel"]["num_traps"]
+    assert "**Correlation traps**" in _values(acc, "spectral/summary")[0].item().decode()
+    out = io.StringIO()
+    assert main(["spectral", run, "--traps", "--json"], stdout=out) == 0
+    doc = json.loads(out.getvalue())["tensors"]
+    assert doc["h1/kernel"]["num_traps"] == stats["h1/kernel"]["num_traps"]
+    out = io.StringIO()
+    assert main(["spectral", run, "--traps"], stdout=out) == 0
+    header = next(line for line in out.getvalue().splitlines() if line.startswith("weight "))
+    assert "traps" in header.split()
+    # Without --traps: not computed, no column.
+    out = io.StringIO()
+    assert main(["spectral", run, "--json"], stdout=out) == 0
+    assert json.loads(out.getvalue())["tensors"]["h1/kernel"]["num_traps"] is None
+
+
+def test_spectral_traps_need_spectral_freq(tmp_path):
+    with pytest.raises(ValueError, match="spectral_traps"):
+        WeightWatch(tmp_path / "run", spectral_traps=True)

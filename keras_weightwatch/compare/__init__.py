@@ -1,7 +1,8 @@
 """Compare the weights of two runs, or of two snapshots of one run: pure numpy.
 
 - `records`: what a comparison returns (`TensorDiff`, `LayerDiff`, `FeatureMove`,
-  `FeatureDiff`, `DiffResult`, `LayerDrift`, `DriftResult`) and the statuses.
+  `FeatureDiff`, `DiffResult`, `LayerDrift`, `DriftResult`, the stored spectral and
+  gradient numbers) and the statuses.
 - `inputs`: `RUN@STEP` targets, open runs, argument checks.
 - `plan`: the pure-data plan of a diff (tensors by layer, status, units axis, feeds).
 - `diff`: `diff_runs`, which executes the plan layer by layer.
@@ -27,7 +28,10 @@ from .records import (
     FeatureMove,
     LayerDiff,
     LayerDrift,
+    StoredGradients,
+    StoredSpectral,
     TensorDiff,
+    TensorGradients,
 )
 
 __all__ = [
@@ -45,7 +49,10 @@ __all__ = [
     "FeatureMove",
     "LayerDiff",
     "LayerDrift",
+    "StoredGradients",
+    "StoredSpectral",
     "TensorDiff",
+    "TensorGradients",
     "diff_runs",
     "drift",
     "split_target",

@@ -3,7 +3,8 @@
 `diff_runs(a, b)` compares every weight tensor of snapshot A with the tensor of
 the same key in snapshot B: relative change ||B - A|| / ||A||, cosine
 similarity, max |B - A|, RMS difference, and whether it is unchanged
-(bit-identical, or within a tolerance). It first plans (`plan.make_plan`: the
+(bit-identical, or within a tolerance), with the spectral metrics and gradient
+norms each snapshot stores beside the tensor. It first plans (`plan.make_plan`: the
 tensors grouped by layer, their status, their units axis, which layers feed
 each layer), then executes the plan layer by layer, carrying the matching of
 units along the graph (`matching`).
@@ -48,6 +49,8 @@ from .records import (
     STATUS_UNCHANGED,
     DiffResult,
     LayerDiff,
+    StoredGradients,
+    StoredSpectral,
     TensorDiff,
 )
 
@@ -193,7 +196,7 @@ def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
     out = carried_out(carry, perm, kernel is not None, [t.shape_a or () for t in compared])
     return LayerDiff(
         name=plan.name,
-        tensors=tuple(diffs[t.key] for t in plan.tensors),
+        tensors=tuple(_with_stored(ctx, diffs[t.key]) for t in plan.tensors),
         rel_l2=raw_total.rel_l2() if compared else None,
         cosine=raw_total.cosine() if compared else None,
         matched_cosine=matched_total.cosine() if any_matched else None,
@@ -246,6 +249,17 @@ def _reduce_other(ctx: _Context, t: TensorPlan, align: Perm | None) -> _Reduced:
     ):
         return _Reduced(identical, s, pair_sums(a2, b2, rows=align))
     return _Reduced(identical, s)
+
+
+def _with_stored(ctx: _Context, t: TensorDiff) -> TensorDiff:
+    """`t` with the spectral metrics and gradient statistics each snapshot stores for it."""
+    stats_a = ctx.snap_a.stats.get(t.name) if t.shape_a is not None else None
+    stats_b = ctx.snap_b.stats.get(t.name) if t.shape_b is not None else None
+    return dataclasses.replace(
+        t, spectral_a=StoredSpectral.from_stats(stats_a),
+        spectral_b=StoredSpectral.from_stats(stats_b),
+        gradients_a=StoredGradients.from_stats(stats_a),
+        gradients_b=StoredGradients.from_stats(stats_b))
 
 
 def _structural(t: TensorPlan, layer: str) -> TensorDiff:

@@ -2,13 +2,15 @@
 
 `drift(run)` reduces, per layer, ||W_t - W_prev|| / ||W_prev|| and
 ||W_t - W_0|| / ||W_0|| for every snapshot after the first, one tensor at a
-time, memory-mapped and in float64 chunks (`reductions`), and the spectral alpha
-of each layer's kernel that the snapshots store (`spectral_freq`). It streams: however
+time, memory-mapped and in float64 chunks (`reductions`), and reads what the
+snapshots store beside the weights: the spectral alpha of each layer's kernel
+(`spectral_freq`) and the gradient norms of its weights (`gradient_data`). It streams: however
 long the run, it holds three tensors of one weight and two floats per snapshot.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -19,7 +21,7 @@ from ..reductions import Sums, as_2d, pair_sums, self_sums
 from ..run import Run, SnapshotRecord, load_run
 from ..spectral import stored_metric
 from .inputs import compile_layer, load
-from .records import DriftResult, LayerDrift
+from .records import DriftResult, LayerDrift, StoredGradients, TensorGradients
 
 
 def drift(
@@ -104,6 +106,7 @@ def _layer_drift(run: Run, snaps: Sequence[SnapshotRecord], name: str, keys: Seq
         step_change=tuple(Sums(saa=saa, sdd=sdd).rel_l2() for saa, sdd in step.T),
         from_initial=tuple(Sums(saa=saa, sdd=sdd).rel_l2() for saa, sdd in total.T),
         alpha=stored_alpha(snaps, keys),
+        gradients=stored_gradients(snaps, keys),
     )
 
 
@@ -115,3 +118,19 @@ def stored_alpha(snaps: Sequence[SnapshotRecord], keys: Sequence[str]) -> tuple[
         if any(key in s.stats and "alpha" in s.stats[key] for s in snaps):
             return alpha
     return None
+
+
+def stored_gradients(snaps: Sequence[SnapshotRecord], keys: Sequence[str]
+                     ) -> tuple[TensorGradients, ...]:
+    """The gradient statistics stored for each of `keys` that has them at some snapshot, per
+    snapshot (NaN where absent)."""
+    out = []
+    for key in keys:
+        found = [StoredGradients.from_stats(s.stats.get(key)) for s in snaps]
+        if all(g is None for g in found):
+            continue
+        out.append(TensorGradients(
+            key=key,
+            grad_norm=tuple(math.nan if g is None else g.grad_norm for g in found),
+            grad_to_weight=tuple(math.nan if g is None else g.grad_to_weight for g in found)))
+    return tuple(out)

@@ -30,6 +30,55 @@ def json_num(v: Any) -> Any:
     return v
 
 
+def _stored(stats: Any, name: str) -> float:
+    """One stored number of a tensor's statistics; NaN when null (a metric not computable)."""
+    v = stats.get(name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSpectral:
+    """The spectral metrics a snapshot stores beside a kernel (the callback's `spectral_freq`).
+
+    NaN where the metric could not be computed (alpha of a kernel with too few eigenvalues).
+    """
+
+    alpha: float
+    alpha_weighted: float
+    stable_rank: float
+    spectral_norm: float
+    log_norm: float
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> StoredSpectral | None:
+        """From one tensor's stored statistics; None when that snapshot has no spectral metrics."""
+        if not stats or "spectral_norm" not in stats:
+            return None
+        return cls(*(_stored(stats, f.name) for f in dataclasses.fields(cls)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: json_num(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredGradients:
+    """The gradient statistics a snapshot stores beside a weight (the callback's
+    `gradient_data`): ||g|| on the probe batch and ||g|| / ||W|| (NaN where ||W|| = 0)."""
+
+    grad_norm: float
+    grad_to_weight: float
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> StoredGradients | None:
+        """From one tensor's stored statistics; None when that snapshot has no gradients."""
+        if not stats or "grad_norm" not in stats:
+            return None
+        return cls(_stored(stats, "grad_norm"), _stored(stats, "grad_to_weight"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: json_num(v) for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorDiff:
     """How one weight tensor differs between snapshot A and snapshot B.
@@ -68,6 +117,12 @@ class TensorDiff:
         input_order: The order of B's inputs (the axis before the units)
             aligned with A's by the matching of the layers that feed this
             kernel, or None where none was carried; not in `to_json()`.
+        spectral_a: The spectral metrics snapshot A stores for this tensor
+            (`spectral_freq`), or None where it stores none.
+        spectral_b: The same in snapshot B.
+        gradients_a: The gradient statistics snapshot A stores for this
+            tensor (`gradient_data`), or None where it stores none.
+        gradients_b: The same in snapshot B.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -100,6 +155,10 @@ class TensorDiff:
     units_fixed: bool = False
     unit_order: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
     input_order: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    spectral_a: StoredSpectral | None = None
+    spectral_b: StoredSpectral | None = None
+    gradients_a: StoredGradients | None = None
+    gradients_b: StoredGradients | None = None
 
     @property
     def compared(self) -> bool:
@@ -111,12 +170,17 @@ class TensorDiff:
         return self.status == STATUS_UNCHANGED
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        del d["unit_order"], d["input_order"]
+        stored = ("spectral_a", "spectral_b", "gradients_a", "gradients_b")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("unit_order", "input_order", *stored)}
         for k in ("shape_a", "shape_b"):
             d[k] = None if d[k] is None else list(d[k])
         d["unchanged"] = self.unchanged
-        return {k: json_num(v) for k, v in d.items()}
+        out = {k: json_num(v) for k, v in d.items()}
+        for k in stored:
+            record = getattr(self, k)
+            out[k] = None if record is None else record.to_json()
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +239,11 @@ class FeatureMove:
 
     Attributes:
         name: The feature's name.
-        rank_a: Its rank by |weight| in A (1 = largest).
+        rank_a: Its rank in A (1 = largest), by what `FeatureDiff.ranked_by` says.
         rank_b: Its rank in B.
-        weight_a: Its weight in A (signed for a one-unit layer, else the L2
-            norm of its kernel row).
-        weight_b: Its weight in B.
+        weight_a: What it is ranked by in A: its weight for a one-unit layer, the
+            L2 norm of its kernel row, or its measured effect on the output.
+        weight_b: The same in B.
         sign_flips: How many units' weights for this feature changed sign.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
@@ -203,6 +267,11 @@ class FeatureMove:
         return self.rank_a - self.rank_b
 
 
+RANKED_BY = ("weight", "row_norm", "effect")
+"""What a `FeatureDiff` ranks by: |weight| (a one-unit layer), the L2 norm of the feature's
+kernel row, or its measured effect on the output that both snapshots store."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureDiff:
     """The top-k named input features of A and B side by side.
@@ -213,6 +282,10 @@ class FeatureDiff:
         k: How many features each top-k holds.
         units: The layer's number of units.
         rows: B's top-k in order, then features that left A's top-k.
+        ranked_by: `"effect"` where both snapshots store each feature's measured
+            effect on the output (the feature table's ranking with `feature_data`),
+            else `"weight"` (one unit) or `"row_norm"` (several).
+        note: Why the ranking differs from the runs' own tables, or None.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -227,6 +300,24 @@ class FeatureDiff:
     k: int
     units: int
     rows: tuple[FeatureMove, ...]
+    ranked_by: str = "weight"
+    note: str | None = None
+
+    @property
+    def entered(self) -> tuple[str, ...]:
+        """Features in B's top-k that were not in A's, in B's order."""
+        return tuple(r.name for r in self.rows if r.rank_b <= self.k < r.rank_a)
+
+    @property
+    def left(self) -> tuple[str, ...]:
+        """Features in A's top-k that are not in B's, in A's order."""
+        return tuple(r.name for r in self.rows if r.rank_a <= self.k < r.rank_b)
+
+    @property
+    def rank_changed(self) -> tuple[str, ...]:
+        """Features of either top-k whose rank changed from A to B (entered and left
+        included), in the order of `rows`."""
+        return tuple(r.name for r in self.rows if r.move != 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -234,6 +325,11 @@ class FeatureDiff:
             "key_b": self.key_b,
             "k": self.k,
             "units": self.units,
+            "ranked_by": self.ranked_by,
+            "note": self.note,
+            "entered": list(self.entered),
+            "left": list(self.left),
+            "rank_changed": list(self.rank_changed),
             "rows": [
                 {**{k: json_num(v) for k, v in dataclasses.asdict(r).items()}, "move": r.move}
                 for r in self.rows
@@ -261,7 +357,7 @@ class DiffResult:
     >>> result.counts()["changed"], sorted(layer.name for layer in result.layers)
     (4, ['hidden', 'out'])
     >>> sorted(result.to_json()["tensors"][0])[:4]
-    ['cosine', 'identical', 'layer', 'matched_cosine']
+    ['cosine', 'gradients_a', 'gradients_b', 'identical']
     """
 
     a: str
@@ -308,6 +404,26 @@ class DiffResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class TensorGradients:
+    """One weight's stored gradient statistics at every snapshot of a run (`drift`).
+
+    Attributes:
+        key: The weight key.
+        grad_norm: ||g|| on the probe batch at each snapshot; NaN where that snapshot
+            stores none (the callback's `gradient_freq` skipped it).
+        grad_to_weight: ||g|| / ||W|| at each snapshot; NaN where not stored.
+    """
+
+    key: str
+    grad_norm: tuple[float, ...]
+    grad_to_weight: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "grad_norm": [json_num(v) for v in self.grad_norm],
+                "grad_to_weight": [json_num(v) for v in self.grad_to_weight]}
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerDrift:
     """How one layer moved through the snapshots of a run.
 
@@ -321,6 +437,9 @@ class LayerDrift:
         alpha: For every snapshot, the stored spectral alpha of the layer's kernel
             (NaN at snapshots without one); None when no snapshot has one (the
             callback's `spectral_freq` was off).
+        gradients: The stored gradient statistics of each of its weights that has
+            them at some snapshot (the callback's `gradient_data`), in weight order;
+            () when none has.
 
     Example (the README's quickstart run):
 
@@ -336,6 +455,7 @@ class LayerDrift:
     step_change: tuple[float, ...]
     from_initial: tuple[float, ...]
     alpha: tuple[float, ...] | None = None
+    gradients: tuple[TensorGradients, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +489,7 @@ class DriftResult:
                     "step_change": [json_num(v) for v in layer.step_change],
                     "from_initial": [json_num(v) for v in layer.from_initial],
                     "alpha": None if layer.alpha is None else [json_num(v) for v in layer.alpha],
+                    "gradients": [g.to_json() for g in layer.gradients],
                 }
                 for layer in self.layers
             ],

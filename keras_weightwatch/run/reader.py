@@ -500,13 +500,14 @@ class Run:
         """
         return _verify(open_run(self.storage, use_index=False))
 
-    def spectral(self, step: int | str = "last", layers: Any = None) -> Any:
+    def spectral(self, step: int | str = "last", layers: Any = None, traps: bool = False) -> Any:
         """The spectral metrics of every Dense and convolution kernel of a snapshot, computed
-        from its tensors: `keras_weightwatch.spectral.spectral(self, step, layers)`, which
-        returns a `SpectralResult` (works on runs written without `spectral_freq` too)."""
+        from its tensors: `keras_weightwatch.spectral.spectral(self, step, layers,
+        traps=traps)`, which returns a `SpectralResult` (works on runs written without
+        `spectral_freq` too)."""
         from ..spectral import spectral
 
-        return spectral(self, step, layers)
+        return spectral(self, step, layers, traps=traps)
 
     def __repr__(self) -> str:
         return f"Run({self.path!r}, steps={self.steps})"

@@ -48,7 +48,7 @@ def build_views(settings: Settings) -> list[View]:
             )
         )
     if settings.spectral_freq is not None:
-        views.append(SpectralView(settings.spectral_freq))
+        views.append(SpectralView(settings.spectral_freq, traps=settings.spectral_traps))
     if settings.saliency is not None and settings.sample_images is not None:
         views.append(
             SaliencyView(

@@ -105,6 +105,11 @@ class FeatureView(View):
     feature's series has points only at the snapshots where it ranked in the
     top k.
 
+    With `feature_data` and several units the table ranks by each feature's measured
+    effect on the output (`sensitivity`), and the snapshot stores the effects with
+    the kernel's statistics (`effect/<i>`, up to `max_feature_scalars` features), so
+    that `diff` compares that ranking.
+
     Args:
         feature_names: One name per input feature. Defaults to None:
             `feature_0`, `feature_1`, ...
@@ -244,6 +249,15 @@ class FeatureView(View):
         return (feature_weights(kernel),
                 f"by the L2 norm of the feature's row over {self.units} units; not its effect "
                 "on the output", "L2 norm over units")
+
+    def stats(self, stats: Stats, payload: Any) -> Stats:
+        """With the effect ranking: each feature's effect, stored with the kernel's statistics
+        (for `diff`), when the layer has at most `max_feature_scalars` input features."""
+        if payload is None or self.key is None or len(self.names) > self.max_feature_scalars:
+            return {}
+        from ..features import effect_stats
+
+        return {self.key: effect_stats(payload)}
 
     def write(self, snapshot: Snapshot, stats: Stats, payload: Any, events: Any) -> None:
         from ..features import markdown_table, top_k_features

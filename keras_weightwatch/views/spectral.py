@@ -29,20 +29,23 @@ class SpectralView(View):
 
     Writes, at each snapshot it measures: the scalars `<weight key>/<metric>` of `SCALARS`
     (a metric that is NaN, such as the alpha of a kernel too small for a fit, is not
-    written), a histogram `<weight key>/esd` of log10 of the eigenvalues above 1e-5, and a
-    Markdown table `spectral/summary` of the kernels whose alpha is outside 2-6 or missing
-    (with the reason).
+    written) and, with `traps`, `<weight key>/num_traps`; a histogram `<weight key>/esd` of
+    log10 of the eigenvalues above 1e-5; and a Markdown table `spectral/summary` of the
+    kernels whose alpha is outside 2-6 or missing (with the reason) and of those with
+    correlation traps.
 
     Args:
         every: Measure every `every`-th snapshot of a fit, starting with the first.
         threads: The BLAS/LAPACK threads numpy may use while measuring. Defaults to 1.
+        traps: Also count correlation traps (`num_traps`). Defaults to False.
     """
 
     name = "spectral"
 
-    def __init__(self, every: int, threads: int = 1):
+    def __init__(self, every: int, threads: int = 1, traps: bool = False):
         self.every = every
         self.threads = threads
+        self.traps = traps
         self.targets: list[Target] = []
         self._seen = 0
         self._esds: dict[str, ESD] = {}
@@ -72,7 +75,8 @@ class SpectralView(View):
             return None
         with self._limit():
             for t in self.targets:
-                esd = tensor_esd(snapshot.arrays[t.key], t.layer_class, t.name)
+                esd = tensor_esd(snapshot.arrays[t.key], t.layer_class, t.name,
+                                 traps=self.traps)
                 if esd is not None:
                     self._esds[t.key] = esd
         return {key: esd.metrics.to_stats() for key, esd in self._esds.items()}
@@ -91,6 +95,8 @@ class SpectralView(View):
                 v = getattr(m, metric)
                 if math.isfinite(v):
                     values.append(scalar(tag(key, metric), v))
+            if m.num_traps is not None:
+                values.append(scalar(tag(key, "num_traps"), float(m.num_traps)))
             esd_value = _esd_histogram(key, esd)
             if esd_value is not None:
                 values.append(esd_value)

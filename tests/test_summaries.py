@@ -40,6 +40,20 @@ def test_tag(parts, expected):
     assert tag(*parts) == expected
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        [f"feature_{i}" for i in range(500)],  # all clean: the joined fast path
+        ["LSTAT", "% lower status", "a/b", "", "x.y-z", "ünï", "a b"],  # each cleaned on its own
+        ["a", "a", "b"],
+        [1, 2, "three"],
+    ],
+)
+@pytest.mark.parametrize("prefix", ["features/dense", "features/my layer", ""])
+def test_tags_under_equals_tag_of_each_name(prefix, names):
+    assert summaries.tags_under(prefix, names) == [tag(prefix, n) for n in names]
+
+
 def test_every_kind_reads_back_with_tensorboard(tmp_path):
     png = encode_png(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
     buckets = np.array([[0.0, 0.5, 2.0], [0.5, 1.0, 3.0]])

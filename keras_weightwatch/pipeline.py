@@ -88,7 +88,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _distribution_version(backend: str) -> str | None:
     """The installed version of the backend's distribution (read once per process: searching
     the installed distributions took a few ms at every train begin)."""

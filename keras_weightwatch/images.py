@@ -182,15 +182,31 @@ def compose(
     h = rows * (cell_h * scale + sep) + sep
     w = cols * (cell_w * scale + sep) + sep
     out = np.empty((h, w, 3), dtype=np.uint8)
-    out[:] = SEPARATOR_RGB
-    origins = []
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        y = sep + r * (cell_h * scale + sep)
-        x = sep + c * (cell_w * scale + sep)
-        big = upscale(tile, scale)
-        out[y : y + big.shape[0], x : x + big.shape[1]] = big
-        origins.append((y, x))
+    origins = [(sep + r * (cell_h * scale + sep), sep + c * (cell_w * scale + sep))
+               for r, c in (divmod(i, cols) for i in range(n))]
+    if scale == 1:  # nothing to upscale: each tile straight into place
+        out[:] = SEPARATOR_RGB
+        for (y, x), tile in zip(origins, tiles):
+            out[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+        return out, tuple(origins), scale
+    # Every tile on its cell (separator colour around a smaller one), all upscaled at once.
+    cells = np.empty((rows * cols, cell_h, cell_w, 3), dtype=np.uint8)
+    shapes = {t.shape for t in tiles}
+    if shapes == {(cell_h, cell_w, 3)}:
+        cells[:n] = np.stack(tiles)
+        cells[n:] = SEPARATOR_RGB
+    else:
+        cells[:] = SEPARATOR_RGB
+        for i, tile in enumerate(tiles):
+            cells[i, : tile.shape[0], : tile.shape[1]] = tile
+    big = cells.reshape(rows, cols, cell_h, cell_w, 3).transpose(0, 2, 1, 3, 4)
+    big = big.repeat(scale, axis=1).repeat(scale, axis=3)
+    grid = np.empty((rows, cell_h * scale + sep, cols, cell_w * scale + sep, 3), dtype=np.uint8)
+    grid[:] = SEPARATOR_RGB
+    grid[:, : cell_h * scale, :, : cell_w * scale] = big
+    out[:sep] = SEPARATOR_RGB
+    out[:, :sep] = SEPARATOR_RGB
+    out[sep:, sep:] = grid.reshape(h - sep, w - sep, 3)
     return out, tuple(origins), scale
 
 

@@ -18,6 +18,7 @@ too) and its error is kept for the callback to report (`pop_failures`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -79,8 +80,6 @@ class RunDirError(WeightWatchError):
 
 def versions() -> dict[str, str]:
     """The versions the run header records: this package, Keras, its backend, numpy, Python."""
-    from importlib import metadata
-
     import keras
 
     backend = keras.backend.backend()
@@ -91,14 +90,25 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
+    version = _distribution_version(backend)
+    if version is not None:
+        out["backend_version"] = version
+    return out
+
+
+@functools.cache
+def _distribution_version(backend: str) -> str | None:
+    """The installed version of the backend's distribution (read once per process: searching
+    the installed distributions took a few ms at every train begin)."""
+    from importlib import metadata
+
     dist = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",), "torch": ("torch",)}
     for name in dist.get(backend, ()):
         try:
-            out["backend_version"] = metadata.version(name)
-            break
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return out
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,14 +19,57 @@ from .reductions import sumsq as _sumsq
 # Work on at most this many elements at a time, so a float32 tensor is never copied to
 # float64 whole (8 MB temporaries). Larger chunks mean fewer Python steps holding the GIL
 # between numpy calls, which the training thread would wait for: measured with
-# benchmarks/bench_overhead.py, 1 << 20 added 57-73 ms per epoch where 1 << 16 added 86-110.
-CHUNK = 1 << 20
+# benchmarks/bench_overhead.py, 1 << 20 added 57-73 ms per epoch where 1 << 16 added 86-110
+# (with a new float64 copy per chunk). Chunks now go through two reused float64 buffers that
+# stay in cache: 1 << 18 halved the CPU of 1 << 20 with fresh copies.
+CHUNK = 1 << 18
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
 
 
-def _as_float(x: np.ndarray) -> np.ndarray:
-    return np.abs(x).astype(np.float64) if x.dtype.kind == "c" else x.astype(np.float64)
+def _as_float(x: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
+    """The values as float64 (complex ones by magnitude), in `buf` when one is given."""
+    if x.dtype.kind == "c":
+        return np.abs(x).astype(np.float64)
+    if buf is None:
+        return x.astype(np.float64)
+    out = buf[: x.size]
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
+class _Sums:
+    """The running sums of `tensor_stats`, over finite values, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.n_finite = 0
+        self.total = 0.0
+        self.sumsq = 0.0
+        self.max_abs = -math.inf
+        self.nan = 0
+        self.inf = 0
+        self.diff_sq = 0.0
+        self.prev_sq = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        """Add a float64 chunk (it may be changed)."""
+        hi, lo = float(x.max()), float(x.min())
+        if math.isfinite(hi) and math.isfinite(lo):  # no NaN (it would show) and no Inf
+            self.n_finite += x.size
+            self.total += float(x.sum())
+            self.sumsq += _sumsq(x)
+            self.max_abs = max(self.max_abs, hi, -lo)
+            return
+        finite = np.isfinite(x)
+        n_nan = int(np.count_nonzero(np.isnan(x)))
+        self.nan += n_nan
+        self.inf += int(x.size - np.count_nonzero(finite) - n_nan)
+        x = x[finite]
+        if x.size:
+            self.n_finite += x.size
+            self.total += float(x.sum())
+            self.sumsq += _sumsq(x)
+            self.max_abs = max(self.max_abs, float(np.abs(x).max()))
 
 
 def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float]:
@@ -54,38 +97,20 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
     pflat = None
     if prev is not None and np.shape(prev) == a.shape:
         pflat = np.asarray(prev).reshape(-1)
-    n_finite = 0
-    total = 0.0
-    sumsq = 0.0
-    max_abs = -math.inf
-    nan = 0
-    inf = 0
-    diff_sq = 0.0
-    prev_sq = 0.0
+    sums = _Sums()
+    n = min(CHUNK, flat.size)
+    buf = np.empty(n) if a.dtype.kind != "c" else None  # reused: stays in cache
+    pbuf = np.empty(n) if buf is not None and pflat is not None else None
     for start in range(0, flat.size, CHUNK):
-        x = _as_float(flat[start : start + CHUNK])
+        x = _as_float(flat[start : start + CHUNK], buf)
         if pflat is not None:  # the update ratio's sums, in the same pass
-            p = _as_float(pflat[start : start + CHUNK])
-            prev_sq += _sumsq(p)
+            p = _as_float(pflat[start : start + CHUNK], pbuf)
+            sums.prev_sq += _sumsq(p)
             np.subtract(x, p, out=p)
-            diff_sq += _sumsq(p)
-        hi, lo = float(x.max()), float(x.min())
-        if math.isfinite(hi) and math.isfinite(lo):  # no NaN (it would show) and no Inf
-            n_finite += x.size
-            total += float(x.sum())
-            sumsq += _sumsq(x)
-            max_abs = max(max_abs, hi, -lo)
-            continue
-        finite = np.isfinite(x)
-        n_nan = int(np.count_nonzero(np.isnan(x)))
-        nan += n_nan
-        inf += int(x.size - np.count_nonzero(finite) - n_nan)
-        x = x[finite]
-        if x.size:
-            n_finite += x.size
-            total += float(x.sum())
-            sumsq += _sumsq(x)
-            max_abs = max(max_abs, float(np.abs(x).max()))
+            sums.diff_sq += _sumsq(p)
+        sums.add(x)
+    n_finite, total, sumsq, max_abs = sums.n_finite, sums.total, sums.sumsq, sums.max_abs
+    nan, inf, diff_sq, prev_sq = sums.nan, sums.inf, sums.diff_sq, sums.prev_sq
     if n_finite:
         mean = total / n_finite
         var = max(sumsq / n_finite - mean * mean, 0.0)

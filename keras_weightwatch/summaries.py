@@ -124,6 +124,20 @@ def saliency_tag(model: str, method: str, sample: int) -> str:
     'digits_cnn/3_saliency/hirescam/sample_1'
     """
     return tag(model, SALIENCY, method, f"sample_{sample}")
+_CLEAN_NAMES = re.compile(r"[A-Za-z0-9_.\-]*")
+
+
+def tags_under(prefix: str, names: Sequence[str]) -> list[str]:
+    """`[tag(prefix, name) for name in names]`, for thousands of names at once.
+
+    When every name is already one clean, non-empty component (the common case: generated
+    feature names), the tags are the prefix joined to each name, checked with one regex
+    over all of them instead of one per name.
+    """
+    head = tag(prefix)
+    if all(isinstance(n, str) and n for n in names) and _CLEAN_NAMES.fullmatch("".join(names)):
+        return [f"{head}/{n}" if head else n for n in names]
+    return [tag(head, n) for n in names]
 
 
 # ---------------------------------------------------------------- summary values (pure)

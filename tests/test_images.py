@@ -12,6 +12,7 @@ from keras_weightwatch.images import (
     NONFINITE_RGB,
     SEPARATOR_RGB,
     UNCOVERED_RGB,
+    compose,
     diverging_rgb,
     encode_png,
     kernel_grid,
@@ -293,3 +294,27 @@ def test_diff_grids_draw_a_b_reordered_by_the_matching_and_the_difference():
     matched = diff_grids(a, b, perm=perm)
     assert np.array_equal(matched.b.image, kernel_grid(b[..., perm]).image)
     assert np.array_equal(matched.b_minus_a.image, kernel_grid(np.full_like(a, 0.5)).image)
+
+
+@pytest.mark.parametrize("scale, sep", [(None, None), (1, 1), (3, 2), (2, 0)])
+@pytest.mark.parametrize("shapes", [[(3, 3)] * 7, [(3, 4), (5, 2), (1, 1), (5, 4)], [(2, 2)]])
+def test_compose_places_each_upscaled_tile_on_its_cell(shapes, scale, sep):
+    # Reference: a canvas of the separator colour, each tile enlarged with np.kron and
+    # pasted at the top-left corner of its cell, one at a time.
+    rng = np.random.default_rng(len(shapes))
+    tiles = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    cols = 3
+    image, origins, used = compose(tiles, cols, scale=scale, sep=sep)
+    gap = sep if sep is not None else (2 if used > 1 else 1)
+    cell_h = max(h for h, _ in shapes) * used + gap
+    cell_w = max(w for _, w in shapes) * used + gap
+    n_cols = min(cols, len(tiles))
+    rows = -(-len(tiles) // n_cols)
+    expected = np.empty((rows * cell_h + gap, n_cols * cell_w + gap, 3), np.uint8)
+    expected[:] = SEPARATOR_RGB
+    for i, tile in enumerate(tiles):
+        y, x = gap + (i // n_cols) * cell_h, gap + (i % n_cols) * cell_w
+        assert origins[i] == (y, x)
+        big = np.kron(tile, np.ones((used, used, 1), np.uint8))
+        expected[y : y + big.shape[0], x : x + big.shape[1]] = big
+    np.testing.assert_array_equal(image, expected)

@@ -657,3 +657,23 @@ def test_runs_without_stored_samples_read_as_empty():
     run = load_run(os.path.join(FIXTURE, "run"))
     assert run.samples.sample_images is None and run.samples.responses == ()
     assert run.sample_images() is None and run.feature_data() is None
+@pytest.mark.parametrize("changed", [0, 5_000, 65_535])  # in the first bytes, past them, last
+def test_a_tensor_that_differs_from_the_previous_only_far_in_is_written_again(tmp_path, changed):
+    run = str(tmp_path / "run")
+    base = np.arange(65_536, dtype="float32")
+    info, first = _specs_snapshot(0, base)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=False)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    moved = base.copy()
+    moved[changed] += 1.0
+    _, snap = _specs_snapshot(1, moved)
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    _, same = _specs_snapshot(2, moved.copy())
+    writer.commit_snapshot(same, writer.store_tensors(same))
+    writer.close()
+    loaded = load_run(run)
+    files = [loaded.snapshot(s).tensors["frozen/kernel"].file for s in (0, 1, 2)]
+    assert files[0] != files[1] == files[2]  # written again when changed, reused when equal
+    np.testing.assert_array_equal(loaded.weights(1)["frozen/kernel"], moved)
+    np.testing.assert_array_equal(loaded.weights(0)["frozen/kernel"], base)
+    assert loaded.verify().ok

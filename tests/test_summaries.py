@@ -72,6 +72,18 @@ def test_image_tags_group_by_model_with_the_headline_views_first():
     assert summaries.response_tag("my net", "c 1", 2) == "my_net/1_responses/c_1/sample_2"
     assert (summaries.kernel_tag("m", "blk/conv/kernel#2", 3, 4)
             == "m/2_kernels/3_blk/conv/kernel_2/image")
+@pytest.mark.parametrize(
+    "names",
+    [
+        [f"feature_{i}" for i in range(500)],  # all clean: the joined fast path
+        ["LSTAT", "% lower status", "a/b", "", "x.y-z", "ünï", "a b"],  # each cleaned on its own
+        ["a", "a", "b"],
+        [1, 2, "three"],
+    ],
+)
+@pytest.mark.parametrize("prefix", ["features/dense", "features/my layer", ""])
+def test_tags_under_equals_tag_of_each_name(prefix, names):
+    assert summaries.tags_under(prefix, names) == [tag(prefix, n) for n in names]
 
 
 def test_every_kind_reads_back_with_tensorboard(tmp_path):

@@ -118,6 +118,10 @@ def retained_steps(
     return keep
 
 
+_PREFIX = 1 << 12
+"""Bytes of a tensor compared from a short read before its file is mapped (`_holds`)."""
+
+
 def same_bytes(a: memoryview, b: memoryview, first: int = 1 << 16, chunk: int = 1 << 24
                ) -> bool:
     """True when two byte buffers are equal; compares a short prefix first, then in chunks,
@@ -373,6 +377,12 @@ class RunWriter:
         if rec.bytes != enc.nbytes or rec.file not in self._files:
             return False
         try:
+            # A weight that trained differs within its first bytes: told from a short read,
+            # without mapping the file and parsing its header.
+            head = enc.header + bytes(enc.data[:_PREFIX])
+            with self.storage.open_read(rec.file) as f:
+                if f.read(len(head)) != head:
+                    return False
             old = self.storage.load_npy(rec.file, mmap=True)
         except (OSError, ValueError, EOFError):
             return False

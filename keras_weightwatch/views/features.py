@@ -211,16 +211,16 @@ class FeatureView(View):
         """One scalar tag per feature, unique (a name that cleans to a tag already taken
         gets its index appended)."""
         if len(self.tags) != len(self.names):
-            from ..summaries import tag
+            from ..summaries import tag, tags_under
 
             table = tag("features", self.layer_name)
-            tags, seen = [], set()
-            for i, n in enumerate(self.names):
-                t = tag(table, n)
-                if t in seen or t == table:
-                    t = f"{t}_{i}"
-                seen.add(t)
-                tags.append(t)
+            tags = tags_under(table, self.names)
+            if table in tags or len(set(tags)) != len(tags):
+                tags, seen = list(tags), set()
+                for i, t in enumerate(tags):
+                    if t in seen or t == table:
+                        t = tags[i] = f"{t}_{i}"
+                    seen.add(t)
             self.tags = tags
         return self.tags
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Each picture cut to what its panel fills on the demo's runs.
-HEIGHTS = {"dashboard_glance": 760, "dashboard_compare": 900, "dashboard_kernels": 1010,
+HEIGHTS = {"dashboard_glance": 790, "dashboard_compare": 900, "dashboard_kernels": 1010,
            "dashboard_features": 720}
 
 

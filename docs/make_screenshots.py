@@ -7,8 +7,8 @@ The README's pictures come from this script, run on the demo's log directory:
 
 It starts `tensorboard --logdir LOGDIR` on 127.0.0.1, opens each dashboard in
 Debian's Chromium (driven by Playwright, no browser download) and saves one PNG
-per view. tests/test_tensorboard_e2e.py runs the same functions on a quick demo
-and asserts on what the server and the pages show.
+per view. tests/integration/test_tensorboard_e2e.py runs the same functions on a
+quick demo and asserts on what the server and the pages show.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from keras_weightwatch.summaries import KERNELS, RESPONSES
+from keras_weightwatch.demo import DIGITS_FIRST_CONV, DIGITS_MODEL, PHOTOS_FIRST_CONV, PHOTOS_MODEL
+from keras_weightwatch.stats import STAT_NAMES
+from keras_weightwatch.summaries import KERNELS, RESPONSES, SALIENCY
+from keras_weightwatch.views.stats import NONFINITE_STATS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -50,6 +53,7 @@ class Shot:
     wait_for: str
     height: int = 900
     click: str | None = None  # the text of a control to click first (a checkbox's label)
+    width: int = 1400
 
 
 def _filter(regex: str) -> str:
@@ -58,19 +62,34 @@ def _filter(regex: str) -> str:
 
 
 # One picture per view. Image tags are `<model>/<section>/...` (`summaries.response_tag`,
-# `kernel_tag`); scalars are shown without smoothing and with every point in range.
+# `kernel_tag`, `saliency_tag`); scalars are shown without smoothing and with every point
+# in range. Each height is cut to what its view fills on the full demo's runs.
+_STATS = "|".join(s for s in STAT_NAMES if s not in NONFINITE_STATS)
 SHOTS = (
     Shot("features", "#text&tagFilter=features", "rank"),
-    Shot("kernels", f"#images&{_filter(f'/{KERNELS}/')}", f"/{KERNELS}/"),
-    Shot("rgb_kernels", f"#images&{_filter('/colour_conv/')}",
-         f"{KERNELS}/0_colour_conv/kernel/image", height=780),
-    Shot("responses", f"#images&{_filter(f'/{RESPONSES}/conv1/sample_[01]$')}",
-         f"{RESPONSES}/conv1"),
+    Shot("kernels", f"#images&{_filter(f'^{DIGITS_MODEL}/{KERNELS}/')}",
+         f"{DIGITS_MODEL}/{KERNELS}/", height=720),
+    Shot("rgb_kernels", f"#images&{_filter(f'/{KERNELS}/0_{PHOTOS_FIRST_CONV}/')}",
+         f"{KERNELS}/0_{PHOTOS_FIRST_CONV}/kernel/image", height=680),
+    # The photographs' responses are a row of 9 image-sized tiles: drawn at their own size
+    # (1450 px wide), not shrunk into a 350 px card.
+    Shot("rgb_responses", f"#images&{_filter(f'^{PHOTOS_MODEL}/{RESPONSES}/')}",
+         f"{RESPONSES}/{PHOTOS_FIRST_CONV}/sample_1", height=600, width=1900,
+         click="Show actual image size"),
+    Shot("responses", f"#images&{_filter(f'/{RESPONSES}/{DIGITS_FIRST_CONV}/sample_[01]$')}",
+         f"{RESPONSES}/{DIGITS_FIRST_CONV}", height=580),
     Shot("statistics",
-         "#scalars&_smoothingWeight=0&tagFilter=conv1%2Fkernel%2F",
-         "conv1/kernel/l2_norm", click="Ignore outliers in chart scaling"),
+         f"#scalars&_smoothingWeight=0&{_filter(f'^{DIGITS_FIRST_CONV}/kernel/({_STATS})$')}",
+         f"{DIGITS_FIRST_CONV}/kernel/l2_norm", height=1000,
+         click="Ignore outliers in chart scaling"),
     Shot("histograms", "#histograms&tagFilter=conv1%2Fkernel%2Fhistogram",
-         "conv1/kernel/histogram"),
+         "conv1/kernel/histogram", height=760),
+    Shot("saliency", f"#images&{_filter(f'/{SALIENCY}/.*/sample_[01]$')}",
+         f"/{SALIENCY}/", height=1190),
+    Shot("gradients",
+         f"#scalars&_smoothingWeight=0&{_filter('/kernel/grad_(norm|to_weight)$')}",
+         f"{DIGITS_FIRST_CONV}/kernel/grad_norm", height=1000,
+         click="Ignore outliers in chart scaling"),
 )
 
 
@@ -163,7 +182,7 @@ class Page:
     viewport: tuple[int, int] = (0, 0)  # (width, height)
 
 
-def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1400,
+def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS,
          settle_ms: int = 2500) -> dict[str, Page]:
     """Screenshot each dashboard; returns {shot name: what the page showed}.
 
@@ -178,7 +197,7 @@ def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             for shot in shots:
-                page = browser.new_page(viewport={"width": width, "height": shot.height})
+                page = browser.new_page(viewport={"width": shot.width, "height": shot.height})
                 page.goto(f"{url}/?darkMode=false{shot.fragment}")
                 page.get_by_text(shot.wait_for).first.wait_for(timeout=60_000)
                 if shot.click:  # e.g. show the initial weights' point that "outliers" hides
@@ -186,7 +205,7 @@ def take(url: str, out_dir: str, shots: tuple[Shot, ...] = SHOTS, width: int = 1
                 page.wait_for_timeout(settle_ms)  # let images and charts finish drawing
                 page.screenshot(path=os.path.join(out_dir, f"{shot.name}.png"))
                 seen = page.evaluate(_DEEP_JS)
-                texts[shot.name] = Page(seen["text"], seen["images"], (width, shot.height))
+                texts[shot.name] = Page(seen["text"], seen["images"], (shot.width, shot.height))
                 page.close()
         finally:
             browser.close()

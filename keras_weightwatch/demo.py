@@ -50,6 +50,7 @@ EXTRA_HINT = "pip install 'keras-weightwatch[demo]'"
 MARKER_FILE = ".weightwatch-demo"
 DEFAULT_LOGDIR = "weightwatch-demo"
 RUN_NAMES = ("diabetes", "digits-seed1", "digits-seed2", "photos")
+DIGITS_MODEL = "digits_cnn"
 DIGITS_FIRST_CONV = "conv1"
 SAMPLE_DIGITS = (0, 1, 4, 7)
 # The digits runs' saliency maps: vanilla gradients and HiResCAM on the last convolution
@@ -350,7 +351,7 @@ def _digits_cnn(keras: Any) -> Any:
             layers.Flatten(name="flatten"),
             layers.Dense(10, activation="softmax", name="classes"),
         ],
-        name="digits_cnn",
+        name=DIGITS_MODEL,
     )
     model.compile(
         optimizer=keras.optimizers.Adam(0.01),

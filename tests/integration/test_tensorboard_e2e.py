@@ -25,11 +25,19 @@ from helpers import run_group, run_kernel_tags
 
 from keras_weightwatch import load_run
 from keras_weightwatch.cli import main
-from keras_weightwatch.demo import DIABETES_RATIO, PHOTOS_FIRST_CONV, RUN_NAMES
+from keras_weightwatch.demo import DIABETES_RATIO, DIGITS_SALIENCY, PHOTOS_FIRST_CONV, RUN_NAMES
 from keras_weightwatch.features import top_k_features
 from keras_weightwatch.images import kernel_grid
 from keras_weightwatch.stats import STAT_NAMES
-from keras_weightwatch.summaries import IMAGE_SECTIONS, KERNELS, RESPONSES, response_tag, tag
+from keras_weightwatch.summaries import (
+    IMAGE_SECTIONS,
+    KERNELS,
+    RESPONSES,
+    SALIENCY,
+    response_tag,
+    saliency_tag,
+    tag,
+)
 from keras_weightwatch.views.gradients import GRAD_STAT_NAMES
 from keras_weightwatch.views.stats import NONFINITE_STATS
 
@@ -191,7 +199,7 @@ def _png_size(path: str) -> tuple[int, int]:
 def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
     pages = shots.take(server, str(tmp_path))
     for s in shots.SHOTS:
-        assert _png_size(str(tmp_path / f"{s.name}.png")) == (1400, s.height)
+        assert _png_size(str(tmp_path / f"{s.name}.png")) == (s.width, s.height)
 
     # the text dashboard shows the last step's table first, rows in rank order
     names = _diabetes_names()
@@ -222,9 +230,26 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
             widths[(f"{name}/weights", image_tag)] = kernel_grid(
                 np.asarray(r.weights()[key])).image.shape[1]
     # (the filtered section and the open model groups below it, which also hold the other
-    # views, may show a grid twice)
-    got = {((run, t), w) for run, t, w in served(pages["kernels"]) if f"/{KERNELS}/" in t}
-    assert got == set(widths.items())
+    # views, may show a grid twice): the digits runs' grids on the kernels page, the photos
+    # run's first-layer grid on the RGB kernels page
+    def grids(page, runs):
+        return {((run, t), w) for run, t, w in served(page) if f"/{KERNELS}/" in t and run in runs}
+
+    digits_runs = {"digits-seed1/weights", "digits-seed2/weights"}
+    assert grids(pages["kernels"], digits_runs) == {
+        (k, w) for k, w in widths.items() if k[0] in digits_runs}
+    rgb = ("photos/weights",
+           run_kernel_tags(load_run(os.path.join(logdir, "photos")))[f"{PHOTOS_FIRST_CONV}/kernel"])
+    assert (rgb, widths[rgb]) in grids(pages["rgb_kernels"], {"photos/weights"})
+
+    # each photograph's responses whole in the first screen, drawn at the image's own width
+    photo_responses = [t for t in _json(server, "/data/plugin/images/tags")["photos/weights"]
+                       if f"/{RESPONSES}/" in t]
+    assert photo_responses
+    seen = _on_screen(pages["rgb_responses"])
+    for t in photo_responses:
+        drawn = seen[("photos/weights", t)]
+        assert any(round(im["right"] - im["left"]) == im["width"] for im in drawn), drawn
 
     # responses of samples 0 and 1 for both digits runs, each loaded in the page (the open
     # model groups below the filtered section load the other samples' too)
@@ -237,6 +262,18 @@ def test_dashboards_show_our_table_images_and_charts(server, logdir, tmp_path):
     for stat in set(STAT_NAMES) - set(NONFINITE_STATS):
         assert f"conv1/kernel/{stat}" in pages["statistics"].text
     assert pages["histograms"].text.count("conv1/kernel/histogram") >= 2
+
+    # saliency maps of samples 0 and 1 by each of the demo's methods, for both digits runs
+    saliency = {(run, t) for run, t, w in served(pages["saliency"])
+                if f"/{SALIENCY}/" in t and w > 0}
+    assert saliency >= {(f"digits-seed{s}/weights", saliency_tag(group, m, i))
+                        for s in (1, 2) for m in DIGITS_SALIENCY for i in (0, 1)}
+    # a gradient-norm chart and a gradient-to-weight chart of every trainable kernel
+    kernels = [s.key for s in load_run(os.path.join(logdir, "digits-seed1")).specs
+               if s.trainable and s.key.endswith("/kernel")]
+    for key in kernels:
+        for stat in ("grad_norm", "grad_to_weight"):
+            assert f"{key}/{stat}" in pages["gradients"].text
 
 
 

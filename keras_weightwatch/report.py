@@ -197,13 +197,13 @@ _STORED = ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_norm"
 def stored_spectral_lines(run: Run, cols: Mapping[str, StatColumn] | None = None) -> list[str]:
     """`show`'s spectral section: the metrics stored at the last snapshot that has them
     (`cols`: the run's `stat_columns` holding `spectral_norm`, when already read)."""
-    from .spectral import stored_metric
-
     cols = cols if cols is not None else run.stat_columns(("spectral_norm",))
     have = cols["spectral_norm"].stored.any(axis=1)
     snaps = [s for s, h in zip(run.snapshots, have) if h]
     if not snaps:
         return []
+    from .spectral import stored_metric
+
     snap = snaps[-1]
     rows = [[key] + [fmt_num(stored_metric(st, name)) for name in _STORED]
             for key, st in snap.stats.items() if "spectral_norm" in st]

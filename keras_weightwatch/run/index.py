@@ -512,7 +512,8 @@ def _grouped(records: Sequence[SnapshotRecord]) -> tuple[list[_Group], list[int]
     last: _Group | None = None
     for i, r in enumerate(records):
         stats = _undecoded(r.stats, 0)
-        group = None if stats is None else _group_for(stats, r.stats._source.ctx, last)
+        group = None if stats is None else _group_for(
+            stats, r.stats._source.ctx, last)  # type: ignore[attr-defined]
         if group is not None:
             try:
                 raw = base64.b64decode(stats[2], validate=True)

@@ -7,6 +7,11 @@ then, alternating, `load_run` in this process and `weightwatch show` as a new pr
 timed with the snapshot index and without it (the index file moved aside: the path of a run
 written before the index existed, which reads every snapshot file). Medians.
 
+With `--compare-with TREE` (a source tree of another version of the package, e.g. an
+exported older commit), that version's `weightwatch show` of the same run is timed too,
+interleaved with this one's: before and after side by side. Each `show` runs from a neutral
+directory with only its own tree on PYTHONPATH.
+
 Run:  .venv/bin/python benchmarks/bench_long_run.py     (about 2 minutes on 2 cores)
 """
 
@@ -53,12 +58,17 @@ def write_run(path: str, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_show(path: str) -> tuple[float, float]:
-    """Wall and CPU (user + sys) seconds of `weightwatch show` as a new process."""
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def time_show(path: str, tree: str = HERE) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of `weightwatch show` as a new process, with the
+    package imported from `tree`."""
+    env = dict(os.environ, PYTHONPATH=tree)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "keras_weightwatch.cli", "show", path], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env, cwd=os.path.dirname(path))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -74,6 +84,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--snapshots", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compare-with", metavar="TREE", default=None,
+                   help="a source tree of another version: its `show` is timed too")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
     root = tempfile.mkdtemp(prefix="ww-bench-long-")
@@ -83,7 +95,7 @@ def main(argv=None) -> int:
         print(f"run: {args.snapshots:,} snapshots of {len(ARRAYS)} tensors written in "
               f"{took:.1f} s; index {os.path.getsize(os.path.join(path, INDEX_FILE)) / 1e6:.1f} MB")
         index, aside = os.path.join(path, INDEX_FILE), os.path.join(root, "index-aside")
-        kinds = ("load", "load0", "show", "show0")
+        kinds = ("load", "load0", "show", "show0", "other")
         wall: dict[str, list[float]] = {k: [] for k in kinds}
         cpu: dict[str, list[float]] = {k: [] for k in kinds}
 
@@ -99,17 +111,24 @@ def main(argv=None) -> int:
             if run.snapshots != run0.snapshots:  # type: ignore[attr-defined]
                 raise SystemExit("the index and the snapshot files disagree")
             note("show", *time_show(path))
+            if args.compare_with:
+                note("other", *time_show(path, os.path.abspath(args.compare_with)))
             os.replace(index, aside)
             note("show0", *time_show(path))
             os.replace(aside, index)
-        m = {k: statistics.median(v) for k, v in wall.items()}
-        c = {k: statistics.median(v) for k, v in cpu.items()}
+        m = {k: statistics.median(v) for k, v in wall.items() if v}
+        c = {k: statistics.median(v) for k, v in cpu.items() if v}
         print(f"medians of {args.repeats}, alternating (wall; CPU user+sys in brackets):")
         print(f"  load_run            with index {m['load']:6.3f} s [{c['load']:.3f}]   "
               f"without {m['load0']:6.3f} s [{c['load0']:.3f}]   (target <= 0.5 s at 10,000)")
         print(f"  weightwatch show    with index {m['show']:6.3f} s [{c['show']:.3f}]   "
               f"without {m['show0']:6.3f} s [{c['show0']:.3f}]   (whole process; target <= 1 s "
               "at 10,000)")
+        if args.compare_with:
+            print(f"  weightwatch show    of {args.compare_with}, with index {m['other']:6.3f} s "
+                  f"[{c['other']:.3f}]")
+            print(f"RATIO show wall {args.compare_with} / this: {m['other'] / m['show']:.2f}; "
+                  f"CPU {c['other'] / c['show']:.2f}")
         print(f"RATIO load_run without / with index: {m['load0'] / m['load']:.2f}")
         print(f"RATIO show without / with index: {m['show0'] / m['show']:.2f}")
     finally:

@@ -8,17 +8,6 @@ back with numpy arrays.
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .compare import (
-    DiffResult,
-    DriftResult,
-    FeatureDiff,
-    FeatureMove,
-    LayerDiff,
-    LayerDrift,
-    TensorDiff,
-    diff_runs,
-    drift,
-)
 from .errors import WeightWatchError, WeightWatchWarning
 from .run import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
 
@@ -46,13 +35,36 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .callback import WeightWatch
+    from .compare import (
+        DiffResult,
+        DriftResult,
+        FeatureDiff,
+        FeatureMove,
+        LayerDiff,
+        LayerDrift,
+        TensorDiff,
+        diff_runs,
+        drift,
+    )
+
+# Imported when first used (PEP 562): the callback imports Keras (and its backend), the
+# comparison its numerics; reading runs needs only numpy, so `weightwatch show` and
+# `load_run` pay for neither.
+_LAZY = {"WeightWatch": "callback", **{name: "compare" for name in (
+    "DiffResult", "DriftResult", "FeatureDiff", "FeatureMove", "LayerDiff", "LayerDrift",
+    "TensorDiff", "diff_runs", "drift")}}
 
 
 def __getattr__(name: str):
-    # The callback imports Keras (and its backend); reading runs needs only numpy,
-    # so `weightwatch show` and `load_run` do not pay for that import.
-    if name == "WeightWatch":
-        from .callback import WeightWatch
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_weightwatch' has no attribute {name!r}")
+    import importlib
 
-        return WeightWatch
-    raise AttributeError(f"module 'keras_weightwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

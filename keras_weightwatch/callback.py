@@ -118,8 +118,9 @@ class WeightWatch(keras.callbacks.Callback):
             `"kernel"`.
         response_layers: Names of the Conv2D layers whose responses are
             drawn; needs `sample_images`. Defaults to None: the first one.
-        responses_dir: Also write the response grids as PNG files here;
-            needs `sample_images`. Defaults to None.
+        responses_dir: Also write the response grids as PNG files here: a
+            directory or any fsspec URL (`s3://bucket/pngs`, opened with
+            `storage_options`); needs `sample_images`. Defaults to None.
         if_exists: What to do when `log_dir` already holds a run:
             `"continue"` appends to it when the fit resumes it (a model of the
             same architecture, starting from the run's last snapshot or at

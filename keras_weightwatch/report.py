@@ -25,6 +25,7 @@ from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 if TYPE_CHECKING:
     from .compare.records import DiffResult, DriftResult, FeatureDiff, LayerDiff, TensorDiff
     from .run import Run
+    from .run.index import StatColumn
     from .spectral import SpectralMetrics, SpectralResult
 
 WIDTH = 80
@@ -103,10 +104,15 @@ def _count(value: object) -> int:
     return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
 
 
-def _non_finite_lines(run: Run, limit: int = 10) -> list[str]:
+def _non_finite_lines(run: Run, cols: Mapping[str, StatColumn], limit: int = 10) -> list[str]:
     """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
+    import numpy as np
+
+    counts = [np.where(np.isfinite(c.values), np.trunc(c.values), 0)
+              for c in (cols["nan_count"], cols["inf_count"])]
+    rows = np.flatnonzero(((counts[0] != 0) | (counts[1] != 0)).any(axis=1))
     found = []
-    for snap in run.snapshots:
+    for snap in (run.snapshots[i] for i in rows):  # the few snapshots with some, in full
         for key, st in snap.stats.items():
             nan, inf = st.get("nan_count"), st.get("inf_count")
             if not (nan or inf):  # 0, None or absent: nothing to count (the common case)
@@ -139,13 +145,14 @@ def render_show(run: Run) -> str:
     )
     names = [s.name for s in run.snapshots]
     out.append(f"snapshots {len(names)}: {', '.join(names) if names else '(none complete yet)'}")
-    lossy = {r.stored_dtype for s in run.snapshots for r in s.tensors.values() if r.lossy}
+    lossy = run.lossy_dtypes()
     if lossy:
         out.append(
             f"precision LOSSY: float weights stored as {', '.join(sorted(lossy))} "
             "(values differ from the model's)"
         )
-    out.extend(_non_finite_lines(run))
+    cols = run.stat_columns(SHOW_STATS)  # every snapshot's, decoded once
+    out.extend(_non_finite_lines(run, cols))
     out.append("")
     out.append("layers")
     out.append(
@@ -177,8 +184,8 @@ def render_show(run: Run) -> str:
         out.append("")
         out.append("metrics")
         out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
-    out += stored_spectral_lines(run)
-    gradient_lines = render_gradients(run)
+    out += stored_spectral_lines(run, cols)
+    gradient_lines = render_gradients(run, cols=cols)
     if gradient_lines:
         out += ["", *gradient_lines]
     return "\n".join(out)
@@ -187,13 +194,16 @@ def render_show(run: Run) -> str:
 _STORED = ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_norm", "num_spikes")
 
 
-def stored_spectral_lines(run: Run) -> list[str]:
-    """`show`'s spectral section: the metrics stored at the last snapshot that has them."""
-    from .spectral import stored_metric
-
-    snaps = [s for s in run.snapshots if any("spectral_norm" in st for st in s.stats.values())]
+def stored_spectral_lines(run: Run, cols: Mapping[str, StatColumn] | None = None) -> list[str]:
+    """`show`'s spectral section: the metrics stored at the last snapshot that has them
+    (`cols`: the run's `stat_columns` holding `spectral_norm`, when already read)."""
+    cols = cols if cols is not None else run.stat_columns(("spectral_norm",))
+    have = cols["spectral_norm"].stored.any(axis=1)
+    snaps = [s for s, h in zip(run.snapshots, have) if h]
     if not snaps:
         return []
+    from .spectral import stored_metric
+
     snap = snaps[-1]
     rows = [[key] + [fmt_num(stored_metric(st, name)) for name in _STORED]
             for key, st in snap.stats.items() if "spectral_norm" in st]
@@ -205,21 +215,31 @@ def stored_spectral_lines(run: Run) -> list[str]:
 
 GRADIENT_STATS = ("grad_norm", "grad_to_weight")
 """The statistics the callback's `gradient_data` stores per weight (see `views.gradients`)."""
+SHOW_STATS = ("nan_count", "inf_count", "spectral_norm", *GRADIENT_STATS)
+"""The statistics `show` reads of every snapshot."""
 
 
-def render_gradients(run: Run, width: int = 24) -> list[str]:
+def render_gradients(run: Run, width: int = 24,
+                     cols: Mapping[str, StatColumn] | None = None) -> list[str]:
     """`show`'s `gradients` lines: each weight's ||g|| on the probe batch across the snapshots
-    that have it, and its last ||g|| and ||g|| / ||W||; [] without any."""
-    from .compare.records import StoredGradients
+    that have it, and its last ||g|| and ||g|| / ||W||; [] without any (`cols`: the run's
+    `stat_columns` holding `GRADIENT_STATS`, when already read)."""
+    import numpy as np
 
+    cols = cols if cols is not None else run.stat_columns(GRADIENT_STATS)
+    norm, ratio = cols["grad_norm"], cols["grad_to_weight"]
+    if not norm.stored.any():
+        return []
     series = []
-    for spec in run.specs:
-        found = [g for g in (StoredGradients.from_stats(snap.stats.get(spec.key))
-                             for snap in run.snapshots) if g is not None]
-        if found:
-            series.append((spec.key, [g.grad_norm for g in found], found[-1].grad_to_weight))
-    steps = sum(1 for snap in run.snapshots if any("grad_norm" in st for st in snap.stats.values()))
-    return _gradient_table(series, steps, width)
+    for j, spec in enumerate(run.specs):
+        at = np.flatnonzero(norm.stored[:, j])
+        if not len(at):
+            continue
+        last = at[-1]
+        r = math.nan if not ratio.stored[last, j] or ratio.none[last, j] else float(
+            ratio.values[last, j])
+        series.append((spec.key, [float(x) for x in norm.values[at, j]], r))
+    return _gradient_table(series, int(norm.stored.any(axis=1).sum()), width)
 
 
 def drift_gradient_lines(result: DriftResult, width: int = 24) -> list[str]:

@@ -378,8 +378,9 @@ class Settings:
             object.__setattr__(self, f.name, checked)
         from .run.remote import filesystem, is_url
 
-        if is_url(self.log_dir):
-            filesystem(self.log_dir, self.storage_options)  # the missing extra, named now
+        for url in (self.log_dir, self.responses_dir):
+            if url is not None and is_url(url):
+                filesystem(url, self.storage_options)  # the missing extra, named now
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for needs in NEEDS:
             value = getattr(self, needs.option)

@@ -175,3 +175,31 @@ def test_cli_without_scipy_names_the_extra(numpy_run, monkeypatch):
     assert code == 2 and "pip install 'keras-weightwatch[diff]'" in err
     code, out, err = cli("diff", numpy_run + "@0", numpy_run, "--no-match")
     assert code == 0 and "conv1/kernel" in out
+
+
+def test_show_imports_neither_keras_nor_the_comparison_and_every_public_name_resolves(
+        run_dir):
+    import subprocess
+
+    code = (
+        "import sys, io\n"
+        "import keras_weightwatch as ww\n"
+        "from keras_weightwatch.cli import main\n"
+        f"main(['show', {str(run_dir)!r}], stdout=io.StringIO())\n"
+        "heavy = [m for m in ('keras', 'tensorflow', 'keras_weightwatch.compare.diff',\n"
+        "                     'keras_weightwatch.compare.drift', 'scipy') if m in sys.modules]\n"
+        "assert heavy == [], heavy\n"
+        "import keras_weightwatch.compare as c, keras_weightwatch.callback as cb\n"
+        "import keras_weightwatch.errors as e\n"
+        "names = [n for n in ww.__all__ if n != '__version__']\n"
+        "for n in names:\n"
+        "    home = next(m for m in (cb, c, ww.run, e) if n in getattr(m, '__all__', dir(m)))\n"
+        "    assert getattr(ww, n) is getattr(home, n), n\n"
+        "assert sorted(dir(ww)) == sorted(ww.__all__) and 'diff_runs' in dir(c)\n"
+        "exec('from keras_weightwatch import ' + ', '.join(names))\n"
+        "exec('from keras_weightwatch.compare import ' + ', '.join(c.__all__))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr

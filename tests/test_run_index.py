@@ -134,7 +134,7 @@ def _set(i, value):
     return lambda e: e.__setitem__(i, value(e[i]) if callable(value) else value)
 
 
-@pytest.mark.parametrize("lie", [
+LIES = [
     lambda e: e.__setitem__(3, e[3] + 1) if e[4] == "epoch" else None,
     lambda e: e.__setitem__(4, "epoch") if e[4] == "initial" else None,
     _set(1, lambda size: size + 1),
@@ -148,8 +148,12 @@ def _set(i, value):
     lambda e: e[8].update({"dense/kernel": {"l2_norm": "big"}}),
     _set(7, [1, 2]),
     lambda e: e.pop(),
-], ids=["step", "label", "size", "version", "digest", "tensor-file", "digests-base64",
-        "digests-short", "bytes", "stored", "stats", "logs", "short"])
+]
+LIE_IDS = ["step", "label", "size", "version", "digest", "tensor-file", "digests-base64",
+           "digests-short", "bytes", "stored", "stats", "logs", "short"]
+
+
+@pytest.mark.parametrize("lie", LIES, ids=LIE_IDS)
 def test_an_index_entry_that_disagrees_or_is_malformed_is_not_used(tmp_path, lie):
     run = str(tmp_path / "run")
     _write(run, range(-1, 3))
@@ -267,3 +271,86 @@ def test_an_index_of_the_previous_layout_is_not_used_and_is_rebuilt(tmp_path):
         assert json.loads(f.readline())["version"] == head["version"]
     assert sorted(e[0] for e in _entries(run)) == sorted(os.listdir(os.path.join(run, "snapshots")))
     assert _same_as_files(run) == [-1, 0, 1, 2]
+
+
+# --------------------------------------------------------------------------- many at once
+
+NAMES = ("l2_norm", "mean", "update_ratio", "nan_count", "absent")
+
+
+def _columns_from_dicts(run, names=NAMES):
+    """The reference for `Run.stat_columns`: each snapshot's statistics read as mappings."""
+    keys = [s.key for s in run.specs]
+    shape = (len(run.snapshots), len(keys))
+    out = {n: (np.full(shape, np.nan), np.zeros(shape, bool), np.zeros(shape, bool))
+           for n in names}
+    for i, snap in enumerate(run.snapshots):
+        for j, key in enumerate(keys):
+            for n in names:
+                st = snap.stats.get(key, {})
+                if n in st:
+                    out[n][1][i, j] = True
+                    out[n][2][i, j] = st[n] is None
+                    if st[n] is not None:
+                        out[n][0][i, j] = st[n]
+    return out
+
+
+def _assert_columns_equal(run, reference):
+    got = run.stat_columns(NAMES)
+    for n, (values, stored, none) in _columns_from_dicts(reference).items():
+        np.testing.assert_array_equal(got[n].values, values)  # NaN where NaN, -0.0 == 0.0
+        np.testing.assert_array_equal(np.signbit(got[n].values), np.signbit(values))
+        np.testing.assert_array_equal(got[n].stored, stored)
+        np.testing.assert_array_equal(got[n].none, none)
+
+
+def test_stat_columns_equal_every_snapshots_statistics_packed_or_not():
+    mem = MemoryStorage()
+    specials = {"l2_norm": -0.0, "mean": float("nan"), "update_ratio": float("-inf")}
+    _write_float_stats(mem, specials)  # packed, a None at step -1 and NaN at step 2
+    writer = RunWriter.open("unused", _info(), settings={}, versions={}, durable=False,
+                            storage=mem)
+    snap = Snapshot(step=3, label="epoch", epoch=3, arrays=dict(ARRAYS), logs={}, time=1.0)
+    writer.commit_snapshot(snap, writer.store_tensors(snap), {  # names differ: written whole
+        "dense/kernel": {"l2_norm": 2.0, "nan_count": 3}, "step": {"mean": None}})
+    writer.close()
+    files_only = open_run(mem, use_index=False)
+    mem.ops.clear()
+    run = open_run(mem)
+    _assert_columns_equal(run, files_only)
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]
+    got = run.stat_columns(["update_ratio"])["update_ratio"]
+    assert got.none[0].all() and got.values[3, 1] == -np.inf  # step -1; step 2, dense/bias
+
+
+@pytest.mark.parametrize("lie", LIES, ids=LIE_IDS)
+def test_stat_columns_and_lossy_dtypes_of_a_disagreeing_index_follow_the_files(tmp_path, lie):
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 3), store_dtype="float16")
+    entries = _entries(run)
+    for e in entries:
+        lie(e)
+    _rewrite(run, entries)
+    files_only = open_run(LocalStorage(run), use_index=False)
+    _assert_columns_equal(load_run(run), files_only)
+    assert load_run(run).lossy_dtypes() == {"float16"} == {
+        r.stored_dtype for s in files_only.snapshots for r in s.tensors.values() if r.lossy}
+
+
+@pytest.mark.parametrize("store_dtype", [None, "float16"])
+def test_lossy_dtypes_equal_every_snapshots_tensor_records(store_dtype):
+    mem = MemoryStorage()
+    _write(None, range(-1, 3), storage=mem, store_dtype=store_dtype)
+    files_only = open_run(mem, use_index=False)
+    expected = {r.stored_dtype for s in files_only.snapshots for r in s.tensors.values()
+                if r.lossy}
+    assert expected == (set() if store_dtype is None else {"float16"})
+    mem.ops.clear()
+    assert open_run(mem).lossy_dtypes() == expected
+    assert not [op for op in mem.ops if op.startswith("read snapshots/")]  # the index says
+    lines = mem.files[INDEX_FILE].decode().split("\n")
+    for i in range(1, len(lines) - 2):  # every line's tensors but the last cut short
+        lines[i] = lines[i][:-30]
+    mem.files[INDEX_FILE] = "\n".join(lines).encode()
+    assert open_run(mem).lossy_dtypes() == expected

@@ -218,3 +218,29 @@ def test_kernel_mode_of_a_deeper_layer_in_a_two_input_model_says_why_not():
         "by running the model on the sample images, which needs a model with exactly one input; "
         "this model has 2 (['img', 'tab']). Name a Conv2D layer fed directly by an input in "
         "`response_layers`. Received: response_layers=None")
+
+
+def test_a_url_responses_dir_is_written_through_fsspec_not_as_a_local_directory(
+        tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # a local directory named "memory:" would appear here
+    model = _cnn(filters=3)
+    url = f"memory://{tmp_path.name}/pngs"
+    cb = WeightWatch(str(tmp_path / "run"), sample_images=_images(2), responses_dir=url,
+                     saliency=["vanilla"], kernel_images=False, histograms=False)
+    _fit(model, cb, epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    acc = _acc(str(tmp_path / "run"))
+    fs = fsspec.filesystem("memory")
+    from view_helpers import _saliency_tag
+
+    for step in (-1, 0):
+        for i in range(2):
+            events = {"conv": _values(acc, _response_tag(model, "conv", i)),
+                      "saliency/vanilla": _values(acc, _saliency_tag(model, "vanilla", i))}
+            for folder, by_step in events.items():
+                got = fs.cat_file(f"{url}/{folder}/sample_{i}/step_{step}.png")
+                assert got == by_step[step][2]
+    names = fs.find(url)
+    assert len(names) == 2 * 2 * 2 and all(n.endswith(".png") for n in names)

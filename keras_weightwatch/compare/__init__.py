@@ -11,10 +11,8 @@
 - `drift`: `drift`, each layer of one run through its snapshots.
 """
 
-from .diff import diff_runs
-from .drift import drift
-from .inputs import split_target
-from .matching import DEFAULT_MAX_MATCH_UNITS, EXTRA_HINT
+from typing import TYPE_CHECKING
+
 from .records import (
     STATUS_CHANGED,
     STATUS_ONLY_A,
@@ -33,6 +31,33 @@ from .records import (
     TensorDiff,
     TensorGradients,
 )
+
+if TYPE_CHECKING:
+    from .diff import diff_runs
+    from .drift import drift
+    from .inputs import split_target
+    from .matching import DEFAULT_MAX_MATCH_UNITS, EXTRA_HINT
+
+# What the comparison computes is imported when first used (PEP 562): the records are
+# light, and `weightwatch show` (through `report`) needs only them.
+_LAZY = {"diff_runs": "diff", "drift": "drift", "split_target": "inputs",
+         "DEFAULT_MAX_MATCH_UNITS": "matching", "EXTRA_HINT": "matching"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DEFAULT_MAX_MATCH_UNITS",

@@ -200,11 +200,10 @@ def _record(spec: WeightSpec, hash_name: str, digest: str, size: int, stored: st
                   hash=hash_name)
 
 
-def _tensors(t: Any, ctx: _Context) -> dict[str, TensorRecord]:
-    if type(t) is dict:
-        return {k: _tensor(k, v, ctx.by_key.get(k), ctx.where) for k, v in t.items()}
-    order = ctx.order
-    n = len(order)
+def _packed_tensors(t: Any, ctx: _Context) -> tuple[list[Any], bytes, list[int], list[Any]]:
+    """A line's tensors in the packed form, checked: (hashes, digests' bytes, sizes, stored),
+    `stored` being `ctx.native` when every tensor is stored as its own dtype; raises `_Bad`."""
+    n = len(ctx.order)
     if type(t) is not list or len(t) not in (3, 4) or not ctx.dtypes_ok:
         raise _Bad
     hashes = [t[0]] * n if type(t[0]) is str else t[0]
@@ -221,6 +220,14 @@ def _tensors(t: Any, ctx: _Context) -> dict[str, TensorRecord]:
             type(x) is list and len(x) == 2 and x[0] in STORED_DTYPES and type(x[1]) is bool
             for x in stored):
         raise _Bad
+    return hashes, raw, sizes, stored
+
+
+def _tensors(t: Any, ctx: _Context) -> dict[str, TensorRecord]:
+    if type(t) is dict:
+        return {k: _tensor(k, v, ctx.by_key.get(k), ctx.where) for k, v in t.items()}
+    order = ctx.order
+    hashes, raw, sizes, stored = _packed_tensors(t, ctx)
     hexed, width, out = raw.hex(), 2 * _DIGEST_BYTES, {}
     new, setattr_ = object.__new__, object.__setattr__
     for i, fields in enumerate(ctx.templates):  # as `_built` does, from a copy of the constants
@@ -236,26 +243,37 @@ def _tensors(t: Any, ctx: _Context) -> dict[str, TensorRecord]:
     return out
 
 
-def _stats(stats: Any, ctx: _Context) -> dict[str, Any]:
-    if type(stats) is dict:  # written whole: the weights' statistics differ in names or types
-        if not all(type(st) is dict and _STAT_TYPES.issuperset(map(type, st.values()))
-                   for st in stats.values()):
-            raise _Bad
-        return stats
+def _packed_stats(stats: Any, ctx: _Context) -> tuple[list[str], list[str], bytes, list[int],
+                                                      list[int]]:
+    """A line's statistics in the packed form, checked: (names, weights, their float64 rows'
+    bytes, positions of None, positions of NaN); raises `_Bad`."""
+    if type(stats) is not list or len(stats) != 5:
+        raise _Bad
     names, weights, packed, nones, nans = stats
     weights = ctx.keys if weights is None else weights
     if (type(names) is not list or type(weights) is not list or type(nones) is not list
             or type(nans) is not list or not all(type(n) is str for n in names)
             or not all(type(k) is str for k in weights)):
         raise _Bad
-    values: Sequence[Any] = struct.unpack(f"<{len(names) * len(weights)}d",
-                                          base64.b64decode(packed, validate=True))
+    raw = base64.b64decode(packed, validate=True)
+    size = len(names) * len(weights)
+    if len(raw) != 8 * size or not all(type(i) is int and 0 <= i < size for i in nones + nans):
+        raise _Bad
+    return names, weights, raw, nones, nans
+
+
+def _stats(stats: Any, ctx: _Context) -> dict[str, Any]:
+    if type(stats) is dict:  # written whole: the weights' statistics differ in names or types
+        if not all(type(st) is dict and _STAT_TYPES.issuperset(map(type, st.values()))
+                   for st in stats.values()):
+            raise _Bad
+        return stats
+    names, weights, raw, nones, nans = _packed_stats(stats, ctx)
+    values: Sequence[Any] = struct.unpack(f"<{len(names) * len(weights)}d", raw)
     if nones or nans:
         values = list(values)
         for positions, value in ((nones, None), (nans, _NAN)):
             for i in positions:
-                if type(i) is not int or i < 0:
-                    raise _Bad
                 values[i] = value
     row = iter(values)  # zip takes a name first, so each dict takes exactly one row
     return {k: dict(zip(names, row)) for k in weights}
@@ -410,4 +428,163 @@ def read_index(storage: Storage, specs: Sequence[WeightSpec],
         except Exception:  # noqa: S112 - a damaged entry is one the reader does not use
             continue
         out[name] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- many at once
+
+
+class StatColumn(NamedTuple):
+    """One statistic of every weight across snapshots: rows are snapshots, columns weights.
+
+    `values` is float64, NaN where the snapshot does not store the statistic or stores
+    None; `stored` says where the snapshot's statistics of the weight hold the name (None
+    included), `none` where they hold None.
+    """
+
+    values: Any  # np.ndarray, float64 (snapshots, weights)
+    stored: Any  # np.ndarray, bool
+    none: Any  # np.ndarray, bool
+
+
+def _parse_tails(records: Sequence[SnapshotRecord]) -> None:
+    """Decode, in one call, the second halves of the index lines of `records` that are not
+    decoded yet (each line's `_Source` keeps its own; a line that does not parse is left to
+    be decoded, and refused, one by one)."""
+    sources = []
+    for r in records:
+        lazy = r.stats
+        if type(lazy) is _Lazy and lazy._value is None and type(lazy._source._tail) is str:
+            sources.append(lazy._source)
+    if not sources:
+        return
+    try:
+        tails = json.loads("[" + ",".join(s._tail for s in sources) + "]")
+    except ValueError:
+        return
+    if len(tails) == len(sources):  # one value per line (a line holding "a],[b" is refused)
+        for source, tail in zip(sources, tails):
+            if type(tail) is list and len(tail) == 2:
+                source._tail = tail
+
+
+def _undecoded(lazy: Any, part: int) -> Any:
+    """Part `part` of an index line's second half, parsed and not decoded into records yet;
+    None when there is none (a mapping already built, a snapshot file's record)."""
+    if type(lazy) is not _Lazy or lazy._value is not None:
+        return None
+    tail = lazy._source._tail
+    return tail[part] if type(tail) is list else None
+
+
+class _Group:
+    """Consecutive snapshots whose packed statistics have the same names and weights."""
+
+    __slots__ = ("names", "weights", "keys", "rows", "raws")
+
+    def __init__(self, names: list[str], weights: Any, keys: list[str]):
+        self.names, self.weights, self.keys = names, weights, keys
+        self.rows: list[int] = []
+        self.raws: list[bytes] = []
+
+
+def _group_for(stats: Any, ctx: _Context, last: _Group | None) -> _Group | None:
+    """The group of a line's packed statistics without None or NaN: `last` when they have
+    its names and weights, a new one when they are well-formed, else None (to be read as
+    the mapping they are: written whole, holding None or NaN, or not well-formed)."""
+    if type(stats) is not list or len(stats) != 5 or stats[3] or stats[4]:
+        return None
+    if last is not None and stats[0] == last.names and stats[1] == last.weights:
+        return last
+    try:
+        names, keys = _packed_stats(stats, ctx)[:2]
+    except (_Bad, ValueError):
+        return None
+    if len(set(names)) != len(names) or len(set(keys)) != len(keys):
+        return None  # decoded as dicts, the last of a repeated name wins: let them
+    return _Group(names, stats[1], keys)
+
+
+def _grouped(records: Sequence[SnapshotRecord]) -> tuple[list[_Group], list[int]]:
+    """The records' packed statistics in groups, and the rows to read as mappings."""
+    groups: list[_Group] = []
+    other: list[int] = []
+    last: _Group | None = None
+    for i, r in enumerate(records):
+        stats = _undecoded(r.stats, 0)
+        group = None if stats is None else _group_for(
+            stats, r.stats._source.ctx, last)  # type: ignore[attr-defined]
+        if group is not None:
+            try:
+                raw = base64.b64decode(stats[2], validate=True)
+            except (ValueError, TypeError):
+                raw = b""
+            if len(raw) == 8 * len(group.names) * len(group.keys):
+                if group is not last:
+                    groups.append(group)
+                    last = group
+                group.rows.append(i)
+                group.raws.append(raw)
+                continue
+        other.append(i)
+    return groups, other
+
+
+def stat_columns(records: Sequence[SnapshotRecord], keys: Sequence[str],
+                 names: Sequence[str]) -> dict[str, StatColumn]:
+    """Statistics `names` of weights `keys` across `records`, as numpy columns: equal to
+    reading every record's `stats`, without building a dict per weight and snapshot (the
+    packed statistics of index lines are decoded in groups straight into the arrays)."""
+    import numpy as np
+
+    shape = (len(records), len(keys))
+    out = {n: StatColumn(np.full(shape, np.nan), np.zeros(shape, bool), np.zeros(shape, bool))
+           for n in names}
+    column = {k: j for j, k in enumerate(keys)}
+    _parse_tails(records)
+    groups, other = _grouped(records)
+    for g in groups:
+        table = np.frombuffer(b"".join(g.raws), "<f8").reshape(
+            len(g.rows), len(g.keys), len(g.names))
+        where = [n for n, k in enumerate(g.keys) if k in column]
+        at = [column[g.keys[n]] for n in where]
+        rows = np.asarray(g.rows)[:, None]
+        for name in names:
+            if name in g.names:
+                m = g.names.index(name)
+                out[name].values[rows, at] = table[:, where, m]
+                out[name].stored[rows, at] = True
+    for i in other:
+        for k, st in records[i].stats.items():
+            j = column.get(k)
+            for name in names if j is not None else ():
+                if name in st:
+                    v = st[name]
+                    out[name].stored[i, j] = True
+                    if v is None:
+                        out[name].none[i, j] = True
+                    elif isinstance(v, (int, float)):
+                        out[name].values[i, j] = float(v)
+    return out
+
+
+def lossy_dtypes(records: Sequence[SnapshotRecord]) -> set[str]:
+    """The stored dtypes of tensors stored lossily in any of `records`, equal to reading
+    every record's `tensors`: an index line whose tensors are the header's weights stored
+    as their own dtypes answers without a record being built."""
+    _parse_tails(records)
+    out: set[str] = set()
+    for r in records:
+        t = _undecoded(r.tensors, 1)
+        if type(t) is list:
+            ctx = r.tensors._source.ctx  # type: ignore[attr-defined]
+            try:
+                stored = _packed_tensors(t, ctx)[3]
+            except (_Bad, ValueError):
+                stored = None
+            if stored is not None:
+                if stored is not ctx.native:
+                    out.update(x[0] for x in stored if x[1])
+                continue
+        out.update(rec.stored_dtype for rec in r.tensors.values() if rec.lossy)
     return out

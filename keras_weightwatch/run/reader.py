@@ -35,7 +35,7 @@ from .format import (
     content_hash,
     from_storage,
 )
-from .index import read_index
+from .index import StatColumn, lossy_dtypes, read_index, stat_columns
 from .storage import FileStamp, LocalStorage, Storage
 
 
@@ -408,6 +408,17 @@ class Run:
             for name, value in s.logs.items():
                 out.setdefault(name, []).append((s.step, value))
         return out
+
+    def stat_columns(self, names: Sequence[str]) -> dict[str, StatColumn]:
+        """Stored statistics `names` of every weight (`specs` order) across every snapshot,
+        as numpy arrays (snapshots x weights; see `StatColumn`): what reading each snapshot's
+        `stats` gives, decoded without a dict per weight and snapshot (a long run's `show`)."""
+        return stat_columns(self._snapshots, [s.key for s in self._specs], names)
+
+    def lossy_dtypes(self) -> set[str]:
+        """The stored dtypes of tensors that any snapshot stores lossily (float weights kept
+        in a narrower dtype); empty for runs that keep every weight as it is."""
+        return lossy_dtypes(self._snapshots)
 
     # -- access
     def snapshot(self, step: int | str = "last") -> SnapshotRecord:

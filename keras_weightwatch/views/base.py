@@ -102,3 +102,32 @@ def model_inputs(model: Any) -> list[Any]:
         return list(model.inputs)
     except (AttributeError, ValueError):
         return []
+
+
+class PngFiles:
+    """PNG files under a directory the views also write to (`responses_dir`): a local
+    path or any fsspec URL (`s3://bucket/pngs`, `memory://pngs`), through the run's storage
+    seam, so a URL is never taken for a local directory named `s3:`. Each file is written
+    whole (a temporary file renamed into place, or one PUT), so a reader never sees half.
+
+    Args:
+        where: The directory or URL.
+        storage_options: fsspec options for a URL (the callback passes its own
+            `storage_options`). Defaults to None.
+    """
+
+    def __init__(self, where: str, storage_options: Mapping[str, Any] | None = None):
+        self.where = where
+        self._options = storage_options
+        self._storage: Any = None  # opened at the first write (on the worker)
+
+    def write(self, name: str, png: bytes) -> None:
+        """Write `png` as `name` (a `/`-separated path below the directory)."""
+        if self._storage is None:
+            from ..run.remote import open_storage
+
+            self._storage = open_storage(self.where, self._options)
+        folder = name.rpartition("/")[0]
+        if folder:
+            self._storage.makedirs(folder)
+        self._storage.write_atomic(name, [png], durable=False)

@@ -45,6 +45,7 @@ def build_views(settings: Settings) -> list[View]:
                 settings.response_layers,
                 settings.max_kernel_tiles,
                 settings.responses_dir,
+                settings.storage_options,
             )
         )
     if settings.spectral_freq is not None:
@@ -58,6 +59,7 @@ def build_views(settings: Settings) -> list[View]:
                 settings.saliency_layer,
                 settings.responses_dir,
                 settings.gradient_freq,
+                settings.storage_options,
             )
         )
     if settings.gradient_data is not None:

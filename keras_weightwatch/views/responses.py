@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence, Set
 from typing import Any, NamedTuple
 
@@ -12,7 +11,7 @@ from ..capture import ModelInfo, Snapshot
 from ..errors import received
 from ..naming import model_group
 from ..settings import Settings
-from .base import Stats, View, find_layer, keras_module, model_inputs, weight_keys
+from .base import PngFiles, Stats, View, find_layer, keras_module, model_inputs, weight_keys
 
 
 class _Target(NamedTuple):
@@ -60,15 +59,6 @@ def _geometry(t: _Target, kernel_shape: tuple[int, ...], input_size: Any) -> Any
                     t.padding, (t.dilation[0], t.dilation[1]), input_size)
 
 
-def _write_png(path: str, png: bytes) -> None:
-    """Write a file atomically: a reader never sees half of it."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
-
-
 class ResponseView(View):
     """Sample images and their responses to each kernel of Conv2D layers.
 
@@ -90,7 +80,9 @@ class ResponseView(View):
         layers: Names of Conv2D layers. Defaults to None: the first one.
         max_tiles: The most response tiles per image. Defaults to 256.
         out_dir: Also write the grids as PNG files here
-            (`<layer>/sample_<i>/step_<step>.png`). Defaults to None.
+            (`<layer>/sample_<i>/step_<step>.png`): a directory or any fsspec URL.
+            Defaults to None.
+        storage_options: fsspec options for an `out_dir` URL. Defaults to None.
 
     Tags: `<model>/1_responses/<layer>/sample_<i>` (`summaries.response_tag`).
     """
@@ -104,12 +96,14 @@ class ResponseView(View):
         layers: Sequence[str] | None = Settings.response_layers,
         max_tiles: int = Settings.max_kernel_tiles,
         out_dir: str | None = Settings.responses_dir,
+        storage_options: Mapping[str, Any] | None = None,
     ):
         self.sample_images = sample_images
         self.mode = mode
         self.layer_names = None if layers is None else list(layers)
         self.max_tiles = max_tiles
         self.out_dir = out_dir
+        self._pngs = None if out_dir is None else PngFiles(out_dir, storage_options)
         self.targets: list[_Target] = []
         self._submodels: dict[str, Any] = {}
         self._images_nhwc: np.ndarray | None = None
@@ -322,9 +316,8 @@ class ResponseView(View):
                 h, w = grid.image.shape[:2]
                 desc = self._description(i, name, res, grid, geometry)
                 values.append(image(self.tag(name, i), [png], w, h, desc))
-                if self.out_dir is not None:
-                    sample_dir = os.path.join(self.out_dir, name, f"sample_{i}")
-                    _write_png(os.path.join(sample_dir, f"step_{snapshot.step}.png"), png)
+                if self._pngs is not None:
+                    self._pngs.write(f"{name}/sample_{i}/step_{snapshot.step}.png", png)
         events.write(snapshot.step, values, wall_time=snapshot.time)
 
     def tag(self, layer: str, sample: int) -> str:

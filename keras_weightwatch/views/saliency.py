@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +11,7 @@ from ..capture import ModelInfo, Snapshot
 from ..errors import received
 from ..naming import model_group
 from ..settings import Settings
-from .base import Stats, View, find_layer, model_inputs
-from .responses import _write_png
+from .base import PngFiles, Stats, View, find_layer, model_inputs
 
 CAM_METHODS = ("gradcam", "hirescam")
 
@@ -71,8 +69,10 @@ class SaliencyView(View):
         class_index: The class to explain. Defaults to None: each image's predicted class.
         layer: The convolution layer of Grad-CAM and HiResCAM. Defaults to None:
             the last one at the model's top level.
-        out_dir: Also write the panels as PNG files here. Defaults to None.
+        out_dir: Also write the panels as PNG files here: a directory or any fsspec
+            URL. Defaults to None.
         freq: Compute at every `freq`-th snapshot. Defaults to 1.
+        storage_options: fsspec options for an `out_dir` URL. Defaults to None.
     """
 
     name = "saliency"
@@ -85,12 +85,14 @@ class SaliencyView(View):
         layer: str | None = Settings.saliency_layer,
         out_dir: str | None = Settings.responses_dir,
         freq: int = Settings.gradient_freq,
+        storage_options: Mapping[str, Any] | None = None,
     ):
         self.sample_images = sample_images
         self.methods = tuple(methods)
         self.class_index = class_index
         self.layer = layer
         self.out_dir = out_dir
+        self._pngs = None if out_dir is None else PngFiles(out_dir, storage_options)
         self.freq = freq
         self._images: np.ndarray | None = None
         self._count = 0
@@ -166,8 +168,7 @@ class SaliencyView(View):
                 desc = caption(method, i, int(sal.classes[i]), sal.maps[i], sal.layer)
                 name = saliency_tag(self._group, method, i)
                 values.append(image(name, [png], pic.shape[1], pic.shape[0], desc))
-                if self.out_dir is not None:
-                    path = os.path.join(self.out_dir, "saliency", method, f"sample_{i}",
-                                        f"step_{snapshot.step}.png")
-                    _write_png(path, png)
+                if self._pngs is not None:
+                    self._pngs.write(f"saliency/{method}/sample_{i}/step_{snapshot.step}.png",
+                                     png)
         events.write(snapshot.step, values, wall_time=snapshot.time)

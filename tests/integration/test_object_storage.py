@@ -177,6 +177,32 @@ def test_cli_show_verify_and_diff_on_s3_urls(s3_server, bucket):
     assert delta > 0 and "head" in diff.stdout
 
 
+def test_responses_dir_in_the_bucket_holds_the_event_files_pngs(s3_server, bucket, tmp_path,
+                                                                 monkeypatch):
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    monkeypatch.chdir(tmp_path)  # a local directory named "s3:" would appear here
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).random((8, 8, 8, 1)).astype("float32")
+    cb = WeightWatch(str(tmp_path / "run"), sample_images=x[:2], kernel_images=False,
+                     histograms=False, responses_dir=f"s3://{bucket}/pngs")
+    model.fit(x, x[:, :1, 0, 0], epochs=1, verbose=0, callbacks=[cb])
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    acc = pea.EventAccumulator(str(tmp_path / "run" / "weights"), {pea.TENSORS: 0})
+    acc.Reload()
+    tags = sorted(t for t in acc.Tags()["tensors"] if "/1_responses/conv/" in t)
+    objects = _objects(s3_server, bucket)
+    assert len(tags) == 2 and len(objects) == 2 * 2  # 2 samples x (initial, epoch 0)
+    for i, tag in enumerate(tags):
+        for event in acc.Tensors(tag):
+            png = tensor_util.make_ndarray(event.tensor_proto)[2]
+            assert objects[f"pngs/conv/sample_{i}/step_{event.step}.png"] == png
+
+
 def test_secret_in_storage_options_never_stored_or_shown(s3_server, bucket):
     options = {"key": "testing", "secret": SECRET, "endpoint_url": s3_server}
     cb = WeightWatch(f"s3://{bucket}/sec", storage_options=options)

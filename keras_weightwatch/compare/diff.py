@@ -222,15 +222,24 @@ def _reduce_kernel(ctx: _Context, t: TensorPlan, carry: Perm | None, fixed: bool
         arr_b = np.ascontiguousarray(np.moveaxis(arr_b, -2, -1))
     a2, b2 = as_2d(arr_a), as_2d(arr_b)
     rows = None if carry is None else input_rows(arr_a.shape, carry)
+    if rows is not None and np.array_equal(carry, np.arange(len(carry))):
+        # Carried in order (the previous layer's units did not move): B's rows as stored.
+        rows, carried = None, carry
+    else:
+        carried = None if rows is None else carry
     if ctx.match and fixed and arr_a.dtype.kind != "c":
         s = _plain_sums(identical, a2, b2)
-        aligned = None if rows is None else pair_sums(a2, b2, rows=rows)
-        return _Reduced(identical, s, aligned, moved=0, carried=None if rows is None else carry)
+        aligned = (None if carried is None else s if rows is None
+                   else pair_sums(a2, b2, rows=rows))
+        return _Reduced(identical, s, aligned, moved=0, carried=carried)
     if not (ctx.match and a2.shape[1] <= ctx.max_match_units and arr_a.dtype.kind != "c"):
         return _Reduced(identical, _plain_sums(identical, a2, b2))
-    m = match_units(a2, b2, rows, block=None if carry is None else len(carry))
-    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm,
-                    carried=None if rows is None else carry)
+    if identical and rows is None:  # B is A: each unit is its own best match
+        s = _plain_sums(identical, a2, b2)
+        return _Reduced(identical, s, s, 0, np.arange(a2.shape[1], dtype=np.int64),
+                        carried=carried)
+    m = match_units(a2, b2, rows, block=None if rows is None else len(carry))
+    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm, carried=carried)
 
 
 def _reduce_other(ctx: _Context, t: TensorPlan, align: Perm | None) -> _Reduced:

@@ -292,13 +292,13 @@ def _count_full_matrices(monkeypatch) -> list[int]:
     from keras_weightwatch.compare import matching
 
     calls: list[int] = []
-    full = matching.sums_and_gram
+    full = matching.best_matching
 
     def counted(*args, **kwargs):
         calls.append(1)
         return full(*args, **kwargs)
 
-    monkeypatch.setattr(matching, "sums_and_gram", counted)
+    monkeypatch.setattr(matching, "best_matching", counted)  # the assignment of every pair
     return calls
 
 
@@ -394,3 +394,16 @@ def test_a_run_against_itself_matches_every_unit_in_place_without_a_gram(tmp_pat
         assert t.unit_order == tuple(range(w[key].shape[-1])), key
     # The next layer's inputs are carried in order, and recorded as such.
     assert result.tensor("conv2/kernel").input_order == tuple(range(w["conv1/kernel"].shape[-1]))
+
+
+def test_nan_in_a_large_layer_matches_on_the_finite_values_like_the_full_matrix(monkeypatch):
+    from keras_weightwatch.compare.matching import match_units
+
+    calls = _count_full_matrices(monkeypatch)
+    a, b = _twin(9, 320, 40, 0.02)
+    a[3, 7] = np.nan
+    m = match_units(a, b, None)
+    assert calls  # no bound from NaN sums: the full matrix, NaN counted as 0
+    finite = np.where(np.isfinite(a), a, 0.0)
+    np.testing.assert_array_equal(m.perm, _reference_matching(finite, b))
+    assert m.sums.nonfinite_a == 1 and np.isnan(m.matched.cosine())

@@ -109,44 +109,52 @@ def match_units(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None,
     blk = 1 if block is None else block
     n_rows, units = a2.shape
     ident = np.arange(units, dtype=np.int64)
-    if units >= BOUND_MIN_UNITS and n_rows > 2 * blk:
-        found = _bounded_matching(a2, b2, rows, blk)
-        if found is not None:
-            s, perm, matched = found
-            return Matched(sums=s, matched=matched, moved=int(np.sum(perm != ident)),
-                           perm=perm)
+    if units < BOUND_MIN_UNITS or n_rows <= 2 * blk:
+        return _full_matching(a2, b2, rows, blk)
+    s, per = sums_per_unit(a2, b2)  # B's units' norms do not depend on its row order
+    if s.nonfinite_a or s.nonfinite_b or not np.isfinite(s.saa + s.sbb + s.sab):
+        return _full_matching(a2, b2, rows, blk)  # it matches on the finite values
+    head = Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
+    perm, matched, done = _bounded_matching(a2, b2, rows, blk, s, per, head)
+    if perm is None:  # the rest of the rows: the full matrix, as `_full_matching` makes it
+        add_gram_rows(head, a2, b2, done, n_rows, rows, blk)
+        perm = best_matching(Gram(head.g, per.norms_a, per.norms_b))
+    moved = int(np.sum(perm != ident))
+    if matched is None:
+        matched = pair_sums(a2, b2, rows=rows, cols=perm) if moved or rows is not None else s
+    return Matched(sums=s, matched=matched, moved=moved, perm=perm)
+
+
+def _full_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, blk: int
+                   ) -> Matched:
     # One pass: the raw sums with B as stored, the Gram with B's inputs in A's order.
     s, gram = sums_and_gram(a2, b2, rows, block=blk)
     perm = best_matching(gram)
-    moved = int(np.sum(perm != ident))
+    moved = int(np.sum(perm != np.arange(a2.shape[1])))
     matched = pair_sums(a2, b2, rows=rows, cols=perm) if moved or rows is not None else s
     return Matched(sums=s, matched=matched, moved=moved, perm=perm)
 
 
-def _bounded_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, blk: int
-                      ) -> tuple[Sums, Perm, Sums] | None:
-    """(raw sums, the best matching, its sums) when a bound from leading rows settles it;
-    None when it does not, or when the tensors hold NaN/Inf (the full path masks them)."""
+def _bounded_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, blk: int,
+                      s: Sums, per: PerUnit, head: Gram
+                      ) -> tuple[Perm | None, Sums | None, int]:
+    """(the best matching, its sums if computed, the rows added to `head`) when a bound
+    from leading rows settles it; (None, None, rows added) when none does."""
     lsa = _linear_sum_assignment()
     n_rows, units = a2.shape
-    s, per = sums_per_unit(a2, b2)  # B's units' norms do not depend on its row order
-    if s.nonfinite_a or s.nonfinite_b or not np.isfinite(s.saa + s.sbb + s.sab):
-        return None
-    head = Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
-    done, exact_sums = 0, None
+    done, est = 0, 1.0
     for frac in BOUND_FRACTIONS:
         stop = -(-math.ceil(frac * n_rows) // blk) * blk
         if stop >= n_rows:
             break
+        if est < 1 - frac:
+            continue  # the tails' bound alone would be above the estimated cosines
         add_gram_rows(head, a2, b2, done, stop, rows, blk)
         done = stop
-        found = _settle(lsa, a2, b2, rows, head, per, gram_rows_step(units, blk), s)
-        if found is not None:
-            perm, exact_sums = found
-            if exact_sums is None:
-                exact_sums = pair_sums(a2, b2, rows=rows, cols=perm)
-            return s, perm, exact_sums
-    return None
+        perm, matched, est = _settle(lsa, a2, b2, rows, head, per, gram_rows_step(units, blk), s)
+        if perm is not None:
+            return perm, matched, done
+    return None, None, done
 
 
 def _upper_bounds(head: Gram, per: PerUnit, k: int) -> np.ndarray:
@@ -171,16 +179,19 @@ def _inv_norms(sq: np.ndarray) -> np.ndarray:
 
 
 def _settle(lsa: Callable[..., Any], a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None,
-            head: Gram, per: PerUnit, k: int, raw: Sums) -> tuple[Perm, Sums | None] | None:
-    """The best matching and (where computed for it) its sums, when the bounds settle it.
+            head: Gram, per: PerUnit, k: int, raw: Sums
+            ) -> tuple[Perm | None, Sums | None, float]:
+    """The best matching and (where computed for it) its sums, when the bounds settle it,
+    and the low decile of the units' best cosines estimated from the leading rows.
 
     Each round makes the cosines of the candidate's pairs exact; the candidate is
     the best matching once every unit's exact cosine beats the bounds of its other
     pairs, or once the assignment of the bounds picks exact pairs alone.
     """
     bound = _upper_bounds(head, per, k)
-    if not _likely(bound, head):
-        return None
+    likely, est = _likely(bound, head)
+    if not likely:
+        return None, None, est
     units = bound.shape[0]
     ar = np.arange(units)
     exact = np.zeros((units, units), dtype=bool)
@@ -210,13 +221,14 @@ def _settle(lsa: Callable[..., Any], a2: np.ndarray, b2: np.ndarray, rows: np.nd
             if not exact[ar, perm].all():
                 continue
         same = sums_for is not None and np.array_equal(sums_for[0], perm)
-        return perm, sums_for[1] if same and sums_for is not None else None
-    return None
+        return perm, sums_for[1] if same and sums_for is not None else None, est
+    return None, None, est
 
 
-def _likely(bound: np.ndarray, head: Gram) -> bool:
+def _likely(bound: np.ndarray, head: Gram) -> tuple[bool, float]:
     """A cheap guess before any exact cosine: does most units' best pair look likely to
-    beat its second-best bound (its cosine estimated from the leading rows alone)?"""
+    beat its second-best bound (its cosine estimated from the leading rows alone)? And
+    the low decile of those estimates."""
     ar = np.arange(bound.shape[0])
     best = np.argmax(bound, axis=1)
     top = bound[ar, best]
@@ -225,7 +237,8 @@ def _likely(bound: np.ndarray, head: Gram) -> bool:
     bound[ar, best] = top
     with np.errstate(divide="ignore", invalid="ignore"):
         est = head.g[ar, best] / np.sqrt(head.norms_a * head.norms_b[best])
-    return bool(np.count_nonzero(est > second) >= 0.9 * len(ar))
+    low = float(np.nanquantile(est, 0.1)) if np.any(np.isfinite(est)) else -1.0
+    return bool(np.count_nonzero(est > second) >= 0.9 * len(ar)), low
 
 
 def _rows_settled(bound: np.ndarray, perm: Perm) -> bool:

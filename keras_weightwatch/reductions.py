@@ -232,9 +232,14 @@ def _reduce(
         np.copyto(cb, raw_b, casting="unsafe")
         fa, fb = ca.reshape(-1), cb.reshape(-1)
         d = np.subtract(fb, fa, out=bufs[2, :size])
-        s.saa += sumsq(fa)
-        s.sbb += sumsq(fb)
-        s.sab += dot(fa, fb)
+        if per_unit is None:
+            s.saa += sumsq(fa)
+            s.sbb += sumsq(fb)
+            s.sab += dot(fa, fb)
+        else:  # the totals from each unit's sums: the chunk is read three times, not six
+            s.saa += _add_per_unit(per_unit.norms_a, ca, ca)
+            s.sbb += _add_per_unit(per_unit.norms_b, cb, cb)
+            s.sab += _add_per_unit(per_unit.dots, ca, cb)
         s.sdd += sumsq(d)
         finite = True
         if d.size:
@@ -246,12 +251,15 @@ def _reduce(
         if gram is not None:
             local = None if gram_rows is None else gram_rows[r0:r1] - r0
             _add_gram(gram, raw_a, raw_b if local is None else raw_b[local], ca, cb, finite)
-        if per_unit is not None:
-            per_unit.norms_a[...] += np.einsum("ij,ij->j", ca, ca)
-            per_unit.norms_b[...] += np.einsum("ij,ij->j", cb, cb)
-            per_unit.dots[...] += np.einsum("ij,ij->j", ca, cb)
     s.maxd = maxd
     return s
+
+
+def _add_per_unit(acc: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Add each unit's <x[:, j], y[:, j]> to `acc`; returns their sum."""
+    part = np.einsum("ij,ij->j", x, y)
+    acc += part
+    return float(part.sum())
 
 
 def _add_gram(g: Gram, raw_a: np.ndarray, raw_b: np.ndarray, ca: np.ndarray, cb: np.ndarray,

@@ -161,14 +161,20 @@ def _upper_bounds(head: Gram, per: PerUnit, k: int) -> np.ndarray:
     """Upper bounds of every unit pair's cosine, from the Gram of the leading rows (float32
     products of at most `k` rows each: a rounding bound of (k + 4) * 2^-23 is added)."""
     # <a_i, b_j> <= (the head's float32 product + its rounding bound) + |tail a_i| |tail b_j|
-    ta = np.sqrt(np.maximum(per.norms_a - head.norms_a, 0.0))
-    tb = np.sqrt(np.maximum(per.norms_b - head.norms_b, 0.0))
-    slack = (k + 4) * 2.0 ** -23
-    ub = np.multiply.outer(ta, tb)
-    ub += np.multiply.outer(slack * np.sqrt(head.norms_a), np.sqrt(head.norms_b))
-    ub += head.g
-    ub *= _inv_norms(per.norms_a)[:, None]
-    ub *= _inv_norms(per.norms_b)[None, :]
+    inv_a, inv_b = _inv_norms(per.norms_a), _inv_norms(per.norms_b)
+    ta = np.sqrt(np.maximum(per.norms_a - head.norms_a, 0.0)) * inv_a
+    tb = np.sqrt(np.maximum(per.norms_b - head.norms_b, 0.0)) * inv_b
+    ha = (k + 4) * 2.0 ** -23 * np.sqrt(head.norms_a) * inv_a
+    hb = np.sqrt(head.norms_b) * inv_b
+    ub = np.empty_like(head.g)
+    step = max(1, (1 << 16) // max(1, len(tb)))  # rows whose temporaries stay in cache
+    for r0 in range(0, len(ta), step):
+        r = slice(r0, r0 + step)
+        out = ub[r]
+        np.multiply(head.g[r], inv_b[None, :], out=out)
+        out *= inv_a[r, None]
+        out += np.outer(ta[r], tb)
+        out += np.outer(ha[r], hb)
     ub[np.diag_indices_from(ub)] += TIE_BONUS
     return ub
 

@@ -10,8 +10,8 @@ units along the graph (`matching`).
 
 Memory: tensors are memory-mapped and reduced in chunks with float64
 accumulation (`reductions`), one pair at a time, so diffing two runs of a large
-model holds at most a few tensors (and, for matched layers, a units x units
-matrix).
+model holds at most a few tensors (and, for matched layers, two units x units
+matrices).
 """
 
 from __future__ import annotations

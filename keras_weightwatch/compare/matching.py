@@ -13,11 +13,13 @@ for an 8192 x 2048 kernel), most of a matched diff. So `match_units` first
 bounds it from the Gram of a few leading rows (`BOUND_FRACTIONS`) and each
 unit's norm: cos(a_i, b_j) <= (<a_i, b_j> on those rows + |rest of a_i| |rest
 of b_j|) / (|a_i| |b_j|) (Cauchy-Schwarz), then solves the assignment on the
-bounds, replaces the bounds of the pairs it picks by their exact float64
-cosines, and solves again. An assignment made of exact cosines only is optimal
-for the whole matrix (every other bound is at least its cosine), so it is the
-same matching as the full matrix's; where that does not happen within
-`BOUND_ROUNDS`, more rows are added, up to the full matrix.
+bounds (or takes each unit's best bound), replaces the bounds of the pairs it
+picks by their exact float64 cosines, and checks again. An assignment made of
+exact cosines only that is optimal for the bounds is optimal for the whole
+matrix (every other bound is at least its cosine), so it is the same matching
+as the full matrix's; where that does not happen within `BOUND_ROUNDS`, more
+rows are added, up to the full matrix. The bounds include the float32 rounding
+of the Gram products; the matched sums are exact float64 either way.
 """
 
 from __future__ import annotations

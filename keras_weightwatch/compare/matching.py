@@ -197,17 +197,20 @@ def _settle(lsa: Callable[..., Any], a2: np.ndarray, b2: np.ndarray, rows: np.nd
     pairs, or once the assignment of the bounds picks exact pairs alone.
     """
     bound = _upper_bounds(head, per, k)
-    likely, est = _likely(bound, head)
-    if not likely:
-        return None, None, est
     units = bound.shape[0]
     ar = np.arange(units)
-    exact = np.zeros((units, units), dtype=bool)
     inv_a, inv_b = _inv_norms(per.norms_a), _inv_norms(per.norms_b)
     sums_for: tuple[Perm, Sums] | None = None
     if rows is None:  # B's rows as stored: each unit's cosine with itself is known already
         sums_for = (ar, raw)
         bound[ar, ar] = per.dots * inv_a * inv_b + TIE_BONUS
+        if _rows_settled(bound, ar):  # no unit moved (two epochs of one run, most often)
+            return ar, raw, 1.0
+    likely, est = _likely(bound, head)
+    if not likely:
+        return None, None, est
+    exact = np.zeros((units, units), dtype=bool)
+    if rows is None:
         exact[ar, ar] = True
     perm = np.argmax(bound, axis=1)
     if len(np.unique(perm)) < units:

@@ -189,19 +189,15 @@ def gram_rows_step(units: int, block: int = 1) -> int:
 
 
 def add_gram_rows(gram: Gram, a2: np.ndarray, b2: np.ndarray, start: int, stop: int,
-                  gram_rows: np.ndarray | None = None, block: int = 1) -> None:
+                  gram_rows: np.ndarray | None = None) -> None:
     """Add rows [start, stop) of A and of B[gram_rows] to `gram`: their products Aᵀ B in
     float32 (each at most `gram_rows_step` rows long) and their units' norms in float64.
-
-    `start` and `stop` are multiples of `block` (or `stop` the last row), so reordering
-    B's rows within blocks stays inside [start, stop). Finite values only.
+    Finite values only.
     """
-    step = gram_rows_step(a2.shape[1], block)
+    step = gram_rows_step(a2.shape[1])
     for r0 in range(start, stop, step):
         r1 = min(stop, r0 + step)
-        raw_b = b2[r0:r1]
-        if gram_rows is not None:
-            raw_b = raw_b[gram_rows[r0:r1] - r0]
+        raw_b = b2[r0:r1] if gram_rows is None else b2[gram_rows[r0:r1]]
         gram.g[...] += np.asarray(a2[r0:r1], dtype=np.float32).T @ np.asarray(
             raw_b, dtype=np.float32)
         ca, cb = _f64(a2[r0:r1]), _f64(raw_b)

@@ -349,6 +349,16 @@ def test_a_bound_settles_carried_inputs_zero_units_and_float64_kernels(monkeypat
     assert m.matched.cosine() == pytest.approx(oracle(a2, b2[rows][:, expect])["cosine"],
                                                rel=1e-12)
     assert m.sums.cosine() == pytest.approx(oracle(a2, b2)["cosine"], rel=1e-12)
+    # A Dense kernel after a matched Dense layer: every row carried, one block of all rows.
+    dense_a, dense_b = _twin(22, 300, 48, 0.05)
+    carry = rng.permutation(300)
+    dense_b = dense_b[np.argsort(carry)]
+    rows = input_rows(dense_a.shape, carry)
+    m = match_units(dense_a, dense_b, rows, block=300)
+    assert not calls
+    np.testing.assert_array_equal(m.perm, _reference_matching(dense_a, dense_b[rows]))
+    assert m.matched.cosine() == pytest.approx(
+        oracle(dense_a, dense_b[rows][:, m.perm])["cosine"], rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -111,15 +111,15 @@ def match_units(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None,
     blk = 1 if block is None else block
     n_rows, units = a2.shape
     ident = np.arange(units, dtype=np.int64)
-    if units < BOUND_MIN_UNITS or n_rows <= 2 * blk:
+    if units < BOUND_MIN_UNITS or n_rows <= 2:
         return _full_matching(a2, b2, rows, blk)
     s, per = sums_per_unit(a2, b2)  # B's units' norms do not depend on its row order
     if s.nonfinite_a or s.nonfinite_b or not np.isfinite(s.saa + s.sbb + s.sab):
         return _full_matching(a2, b2, rows, blk)  # it matches on the finite values
     head = Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
-    perm, matched, done = _bounded_matching(a2, b2, rows, blk, s, per, head)
+    perm, matched, done = _bounded_matching(a2, b2, rows, s, per, head)
     if perm is None:  # the rest of the rows: the full matrix, as `_full_matching` makes it
-        add_gram_rows(head, a2, b2, done, n_rows, rows, blk)
+        add_gram_rows(head, a2, b2, done, n_rows, rows)
         perm = best_matching(Gram(head.g, per.norms_a, per.norms_b))
     moved = int(np.sum(perm != ident))
     if matched is None:
@@ -137,8 +137,8 @@ def _full_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, blk:
     return Matched(sums=s, matched=matched, moved=moved, perm=perm)
 
 
-def _bounded_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, blk: int,
-                      s: Sums, per: PerUnit, head: Gram
+def _bounded_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, s: Sums,
+                      per: PerUnit, head: Gram
                       ) -> tuple[Perm | None, Sums | None, int]:
     """(the best matching, its sums if computed, the rows added to `head`) when a bound
     from leading rows settles it; (None, None, rows added) when none does."""
@@ -146,14 +146,14 @@ def _bounded_matching(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, b
     n_rows, units = a2.shape
     done, est = 0, 1.0
     for frac in BOUND_FRACTIONS:
-        stop = -(-math.ceil(frac * n_rows) // blk) * blk
+        stop = math.ceil(frac * n_rows)
         if stop >= n_rows:
             break
         if est < 1 - frac:
             continue  # the tails' bound alone would be above the estimated cosines
-        add_gram_rows(head, a2, b2, done, stop, rows, blk)
+        add_gram_rows(head, a2, b2, done, stop, rows)
         done = stop
-        perm, matched, est = _settle(lsa, a2, b2, rows, head, per, gram_rows_step(units, blk), s)
+        perm, matched, est = _settle(lsa, a2, b2, rows, head, per, gram_rows_step(units), s)
         if perm is not None:
             return perm, matched, done
     return None, None, done

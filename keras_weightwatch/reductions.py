@@ -3,9 +3,11 @@
 `pair_sums(a2, b2)` reduces two (rows, units) arrays, possibly memory-mapped, a
 block of rows at a time, accumulating in float64: the sums of squares of A, B
 and B - A, the dot product <A, B> and max |B - A|, with the count of NaN/Inf
-values when there are any; `pair_sums_gram` adds the units x units Gram matrix Aᵀ B that a matching
-of units needs. It never copies a whole tensor, so comparing tensors of
-any size holds a few chunks at a time. `diff_runs`, `drift` and
+values when there are any; `pair_sums_gram` adds the units x units Gram matrix
+Aᵀ B that a matching of units needs, `add_gram_rows` the Gram of some rows only
+(a matching's bound), `sums_per_unit` each unit's norms and dot product (its
+exact check). It never copies a whole tensor, so comparing tensors of any size
+holds a few chunks at a time. `diff_runs`, `drift` and
 `stats.update_ratio` all reduce through it.
 """
 
@@ -154,14 +156,62 @@ def _new_gram(units: int) -> Gram:
     return Gram(np.zeros((units, units)), np.zeros(units), np.zeros(units))
 
 
+class PerUnit(NamedTuple):
+    """Float64 sums of each unit (column) of a tensor pair."""
+
+    norms_a: np.ndarray
+    """The squared norm of each unit of A."""
+    norms_b: np.ndarray
+    """The squared norm of each unit of B (as reordered)."""
+    dots: np.ndarray
+    """<A[:, i], B[:, i]> of each unit (B as reordered)."""
+
+
+def _new_per_unit(units: int) -> PerUnit:
+    return PerUnit(np.zeros(units), np.zeros(units), np.zeros(units))
+
+
+def sums_per_unit(
+    a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None = None,
+    cols: np.ndarray | None = None,
+) -> tuple[Sums, PerUnit]:
+    """`pair_sums`, and in the same pass the float64 norms and dot product of each unit
+    (B's rows and units reordered by `rows` and `cols`, as `pair_sums` reorders them)."""
+    acc = _new_per_unit(a2.shape[1] if cols is None else len(cols))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _reduce(a2, b2, rows, cols, None, per_unit=acc), acc
+
+
+def gram_rows_step(units: int, block: int = 1) -> int:
+    """Rows of one product of `add_gram_rows`: whole blocks of about a chunk."""
+    step = _rows_per_chunk(units)
+    return max(block, step // block * block) if block > 1 else step
+
+
+def add_gram_rows(gram: Gram, a2: np.ndarray, b2: np.ndarray, start: int, stop: int,
+                  gram_rows: np.ndarray | None = None) -> None:
+    """Add rows [start, stop) of A and of B[gram_rows] to `gram`: their products Aᵀ B in
+    float32 (each at most `gram_rows_step` rows long) and their units' norms in float64.
+    Finite values only.
+    """
+    step = gram_rows_step(a2.shape[1])
+    for r0 in range(start, stop, step):
+        r1 = min(stop, r0 + step)
+        raw_b = b2[r0:r1] if gram_rows is None else b2[gram_rows[r0:r1]]
+        gram.g[...] += np.asarray(a2[r0:r1], dtype=np.float32).T @ np.asarray(
+            raw_b, dtype=np.float32)
+        ca, cb = _f64(a2[r0:r1]), _f64(raw_b)
+        gram.norms_a[...] += np.einsum("ij,ij->j", ca, ca)
+        gram.norms_b[...] += np.einsum("ij,ij->j", cb, cb)
+
+
 def _reduce(
     a2: np.ndarray, b2: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None,
     gram: Gram | None, gram_rows: np.ndarray | None = None, block: int = 1,
+    per_unit: PerUnit | None = None,
 ) -> Sums:
     n_rows, units = a2.shape
-    step = _rows_per_chunk(units)
-    if block > 1:  # chunks of whole blocks, so `gram_rows` stays inside each chunk
-        step = max(block, step // block * block)
+    step = gram_rows_step(units, block)  # whole blocks, so `gram_rows` stays in each chunk
     s = Sums(size=int(a2.size))
     maxd = 0.0
     # Three float64 buffers of one chunk, reused: fresh pages for every chunk cost more
@@ -178,9 +228,14 @@ def _reduce(
         np.copyto(cb, raw_b, casting="unsafe")
         fa, fb = ca.reshape(-1), cb.reshape(-1)
         d = np.subtract(fb, fa, out=bufs[2, :size])
-        s.saa += sumsq(fa)
-        s.sbb += sumsq(fb)
-        s.sab += dot(fa, fb)
+        if per_unit is None:
+            s.saa += sumsq(fa)
+            s.sbb += sumsq(fb)
+            s.sab += dot(fa, fb)
+        else:  # the totals from each unit's sums: the chunk is read three times, not six
+            s.saa += _add_per_unit(per_unit.norms_a, ca, ca)
+            s.sbb += _add_per_unit(per_unit.norms_b, cb, cb)
+            s.sab += _add_per_unit(per_unit.dots, ca, cb)
         s.sdd += sumsq(d)
         finite = True
         if d.size:
@@ -194,6 +249,13 @@ def _reduce(
             _add_gram(gram, raw_a, raw_b if local is None else raw_b[local], ca, cb, finite)
     s.maxd = maxd
     return s
+
+
+def _add_per_unit(acc: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Add each unit's <x[:, j], y[:, j]> to `acc`; returns their sum."""
+    part = np.einsum("ij,ij->j", x, y)
+    acc += part
+    return float(part.sum())
 
 
 def _add_gram(g: Gram, raw_a: np.ndarray, raw_b: np.ndarray, ca: np.ndarray, cb: np.ndarray,

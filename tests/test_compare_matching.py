@@ -261,3 +261,159 @@ def test_fixed_units_named_by_the_caller_are_never_permuted(tmp_path):
         diff_runs(a, b, fixed_units=["nope"])
     with pytest.raises(TypeError, match="Received: fixed_units=3"):
         diff_runs(a, b, fixed_units=3)
+
+
+# ---------------------------------------------------- the bound that settles large layers
+
+
+def _reference_matching(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """scipy's assignment on the float64 cosine matrix, with best_matching's tie bonus."""
+    from scipy.optimize import linear_sum_assignment
+
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a64, axis=0), np.linalg.norm(b64, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.nan_to_num((a64.T @ b64) / np.outer(na, nb))
+    cos[np.diag_indices_from(cos)] += 1e-9
+    r, c = linear_sum_assignment(cos, maximize=True)
+    perm = np.empty(len(r), dtype=np.int64)
+    perm[r] = c
+    return perm
+
+
+def _twin(seed: int, rows: int, units: int, noise: float, dtype: str = "float32"):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(rows, units)).astype(dtype)
+    b = (a[:, rng.permutation(units)] + noise * rng.normal(size=a.shape)).astype(dtype)
+    return a, b
+
+
+def _count_full_matrices(monkeypatch) -> list[int]:
+    from keras_weightwatch.compare import matching
+
+    calls: list[int] = []
+    full = matching.best_matching
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "best_matching", counted)  # the assignment of every pair
+    return calls
+
+
+@pytest.mark.parametrize(("noise", "settled"), [(0.02, True), (0.3, True), (3.0, False)])
+def test_match_units_equals_scipy_on_the_full_matrix_whether_the_bound_settles_it(
+        monkeypatch, noise, settled):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare.matching import match_units
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 64 * 20)  # 20-row products
+    calls = _count_full_matrices(monkeypatch)
+    a, b = _twin(7, 640, 64, noise)
+    m = match_units(a, b, None)
+    expect = _reference_matching(a, b)
+    np.testing.assert_array_equal(m.perm, expect)
+    assert m.moved == int(np.sum(expect != np.arange(64)))
+    # Close twins are settled by a bound; unrelated units (cosines near 0) need the matrix.
+    assert bool(calls) is not settled
+    # The sums are float64 and exact: against numpy on B as stored and on B matched.
+    for sums, bb in ((m.sums, b), (m.matched, b[:, expect])):
+        want = oracle(a, bb)
+        assert sums.cosine() == pytest.approx(want["cosine"], rel=1e-12)
+        assert sums.rel_l2() == pytest.approx(want["rel_l2"], rel=1e-12)
+        assert sums.maxd == pytest.approx(want["max_abs"], rel=1e-12)
+
+
+def test_a_bound_settles_carried_inputs_zero_units_and_float64_kernels(monkeypatch):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare.matching import input_rows, match_units
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 48 * 30)
+    calls = _count_full_matrices(monkeypatch)
+    rng = np.random.default_rng(21)
+    shape = (3, 3, 40, 48)  # a convolution whose 40 inputs were matched before
+    a = rng.normal(size=shape)
+    a[..., 5] = 0.0  # a dead unit in both runs
+    units = rng.permutation(48)
+    carry = rng.permutation(40)
+    b = np.take(a, np.argsort(carry), axis=-2)[..., units] + 0.05 * rng.normal(size=shape)
+    b[..., np.flatnonzero(units == 5)] = 0.0
+    a2, b2 = a.reshape(-1, 48), b.reshape(-1, 48)
+    rows = input_rows(shape, carry)
+    m = match_units(a2, b2, rows, block=40)
+    assert not calls
+    expect = _reference_matching(a2, b2[rows])
+    np.testing.assert_array_equal(m.perm, expect)
+    assert expect[5] == int(np.flatnonzero(units == 5)[0])
+    assert m.matched.cosine() == pytest.approx(oracle(a2, b2[rows][:, expect])["cosine"],
+                                               rel=1e-12)
+    assert m.sums.cosine() == pytest.approx(oracle(a2, b2)["cosine"], rel=1e-12)
+    # A Dense kernel after a matched Dense layer: every row carried, one block of all rows.
+    dense_a, dense_b = _twin(22, 300, 48, 0.05)
+    carry = rng.permutation(300)
+    dense_b = dense_b[np.argsort(carry)]
+    rows = input_rows(dense_a.shape, carry)
+    m = match_units(dense_a, dense_b, rows, block=300)
+    assert not calls
+    np.testing.assert_array_equal(m.perm, _reference_matching(dense_a, dense_b[rows]))
+    assert m.matched.cosine() == pytest.approx(
+        oracle(dense_a, dense_b[rows][:, m.perm])["cosine"], rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_upper_bounds_are_at_least_every_exact_cosine(monkeypatch, dtype):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare.matching import _upper_bounds
+    from keras_weightwatch.reductions import Gram, add_gram_rows, sums_per_unit
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 30 * 16)
+    a, b = _twin(4, 200, 30, 0.5, dtype)
+    a[:, 2] *= 1e6  # one large unit: the float32 rounding bound must cover it
+    _, per = sums_per_unit(a, b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(per.dots, np.sum(a64 * b64, axis=0), rtol=1e-12)
+    cos = (a64.T @ b64) / np.outer(np.linalg.norm(a64, axis=0), np.linalg.norm(b64, axis=0))
+    for head_rows in (16, 64, 200):
+        head = Gram(np.zeros((30, 30)), np.zeros(30), np.zeros(30))
+        add_gram_rows(head, a, b, 0, head_rows)
+        np.testing.assert_allclose(head.g, a64[:head_rows].T @ b64[:head_rows], rtol=1e-4,
+                                   atol=1e-4 * np.abs(a64).max() * np.abs(b64).max())
+        bound = _upper_bounds(head, per, 16)
+        bound[np.diag_indices_from(bound)] -= 1e-9
+        assert np.all(bound >= cos), head_rows
+        if head_rows == 200:  # every row in the head: the bound is the cosine itself
+            np.testing.assert_allclose(bound, cos, atol=1e-4)
+
+
+def test_a_run_against_itself_matches_every_unit_in_place_without_a_gram(tmp_path, monkeypatch):
+    from keras_weightwatch.compare import matching
+
+    def no_gram(*args, **kwargs):
+        raise AssertionError("a bit-identical kernel needs no Gram product")
+
+    monkeypatch.setattr(matching, "sums_and_gram", no_gram)
+    monkeypatch.setattr(matching, "add_gram_rows", no_gram)
+    w = weights(np.random.default_rng(8))
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, w)])
+    result = diff_runs(a, b)
+    for key in ("conv1/kernel", "conv2/kernel", "dense/kernel"):
+        t = result.tensor(key)
+        assert t.identical and t.units_moved == 0 and t.matched_cosine == 1.0, key
+        assert t.unit_order == tuple(range(w[key].shape[-1])), key
+    # The next layer's inputs are carried in order, and recorded as such.
+    assert result.tensor("conv2/kernel").input_order == tuple(range(w["conv1/kernel"].shape[-1]))
+
+
+def test_nan_in_a_large_layer_matches_on_the_finite_values_like_the_full_matrix(monkeypatch):
+    from keras_weightwatch.compare.matching import match_units
+
+    calls = _count_full_matrices(monkeypatch)
+    a, b = _twin(9, 320, 40, 0.02)
+    a[3, 7] = np.nan
+    m = match_units(a, b, None)
+    assert calls  # no bound from NaN sums: the full matrix, NaN counted as 0
+    finite = np.where(np.isfinite(a), a, 0.0)
+    np.testing.assert_array_equal(m.perm, _reference_matching(finite, b))
+    assert m.sums.nonfinite_a == 1 and np.isnan(m.matched.cosine())

@@ -11,8 +11,8 @@ units along the graph (`matching`).
 
 Memory: tensors are memory-mapped and reduced in chunks with float64
 accumulation (`reductions`), one pair at a time, so diffing two runs of a large
-model holds at most a few tensors (and, for matched layers, a units x units
-matrix).
+model holds at most a few tensors (and, for matched layers, two units x units
+matrices).
 """
 
 from __future__ import annotations
@@ -224,16 +224,32 @@ def _reduce_kernel(ctx: _Context, t: TensorPlan, carry: Perm | None, fixed: bool
         arr_a = np.ascontiguousarray(np.moveaxis(arr_a, -2, -1))
         arr_b = np.ascontiguousarray(np.moveaxis(arr_b, -2, -1))
     a2, b2 = as_2d(arr_a), as_2d(arr_b)
-    rows = None if carry is None else input_rows(arr_a.shape, carry)
+    rows, carried = _carried_rows(arr_a.shape, carry)
     if ctx.match and fixed and arr_a.dtype.kind != "c":
         s = _plain_sums(identical, a2, b2)
-        aligned = None if rows is None else pair_sums(a2, b2, rows=rows)
-        return _Reduced(identical, s, aligned, moved=0, carried=None if rows is None else carry)
+        aligned = (None if carried is None else s if rows is None
+                   else pair_sums(a2, b2, rows=rows))
+        return _Reduced(identical, s, aligned, moved=0, carried=carried)
     if not (ctx.match and a2.shape[1] <= ctx.max_match_units and arr_a.dtype.kind != "c"):
         return _Reduced(identical, _plain_sums(identical, a2, b2))
-    m = match_units(a2, b2, rows, block=None if carry is None else len(carry))
-    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm,
-                    carried=None if rows is None else carry)
+    if identical and rows is None:  # B is A: each unit is its own best match
+        s = _plain_sums(identical, a2, b2)
+        return _Reduced(identical, s, s, 0, np.arange(a2.shape[1], dtype=np.int64),
+                        carried=carried)
+    m = match_units(a2, b2, rows, block=None if rows is None or carried is None else len(carried))
+    return _Reduced(identical, m.sums, m.matched, m.moved, m.perm, carried=carried)
+
+
+def _carried_rows(shape: tuple[int, ...], carry: Perm | None
+                  ) -> tuple[np.ndarray | None, Perm | None]:
+    """(the order of B's kernel rows, or None to read them as stored; the carried matching
+    of its inputs where it applies). A matching that moved no unit reads B as stored."""
+    rows = None if carry is None else input_rows(shape, carry)
+    if rows is None or carry is None:
+        return None, None
+    if np.array_equal(carry, np.arange(len(carry))):
+        return None, carry
+    return rows, carry
 
 
 def _reduce_other(ctx: _Context, t: TensorPlan, align: Perm | None) -> _Reduced:

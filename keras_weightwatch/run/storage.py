@@ -157,9 +157,20 @@ def _stamp(st: os.stat_result) -> FileStamp:
 
 
 def _fsync_path(path: str) -> None:
+    """fsync a written file, then let its pages leave the page cache.
+
+    A run's files are written once and read back rarely, so once they are on disk
+    their cached pages are handed back (`POSIX_FADV_DONTNEED`, a hint that changes
+    nothing the file holds): the next snapshot's writes then reuse those pages
+    instead of taking fresh ones. Fresh pages are what writing costs: on a 2-core
+    virtual machine, 8 MB written into a new file took 50-65 ms of CPU when the page
+    cache grew and 2 ms when it reused the pages of a file written before.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # POSIX; not on Windows or macOS
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 def _same_file(fd: int, path: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .scratch import scratch
+
 # The bucket count tf.summary.histogram uses by default.
 DEFAULT_BINS = 30
 # Values binned at a time (2 MB float64 temporaries, or reused float32 buffers that stay in
@@ -144,8 +146,8 @@ def _float32_counts(x: np.ndarray, edges: np.ndarray, lo: float, factor: float,
         return _float64_counts(x, edges, lo, factor, counts)  # the float32 guess may be far off
     near = np.float32(0.5) - np.float32(bins * _NEAR)
     n = min(_BLOCK, x.size)
-    pos, whole = np.empty(n, np.float32), np.empty(n, np.float32)
-    idx, edge = np.empty(n, np.intp), np.empty(n, bool)
+    pos, whole = scratch("hist.pos", n, np.float32), scratch("hist.whole", n, np.float32)
+    idx, edge = scratch("hist.idx", n, np.intp), scratch("hist.edge", n, np.bool_)
     for start in range(0, x.size, _BLOCK):
         block = x[start : start + _BLOCK]
         m = block.size

@@ -15,6 +15,7 @@ import numpy as np
 
 from .reductions import pair_sums
 from .reductions import sumsq as _sumsq
+from .scratch import scratch
 
 # Work on at most this many elements at a time, so a float32 tensor is never copied to
 # float64 whole (8 MB temporaries). Larger chunks mean fewer Python steps holding the GIL
@@ -99,8 +100,8 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
         pflat = np.asarray(prev).reshape(-1)
     sums = _Sums()
     n = min(CHUNK, flat.size)
-    buf = np.empty(n) if a.dtype.kind != "c" else None  # reused: stays in cache
-    pbuf = np.empty(n) if buf is not None and pflat is not None else None
+    buf = scratch("stats.x", n) if a.dtype.kind != "c" else None  # reused: stays in cache
+    pbuf = scratch("stats.prev", n) if buf is not None and pflat is not None else None
     for start in range(0, flat.size, CHUNK):
         x = _as_float(flat[start : start + CHUNK], buf)
         if pflat is not None:  # the update ratio's sums, in the same pass

@@ -209,6 +209,38 @@ def test_local_write_atomic_replaces_whole_and_leaves_nothing_on_failure(tmp_pat
     assert os.listdir(tmp_path / "d") == ["f"]  # no temporary file left behind
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="POSIX_FADV_DONTNEED is POSIX")
+def test_durable_files_leave_the_page_cache_only_after_their_fsync(tmp_path, monkeypatch):
+    """Each durable file is fsynced, then its cached pages are handed back; a file that is
+    not durable keeps them (its pages may still be dirty). The bytes are unchanged."""
+    events = []
+    real_fsync, real_fadvise = os.fsync, os.posix_fadvise
+
+    def name(fd):
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fsync(fd):
+        events.append(("fsync", name(fd)))
+        real_fsync(fd)
+
+    def fadvise(fd, offset, length, advice):
+        events.append(("drop" if advice == os.POSIX_FADV_DONTNEED else advice, name(fd)))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    s = LocalStorage(tmp_path)
+    s.write_atomic_many([("a", [b"x" * 10_000]), ("b", [b"y"])], durable=True)
+    tmp_names = [n for kind, n in events if kind == "fsync"]
+    assert len(tmp_names) == 2
+    for n in tmp_names:  # per file: its fsync, then the drop
+        assert events.index(("fsync", n)) < events.index(("drop", n))
+    assert (tmp_path / "a").read_bytes() == b"x" * 10_000 and (tmp_path / "b").read_bytes() == b"y"
+    events.clear()
+    s.write_atomic_many([("c", [b"z"])], durable=False)
+    assert events == []
+
+
 def test_local_listing_size_remove_and_reading(tmp_path):
     s = LocalStorage(tmp_path)
     (tmp_path / "a.bin").write_bytes(b"12345")

@@ -66,6 +66,41 @@ def raw_write(root: str, arrays: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - t0
 
 
+def snapshot_cpu(root: str, arrays: dict[str, np.ndarray], drop: bool) -> float:
+    """CPU time (this thread's) of writing one snapshot's tensors into new files, each
+    followed by fsync and, with `drop`, by POSIX_FADV_DONTNEED as `LocalStorage` does."""
+    os.makedirs(root)
+    t0 = time.thread_time()
+    for i, a in enumerate(arrays.values()):
+        path = os.path.join(root, f"{i}.bin")
+        with open(path, "xb", buffering=0) as f:
+            f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+            os.fsync(f.fileno())
+            if drop:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return time.thread_time() - t0
+
+
+def page_cache(root: str, snapshots: int) -> None:
+    """Writing the reference CNN's snapshots with the page cache growing vs handing the
+    written pages back, in runs of `snapshots` each way, files kept (deleting them would
+    free their pages)."""
+    if snapshots < 1 or not hasattr(os, "posix_fadvise"):
+        return
+    sets = [arrays_of(CNN, s) for s in (0, 1)]
+    mb = sum(a.nbytes for a in sets[0].values()) / 1e6
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for block in range(2):  # a run of snapshots each way, twice: a fit writes many in a row
+        for way in (False, True):
+            cpu[way] += [snapshot_cpu(os.path.join(root, f"pc-{block}-{way}-{i}"), sets[i % 2],
+                                      way) for i in range(snapshots)]
+    keep, drop = statistics.median(cpu[False]), statistics.median(cpu[True])
+    print(f"reference CNN snapshot ({mb:.1f} MB) into new files, CPU of write+fsync, median of "
+          f"2 x {snapshots} each way: page cache grows {keep * 1e3:.1f} ms, pages handed back "
+          f"{drop * 1e3:.1f} ms")
+    print(f"RATIO page cache grows / pages handed back: {keep / drop:.2f}")
+
+
 def writer_write(writer: RunWriter, step: int, arrays: dict[str, np.ndarray]) -> float:
     snap = Snapshot(step=step, label="epoch", epoch=step, arrays=arrays, logs={"loss": 1.0})
     t0 = time.perf_counter()
@@ -104,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--page-cache", type=int, default=10,
+                   help="snapshots of the reference CNN written each way for the page-cache "
+                        "comparison (0: skip)")
     p.add_argument("--dir", default=None, help="where files go (default: a temp dir)")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
@@ -133,6 +171,7 @@ def main(argv=None) -> int:
         print(f"write+fsync per tensor: median {m_raw:.3f} s ({nbytes / m_raw / 1e9:.2f} GB/s)")
         print(f"RunWriter snapshot:     median {m_ours:.3f} s ({nbytes / m_ours / 1e9:.2f} GB/s)")
         print(f"RATIO RunWriter / write+fsync per tensor: {m_ours / m_raw:.2f}  (target <= 1.5)")
+        page_cache(root, args.page_cache)
         if args.profile:
             profile("reference CNN", CNN, root, 8)
             profile(f"{args.depth} x Dense({args.width})", shapes, root, 8)

@@ -21,9 +21,11 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+import keras_weightwatch.tensorboard_plugin.content as content
+import keras_weightwatch.tensorboard_plugin.params as params
+
 from ..errors import WeightWatchError
 from ..images import diverging_rgb, encode_png, kernel_grid
-from . import content, params
 from .library import LRU, Library, RunError
 from .matching import reordered, units_axis
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 import numpy as np
 
 from .reductions import pair_sums
-from .reductions import sumsq as _sumsq
 from .scratch import scratch
 
 # Work on at most this many elements at a time, so a float32 tensor is never copied to
@@ -27,6 +26,28 @@ CHUNK = 1 << 18
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "nan_count", "inf_count", "update_ratio")
 
+# Sums of squares go through BLAS dot products of rows this long: OpenBLAS keeps a dot
+# product of at most 10000 elements on the calling thread, so the worker never wakes BLAS
+# threads that would compete with training for the cores. Per element this is about three
+# times faster than `np.einsum` on float64 (and it sums in more, shorter, runs).
+_ROW = 4096
+_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0
+# Dtypes whose own min/max show NaN and Inf as float64 would: no float64 copy to check them.
+_NATIVE = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+
+
+def _sumsq(x: np.ndarray) -> float:
+    """The sum of squares of a 1-d float64 array, in float64 (NaN/Inf propagate quietly)."""
+    n = x.size - x.size % _ROW
+    tail = x[n:]
+    out = float(np.dot(tail, tail))
+    if n:
+        rows = x[:n].reshape(-1, _ROW)
+        if _vecdot is None:
+            return out + float(np.einsum("ij,ij->", rows, rows))
+        out += float(_vecdot(rows, rows).sum())
+    return out
+
 
 def _as_float(x: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
     """The values as float64 (complex ones by magnitude), in `buf` when one is given."""
@@ -34,9 +55,18 @@ def _as_float(x: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
         return np.abs(x).astype(np.float64)
     if buf is None:
         return x.astype(np.float64)
+    if x.dtype == np.float64 and x.flags.c_contiguous:
+        return x  # read as it is: nothing here writes to it
     out = buf[: x.size]
     np.copyto(out, x, casting="unsafe")
     return out
+
+
+def _range(x: np.ndarray, f: np.ndarray) -> tuple[float, float]:
+    """max and min of a chunk (NaN if it holds one), from the narrower of `x` and its
+    float64 values `f`."""
+    src = x if x.dtype in _NATIVE or x.dtype.kind in "iub" else f
+    return float(src.max()), float(src.min())
 
 
 class _Sums:
@@ -52,9 +82,8 @@ class _Sums:
         self.diff_sq = 0.0
         self.prev_sq = 0.0
 
-    def add(self, x: np.ndarray) -> None:
-        """Add a float64 chunk (it may be changed)."""
-        hi, lo = float(x.max()), float(x.min())
+    def add(self, x: np.ndarray, hi: float, lo: float) -> None:
+        """Add a float64 chunk whose max and min are `hi` and `lo` (it is not changed)."""
         if math.isfinite(hi) and math.isfinite(lo):  # no NaN (it would show) and no Inf
             self.n_finite += x.size
             self.total += float(x.sum())
@@ -71,6 +100,12 @@ class _Sums:
             self.total += float(x.sum())
             self.sumsq += _sumsq(x)
             self.max_abs = max(self.max_abs, float(np.abs(x).max()))
+
+    def add_update(self, x: np.ndarray, prev: np.ndarray, buf: np.ndarray) -> None:
+        """Add the update ratio's sums of a float64 chunk `x` and the same chunk of the
+        previous tensor (float64 values, which may be `buf`); `buf` gets x - prev."""
+        self.prev_sq += _sumsq(prev)
+        self.diff_sq += _sumsq(np.subtract(x, prev, out=buf[: x.size]))
 
 
 def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float]:
@@ -101,15 +136,14 @@ def tensor_stats(arr: np.ndarray, prev: np.ndarray | None = None) -> dict[str, f
     sums = _Sums()
     n = min(CHUNK, flat.size)
     buf = scratch("stats.x", n) if a.dtype.kind != "c" else None  # reused: stays in cache
-    pbuf = scratch("stats.prev", n) if buf is not None and pflat is not None else None
-    for start in range(0, flat.size, CHUNK):
-        x = _as_float(flat[start : start + CHUNK], buf)
-        if pflat is not None:  # the update ratio's sums, in the same pass
-            p = _as_float(pflat[start : start + CHUNK], pbuf)
-            sums.prev_sq += _sumsq(p)
-            np.subtract(x, p, out=p)
-            sums.diff_sq += _sumsq(p)
-        sums.add(x)
+    pbuf = scratch("stats.prev", n) if pflat is not None else None
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums are handled below
+        for start in range(0, flat.size, CHUNK):
+            chunk = flat[start : start + CHUNK]
+            x = _as_float(chunk, buf)
+            if pflat is not None and pbuf is not None:  # the update ratio, in the same pass
+                sums.add_update(x, _as_float(pflat[start : start + CHUNK], pbuf), pbuf)
+            sums.add(x, *_range(chunk, x))
     n_finite, total, sumsq, max_abs = sums.n_finite, sums.total, sums.sumsq, sums.max_abs
     nan, inf, diff_sq, prev_sq = sums.nan, sums.inf, sums.diff_sq, sums.prev_sq
     if n_finite:

@@ -85,14 +85,16 @@ def test_blockwise_counts_equal_numpy_across_block_boundaries(monkeypatch, block
     from keras_weightwatch import histograms as module
 
     monkeypatch.setattr(module, "_BLOCK", block)
+    monkeypatch.setattr(module, "_BLOCK64", block)
     rng = np.random.default_rng(block)
-    x = rng.normal(size=2503).astype("float32")
-    x[[5, 700, 2000]] = [np.nan, np.inf, -np.inf]
-    got = histogram(x, bins=17)
-    finite = x[np.isfinite(x)].astype(np.float64)
-    counts, edges = np.histogram(finite, bins=17, range=(finite.min(), finite.max()))
-    np.testing.assert_array_equal(got[:, 2], counts)
-    np.testing.assert_allclose(got[:, 0], edges[:-1])
+    for dtype in ("float32", "float64"):
+        x = rng.normal(size=2503).astype(dtype)
+        x[[5, 700, 2000]] = [np.nan, np.inf, -np.inf]
+        got = histogram(x, bins=17)
+        finite = x[np.isfinite(x)].astype(np.float64)
+        counts, edges = np.histogram(finite, bins=17, range=(finite.min(), finite.max()))
+        np.testing.assert_array_equal(got[:, 2], counts)
+        np.testing.assert_allclose(got[:, 0], edges[:-1])
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,3 +115,59 @@ def test_float32_values_on_and_beside_every_edge_are_binned_as_numpy_does(x, bin
     values = np.concatenate([x, near[(near >= x.min()) & (near <= x.max())]])
     counts, _ = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))
     np.testing.assert_array_equal(histogram(values, bins)[:, 2], counts)
+
+
+def _edge_heavy(n: int, bins: int, seed: int) -> np.ndarray:
+    """`n` float32 values, a third of them on, just below or just above the float32
+    roundings of the edges of `bins` buckets over their range (top value included)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=n) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+    x[0], x[1] = -1.7, 2.3  # a fixed range, so the edges are known in advance
+    edges32 = np.linspace(-1.7, 2.3, bins + 1).astype(np.float32)
+    near = np.concatenate([edges32, np.nextafter(edges32, np.float32(np.inf)),
+                           np.nextafter(edges32, np.float32(-np.inf))])
+    near = near[(near >= np.float32(-1.7)) & (near <= np.float32(2.3))]
+    spots = rng.choice(np.arange(2, n), size=n // 3, replace=False)
+    x[spots] = near[rng.integers(0, near.size, size=spots.size)]
+    return np.clip(x, np.float32(-1.7), np.float32(2.3))
+
+
+@pytest.mark.parametrize("bins", [1, 2, 7, 30, 39, 40, 100, 255, 256, 1000])
+@pytest.mark.parametrize("block", [1000, 1 << 18])
+def test_packed_bucket_counts_equal_numpy_on_and_beside_the_edges(monkeypatch, bins, block):
+    """Large tensors count their buckets three (or two) at a time in one key: every
+    number of buckets and block length gives numpy's counts exactly."""
+    from keras_weightwatch import histograms as module
+
+    monkeypatch.setattr(module, "_BLOCK", block)
+    # Three buckets a key from 8 * (bins + 1)**3 values (and at most 1 << 16 keys), two below.
+    x = _edge_heavy(600_001 if bins in (39, 40) else 300_001, bins, bins)
+    x[[10, 20_000, 69_999]] = [np.nan, np.inf, -np.inf]
+    finite = x[np.isfinite(x)].astype(np.float64)
+    counts, edges = np.histogram(finite, bins=bins, range=(finite.min(), finite.max()))
+    got = histogram(x, bins)
+    np.testing.assert_array_equal(got[:, 2], counts)
+    np.testing.assert_allclose(got[:, 0], edges[:-1])
+    assert got[:, 2].sum() == x.size - 3
+
+
+@pytest.mark.parametrize("n", [7, 64, 255, 256, 257, 8 * 31**3 - 1, 8 * 31**3 + 2])
+def test_every_tensor_size_around_the_packing_thresholds(n):
+    x = _edge_heavy(max(n, 3), 30, n)[:n]
+    f = x.astype(np.float64)
+    counts, _ = np.histogram(f, bins=30, range=(f.min(), f.max()))
+    np.testing.assert_array_equal(histogram(x)[:, 2], counts)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "uint16", "bool", "complex64"])
+def test_other_dtypes_equal_numpy_on_their_float64_values(dtype):
+    import ml_dtypes
+
+    raw = np.random.default_rng(4).normal(size=5000) * 30
+    if dtype == "complex64":
+        raw = raw + 1j * raw[::-1]
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = (raw > 0 if dtype == "bool" else raw).astype(dt)
+    f = (np.abs(x) if dtype == "complex64" else x).astype(np.float64)
+    counts, _ = np.histogram(f, bins=30, range=(f.min(), f.max()) if f.min() < f.max() else None)
+    np.testing.assert_array_equal(histogram(x)[:, 2], counts)

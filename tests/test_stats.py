@@ -101,3 +101,68 @@ def test_partial_sums_of_empty_and_all_nonfinite_parts():
     got = stats.finish(stats.combine([stats.partial_stats(a[:2]), stats.partial_stats(a[2:])]))
     assert (got["nan_count"], got["inf_count"], got["size"]) == (1.0, 1.0, 4.0)
     assert (got["mean"], got["max_abs"], got["l2_norm"]) == (-0.5, 2.0, math.sqrt(5.0))
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_sum_of_squares_equals_exact_sum_at_every_row_boundary(n):
+    x = np.random.default_rng(n).normal(size=n) * 10.0
+    assert stats._sumsq(x) == pytest.approx(math.fsum(x * x), rel=1e-14, abs=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16", "int8", "int64",
+                                   "uint8", "bool", "complex64"])
+def test_every_dtype_equals_the_float64_oracle_over_several_chunks(monkeypatch, dtype):
+    import ml_dtypes
+
+    monkeypatch.setattr(stats, "CHUNK", 1000)
+    rng = np.random.default_rng(3)
+    raw = rng.normal(size=(37, 101)) * 20
+    if dtype == "complex64":
+        raw = raw + 1j * rng.normal(size=raw.shape)
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    a = (raw > 0 if dtype == "bool" else raw).astype(dt)
+    prev = (raw < 1 if dtype == "bool" else raw[::-1]).astype(dt)
+    before = a.copy()
+    got = stats.tensor_stats(a, prev)
+    np.testing.assert_array_equal(a, before)  # the tensor is only read
+    mag = np.abs(a) if dtype == "complex64" else a
+    pmag = np.abs(prev) if dtype == "complex64" else prev
+    want = _numpy_stats(mag, pmag)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+
+
+@pytest.mark.parametrize("where", [0, 499, 500, 1234, 2499])
+def test_nonfinite_values_anywhere_in_a_chunk_are_counted_and_left_out(monkeypatch, where):
+    monkeypatch.setattr(stats, "CHUNK", 500)
+    for dtype in ("float32", "float64", "float16"):
+        a = np.linspace(-3, 5, 2500).astype(dtype)
+        a[where] = np.nan
+        a[(where + 777) % a.size] = -np.inf
+        got = stats.tensor_stats(a)
+        want = _numpy_stats(a, None)
+        assert (got["nan_count"], got["inf_count"]) == (1.0, 1.0)
+        for name in ("l2_norm", "mean", "std", "max_abs"):
+            assert got[name] == pytest.approx(want[name], rel=1e-12), (dtype, name)
+
+
+def test_a_tensor_larger_than_one_chunk_against_a_previous_one_with_nan():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=stats.CHUNK * 2 + 123).astype("float32")
+    prev = (a + rng.normal(size=a.shape).astype("float32") * 1e-3).astype("float32")
+    got = stats.tensor_stats(a, prev)
+    want = _numpy_stats(a, prev)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+    prev[stats.CHUNK + 7] = np.nan
+    got = stats.tensor_stats(a, prev)
+    assert math.isnan(got["update_ratio"]) and got["nan_count"] == 0.0
+
+
+def test_empty_and_frozen_tensors():
+    empty = stats.tensor_stats(np.zeros((0, 4), "float32"), np.zeros((0, 4), "float32"))
+    assert empty["size"] == 0.0 and math.isnan(empty["mean"]) and empty["update_ratio"] == 0.0
+    a = np.arange(12, dtype="float32").reshape(3, 4)
+    assert stats.tensor_stats(a, a.copy())["update_ratio"] == 0.0
+    assert math.isnan(stats.tensor_stats(a, np.zeros_like(a))["update_ratio"])

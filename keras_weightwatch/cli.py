@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import _version
-from .compare.matching import DEFAULT_MAX_MATCH_UNITS
 from .errors import WeightWatchError
 from .report import render_diff, render_drift, render_show
 from .run import load_run, verify_run
@@ -24,10 +23,20 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (verify)
 EXIT_ERROR = 2  # bad input: usage, a missing or unreadable run
 DEMO_LOGDIR = "weightwatch-demo"  # `demo.run_demo`'s default too (demo is imported lazily)
+DEFAULT_MAX_MATCH_UNITS = 2048  # `compare.matching`'s (`show` does not import the comparison)
 
 
 def _cmd_show(args: argparse.Namespace, stdout: TextIO) -> int:
-    print(render_show(load_run(args.run)), file=stdout)
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()  # a long run's records form no cycles; collecting would walk them all, often
+    try:
+        text = render_show(load_run(args.run))
+    finally:
+        if enabled:
+            gc.enable()
+    print(text, file=stdout)
     return EXIT_OK
 
 

@@ -203,3 +203,35 @@ def test_show_imports_neither_keras_nor_the_comparison_and_every_public_name_res
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_show_imports_no_part_of_the_comparison_and_leaves_the_collector_on(run_dir):
+    import subprocess
+
+    code = (
+        "import gc, sys, io\n"
+        "from keras_weightwatch import cli\n"
+        f"assert cli.main(['show', {str(run_dir)!r}], stdout=io.StringIO()) == 0\n"
+        "assert gc.isenabled()\n"
+        "loaded = [m for m in sys.modules if m.startswith('keras_weightwatch.compare')]\n"
+        "assert loaded == [], loaded\n"
+        "from keras_weightwatch.compare import matching\n"
+        "assert cli.DEFAULT_MAX_MATCH_UNITS == matching.DEFAULT_MAX_MATCH_UNITS\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_show_leaves_a_paused_collector_paused_and_restarts_it_after_an_error(run_dir, tmp_path):
+    import gc
+
+    gc.disable()
+    try:
+        code, out, _ = _run_cli("show", str(run_dir))
+        assert code == 0 and out and not gc.isenabled()
+    finally:
+        gc.enable()
+    code, _, err = _run_cli("show", str(tmp_path / "missing"))
+    assert code == 2 and "no such run directory" in err and gc.isenabled()

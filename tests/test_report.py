@@ -144,3 +144,11 @@ def test_drift_header_keeps_its_words_apart(first):
     # the two explanations start in one column when the step's name is short
     if len(first) <= 5:
         assert line.index("||") == per_step.index("||")
+
+
+def test_the_diff_summary_words_name_the_comparisons_statuses():
+    from keras_weightwatch.compare import records
+    from keras_weightwatch.report import _STATUS_WORDS
+
+    assert [s for s, _ in _STATUS_WORDS] == [
+        records.STATUS_ONLY_A, records.STATUS_ONLY_B, records.STATUS_SHAPE]

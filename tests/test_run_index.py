@@ -354,3 +354,24 @@ def test_lossy_dtypes_equal_every_snapshots_tensor_records(store_dtype):
         lines[i] = lines[i][:-30]
     mem.files[INDEX_FILE] = "\n".join(lines).encode()
     assert open_run(mem).lossy_dtypes() == expected
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_a_run_leaves_the_collector_as_it_was(tmp_path, enabled):
+    import gc
+
+    run = str(tmp_path / "run")
+    _write(run, range(-1, 3), store_dtype="float16")
+    with open(os.path.join(run, INDEX_FILE), "a") as f:
+        f.write("not json\n")  # a damaged line is skipped while the collector is paused
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        opened = load_run(run)
+        assert gc.isenabled() == enabled
+        assert opened.lossy_dtypes() == {"float16"} and gc.isenabled() == enabled
+        assert opened.stat_columns(["l2_norm"])["l2_norm"].stored.all()
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert _same_as_files(run) == [-1, 0, 1, 2]

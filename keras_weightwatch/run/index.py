@@ -28,10 +28,12 @@ decoded whole) is not used, and the next writer of the run rebuilds it.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import re
 import struct
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
+from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
 from .format import (
@@ -169,6 +171,20 @@ def _built(cls: type[_R], **fields: Any) -> _R:
     obj = object.__new__(cls)
     obj.__dict__.update(fields)
     return obj
+
+
+@contextmanager
+def _no_collection() -> Iterator[None]:
+    """The cyclic garbage collector paused while a long run's records are built: they
+    form no cycles to collect, and each of the collections that 10,000 records' tens of
+    thousands of new objects would start walks every object built so far."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Bad(Exception):
@@ -418,8 +434,13 @@ def read_index(storage: Storage, specs: Sequence[WeightSpec],
                    all(s.dtype in STORED_DTYPES for s in order),
                    [{"shape": s.shape, "dtype": s.dtype, "stored_dtype": s.dtype, "lossy": False}
                     for s in order])
+    with _no_collection():
+        return _entries(lines[1:-1], decoder, ctx)  # the last piece follows the last newline
+
+
+def _entries(lines: Sequence[str], decoder: json.JSONDecoder, ctx: _Context) -> dict[str, Indexed]:
     out: dict[str, Indexed] = {}
-    for line in lines[1:-1]:  # the last piece is what follows the last newline
+    for line in lines:
         try:
             d, end = decoder.raw_decode(line)
             if line[end:end + 1] != " ":
@@ -530,6 +551,7 @@ def _grouped(records: Sequence[SnapshotRecord]) -> tuple[list[_Group], list[int]
     return groups, other
 
 
+@_no_collection()
 def stat_columns(records: Sequence[SnapshotRecord], keys: Sequence[str],
                  names: Sequence[str]) -> dict[str, StatColumn]:
     """Statistics `names` of weights `keys` across `records`, as numpy columns: equal to
@@ -568,6 +590,7 @@ def stat_columns(records: Sequence[SnapshotRecord], keys: Sequence[str],
     return out
 
 
+@_no_collection()
 def lossy_dtypes(records: Sequence[SnapshotRecord]) -> set[str]:
     """The stored dtypes of tensors stored lossily in any of `records`, equal to reading
     every record's `tensors`: an index line whose tensors are the header's weights stored

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import _version
+from .compare.records import DEFAULT_MAX_MATCH_UNITS
 from .errors import WeightWatchError
 from .report import render_diff, render_drift, render_show
 from .run import load_run, verify_run
@@ -23,7 +24,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (verify)
 EXIT_ERROR = 2  # bad input: usage, a missing or unreadable run
 DEMO_LOGDIR = "weightwatch-demo"  # `demo.run_demo`'s default too (demo is imported lazily)
-DEFAULT_MAX_MATCH_UNITS = 2048  # `compare.matching`'s (`show` does not import the comparison)
 
 
 def _cmd_show(args: argparse.Namespace, stdout: TextIO) -> int:

@@ -13,6 +13,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from .compare.records import (
+    STATUS_CHANGED,
+    STATUS_ONLY_A,
+    STATUS_ONLY_B,
+    STATUS_SHAPE,
+    STATUS_UNCHANGED,
+)
 from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 
 if TYPE_CHECKING:
@@ -24,10 +31,8 @@ if TYPE_CHECKING:
 WIDTH = 80
 """The width of the diff and drift tables."""
 _SPARKS = "▁▂▃▄▅▆▇█"
-_STATUS_WORDS = (("only_a", "only in A"), ("only_b", "only in B"),
-                 ("shape_changed", "shape changed"))
-"""The statuses `compare.records` names `STATUS_ONLY_A`, `STATUS_ONLY_B`, `STATUS_SHAPE`, in
-the words of the diff's summary (spelled here: `show` does not import the comparison)."""
+_STATUS_WORDS = ((STATUS_ONLY_A, "only in A"), (STATUS_ONLY_B, "only in B"),
+                 (STATUS_SHAPE, "shape changed"))
 _DIFF_COLUMNS = (("rel_l2", 8), ("cosine", 7), ("matched", 7), ("max|B-A|", 9), ("rms", 9))
 
 
@@ -319,8 +324,6 @@ def stored_diff_lines(result: DiffResult) -> list[str]:
 
 
 def _diff_summary(result: DiffResult) -> str:
-    from .compare.records import STATUS_CHANGED, STATUS_UNCHANGED
-
     counts = result.counts()
     summary = (
         f"{len(result.tensors)} tensors: {counts[STATUS_CHANGED]} changed, "
@@ -367,8 +370,6 @@ def _layer_lines(layer: LayerDiff, name_w: int) -> list[str]:
 
 
 def _tensor_lines(t: TensorDiff, name_w: int) -> list[str]:
-    from .compare.records import STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE
-
     name = "  " + t.name
     if t.status == STATUS_ONLY_A:
         out = [_note(name, f"only in A {shape_text(t.shape_a)}", name_w)]

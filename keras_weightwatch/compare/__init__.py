@@ -14,6 +14,7 @@
 from typing import TYPE_CHECKING
 
 from .records import (
+    DEFAULT_MAX_MATCH_UNITS,
     STATUS_CHANGED,
     STATUS_ONLY_A,
     STATUS_ONLY_B,
@@ -36,12 +37,12 @@ if TYPE_CHECKING:
     from .diff import diff_runs
     from .drift import drift
     from .inputs import split_target
-    from .matching import DEFAULT_MAX_MATCH_UNITS, EXTRA_HINT
+    from .matching import EXTRA_HINT
 
 # What the comparison computes is imported when first used (PEP 562): the records are
 # light, and `weightwatch show` (through `report`) needs only them.
 _LAZY = {"diff_runs": "diff", "drift": "drift", "split_target": "inputs",
-         "DEFAULT_MAX_MATCH_UNITS": "matching", "EXTRA_HINT": "matching"}
+         "EXTRA_HINT": "matching"}
 
 
 def __getattr__(name: str):

@@ -36,7 +36,6 @@ from .inputs import (
     open_snapshot,
 )
 from .matching import (
-    DEFAULT_MAX_MATCH_UNITS,
     Perm,
     carried_in,
     carried_out,
@@ -45,6 +44,7 @@ from .matching import (
 )
 from .plan import COMPARE, DiffPlan, LayerPlan, TensorPlan, make_plan
 from .records import (
+    DEFAULT_MAX_MATCH_UNITS,
     STATUS_CHANGED,
     STATUS_UNCHANGED,
     DiffResult,

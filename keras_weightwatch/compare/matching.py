@@ -42,9 +42,6 @@ from ..reductions import (
 )
 
 EXTRA_HINT = "pip install 'keras-weightwatch[diff]'"
-DEFAULT_MAX_MATCH_UNITS = 2048
-"""Layers with more units are not matched (the units x units matrix and the O(n^3)
-assignment grow quickly; 2048 units take about 0.3 s)."""
 BOUND_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 """The leading fractions of a kernel's rows whose Gram bounds its cosine matrix, tried
 in turn before the full matrix (closely related runs are settled by the first)."""

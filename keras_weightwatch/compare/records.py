@@ -18,6 +18,10 @@ STATUS_ONLY_A = "only_a"
 STATUS_ONLY_B = "only_b"
 STATUS_SHAPE = "shape_changed"
 STATUSES = (STATUS_CHANGED, STATUS_UNCHANGED, STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE)
+
+DEFAULT_MAX_MATCH_UNITS = 2048
+"""Layers with more units are not matched (the units x units matrix and the O(n^3)
+assignment grow quickly; 2048 units take about 0.3 s)."""
 """Every status of a `TensorDiff`, in the order `DiffResult.counts()` lists them."""
 STRUCTURAL = (STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE)
 """The statuses of a tensor that is not compared: only in one snapshot, or of another shape."""

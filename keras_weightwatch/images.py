@@ -17,6 +17,7 @@ its own mean (see `response_grid`); pixels no output covers are `UNCOVERED_RGB`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 import zlib
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .responses import Geometry, at_input_size
+from .responses import Geometry, at_input_size, pixel_sources
 
 NONFINITE_RGB = (0, 255, 0)
 UNCOVERED_RGB = (128, 128, 128)
@@ -42,6 +43,8 @@ MAX_COLUMNS = 16
 # zlib level of the PNGs: grids are flat colour blocks, which level 1 packs almost as well
 # as the default 6 at a fraction of the CPU (the worker's time is training's time on 2 cores).
 PNG_LEVEL = 1
+# Buckets of the colour map's lookup table over [-1, 1] (see `_colour_steps`).
+_BUCKETS = 1 << 16
 
 
 def symmetric_limit(values: np.ndarray) -> float:
@@ -49,6 +52,85 @@ def symmetric_limit(values: np.ndarray) -> float:
     x = np.asarray(values, dtype=np.float64)
     x = np.abs(x[np.isfinite(x)])
     return float(x.max()) if x.size else 0.0
+
+
+def _cmap(t: np.ndarray) -> np.ndarray:
+    """The colour map itself: `t` in [-1, 1] to uint8 RGB by linear interpolation."""
+    out = np.empty(t.shape + (3,), dtype=np.float64)
+    for c in range(3):
+        out[..., c] = np.interp(t, _CMAP_X, _CMAP_RGB[:, c])
+    return np.rint(out).astype(np.uint8)
+
+
+def _step_points() -> np.ndarray:
+    """Every `t` at which a channel of `_cmap` changes (the smallest `t` with the new value).
+
+    Between two control points each channel is monotone, so the first `t` at
+    which it reaches each level between its end values is found by bisection
+    down to adjacent floats.
+    """
+    lo, hi, level, chan, sign = [], [], [], [], []
+    for c in range(3):
+        for j in range(len(_CMAP_X) - 1):
+            y0, y1 = int(_CMAP_RGB[j, c]), int(_CMAP_RGB[j + 1, c])
+            for v in range(y0 + 1, y1 + 1) if y1 > y0 else range(y1, y0):
+                lo.append(_CMAP_X[j])
+                hi.append(_CMAP_X[j + 1])
+                level.append(v)
+                chan.append(c)
+                sign.append(1 if y1 > y0 else -1)
+    a, b = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+    target = np.array(sign) * np.array(level)
+    pick = (np.arange(len(a)), np.array(chan))
+    while True:
+        mid = a + (b - a) / 2
+        active = (mid > a) & (mid < b)
+        if not active.any():
+            return np.unique(b)
+        reached = np.array(sign) * _cmap(mid)[pick].astype(np.int64) >= target
+        b = np.where(active & reached, mid, b)
+        a = np.where(active & ~reached, mid, a)
+
+
+@functools.lru_cache(maxsize=1)
+def _colour_steps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_cmap` as steps: each colour's index is how many step points are <= `t`.
+
+    Returns:
+        The sorted step points; the palette (colour `i` for `t` from step point
+        `i - 1` up to step point `i`, then `NONFINITE_RGB` and `UNCOVERED_RGB`);
+        and for each of `_BUCKETS` equal buckets of [-1, 1] its colour index, or
+        -1 where a step point lies within two buckets of it (the index is then
+        looked up among the step points).
+    """
+    points = _step_points()
+    palette = np.concatenate([_cmap(np.concatenate([[-1.0], points])),
+                              np.array([NONFINITE_RGB, UNCOVERED_RGB], dtype=np.uint8)])
+    k = np.arange(_BUCKETS)
+    first = np.searchsorted(points, -1.0 + 2.0 * (k - 2) / _BUCKETS, "left")
+    last = np.searchsorted(points, -1.0 + 2.0 * (k + 3) / _BUCKETS, "right")
+    table = np.where(first == last, first, -1).astype(np.int16)
+    for a in (points, palette, table):
+        a.flags.writeable = False
+    return points, palette, table
+
+
+def _colour_codes(t: np.ndarray) -> np.ndarray:
+    """Palette indices (`_colour_steps`) of the finite values `t` (clipped to [-1, 1])."""
+    if np.ndim(t) == 0:
+        return _colour_codes(np.reshape(t, 1)).reshape(())
+    points, _, table = _colour_steps()
+    half = _BUCKETS / 2
+    u = np.clip(t, -1.0, 1.0)
+    u *= half
+    u += half
+    bucket = u.astype(np.intp)
+    np.minimum(bucket, _BUCKETS - 1, out=bucket)
+    codes = table.take(bucket)
+    near = codes < 0
+    if near.any():
+        codes[near] = np.searchsorted(points, t[near], "right")
+    return codes
 
 
 def diverging_rgb(values: np.ndarray, vmax: float) -> np.ndarray:
@@ -70,12 +152,9 @@ def diverging_rgb(values: np.ndarray, vmax: float) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(x)
     t = np.where(finite, x, 0.0) / vmax if vmax > 0 else np.zeros_like(x)
-    t = np.clip(t, -1.0, 1.0)
-    out = np.empty(x.shape + (3,), dtype=np.float64)
-    for c in range(3):
-        out[..., c] = np.interp(t, _CMAP_X, _CMAP_RGB[:, c])
-    out = np.rint(out).astype(np.uint8)
-    out[~finite] = NONFINITE_RGB
+    out = _colour_steps()[1].take(_colour_codes(t), axis=0)
+    if not finite.all():
+        out[~finite] = NONFINITE_RGB
     return out
 
 
@@ -160,12 +239,21 @@ def _choose_scale(cell_h: int, cell_w: int, rows: int, cols: int, sep: int) -> i
 
 
 def compose(
-    tiles: Sequence[np.ndarray], cols: int, scale: int | None = None, sep: int | None = None
+    tiles: Sequence[np.ndarray] | np.ndarray,
+    cols: int,
+    scale: int | None = None,
+    sep: int | None = None,
 ) -> tuple[np.ndarray, tuple[tuple[int, int], ...], int]:
     """Lay out RGB tiles in a grid with separators; tiles are upscaled by `scale`.
 
     Every cell is as large as the largest tile; a smaller tile sits in its
     cell's top-left corner on the separator colour.
+
+    Args:
+        tiles: `(h, w, 3)` uint8 tiles, or one `(n, h, w, 3)` array of them.
+        cols: Tiles per row (at most).
+        scale: Pixels per tile pixel. Defaults to None: chosen from the sizes.
+        sep: Separator width. Defaults to None: 2 when upscaled, else 1.
 
     Returns:
         The image, each tile's `(y, x)` origin, and the scale used.
@@ -173,41 +261,64 @@ def compose(
     n = len(tiles)
     cols = max(1, min(cols, n))
     rows = max(1, math.ceil(n / cols))
-    cell_h = max(t.shape[0] for t in tiles)
-    cell_w = max(t.shape[1] for t in tiles)
+    if isinstance(tiles, np.ndarray) and tiles.ndim == 4:
+        cell_h, cell_w = int(tiles.shape[1]), int(tiles.shape[2])
+    else:
+        cell_h = max(t.shape[0] for t in tiles)
+        cell_w = max(t.shape[1] for t in tiles)
     if scale is None:
         scale = _choose_scale(cell_h, cell_w, rows, cols, 2)
     if sep is None:
         sep = 2 if scale > 1 else 1
-    h = rows * (cell_h * scale + sep) + sep
-    w = cols * (cell_w * scale + sep) + sep
-    out = np.empty((h, w, 3), dtype=np.uint8)
-    origins = [(sep + r * (cell_h * scale + sep), sep + c * (cell_w * scale + sep))
-               for r, c in (divmod(i, cols) for i in range(n))]
-    if scale == 1:  # nothing to upscale: each tile straight into place
-        out[:] = SEPARATOR_RGB
-        for (y, x), tile in zip(origins, tiles):
-            out[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
-        return out, tuple(origins), scale
-    # Every tile on its cell (separator colour around a smaller one), all upscaled at once.
     cells = np.empty((rows * cols, cell_h, cell_w, 3), dtype=np.uint8)
-    shapes = {t.shape for t in tiles}
-    if shapes == {(cell_h, cell_w, 3)}:
-        cells[:n] = np.stack(tiles)
+    if all(t.shape == (cell_h, cell_w, 3) for t in _shapes_of(tiles)):
+        cells[:n] = tiles
         cells[n:] = SEPARATOR_RGB
     else:
         cells[:] = SEPARATOR_RGB
         for i, tile in enumerate(tiles):
             cells[i, : tile.shape[0], : tile.shape[1]] = tile
-    big = cells.reshape(rows, cols, cell_h, cell_w, 3).transpose(0, 2, 1, 3, 4)
-    big = big.repeat(scale, axis=1).repeat(scale, axis=3)
-    grid = np.empty((rows, cell_h * scale + sep, cols, cell_w * scale + sep, 3), dtype=np.uint8)
-    grid[:] = SEPARATOR_RGB
-    grid[:, : cell_h * scale, :, : cell_w * scale] = big
-    out[:sep] = SEPARATOR_RGB
-    out[:, :sep] = SEPARATOR_RGB
-    out[sep:, sep:] = grid.reshape(h - sep, w - sep, 3)
-    return out, tuple(origins), scale
+    origins = _origins(n, cols, cell_h * scale + sep, cell_w * scale + sep, sep)
+    return _lay_out(cells, rows, cols, scale, sep), origins, scale
+
+
+def _shapes_of(tiles: Sequence[np.ndarray] | np.ndarray) -> Sequence[np.ndarray] | np.ndarray:
+    """The tiles to check the shape of: one for a stacked array (all alike)."""
+    return tiles[:1] if isinstance(tiles, np.ndarray) and tiles.ndim == 4 else tiles
+
+
+@functools.lru_cache(maxsize=64)
+def _origins(n: int, cols: int, step_h: int, step_w: int, sep: int) -> tuple[tuple[int, int], ...]:
+    """The top-left pixel of each of `n` cells, `cols` to a row, `step_*` apart after `sep`."""
+    return tuple((sep + r * step_h, sep + c * step_w)
+                 for r, c in (divmod(i, cols) for i in range(n)))
+
+
+def _lay_out(cells: np.ndarray, rows: int, cols: int, scale: int, sep: int) -> np.ndarray:
+    """Cells `(rows * cols, ch, cw, 3)` upscaled by `scale` into a grid with separators.
+
+    Each row of pixels of a cell row is built once, then repeated `scale` times:
+    whole image rows are copied, never single pixels.
+    """
+    ch, cw = cells.shape[1:3]
+    h = rows * (ch * scale + sep) + sep
+    w = cols * (cw * scale + sep) + sep
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    sep_row = np.empty((w, 3), dtype=np.uint8)
+    sep_row[:] = SEPARATOR_RGB
+    out[:sep] = sep_row
+    body = out[sep:].reshape(rows, ch * scale + sep, w, 3)
+    body[:, ch * scale :] = sep_row
+    lines = body[:, : ch * scale].reshape(rows, ch, scale, w, 3)
+    first = lines[:, :, 0]  # (rows, ch, w, 3): each distinct pixel row
+    first[:, :, :sep] = SEPARATOR_RGB
+    slots = first[:, :, sep:].reshape(rows, ch, cols, cw * scale + sep, 3)
+    slots[:, :, :, cw * scale :] = SEPARATOR_RGB
+    band = cells.reshape(rows, cols, ch, cw, 3).transpose(0, 2, 1, 3, 4)
+    slots[:, :, :, : cw * scale] = band.repeat(scale, axis=3) if scale > 1 else band
+    if scale > 1:
+        lines[:, :, 1:] = lines[:, :, :1]
+    return out
 
 
 def _spatial_2d(k: np.ndarray) -> np.ndarray:
@@ -223,6 +334,14 @@ def _spatial_2d(k: np.ndarray) -> np.ndarray:
         f"a convolution kernel has 3 to 5 dimensions (spatial..., inputs, outputs). "
         f"Received: kernel.shape={k.shape}"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(c: int, t: int, max_tiles: int, rgb: bool) -> tuple[tuple[int | None, int], ...]:
+    """What each kernel tile shows: `(None, output)` (RGB) or `(input, output)`, inputs major."""
+    if rgb:
+        return tuple((None, o) for o in range(min(t, max_tiles)))
+    return tuple(divmod(i, t) for i in range(c * t)[:max_tiles])
 
 
 def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = None) -> Grid:
@@ -259,14 +378,8 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
         raise ValueError(
             f"RGB tiles need 3 input channels. Received: kernel.shape={np.shape(kernel)}"
         )
-    index: list[tuple[int | None, int]]
-    if rgb:
-        total = t
-        index = [(None, o) for o in range(min(t, max_tiles))]
-    else:
-        total = c * t
-        index = [(i, o) for i in range(c) for o in range(t)]
-        index = index[:max_tiles]
+    total = t if rgb else c * t
+    index = _tile_index(c, t, max_tiles, bool(rgb))
     n = len(index)
     if rgb:  # (n, h, w, 3): filter o's three input channels
         drawn = np.moveaxis(k[..., :n], -1, 0)
@@ -275,33 +388,60 @@ def kernel_grid(kernel: np.ndarray, max_tiles: int = 256, rgb: bool | None = Non
     vmax = symmetric_limit(drawn)
     # Colour every tile in one call, then cut the result into tiles.
     if rgb:
-        tiles = list(signed_rgb(drawn, vmax))
-        cols = math.ceil(math.sqrt(len(tiles)))
+        tiles = signed_rgb(drawn, vmax)
+        cols = math.ceil(math.sqrt(n))
     else:
-        tiles = list(diverging_rgb(drawn, vmax))
-        cols = t if t <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
+        tiles = diverging_rgb(drawn, vmax)
+        cols = t if t <= MAX_COLUMNS else math.ceil(math.sqrt(n))
     image, origins, scale = compose(tiles, cols)
-    return Grid(image, tuple(index), origins, scale, vmax, total, bool(rgb))
+    return Grid(image, index, origins, scale, vmax, total, bool(rgb))
 
 
-def _centred(maps: np.ndarray, covered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each tile `(n, H, W)` minus its mean, over its own largest |deviation| (non-finite kept).
+def _centred(
+    maps: np.ndarray, covered: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each tile `(n, H, W)` minus its mean, over its own largest |deviation|.
 
     Means and scales are taken over each tile's covered finite pixels.
 
     Returns:
-        The scaled tiles (in [-1, 1] where finite), each tile's mean and scale.
+        The scaled tiles (in [-1, 1]; 0 where a value is not finite or not
+        covered), where the values are finite, each tile's mean and scale.
     """
     x = np.asarray(maps, dtype=np.float64)
-    use = np.isfinite(x) & covered[None]
+    finite = np.isfinite(x)
+    use = finite & covered[None]
     count = use.sum(axis=(1, 2))
     means = np.where(use, x, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1)
     dev = np.where(use, x - means[:, None, None], 0.0)
     scales = np.abs(dev).max(axis=(1, 2), initial=0.0)
-    safe = np.where(scales > 0, scales, 1.0)[:, None, None]
-    finite = np.isfinite(x)
-    t = np.where(finite, dev / safe, x)
-    return t, means, scales
+    dev /= np.where(scales > 0, scales, 1.0)[:, None, None]
+    return dev, finite, means, scales
+
+
+def _at_image_size(res: np.ndarray, n: int, size: tuple[int, int],
+                   geometry: Geometry | None) -> tuple[np.ndarray, np.ndarray]:
+    """`responses.at_input_size` of the first `n` maps of `res` `(h, w, outputs)`.
+
+    Where `res` is C-contiguous, the maps are taken by one cached index
+    (`responses.pixel_sources`): the same values at the covered pixels and the
+    same memory layout as `at_input_size` leaves (that layout fixes the order
+    in which `_centred` sums each tile, so the means stay exactly the same).
+    """
+    if not res.flags.c_contiguous:
+        return at_input_size(res[..., :n], size, geometry)
+    h, w, outputs = res.shape
+    source, covered = pixel_sources((h, w, n), size, geometry)
+    base = (h, w) if geometry is None else (geometry.input_size or size)
+    if tuple(base) == tuple(size):
+        if geometry is None:
+            return res[..., :n], covered
+        flat = res.reshape(-1, outputs)[:, :n].take(source, axis=0)
+        return flat.reshape(size + (n,)), covered
+    # Stretched: the second indexing step leaves the columns outermost in memory.
+    across = source.reshape(size).T.reshape(-1)
+    flat = res.reshape(-1, outputs)[:, :n].take(across, axis=0)
+    return flat.reshape(size[1], size[0], n).transpose(1, 0, 2), covered
 
 
 def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256,
@@ -343,17 +483,29 @@ def response_grid(image: np.ndarray, responses: np.ndarray, max_tiles: int = 256
             f"responses must be (h, w, outputs). Received: responses.shape={res.shape}"
         )
     n = min(res.shape[-1], max_tiles)
-    maps, covered = at_input_size(res[..., :n], (img.shape[0], img.shape[1]), geometry)
-    t, means, scales = _centred(np.moveaxis(maps, -1, 0), covered)
-    drawn = diverging_rgb(t, 1.0)
-    drawn[:, ~covered] = UNCOVERED_RGB
-    shown = img if img.shape[-1] == 3 else img[..., 0]
-    tiles = [intensity_rgb(shown)] + list(drawn)
-    labels: tuple = ("image",) + tuple(("response", o) for o in range(n))
-    cols = len(tiles) if len(tiles) <= MAX_COLUMNS else math.ceil(math.sqrt(len(tiles)))
+    size = (img.shape[0], img.shape[1])
+    maps, covered = _at_image_size(res, n, size, geometry)
+    t, finite, means, scales = _centred(np.moveaxis(maps, -1, 0), covered)
+    codes = _colour_codes(t)
+    nonfinite, uncovered = len(_colour_steps()[1]) - 2, len(_colour_steps()[1]) - 1
+    if not finite.all():
+        codes[~finite] = nonfinite
+    if not covered.all():
+        codes[:, ~covered] = uncovered
+    count = len(codes) + 1
+    cols = count if count <= MAX_COLUMNS else math.ceil(math.sqrt(count))
+    tiles = np.empty((count,) + size + (3,), dtype=np.uint8)
+    tiles[0] = intensity_rgb(img if img.shape[-1] == 3 else img[..., 0])
+    _colour_steps()[1].take(codes, axis=0, out=tiles[1:])
     out, origins, scale = compose(tiles, cols)
-    return Grid(out, labels, origins, scale, 1.0, res.shape[-1] + 1,
+    return Grid(out, _response_labels(len(codes)), origins, scale, 1.0, res.shape[-1] + 1,
                 means=tuple(float(m) for m in means), scales=tuple(float(v) for v in scales))
+
+
+@functools.lru_cache(maxsize=16)
+def _response_labels(n: int) -> tuple:
+    """A response grid's tiles: the image, then each output."""
+    return ("image",) + tuple(("response", o) for o in range(n))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -381,12 +533,14 @@ def encode_png(img: np.ndarray, level: int = PNG_LEVEL) -> bytes:
     h, w = a.shape[:2]
     if h < 1 or w < 1:
         raise ValueError(f"encode_png needs a non-empty image. Received: shape={a.shape}")
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), a.reshape(h, -1)], axis=1)
+    rows = np.empty((h, 1 + a.shape[1] * a.shape[2]), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type: none
+    rows[:, 1:].reshape(a.shape)[:] = a
     ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _chunk(b"IHDR", ihdr)
-        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + _chunk(b"IDAT", zlib.compress(rows.data, level))
         + _chunk(b"IEND", b"")
     )
 

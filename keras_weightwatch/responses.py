@@ -24,6 +24,7 @@ input's pixels (nearest neighbour around each output's receptive-field centre,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -104,7 +105,10 @@ def correlate(
         for j in range(kw):
             y0, x0 = i * dh, j * dw
             patch = x[:, y0 : y0 + (oh - 1) * sh + 1 : sh, x0 : x0 + (ow - 1) * sw + 1 : sw, :]
-            out += patch @ k[i, j]
+            if k.shape[2] == 1:  # one input channel: a product, no sum (the same values)
+                out += patch * k[i, j, 0]
+            else:
+                out += patch @ k[i, j]
     return out
 
 
@@ -153,18 +157,30 @@ def source_index(n: int, k: int, s: int = 1, d: int = 1, padding: str = "valid")
     >>> source_index(6, 3, s=2, padding="same").tolist()
     [0, 0, 1, 1, 2, 2]
     """
+    return _source_index(n, k, s, d, padding).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _source_index(n: int, k: int, s: int, d: int, padding: str) -> np.ndarray:
+    """`source_index`, computed once per axis geometry (read-only)."""
     before, _, out = _pads(n, k, s, d, padding)
     if out == 0:
-        return np.full(n, -1, dtype=np.int64)
+        return _frozen(np.full(n, -1, dtype=np.int64))
     centre0 = ((k - 1) * d) / 2 - before
     y = np.arange(n)
     o = np.clip(np.floor((y - centre0) / s + 0.5).astype(np.int64), 0, out - 1)
-    return np.where(np.abs(y - (centre0 + o * s)) <= s / 2, o, -1)
+    return _frozen(np.where(np.abs(y - (centre0 + o * s)) <= s / 2, o, -1))
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+@functools.lru_cache(maxsize=256)
 def _stretch_index(n: int, size: int) -> np.ndarray:
     """Nearest-neighbour indices that stretch `n` positions over `size` (proportionally)."""
-    return np.minimum(((np.arange(size) + 0.5) * n / size).astype(np.int64), n - 1)
+    return _frozen(np.minimum(((np.arange(size) + 0.5) * n / size).astype(np.int64), n - 1))
 
 
 def at_input_size(
@@ -213,8 +229,78 @@ def _placed(m: np.ndarray, base: tuple[int, int], g: Geometry) -> tuple[np.ndarr
             f"responses of an input of size {base} through {g} are {expected}. "
             f"Received: maps.shape={m.shape}"
         )
-    rows = source_index(base[0], g.kernel_size[0], g.strides[0], g.dilation_rate[0], g.padding)
-    cols = source_index(base[1], g.kernel_size[1], g.strides[1], g.dilation_rate[1], g.padding)
+    rows, cols, covered = _placement(base, _hashable(g))
+    out = m[..., rows, :, :][..., cols, :]
+    return np.where(covered[..., None], out, 0), covered.copy()
+
+
+def _hashable(g: Geometry) -> Geometry:
+    """`g` with plain int tuples (a key of the caches below)."""
+
+    def pair(v: Sequence[int]) -> tuple[int, int]:
+        return int(v[0]), int(v[1])
+
+    size = None if g.input_size is None else pair(g.input_size)
+    return Geometry(pair(g.kernel_size), pair(g.strides), str(g.padding),
+                    pair(g.dilation_rate), size)
+
+
+@functools.lru_cache(maxsize=64)
+def _placement(base: tuple[int, int], g: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows and columns of the maps that `_placed` draws on `base` (0 where no output
+    is), and the `(H, W)` mask of the covered pixels; read-only, computed once per shape."""
+    rows = _source_index(base[0], g.kernel_size[0], g.strides[0], g.dilation_rate[0], g.padding)
+    cols = _source_index(base[1], g.kernel_size[1], g.strides[1], g.dilation_rate[1], g.padding)
     covered = (rows >= 0)[:, None] & (cols >= 0)[None, :]
-    out = m[..., np.maximum(rows, 0), :, :][..., np.maximum(cols, 0), :]
-    return np.where(covered[..., None], out, 0), covered
+    return _frozen(np.maximum(rows, 0)), _frozen(np.maximum(cols, 0)), _frozen(covered)
+
+
+def pixel_sources(
+    maps_shape: tuple[int, ...], size: tuple[int, int], geometry: Geometry | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where `at_input_size` takes each pixel of the `size` grid from, as one index.
+
+    Args:
+        maps_shape: The maps' shape `(..., h, w, outputs)`.
+        size: The sample image's `(H, W)`.
+        geometry: As for `at_input_size`.
+
+    Returns:
+        A read-only `(H * W,)` array of flat (row-major) indices into the `h * w`
+        map pixels (0 where no output covers the pixel), and the read-only
+        `(H, W)` mask of the covered pixels. `at_input_size(maps, size,
+        geometry)` holds the maps' pixels taken by this index, and 0 at the
+        uncovered pixels. Computed once per shape and geometry.
+
+    Raises:
+        ValueError: The maps are not the layer's output size under `geometry`.
+    """
+    h, w = int(maps_shape[-3]), int(maps_shape[-2])
+    if geometry is not None:
+        base = geometry.input_size or (int(size[0]), int(size[1]))
+        expected = geometry.output_size(base)
+        if (h, w) != tuple(expected):
+            raise ValueError(
+                f"responses of an input of size {base} through {geometry} are {expected}. "
+                f"Received: maps.shape={tuple(maps_shape)}"
+            )
+    g = None if geometry is None else _hashable(geometry)
+    return _pixel_sources((h, w), (int(size[0]), int(size[1])), g)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_sources(
+    shape: tuple[int, int], size: tuple[int, int], g: Geometry | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if g is None:
+        base = shape
+        rows, cols = np.arange(shape[0]), np.arange(shape[1])
+        covered = np.ones(base, dtype=bool)
+    else:
+        base = g.input_size or size
+        rows, cols, covered = _placement(base, g)
+    if base != size:
+        r, c = _stretch_index(base[0], size[0]), _stretch_index(base[1], size[1])
+        rows, cols, covered = rows[r], cols[c], covered[r][:, c]
+    flat = (rows[:, None] * shape[1] + cols[None, :]).reshape(-1)
+    return _frozen(flat), _frozen(covered)

@@ -318,3 +318,25 @@ def test_compose_places_each_upscaled_tile_on_its_cell(shapes, scale, sep):
         big = np.kron(tile, np.ones((used, used, 1), np.uint8))
         expected[y : y + big.shape[0], x : x + big.shape[1]] = big
     np.testing.assert_array_equal(image, expected)
+
+
+def test_diverging_colours_are_exactly_the_interpolated_colour_map():
+    # The map is drawn from a table of its steps: it must agree with plain interpolation
+    # everywhere, at and next to every step and control point included.
+    from keras_weightwatch.images import _CMAP_RGB, _CMAP_X, _colour_steps
+
+    def reference(t):
+        rgb = [np.interp(np.clip(t, -1, 1), _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)]
+        return np.rint(np.stack(rgb, axis=-1)).astype(np.uint8)
+
+    points = _colour_steps()[0]
+    rng = np.random.default_rng(5)
+    t = np.concatenate([
+        np.linspace(-1.2, 1.2, 200001), rng.uniform(-1, 1, 100000), points,
+        np.nextafter(points, 2), np.nextafter(points, -2), _CMAP_X,
+        np.nextafter(_CMAP_X, 2), np.nextafter(_CMAP_X, -2), [-0.0, 5e-324, -5e-324],
+    ])
+    np.testing.assert_array_equal(diverging_rgb(t, 1.0), reference(t))
+    strided = t[: len(t) // 7 * 7].reshape(-1, 7)[:, ::2]
+    np.testing.assert_array_equal(diverging_rgb(strided, 1.0), reference(strided))
+    assert diverging_rgb(np.array(0.25), 1.0).tolist() == reference(np.array(0.25)).tolist()

@@ -20,15 +20,9 @@ import keras
 from .capture import Snapshot
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning
-from .pipeline import (
-    Diverged,
-    Pipeline,
-    Plan,
-    RunDirError,
-    ShardPipeline,
-    diverged_run,
-    start_beside,
-)
+from .fitplan import Plan
+from .pipeline import Pipeline, ShardPipeline
+from .rundir import Diverged, RunDirError, diverged_run, start_beside
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each

@@ -1,14 +1,11 @@
 """The work behind the callback: what happens to the weights once it decided to take them.
 
-`Plan.make(model, settings)` runs at train begin and holds every check that
-needs the model (each view's `prepare` and `restrict`, `Settings.validate`),
-so bad arguments raise before the first epoch. `Pipeline.open(plan, settings,
-previous_run_dir)` then opens the run and becomes the one owner of the views,
-the host buffer pool, the run writer, the TensorBoard event file and the
-background worker. On the training thread the callback only asks it to
-`take` a copy of the weights and `submit` it (or both at once: `capture`);
-everything else happens on the worker (`write`): the tensors, their
-statistics and the views.
+`Pipeline.open(plan, settings, previous_run_dir)` opens the run (`rundir.open_writer`
+decides which) for a `fitplan.Plan` made at train begin, and becomes the one owner of
+the views, the host buffer pool, the run writer, the TensorBoard event file and the
+background worker. On the training thread the callback only asks it to `take` a copy
+of the weights and `submit` it (or both at once: `capture`); everything else happens
+on the worker (`write`): the tensors, their statistics and the views.
 
 Each part fails on its own: a part that raises is switched off (a view is
 dropped everywhere, so its `capture` stops running on the training thread
@@ -17,50 +14,39 @@ too) and its error is kept for the callback to report (`pop_failures`).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import os
-import platform
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _version
 from .capture import (
     BufferPool,
-    ModelInfo,
     Shard,
     Snapshot,
     Ticket,
-    WeightSpec,
     capture_into,
     clean_logs,
-    describe_model,
-    host_views,
-    is_sharded,
     owned_shards,
     process_index,
-    shared_token,
 )
-from .errors import RunBusyError, WeightWatchError
+from .errors import WeightWatchError
+from .fitplan import Plan
 from .run import (
-    ResponseLayer,
     RunWriter,
     ShardWriter,
     SnapshotRecord,
     TensorRecord,
-    architecture_mismatch,
-    holds,
     is_run,
     load_run,
 )
-from .run.remote import FsspecStorage, is_url, open_storage
+from .run.remote import FsspecStorage, open_storage
+from .rundir import open_writer
 from .settings import Settings
 from .stats import Partial, combine, finish, partial_stats, tensor_stats
-from .views import FeatureView, ResponseView, View, build_views
+from .views import View
 from .worker import Worker
 
 EVENTS_SUBDIR = "weights"
@@ -72,242 +58,6 @@ class _Prefill(NamedTuple):
     """A worker job: allocate and touch one more buffer set of these shapes and dtypes."""
 
     specs: tuple[tuple[tuple[int, ...], np.dtype], ...]
-
-
-class RunDirError(WeightWatchError):
-    """The run directory cannot be created or opened (a disk or permission fault)."""
-
-
-def versions() -> dict[str, str]:
-    """The versions the run header records: this package, Keras, its backend, numpy, Python."""
-    import keras
-
-    backend = keras.backend.backend()
-    out = {
-        "keras_weightwatch": _version.__version__,
-        "keras": keras.__version__,
-        "backend": backend,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-    version = _distribution_version(backend)
-    if version is not None:
-        out["backend_version"] = version
-    return out
-
-
-@functools.cache
-def _distribution_version(backend: str) -> str | None:
-    """The installed version of the backend's distribution (read once per process: searching
-    the installed distributions took a few ms at every train begin)."""
-    from importlib import metadata
-
-    dist = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",), "torch": ("torch",)}
-    for name in dist.get(backend, ()):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What train begin decided for a model: its description, the views, the watched weights."""
-
-    info: ModelInfo
-    views: tuple[View, ...]
-    watch: tuple[int, ...]
-    """Indices into `model.weights` of the weights the include/exclude filter keeps."""
-    sharded: tuple[int, ...] = ()
-    """The watched weights split across processes (model parallelism), stored as parts."""
-    attempt: str = ""
-    """With `sharded`: the token of this fit that every process shares (`shared_token`),
-    carried by each shard record so that none of an earlier fit is merged."""
-
-    @classmethod
-    def make(cls, model: Any, settings: Settings) -> Plan:
-        """Describe the model and check the settings against it (raises before any epoch)."""
-        info = describe_model(model)
-        views = build_views(settings)
-        for view in views:
-            view.prepare(model, info)
-        watch = settings.validate(info)
-        keys = {info.weights[i].key for i in watch}
-        sharded = tuple(i for i in watch if is_sharded(model.weights[i]))
-        keys -= {info.weights[i].key for i in sharded}  # no view sees a sharded weight
-        for view in views:
-            view.restrict(keys)
-        attempt = shared_token() if sharded else ""  # every process calls make: a collective
-        return cls(info, tuple(views), watch, sharded, attempt)
-
-    @property
-    def specs(self) -> list[WeightSpec]:
-        return [self.info.weights[i] for i in self.watch]
-
-    def samples(self, settings: Settings) -> dict[str, np.ndarray | None]:
-        """The inputs the run stores with its header: `sample_images` channels last (as the
-        responses are computed), and `feature_data`."""
-        images = settings.sample_images
-        view = next((v for v in self.views if isinstance(v, ResponseView)), None)
-        if images is not None and view is not None and view.targets and (
-                view.targets[0].channels_first):
-            images = np.moveaxis(images, 1, -1)
-        return {"sample_images": images, "feature_data": settings.feature_data}
-
-    @property
-    def response_layers(self) -> list[ResponseLayer]:
-        """The layers whose kernel responses a reader computes from the run alone: those of
-        `response_mode="kernel"` fed directly by the model input."""
-        out = []
-        for view in self.views:
-            if isinstance(view, ResponseView) and view.mode == "kernel":
-                out += [ResponseLayer(t.layer, t.key, t.padding, tuple(t.strides),
-                                      tuple(t.dilation))
-                        for t in view.targets if t.fed_by_input]
-        return out
-
-    @property
-    def feature_key(self) -> str | None:
-        """The kernel the top-k feature table reads, recorded in the header for `diff`."""
-        return next((v.key for v in self.views if isinstance(v, FeatureView)), None)
-
-
-# ------------------------------------------------------------------ the run directory
-
-
-def reserve_new_dir(path: str, settings: Settings | None = None) -> str:
-    """`path-2` (or `-3`, ...): the first that did not exist, created here so that two
-    writers racing for a new run directory never get the same one. (At a URL the first
-    prefix holding nothing; there the run's lease settles a race.)"""
-    n = 2
-    while True:
-        candidate = f"{path}-{n}"
-        if is_url(path):
-            options = settings.storage_options if settings is not None else None
-            if not open_storage(candidate, options).isdir():
-                return candidate
-            n += 1
-            continue
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            n += 1
-
-
-def _run_dir(settings: Settings, previous: str | None) -> str:
-    """Where this fit writes: the previous fit's run, or `log_dir` by `if_exists`."""
-    if previous is not None:
-        return previous  # a later fit of this instance continues its own run
-    path = settings.log_dir
-    if is_run(path, settings.storage_options):
-        if settings.if_exists == "error":
-            raise WeightWatchError(
-                f"{path}: already holds a run; pass if_exists='continue' to append to it "
-                "or if_exists='new' to start a new one beside it"
-            )
-        if settings.if_exists == "new":
-            path = reserve_new_dir(path, settings)
-    return path
-
-
-def _continued(settings: Settings, previous: str | None) -> str | None:
-    """The run a fit would continue: the callback's own from an earlier fit, else `log_dir`
-    when `if_exists="continue"` (None: the fit starts a run, or refuses one)."""
-    if previous is not None:
-        return previous
-    return settings.log_dir if settings.if_exists == "continue" else None
-
-
-class Diverged(NamedTuple):
-    """A run whose last snapshot is not the weights a fit starts from."""
-
-    run_dir: str
-    last_step: int
-
-
-def diverged_run(plan: Plan, settings: Settings, previous: str | None,
-                 model: Any) -> Diverged | None:
-    """The run this fit would continue although the model's weights are not its last snapshot.
-
-    A fit continues a run when it starts where the run left off. When the
-    model's watched weights equal the run's last snapshot (compared by the
-    SHA-256 the run records for each tensor, no tensor file read), or there is
-    no run to continue, this returns None and the fit opens its run as usual.
-    Otherwise the fit is a new training (a re-run of a script, another model of
-    the same architecture) unless it resumes at `initial_epoch > 0`, which only
-    the first epoch's index tells: this returns the run, for the callback to
-    decide at the first epoch (`start_beside`). A run of another architecture,
-    or one that cannot be read, returns None: opening it reports that as before.
-    """
-    path = _continued(settings, previous)
-    if path is None or not is_run(path):
-        return None
-    try:
-        run = load_run(path)
-    except WeightWatchError:
-        return None
-    if not run.snapshots or architecture_mismatch(run.specs, plan.specs):
-        return None
-    last = run.snapshots[-1]
-    variables = list(model.weights)
-    current = host_views([variables[i] for i in plan.watch])
-    for spec, arr in zip(run.specs, current):
-        rec = last.tensors.get(spec.key)
-        if rec is None:
-            return None  # nothing to compare with: continue as before
-        if not holds(rec, arr):
-            return Diverged(path, last.step)
-    return None
-
-
-def start_beside(settings: Settings, run_dir: str) -> str:
-    """A new run directory beside `run_dir` for a fit that does not continue it (see
-    `diverged_run`): `log_dir-2` (or `-3`, ...); refused with `if_exists="error"`."""
-    if settings.if_exists == "error":
-        raise WeightWatchError(
-            f"{run_dir}: holds a run whose last snapshot is not the model's weights, and fit "
-            "starts at epoch 0; pass if_exists='new' to start a new run beside it, or "
-            "fit(initial_epoch=k) to continue it"
-        )
-    return reserve_new_dir(settings.log_dir)
-
-
-def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWriter:
-    """Open (or create) the run this fit writes to.
-
-    `previous` is the run an earlier fit of the same callback wrote; with
-    `if_exists="new"`, a model whose architecture changed since starts a new
-    run beside it (with the other choices `RunWriter.open` refuses it).
-    """
-    specs = plan.specs
-    options = settings.storage_options
-    try:
-        if settings.if_exists == "new" and previous is not None and is_run(previous, options):
-            if architecture_mismatch(load_run(previous, options).specs, specs):
-                previous = None
-        run_dir = _run_dir(settings, previous)
-    except OSError as e:
-        raise RunDirError(f"{settings.log_dir}: cannot open the run: {e}") from e
-    try:
-        while True:
-            try:
-                return RunWriter.open(
-                    run_dir, plan.info, settings=settings.header(plan.feature_key),
-                    versions=versions(), durable=settings.durable,
-                    store_dtype=settings.store_dtype, weights=specs,
-                    storage=open_storage(run_dir, options),
-                    samples=plan.samples(settings), responses=plan.response_layers,
-                )
-            except RunBusyError:
-                # Another writer took this directory first (it may not have written
-                # its header yet): with if_exists="new", start beside it instead.
-                if settings.if_exists != "new" or previous is not None:
-                    raise
-                run_dir = reserve_new_dir(settings.log_dir, settings)
-    except OSError as e:
-        raise RunDirError(f"{run_dir}: cannot create the run directory: {e}") from e
 
 
 # ------------------------------------------------------------------ the pipeline

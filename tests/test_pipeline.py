@@ -467,7 +467,7 @@ class _FakeWriter:
 
 @pytest.mark.parametrize("fail_step", [None, 0])
 def test_pipeline_with_a_fake_writer(tmp_path, fail_step):
-    from keras_weightwatch.pipeline import Plan
+    from keras_weightwatch.fitplan import Plan
     from keras_weightwatch.settings import Settings
 
     model = _mlp()
@@ -624,7 +624,8 @@ def test_a_shard_process_writes_its_shards_on_its_worker_after_the_epoch_end(tmp
     jnp = pytest.importorskip("jax.numpy")
     from helpers import sharded_model
 
-    from keras_weightwatch.pipeline import Plan, ShardPipeline
+    from keras_weightwatch.fitplan import Plan
+    from keras_weightwatch.pipeline import ShardPipeline
     from keras_weightwatch.run import format as fmt
     from keras_weightwatch.settings import Settings
     from keras_weightwatch.stats import finish, tensor_stats

@@ -177,10 +177,18 @@ def test_cli_without_scipy_names_the_extra(numpy_run, monkeypatch):
     assert code == 0 and "conv1/kernel" in out
 
 
-def test_show_imports_neither_keras_nor_the_comparison_and_every_public_name_resolves(
-        run_dir):
+def _python(code: str) -> None:
+    """Run `code` in a fresh interpreter (this one's import path); it must exit 0."""
     import subprocess
 
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_show_imports_neither_keras_nor_the_comparison_and_every_public_name_resolves(
+        run_dir):
     code = (
         "import sys, io\n"
         "import keras_weightwatch as ww\n"
@@ -199,15 +207,10 @@ def test_show_imports_neither_keras_nor_the_comparison_and_every_public_name_res
         "exec('from keras_weightwatch import ' + ', '.join(names))\n"
         "exec('from keras_weightwatch.compare import ' + ', '.join(c.__all__))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _python(code)
 
 
 def test_show_imports_only_the_comparisons_records_and_leaves_the_collector_on(run_dir):
-    import subprocess
-
     code = (
         "import gc, sys, io\n"
         "from keras_weightwatch import cli\n"
@@ -217,10 +220,7 @@ def test_show_imports_only_the_comparisons_records_and_leaves_the_collector_on(r
         "vocabulary = {'keras_weightwatch.compare', 'keras_weightwatch.compare.records'}\n"
         "assert loaded <= vocabulary, loaded\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _python(code)
 
 
 def test_show_leaves_a_paused_collector_paused_and_restarts_it_after_an_error(run_dir, tmp_path):

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+import keras_weightwatch.run.format as run_format
+
 from ..errors import WeightWatchError
 from .format import (
     HEADER_FILE,
-    MAX_JSON_BYTES,
     SNAPSHOT_DIR,
     SNAPSHOT_FILE_RE,
     TENSOR_DIR,
@@ -228,7 +229,7 @@ def read_json(storage: Storage, name: str, what: str) -> Any:
         if storage.is_link(name):
             raise WeightWatchError(f"{where}: {what} is a symbolic link; refusing to follow it")
         size = storage.size(name)
-        if size > MAX_JSON_BYTES:
+        if size > run_format.MAX_JSON_BYTES:  # read at each call, so it can be lowered
             raise WeightWatchError(f"{where}: {what} is {size} bytes, too large to be one")
         with storage.open_read(name) as f:
             data = f.read()

@@ -27,15 +27,10 @@ DEMO_LOGDIR = "weightwatch-demo"  # `demo.run_demo`'s default too (demo is impor
 
 
 def _cmd_show(args: argparse.Namespace, stdout: TextIO) -> int:
-    import gc
+    from .run.index import no_collection
 
-    enabled = gc.isenabled()
-    gc.disable()  # a long run's records form no cycles; collecting would walk them all, often
-    try:
+    with no_collection():  # a long run's records form no cycles; collecting walks them all
         text = render_show(load_run(args.run))
-    finally:
-        if enabled:
-            gc.enable()
     print(text, file=stdout)
     return EXIT_OK
 

@@ -23,13 +23,25 @@ CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of the float64 reductions (8 MiB per operand)."""
 
 
-def sumsq(x: np.ndarray) -> float:
-    """The sum of squares of a 1-d float64 array.
+# Sums of squares go through BLAS dot products of rows this long: OpenBLAS keeps a dot
+# product of at most 10000 elements on the calling thread, so a reduction never wakes BLAS
+# threads that would compete with training for the cores. Per element this is about three
+# times faster than `np.einsum` on float64 (and it sums in more, shorter, runs).
+_ROW = 4096
+_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0
 
-    einsum, not np.dot: BLAS would hand vectors this long to its own threads, which on a
-    busy machine fight training for the cores (and einsum measured faster on 2 cores).
-    """
-    return float(np.einsum("i,i->", x, x))
+
+def sumsq(x: np.ndarray) -> float:
+    """The sum of squares of a 1-d float64 array, in float64 (NaN/Inf propagate quietly)."""
+    n = x.size - x.size % _ROW
+    tail = x[n:]
+    out = float(np.dot(tail, tail))
+    if n:
+        rows = x[:n].reshape(-1, _ROW)
+        if _vecdot is None:
+            return out + float(np.einsum("ij,ij->", rows, rows))
+        out += float(_vecdot(rows, rows).sum())
+    return out
 
 
 def dot(x: np.ndarray, y: np.ndarray) -> float:

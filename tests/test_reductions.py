@@ -124,3 +124,9 @@ def test_sums_and_gram_reads_b_as_stored_and_reorders_it_for_the_gram(monkeypatc
     np.testing.assert_allclose(gram.norms_b, np.sum(b64 ** 2, axis=0), rtol=1e-12)
     assert s.sab == pytest.approx(np.sum(a64 * b64), rel=1e-12)
     assert s.sdd == pytest.approx(np.sum((b64 - a64) ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_sum_of_squares_equals_exact_sum_at_every_row_boundary(n):
+    x = np.random.default_rng(n).normal(size=n) * 10.0
+    assert reductions.sumsq(x) == pytest.approx(math.fsum(x * x), rel=1e-14, abs=0.0)

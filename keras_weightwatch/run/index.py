@@ -174,7 +174,7 @@ def _built(cls: type[_R], **fields: Any) -> _R:
 
 
 @contextmanager
-def _no_collection() -> Iterator[None]:
+def no_collection() -> Iterator[None]:
     """The cyclic garbage collector paused while a long run's records are built: they
     form no cycles to collect, and each of the collections that 10,000 records' tens of
     thousands of new objects would start walks every object built so far."""
@@ -434,7 +434,7 @@ def read_index(storage: Storage, specs: Sequence[WeightSpec],
                    all(s.dtype in STORED_DTYPES for s in order),
                    [{"shape": s.shape, "dtype": s.dtype, "stored_dtype": s.dtype, "lossy": False}
                     for s in order])
-    with _no_collection():
+    with no_collection():
         return _entries(lines[1:-1], decoder, ctx)  # the last piece follows the last newline
 
 
@@ -551,7 +551,7 @@ def _grouped(records: Sequence[SnapshotRecord]) -> tuple[list[_Group], list[int]
     return groups, other
 
 
-@_no_collection()
+@no_collection()
 def stat_columns(records: Sequence[SnapshotRecord], keys: Sequence[str],
                  names: Sequence[str]) -> dict[str, StatColumn]:
     """Statistics `names` of weights `keys` across `records`, as numpy columns: equal to
@@ -590,7 +590,7 @@ def stat_columns(records: Sequence[SnapshotRecord], keys: Sequence[str],
     return out
 
 
-@_no_collection()
+@no_collection()
 def lossy_dtypes(records: Sequence[SnapshotRecord]) -> set[str]:
     """The stored dtypes of tensors stored lossily in any of `records`, equal to reading
     every record's `tensors`: an index line whose tensors are the header's weights stored

@@ -4,11 +4,10 @@
 block of rows at a time, accumulating in float64: the sums of squares of A, B
 and B - A, the dot product <A, B> and max |B - A|, with the count of NaN/Inf
 values when there are any; `pair_sums_gram` adds the units x units Gram matrix
-Aᵀ B that a matching of units needs, `add_gram_rows` the Gram of some rows only
-(a matching's bound), `sums_per_unit` each unit's norms and dot product (its
-exact check). It never copies a whole tensor, so comparing tensors of any size
-holds a few chunks at a time. `diff_runs`, `drift` and
-`stats.update_ratio` all reduce through it.
+Aᵀ B that a matching of units needs, `sums_per_unit` each unit's norms and dot
+product (a matching's exact check). It never copies a whole tensor, so
+comparing tensors of any size holds a few chunks at a time. `diff_runs`,
+`drift` and `stats.update_ratio` all reduce through it.
 """
 
 from __future__ import annotations
@@ -195,26 +194,9 @@ def sums_per_unit(
 
 
 def gram_rows_step(units: int, block: int = 1) -> int:
-    """Rows of one product of `add_gram_rows`: whole blocks of about a chunk."""
+    """Rows of one chunk (and of one Gram product): whole blocks of about a chunk."""
     step = _rows_per_chunk(units)
     return max(block, step // block * block) if block > 1 else step
-
-
-def add_gram_rows(gram: Gram, a2: np.ndarray, b2: np.ndarray, start: int, stop: int,
-                  gram_rows: np.ndarray | None = None) -> None:
-    """Add rows [start, stop) of A and of B[gram_rows] to `gram`: their products Aᵀ B in
-    float32 (each at most `gram_rows_step` rows long) and their units' norms in float64.
-    Finite values only.
-    """
-    step = gram_rows_step(a2.shape[1])
-    for r0 in range(start, stop, step):
-        r1 = min(stop, r0 + step)
-        raw_b = b2[r0:r1] if gram_rows is None else b2[gram_rows[r0:r1]]
-        gram.g[...] += np.asarray(a2[r0:r1], dtype=np.float32).T @ np.asarray(
-            raw_b, dtype=np.float32)
-        ca, cb = _f64(a2[r0:r1]), _f64(raw_b)
-        gram.norms_a[...] += np.einsum("ij,ij->j", ca, ca)
-        gram.norms_b[...] += np.einsum("ij,ij->j", cb, cb)
 
 
 def _reduce(

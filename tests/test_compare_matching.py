@@ -292,13 +292,13 @@ def _count_full_matrices(monkeypatch) -> list[int]:
     from keras_weightwatch.compare import matching
 
     calls: list[int] = []
-    full = matching.best_matching
+    full = matching.assign_cosines
 
     def counted(*args, **kwargs):
         calls.append(1)
         return full(*args, **kwargs)
 
-    monkeypatch.setattr(matching, "best_matching", counted)  # the assignment of every pair
+    monkeypatch.setattr(matching, "assign_cosines", counted)  # the assignment of every pair
     return calls
 
 
@@ -362,28 +362,109 @@ def test_a_bound_settles_carried_inputs_zero_units_and_float64_kernels(monkeypat
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_upper_bounds_are_at_least_every_exact_cosine(monkeypatch, dtype):
+def test_bounds_are_at_least_every_exact_cosine_as_rows_are_added(monkeypatch, dtype):
     from keras_weightwatch import reductions
-    from keras_weightwatch.compare.matching import _upper_bounds
-    from keras_weightwatch.reductions import Gram, add_gram_rows, sums_per_unit
+    from keras_weightwatch.compare.matching import _Bound
+    from keras_weightwatch.reductions import sums_per_unit
 
-    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 30 * 16)
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 30 * 16)  # products of 16 rows
     a, b = _twin(4, 200, 30, 0.5, dtype)
-    a[:, 2] *= 1e6  # one large unit: the float32 rounding bound must cover it
+    a[:, 2] *= 1e6  # one large unit: each unit is divided by its own norm
+    b[:, 7] = 0.0  # a zero unit: its cosines are 0
     _, per = sums_per_unit(a, b)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     np.testing.assert_allclose(per.dots, np.sum(a64 * b64, axis=0), rtol=1e-12)
-    cos = (a64.T @ b64) / np.outer(np.linalg.norm(a64, axis=0), np.linalg.norm(b64, axis=0))
-    for head_rows in (16, 64, 200):
-        head = Gram(np.zeros((30, 30)), np.zeros(30), np.zeros(30))
-        add_gram_rows(head, a, b, 0, head_rows)
-        np.testing.assert_allclose(head.g, a64[:head_rows].T @ b64[:head_rows], rtol=1e-4,
-                                   atol=1e-4 * np.abs(a64).max() * np.abs(b64).max())
-        bound = _upper_bounds(head, per, 16)
+    na, nb = np.linalg.norm(a64, axis=0), np.linalg.norm(b64, axis=0)
+    inv_b = np.where(nb > 0, 1 / np.where(nb > 0, nb, 1), 0.0)
+    cos = (a64.T @ b64) / na[:, None] * inv_b[None, :]
+    head = _Bound(a, b, None, per)
+    for rows in (16, 40, 41, 64, 199, 200):  # each stage's rests replace the previous ones
+        head.add_rows(rows)
+        rest_a = np.linalg.norm(a64[rows:], axis=0) / na
+        rest_b = np.linalg.norm(b64[rows:], axis=0) * inv_b
+        expect = (a64[:rows].T @ b64[:rows]) / na[:, None] * inv_b[None, :]
+        expect += np.outer(rest_a, rest_b)  # Cauchy-Schwarz on the rows not added
+        assert np.all(np.abs(head.g - expect) <= head.margin()), rows
+        assert head.margin() < 1e-4
+        bound = head.bounds()
+        want = head.g.astype(np.float64) + head.margin()
+        want[np.diag_indices_from(want)] += 1e-9  # the tie bonus of a unit's own pair
+        np.testing.assert_array_equal(bound, want)
         bound[np.diag_indices_from(bound)] -= 1e-9
-        assert np.all(bound >= cos), head_rows
-        if head_rows == 200:  # every row in the head: the bound is the cosine itself
-            np.testing.assert_allclose(bound, cos, atol=1e-4)
+        assert np.all(bound >= cos), rows
+        others = np.where(np.eye(30, dtype=bool), -np.inf, expect).max(axis=1)
+        np.testing.assert_allclose(head.off_diagonal_max(), others + head.margin(), atol=1e-6)
+        assert np.all(head.off_diagonal_max() >= np.where(np.eye(30, dtype=bool), -2, cos).max(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            own = np.sum(a64[:rows] * b64[:rows], axis=0) / (
+                np.linalg.norm(a64[:rows], axis=0) * np.linalg.norm(b64[:rows], axis=0))
+        np.testing.assert_allclose(head.estimate(np.arange(30)), own, atol=1e-5)
+    np.testing.assert_allclose(head.cosines(), cos, atol=1e-5)  # every row: the cosines
+
+
+def test_bounds_of_carried_rows_equal_numpy_on_b_reordered(monkeypatch):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare.matching import _Bound
+    from keras_weightwatch.reductions import sums_per_unit
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 40 * 24)
+    a, b = _twin(5, 120, 40, 0.2)
+    rows = np.random.default_rng(5).permutation(120)
+    _, per = sums_per_unit(a, b)
+    head = _Bound(a, b, rows, per)
+    head.add_rows(30)
+    a64, b64 = a.astype(np.float64), b[rows].astype(np.float64)
+    na, nb = np.linalg.norm(a64, axis=0), np.linalg.norm(b64, axis=0)
+    expect = (a64[:30].T @ b64[:30]) / np.outer(na, nb) + np.outer(
+        np.linalg.norm(a64[30:], axis=0) / na, np.linalg.norm(b64[30:], axis=0) / nb)
+    assert np.all(np.abs(head.g - expect) <= head.margin())
+
+
+@pytest.mark.parametrize(("noise", "swapped"), [(0.01, 0), (0.2, 0), (0.2, 6), (0.3, 0),
+                                               (0.45, 0), (0.3, 10)])
+def test_units_in_place_are_settled_like_scipy_on_the_full_matrix(monkeypatch, noise, swapped):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare.matching import match_units
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 96 * 50)
+    calls = _count_full_matrices(monkeypatch)
+    rng = np.random.default_rng(13)
+    a = rng.normal(size=(800, 96)).astype("float32")
+    order = np.arange(96)
+    order[:swapped] = order[:swapped][::-1]  # a few units trade places, the rest stay
+    b = (a[:, order] + noise * rng.normal(size=a.shape)).astype("float32")
+    m = match_units(a, b, None)
+    expect = _reference_matching(a, b)
+    np.testing.assert_array_equal(m.perm, expect)
+    assert m.moved == swapped and not calls
+    want = oracle(a, b[:, expect])
+    assert m.matched.cosine() == pytest.approx(want["cosine"], rel=1e-12)
+    assert m.matched.rel_l2() == pytest.approx(want["rel_l2"], rel=1e-12)
+
+
+@pytest.mark.parametrize("every_fraction", [False, True])
+def test_the_full_matrix_after_a_bound_keeps_the_rows_it_added(monkeypatch, every_fraction):
+    from keras_weightwatch import reductions
+    from keras_weightwatch.compare import matching
+
+    monkeypatch.setattr(reductions, "CHUNK_ELEMENTS", 64 * 20)
+    calls = _count_full_matrices(monkeypatch)
+    stops: list[tuple[int, int]] = []
+    add_rows = matching._Bound.add_rows
+
+    def recorded(self, stop):
+        stops.append((self.done, stop))
+        add_rows(self, stop)
+
+    monkeypatch.setattr(matching._Bound, "add_rows", recorded)
+    if every_fraction:  # every bound tried (and none settles unrelated units)
+        monkeypatch.setattr(matching, "_likely", lambda *args: (True, 1.0))
+    a, b = _twin(17, 640, 64, 3.0 if every_fraction else 1.2)
+    m = matching.match_units(a, b, None)
+    np.testing.assert_array_equal(m.perm, _reference_matching(a, b))
+    assert len(calls) == 1
+    assert stops == ([(0, 40), (40, 80), (80, 160), (160, 320), (320, 640)] if every_fraction
+                     else [(0, 40), (40, 640)])
 
 
 def test_a_run_against_itself_matches_every_unit_in_place_without_a_gram(tmp_path, monkeypatch):
@@ -393,7 +474,7 @@ def test_a_run_against_itself_matches_every_unit_in_place_without_a_gram(tmp_pat
         raise AssertionError("a bit-identical kernel needs no Gram product")
 
     monkeypatch.setattr(matching, "sums_and_gram", no_gram)
-    monkeypatch.setattr(matching, "add_gram_rows", no_gram)
+    monkeypatch.setattr(matching._Bound, "add_rows", no_gram)
     w = weights(np.random.default_rng(8))
     a = write_run(tmp_path / "a", [("epoch", 0, w)])
     b = write_run(tmp_path / "b", [("epoch", 0, w)])

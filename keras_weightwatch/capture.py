@@ -20,6 +20,7 @@ import numpy as np
 
 from .naming import key_layer, strip_model_prefix, unique_keys
 from .run.format import LayerInfo, ModelInfo, WeightSpec
+from .scratch import empty
 
 
 def _dtype_name(variable: Any) -> str:
@@ -188,9 +189,16 @@ class BufferPool:
             return self._created - len(self._free)
 
     def allocate(self, arrays: Iterable[np.ndarray]) -> list[np.ndarray]:
-        """A new set: a C-ordered copy of each array (its pages touched by the copy), taken
-        one at a time (a generator keeps one source array alive at once)."""
-        return [np.array(a, copy=True, order="C") for a in arrays]
+        """A new set: a C-ordered copy of each array, in memory mapped in at once
+        (`scratch.empty`), taken one at a time (a generator keeps one source array alive
+        at once)."""
+        out = []
+        for a in arrays:
+            a = np.asarray(a)
+            buf = empty(a.shape, a.dtype)
+            np.copyto(buf, a, casting="no")
+            out.append(buf)
+        return out
 
     def acquire(self) -> list[np.ndarray] | None:
         """A free set, or None when a new one may be allocated; waits while all are busy."""
@@ -241,7 +249,9 @@ class BufferPool:
     def fill(self, specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
         """Allocate and touch the set `reserve` counted, then offer it to the next capture."""
         try:
-            buffers = self.allocate(np.zeros(shape, dtype) for shape, dtype in specs)
+            # Zeros broadcast from one element: the copy is the set's only memory.
+            buffers = self.allocate(np.broadcast_to(np.zeros((), dtype), shape)
+                                    for shape, dtype in specs)
         except BaseException:
             self.unreserve()
             raise

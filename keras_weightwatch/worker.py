@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .scratch import kept
+
 _STOP = object()
 
 
@@ -31,6 +33,10 @@ class Worker:
         self._thread.start()
 
     def _run(self) -> None:
+        with kept():  # the scratch buffers of the last worker, already mapped in
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             job = self._queue.get()
             try:

@@ -1,13 +1,17 @@
-"""Per-thread scratch buffers: reused within a thread, never shared between names or threads."""
+"""Per-thread scratch buffers: reused within a thread, never shared between names or threads;
+handed on by threads that run under `kept`; `empty`: arrays mapped in at once."""
 
 from __future__ import annotations
 
+import resource
+import sys
 import threading
 
 import numpy as np
 import pytest
 
-from keras_weightwatch.scratch import scratch
+from keras_weightwatch import scratch as scratch_module
+from keras_weightwatch.scratch import empty, kept, scratch
 
 
 def test_one_name_is_one_buffer_that_grows_and_is_kept():
@@ -60,3 +64,74 @@ def test_statistics_and_histograms_are_unchanged_by_reuse():
             rtol=1e-9)
         counts, _ = np.histogram(x64, bins=30, range=(x64.min(), x64.max()))
         np.testing.assert_array_equal(histogram(x)[:, 2], counts)
+
+
+def _in_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def _kept_buffer(n=4096):
+    with kept():
+        buf = scratch("test.kept", n)
+        buf[:] = 7.0
+        return buf
+
+
+def test_a_thread_under_kept_hands_its_buffers_to_the_next():
+    first = _in_thread(_kept_buffer)
+    second = _in_thread(_kept_buffer)
+    assert np.shares_memory(first, second)  # the next worker starts with them mapped
+    assert not np.shares_memory(first, _in_thread(lambda: scratch("test.kept", 4096)))
+
+
+def test_threads_under_kept_at_once_never_share():
+    inside, release, found = threading.Barrier(2), threading.Event(), []
+
+    def hold():
+        with kept():
+            buf = scratch("test.kept2", 1024)
+            inside.wait()
+            found.append(buf)
+            release.wait()
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while len(found) < 2:
+        threading.Event().wait(0.01)
+    release.set()
+    for t in threads:
+        t.join()
+    assert not np.shares_memory(found[0], found[1])
+    assert len(scratch_module._SPARE) <= scratch_module._MAX_SPARE
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), ((1024, 257), np.float64),
+                                          ((0,), np.float32), ((7, 0, 3), np.int8),
+                                          ((300_000,), np.complex64), ((4,), object)])
+def test_empty_is_a_writable_c_ordered_array_of_the_shape_and_dtype(shape, dtype):
+    a = empty(shape, dtype)
+    assert a.shape == shape and a.dtype == np.dtype(dtype)
+    assert a.flags.c_contiguous and a.flags.writeable and a.flags.aligned
+    a[...] = 1
+    np.testing.assert_array_equal(a, np.ones(shape, dtype))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MAP_POPULATE is Linux's")
+def test_a_large_empty_is_zeros_already_mapped_in():
+    n = 8 << 20
+
+    def write_faults():
+        a = empty((n,), np.uint8)
+        zeros = not a.any()
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        a[::4096] = 1  # one write per page
+        return zeros, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+    zeros, faults = _in_thread(write_faults)
+    assert zeros
+    assert faults < (n // 4096) // 8  # an array of numpy's own faults 500-2,000 times here

@@ -54,6 +54,16 @@ EVENTS_SUBDIR = "weights"
 Failure = tuple[str, BaseException]
 
 
+PREFILL_HERE_BYTES = 64 << 20
+"""The largest second buffer set that train begin makes on the training thread.
+
+Before training starts, mapping in fresh pages costs a fraction of what it costs once the
+model trains beside the worker (8 MB: about 3 ms at train begin against 15-20 ms on the
+worker during the first epoch, on a 2-core machine), so a small set is made at once; a
+larger one would hold train begin too long and is made by the worker instead.
+"""
+
+
 class _Prefill(NamedTuple):
     """A worker job: allocate and touch one more buffer set of these shapes and dtypes."""
 
@@ -106,6 +116,7 @@ class Pipeline:
         self._views = list(plan.views)  # the one list of the views: a dropped one is gone
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
+        self._draining = threading.Event()  # set by `close`: the training thread waits
         self._prev_arrays: dict[str, np.ndarray] | None = None
         self._prev_shards: Mapping[str, list[Shard]] = {}
         """This process's shards at the previous snapshot, for the update ratios."""
@@ -189,18 +200,24 @@ class Pipeline:
     def prefill(self, model: Any) -> None:
         """Make sure the buffers of the first epoch ends exist before they end (train begin).
 
-        Makes the first set here unless the initial snapshot already did, then has the
-        worker allocate and touch the second while training runs.
+        Makes the first set here unless the initial snapshot already did. The second is
+        made here too when it is at most `PREFILL_HERE_BYTES`, else by the worker while
+        the first epoch runs.
         """
         if self._set_specs is None:
             snapshot = self.take(model, label="epoch", epoch=None, logs={})
             self.pool.release(list(snapshot.arrays.values()))
-        if self._worker is not None and self._set_specs is not None and self.pool.reserve():
-            try:
-                self._worker.submit(_Prefill(self._set_specs))
-            except BaseException:
-                self.pool.unreserve()
-                raise
+        specs = self._set_specs
+        if self._worker is None or specs is None or not self.pool.reserve():
+            return
+        if sum(math.prod(shape) * dt.itemsize for shape, dt in specs) <= PREFILL_HERE_BYTES:
+            self.pool.fill(specs)
+            return
+        try:
+            self._worker.submit(_Prefill(specs))
+        except BaseException:
+            self.pool.unreserve()
+            raise
 
     def submit(self, snapshot: Snapshot, model: Any = None) -> None:
         """Queue a snapshot for the worker, with the payloads the views compute from `model`
@@ -263,16 +280,55 @@ class Pipeline:
             self._last_written = self.pool.release(buffers)
 
     def write(self, snapshot: Snapshot, payloads: Mapping[str, Any]) -> None:
-        """Its statistics, then store the snapshot, retention; then every view's summaries."""
+        """Its statistics, then store the snapshot, retention; then every view's summaries.
+
+        Once the training thread waits for the worker (train end), the store and the views
+        of a snapshot run side by side instead (`_write_side_by_side`).
+        """
         stats = self._stats(snapshot)
+        if self._draining.is_set() and not snapshot.shards and self.writer is not None:
+            self._write_side_by_side(snapshot, stats, payloads)
+            return
         records = self._store(snapshot, stats)
         self._measure(snapshot, stats)
         self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
-        if self.writer is None:
-            # The arrays live in reused buffers: keep a copy for the next update ratio.
-            self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
+        self._keep_without_run(snapshot)
         self._write_views(snapshot, stats, payloads)
+
+    def _keep_without_run(self, snapshot: Snapshot) -> None:
+        """Without a run to read it back from, keep a copy of the snapshot (its arrays live
+        in reused buffers) for the next update ratios."""
+        if self.writer is None:
+            self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
+
+    def _write_side_by_side(self, snapshot: Snapshot, stats: dict[str, dict[str, float]],
+                            payloads: Mapping[str, Any]) -> None:
+        """Store and commit the snapshot on a second thread while this one writes the views;
+        their events are held in memory until the snapshot is committed, so the run never
+        lags behind what TensorBoard shows. Only while the training thread waits: both
+        cores are idle then, and the wait is the user's."""
+        self._measure(snapshot, stats)
+        self._view_stats(stats, payloads)
+        errors: list[BaseException] = []
+
+        def store() -> None:
+            try:
+                self._commit(snapshot, self._store(snapshot, stats), stats)
+            except BaseException as e:  # raised on the worker below, as in `write`
+                errors.append(e)
+
+        self._events().hold()
+        side = threading.Thread(target=store, name="weightwatch-store", daemon=True)
+        side.start()
+        try:
+            self._write_views(snapshot, stats, payloads, flush=False)
+        finally:
+            side.join()
+        if errors:
+            raise errors[0]
+        self._keep_without_run(snapshot)
+        self._flush_events()
 
     def _store(self, snapshot: Snapshot,
                stats: dict[str, dict[str, float]]) -> dict[str, TensorRecord] | None:
@@ -393,7 +449,7 @@ class Pipeline:
         return self.events
 
     def _write_views(self, snapshot: Snapshot, stats: Mapping[str, Mapping[str, float]],
-                     payloads: Mapping[str, Any]) -> None:
+                     payloads: Mapping[str, Any], flush: bool = True) -> None:
         for view in self.views:
             try:
                 view.write(snapshot, stats, payloads.get(view.name), self._events())
@@ -402,6 +458,10 @@ class Pipeline:
                     self._stop_events(self.events.error)
                     break
                 self._drop(view, e)
+        if flush:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
         if self.events is not None and self.events.error is None:
             try:
                 self.events.flush()
@@ -430,6 +490,7 @@ class Pipeline:
         """Drain the worker, close the views, the event file and the run (releasing its
         lock), drop the free buffers; return everything that failed, in order."""
         worker_errors: list[Failure] = []
+        self._draining.set()  # from now on the training thread waits for the worker
         try:
             if self._worker is not None:
                 self._worker.close()
@@ -562,6 +623,9 @@ class _GuardedEvents:
         except OSError as e:
             self.error = self.error or e
             raise
+
+    def hold(self) -> None:
+        self.writer.hold()
 
     def flush(self) -> None:
         try:

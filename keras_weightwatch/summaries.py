@@ -291,6 +291,9 @@ class EventWriter:
     strictly increasing milliseconds, so TensorBoard, which reads the event
     files of a directory in name order, reads them in the order written.
 
+    `hold` keeps the events written after it in memory until the next `flush`
+    (a writer that must not show a step before something else is done).
+
     Args:
         logdir: The directory for the event file (created when needed).
         storage: Write objects into this storage instead. Defaults to None.
@@ -309,7 +312,8 @@ class EventWriter:
         self._file: BinaryIO | None = None
         self._closed = False
         self._storage = storage
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # framed events not handed to the file or store yet
+        self._held = False
         self._last_ms = 0
         self._count = 0
 
@@ -376,25 +380,39 @@ class EventWriter:
             summary=summary_pb2.Summary(value=values),
         )
         record = frame_record(ev.SerializeToString())
-        if self._storage is None:
+        if self._storage is None and not self._held:
             self._open().write(record)
         elif self._closed:
             raise ValueError(f"the event writer for {self.logdir} is closed")
         else:
             self._pending.append(record)
 
+    def hold(self) -> None:
+        """Keep the events written from now on in memory until the next `flush`."""
+        self._held = True
+
     def flush(self) -> None:
         """Hand written events to the operating system (or the store), where TensorBoard
-        can read them."""
+        can read them; ends a `hold`."""
+        self._held = False
+        self._write_pending()
         if self._file is not None:
             self._file.flush()
-        if self._pending:
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        if self._storage is not None:
             self._put_object()
+            return
+        self._open().write(b"".join(self._pending))
+        self._pending = []
 
     def close(self) -> None:
         """Flush and close the file. Safe to call more than once."""
-        if self._pending and not self._closed:
-            self._put_object()
+        if not self._closed:
+            self._held = False
+            self._write_pending()
         self._closed = True
         f, self._file = self._file, None
         if f is not None:

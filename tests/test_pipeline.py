@@ -545,8 +545,14 @@ class _PoolWatch(WeightWatch):
 
 
 @pytest.mark.parametrize("initial", [True, False])
-def test_the_second_buffer_set_is_made_by_the_worker_before_the_first_epoch_ends(
-        tmp_path, initial):
+@pytest.mark.parametrize("here_bytes, second_by", [(64 << 20, "MainThread"), (0, "weightwatch")])
+def test_the_second_buffer_set_exists_before_the_first_epoch_ends(
+        tmp_path, monkeypatch, initial, here_bytes, second_by):
+    """A small second set is made at train begin on the training thread; one larger than
+    `PREFILL_HERE_BYTES` by the worker while the first epoch runs."""
+    import keras_weightwatch.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "PREFILL_HERE_BYTES", here_bytes)
     x, y = _mlp_data()
     run = tmp_path / "run"
     model = _mlp()
@@ -557,9 +563,9 @@ def test_the_second_buffer_set_is_made_by_the_worker_before_the_first_epoch_ends
     (pool,) = cb.pools
     # Both sets exist (the second made or being made) when the first epoch ends...
     assert cb.sets_at_epoch_end == [2] * 5
-    # ...the first on the training thread at train begin, the second on the worker; none
-    # while an epoch end held the training thread.
-    assert pool.allocations == [("MainThread", False), ("weightwatch", False)]
+    # ...the first on the training thread at train begin, the second where its size says;
+    # none while an epoch end held the training thread.
+    assert pool.allocations == [("MainThread", False), (second_by, False)]
     assert load_run(run).verify().ok
 
 
@@ -573,6 +579,61 @@ class _IdleAtEpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.cb.pipeline is not None:
             self.cb.pipeline.join()
+
+
+def test_at_train_end_the_store_and_the_views_run_side_by_side(tmp_path, recorder):
+    """The snapshot the training thread waits for at train end is stored on a second thread
+    while the worker writes its views; its events reach the file after its commit."""
+    log: list[tuple[str, int, str]] = []
+    views_done = threading.Event()
+    last = 2
+
+    class SideBySide(Pipeline):
+        def __init__(self, writer, plan, settings):
+            store, commit = writer.store_tensors, writer.commit_snapshot
+
+            def store_tensors(snapshot):
+                log.append(("store", snapshot.step, threading.current_thread().name))
+                return store(snapshot)
+
+            def commit_snapshot(snapshot, *args):
+                if snapshot.step == last:
+                    views_done.wait(10)  # the views are written (held), not yet in the file
+                    assert last not in _values(_acc(str(tmp_path / "run")), "base/kernel/l2_norm")
+                commit(snapshot, *args)
+                log.append(("commit", snapshot.step, threading.current_thread().name))
+
+            writer.store_tensors, writer.commit_snapshot = store_tensors, commit_snapshot
+            super().__init__(writer, plan, settings)
+
+        def write(self, snapshot, payloads):
+            if snapshot.step == last:
+                self._draining.wait(10)  # the training thread is in `close`
+            super().write(snapshot, payloads)
+
+        def _write_views(self, snapshot, stats, payloads, flush=True):
+            log.append(("views", snapshot.step, threading.current_thread().name))
+            super()._write_views(snapshot, stats, payloads, flush)
+            if snapshot.step == last:
+                views_done.set()
+
+    cb = WeightWatch(tmp_path / "run")
+    cb.pipeline_class = SideBySide
+    x, y = _mlp_data()
+    _mlp().fit(x, y, epochs=last + 1, batch_size=8, verbose=0, callbacks=[recorder, cb])
+    threads = {(part, step): name for part, step, name in log}
+    for step in range(-1, last):
+        assert {threads[(p, step)] for p in ("store", "commit", "views")} == {"weightwatch"}
+    assert threads[("store", last)] == threads[("commit", last)] == "weightwatch-store"
+    assert threads[("views", last)] == "weightwatch"
+    run = load_run(tmp_path / "run")
+    assert run.verify().ok
+    assert_same_arrays(run.weights(last), recorder.epochs[last])
+    stats = run.snapshot(last).stats["base/kernel"]
+    assert stats["l2_norm"] == pytest.approx(np.linalg.norm(recorder.epochs[last][0]))
+    norms = _values(_acc(str(tmp_path / "run")), "base/kernel/l2_norm")
+    assert sorted(norms) == list(range(-1, last + 1))
+    assert float(norms[last]) == pytest.approx(stats["l2_norm"], rel=1e-6)
 
 
 def test_update_ratios_read_the_previous_snapshot_from_memory_not_from_disk(tmp_path, recorder):

@@ -180,6 +180,28 @@ def test_close_twice_and_write_after_close(tmp_path):
         w.write(1, [summaries.scalar("s", 1.0)])
 
 
+def test_held_events_reach_the_file_only_at_the_next_flush(tmp_path):
+    big = "x" * 50_000  # larger than any write buffer: written through unless held
+    w = EventWriter(tmp_path)
+    w.write(0, [summaries.text("t", "before")])
+    w.flush()
+    w.hold()
+    w.write(1, [summaries.text("t", big)])
+    w.write(2, [summaries.scalar("s", 2.0)])
+    assert [e.step for e in _load(tmp_path).Tensors("t")] == [0]  # held: not in the file
+    assert os.path.getsize(w.path) < len(big)
+    w.flush()
+    acc = _load(tmp_path)
+    assert [e.step for e in acc.Tensors("t")] == [0, 1]
+    assert [e.step for e in acc.Tensors("s")] == [2]
+    w.write(3, [summaries.text("t", big)])  # the hold ended with the flush
+    assert os.path.getsize(w.path) > 2 * len(big)
+    w.hold()
+    w.write(4, [summaries.scalar("s", 4.0)])
+    w.close()  # closing writes what is held
+    assert [e.step for e in _load(tmp_path).Tensors("s")] == [2, 4]
+
+
 def test_writing_does_not_import_tensorflow(tmp_path):
     code = (
         "import sys, numpy as np\n"

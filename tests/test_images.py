@@ -272,6 +272,30 @@ def test_png_roundtrip_with_an_independent_decoder(shape):
     np.testing.assert_array_equal(got.reshape(a.shape), a)
 
 
+@pytest.mark.parametrize("level", [None, 0, 1, 6])
+def test_png_of_a_kernel_grid_roundtrips_at_every_level(level):
+    """The default (ISA-L where installed) and each zlib level decode to the same pixels."""
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 3, 40)).astype(np.float32)
+    img = kernel_grid(kernel).image
+    np.testing.assert_array_equal(_decode_png(encode_png(img, level)), img)
+
+
+def test_png_without_isal_is_zlib_at_png_level(monkeypatch):
+    import sys
+
+    from keras_weightwatch import images
+
+    img = kernel_grid(np.random.default_rng(2).normal(size=(5, 5, 1, 12))).image
+    monkeypatch.setitem(sys.modules, "isal", None)  # as where it is not installed
+    images._fast_deflate.cache_clear()
+    try:
+        png = encode_png(img)
+    finally:
+        images._fast_deflate.cache_clear()
+    assert png == encode_png(img, images.PNG_LEVEL)
+    np.testing.assert_array_equal(_decode_png(png), img)
+
+
 def test_png_errors():
     with pytest.raises(TypeError, match="Received: dtype=float64"):
         encode_png(np.zeros((2, 2)))

@@ -581,6 +581,43 @@ class _IdleAtEpochEnd(keras.callbacks.Callback):
             self.cb.pipeline.join()
 
 
+class _SeenAtFirstEpochEnd(keras.callbacks.Callback):
+    """Placed before WeightWatch: at the first epoch end, waits until the run holds the
+    initial snapshot, then notes the steps of the event file's statistics."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run, self.steps = run, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.steps is None:
+            deadline = time.monotonic() + 10
+            while not (self.run / "snapshots" / "initial.json").exists():
+                assert time.monotonic() < deadline, "the initial snapshot was never committed"
+                time.sleep(0.01)
+            events = self.run / "weights"  # made with the first summary written
+            self.steps = sorted(_values(_acc(str(self.run)), "base/kernel/l2_norm")) if (
+                events.exists() and os.listdir(events)) else []
+
+
+def test_the_initial_snapshots_views_are_written_with_the_next_snapshot(tmp_path, recorder):
+    """The initial snapshot is stored at once; its summaries come with the next snapshot's
+    (the first epoch's start, Keras tracing the step, makes them cost twice the CPU)."""
+    run = tmp_path / "run"
+    probe = _SeenAtFirstEpochEnd(run)
+    x, y = _mlp_data()
+    _mlp().fit(x, y, epochs=2, batch_size=8, verbose=0,
+               callbacks=[recorder, probe, WeightWatch(run)])
+    assert probe.steps == []  # stored and committed, its views not yet written
+    loaded = load_run(run)
+    assert loaded.verify().ok
+    assert_same_arrays(loaded.weights("initial"), recorder.initial)
+    norms = _values(_acc(str(run)), "base/kernel/l2_norm")
+    assert sorted(norms) == [-1, 0, 1]
+    assert float(norms[-1]) == pytest.approx(np.linalg.norm(recorder.initial[0]), rel=1e-6)
+    assert float(norms[0]) == pytest.approx(np.linalg.norm(recorder.epochs[0][0]), rel=1e-6)
+
+
 def test_at_train_end_the_store_and_the_views_run_side_by_side(tmp_path, recorder):
     """The snapshot the training thread waits for at train end is stored on a second thread
     while the worker writes its views; its events reach the file after its commit."""

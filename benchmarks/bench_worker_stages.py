@@ -85,9 +85,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fits", type=int, default=3)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--images", type=int, default=6000)
     args = p.parse_args(argv)
     instrument()
-    x, y = reference.digits(6000)
+    x, y = reference.digits(args.images)
     root = tempfile.mkdtemp(prefix="ww-bench-stages-")
     print(f"machine: {machine()}")
     per_fit = []

@@ -53,6 +53,20 @@ def test_bench_overhead_ratio_is_weightwatch_over_tensorboard():
         assert re.search(rf"  {hook}\s+[\d.]+ ms", out), hook
 
 
+def test_bench_worker_stages_prints_each_stage_of_the_first_and_later_snapshots():
+    out = run("bench_worker_stages.py", "--fits", "1", "--epochs", "2", "--images", "256")
+    rows = {m.group(1).strip(): [float(v) for v in m.group(2).split()]
+            for m in re.finditer(r"^(\S.*?\[\S+\])\s+([\d.\s]+)$", out, re.M)}
+    whole = rows["snapshot: write [weightwatch]"]  # cpu, wall, faults: first, then later
+    assert len(whole) == 6
+    for stage in ("stats", "store", "commit"):
+        part = rows[f"snapshot: {stage} [weightwatch]"]
+        assert part[0] <= whole[0] + 0.1 and part[3] <= whole[3] + 0.1  # within the whole
+    assert "train begin: plan [MainThread]" in rows
+    assert "capture (take) [MainThread]" in rows
+    assert re.search(r"  view HistogramView \[weightwatch\]", out)
+
+
 def test_bench_100m_hold_memory_and_disk_lines():
     out = run("bench_100m.py", "--width", "128", "--depth", "2", "--repeats", "1",
               "--steps", "2")

@@ -269,6 +269,36 @@ def test_npy_header_and_raw_bytes_make_the_file_numpy_writes():
         assert fmt.npy_header(arr) + bytes(fmt.raw_bytes(arr)) == bio.getvalue()
 
 
+@pytest.mark.parametrize("shape", [(fmt.ALIGNED_BYTES // 4,), (1000, 1001), (2, 3, 512, 256)])
+def test_a_large_arrays_header_fills_a_block_and_numpy_reads_the_file(tmp_path, shape):
+    """From ALIGNED_BYTES on, the .npy header is padded to BLOCK bytes (data block-aligned);
+    numpy loads such a file as it is, mapped at offset BLOCK; smaller arrays keep numpy's."""
+    arr = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    header = fmt.npy_header(arr)
+    assert len(header) == fmt.BLOCK and header != fmt.plain_npy_header(arr)
+    (tmp_path / "a.npy").write_bytes(header + bytes(fmt.raw_bytes(arr)))
+    loaded = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert loaded.offset == fmt.BLOCK and loaded.shape == shape and np.array_equal(loaded, arr)
+    small = arr.reshape(-1)[: fmt.ALIGNED_BYTES // 4 - 1]
+    assert fmt.npy_header(small) == fmt.plain_npy_header(small)
+
+
+def test_holds_knows_a_large_tensor_stored_with_numpys_plain_header():
+    """A run written before the padding names large tensors by the digest of numpy's plain
+    header: `holds` still recognises the weights it holds, and only those."""
+    arr = np.random.default_rng(1).standard_normal((1000, 1001)).astype("float32")
+    plain = fmt.encode_tensor(arr, "float32", plain=True)
+    assert plain.header == fmt.plain_npy_header(arr)
+    digest = plain.digest("blake3")
+    rec = fmt.TensorRecord(file=f"tensors/{digest}.npy", digest=digest, hash="blake3",
+                           shape=arr.shape, dtype="float32", stored_dtype="float32",
+                           lossy=False, bytes=plain.nbytes)
+    assert fmt.holds(rec, arr)
+    changed = arr.copy()
+    changed[-1, -1] += 1.0
+    assert not fmt.holds(rec, changed)
+
+
 def test_a_tensor_record_names_its_hash_and_round_trips():
     d = _tensor()
     del d["sha256"]

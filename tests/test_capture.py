@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers import assert_same_arrays
 
+import keras_weightwatch.capture as capture_module
 from keras_weightwatch import WeightWatch, load_run
 from keras_weightwatch.capture import BufferPool, capture_into
 
@@ -114,3 +115,84 @@ def test_capture_into_reuses_the_released_set_and_equals_numpy():
     assert all(a is b for a, b in zip(first, second))  # the same buffers, written again
     assert_same_arrays(dict(enumerate(second)), model.get_weights())
     assert pool.created == 1 and pool.in_use == 1
+
+
+def _layout_arrays(seed: int, shapes=((300, 200), (200,), (7,))) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype("float32") for shape in shapes]
+
+
+def test_a_cleared_pools_sets_serve_the_next_pool_of_the_same_shapes(monkeypatch):
+    """Sets handed on at `clear(keep=True)` are what the next pool copies into (no fresh
+    memory), each array once, newest first; the copies equal their sources; other shapes,
+    and a plain `clear()`, get fresh memory."""
+    spares = capture_module._Spares(1 << 20)
+    monkeypatch.setattr(capture_module, "SPARES", spares)
+    first = BufferPool(2)
+    sets = []
+    for i in range(2):
+        assert first.reserve()  # counted as `acquire` and `fill` count them
+        sets.append(first.allocate(_layout_arrays(i)))
+    for buffers in sets:
+        first.release(buffers)
+    first.clear(keep=True)
+    assert first.created == 0 and spares.nbytes == 2 * sum(a.nbytes for a in sets[0])
+
+    second = BufferPool(2)
+    sources = _layout_arrays(7)
+    got = second.allocate(sources)
+    assert all(g is old for g, old in zip(got, sets[1]))  # the set released last
+    assert_same_arrays(dict(enumerate(got)), sources)
+    again = second.allocate(_layout_arrays(8))
+    assert all(g is old for g, old in zip(again, sets[0]))
+    assert spares.nbytes == 0
+    fresh = second.allocate(_layout_arrays(9))
+    assert not any(np.shares_memory(f, old) for f in fresh for s in sets for old in s)
+
+    third = BufferPool(1)
+    third.release(third.allocate(_layout_arrays(1, shapes=((5, 5),))))
+    third.clear()
+    assert spares.nbytes == 0  # a plain clear hands nothing on
+    other = BufferPool(1).allocate(_layout_arrays(2, shapes=((200, 300),)))
+    assert spares.nbytes == 0 and other[0].shape == (200, 300)
+
+
+def test_kept_sets_stay_within_their_bytes_letting_the_oldest_go():
+    spares = capture_module._Spares(3 * 240_000)
+    a, b = _layout_arrays(0, shapes=((300, 200),)), _layout_arrays(1, shapes=((300, 200),))
+    c = _layout_arrays(2, shapes=((300, 200), (300, 200)))
+    assert spares.keep(a) and spares.keep(b) and spares.nbytes == 2 * 240_000
+    assert spares.keep(c) and spares.nbytes == 3 * 240_000  # a, the oldest, let go
+    taken = [spares.take((300, 200), np.dtype("float32")) for _ in range(4)]
+    assert [t is x for t, x in zip(taken, [c[1], c[0], b[0]])] == [True] * 3
+    assert taken[3] is None and spares.nbytes == 0
+    assert not spares.keep(_layout_arrays(3, shapes=((1000, 1000),)))  # larger than the room
+    assert spares.nbytes == 0
+
+
+def test_a_second_fit_copies_into_the_first_fits_sets(tmp_path, monkeypatch, recorder):
+    """The sets a fit leaves are what the next fit of the model captures into: it maps in
+    no fresh memory for them, and its snapshots still equal `get_weights()`."""
+    monkeypatch.setattr(capture_module, "SPARES", capture_module._Spares(1 << 20))
+    fresh: list[tuple[int, ...]] = []
+    real_empty = capture_module.empty
+
+    def counting_empty(shape, dtype):
+        fresh.append(tuple(shape))
+        return real_empty(shape, dtype)
+
+    monkeypatch.setattr(capture_module, "empty", counting_empty)
+    keras.utils.set_random_seed(3)
+    model = _odd_model()
+    model.compile(optimizer="adam", loss="mse")
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[WeightWatch(tmp_path / "a")])
+    assert fresh and capture_module.SPARES.nbytes > 0  # the first fit's sets were kept
+    fresh.clear()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+              callbacks=[recorder, WeightWatch(tmp_path / "b")])
+    assert fresh == []
+    run = load_run(tmp_path / "b")
+    assert run.verify().ok
+    for epoch in range(2):
+        assert_same_arrays(run.weights(epoch), recorder.epochs[epoch])

@@ -36,6 +36,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import WORKER_TIMES, CostMeter, TimedWeightWatch, machine, med, time_worker  # noqa: E402
 
+from keras_weightwatch.run import storage  # noqa: E402
+
 
 def digits(n: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
@@ -78,7 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-hook", type=int, default=1,
                    help="also fit this many times with batch_freq set but never due, for the "
                         "cost of WeightWatch's batch hook (0: skip)")
+    p.add_argument("--buffered-writes", action="store_true",
+                   help="write every tensor file through the page cache, as before large "
+                        "ones went past it (O_DIRECT), for comparison")
     args = p.parse_args(argv)
+    if args.buffered_writes:
+        storage._O_DIRECT = 0
+        print("tensor files written through the page cache (--buffered-writes)")
 
     time_worker()
     x, y = digits(args.images)

@@ -26,7 +26,9 @@ import numpy as np
 from machine import machine
 
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
-from keras_weightwatch.run import RunWriter
+from keras_weightwatch.run import RunWriter, storage
+from keras_weightwatch.run.format import encode_tensor
+from keras_weightwatch.scratch import empty
 
 # The reference CNN: Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1.
 CNN = {"conv2d/kernel": (3, 3, 1, 32), "conv2d/bias": (32,), "conv2d_1/kernel": (3, 3, 32, 64),
@@ -48,8 +50,14 @@ def info_of(shapes: dict[str, tuple[int, ...]]) -> ModelInfo:
 
 
 def arrays_of(shapes, seed: int) -> dict[str, np.ndarray]:
+    """Random weights in page-aligned buffers from `scratch.empty`, as captures hold them
+    (what lets `LocalStorage` write a large tensor past the page cache)."""
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    out = {}
+    for k, s in shapes.items():
+        out[k] = empty(s, np.float32)
+        out[k][...] = rng.standard_normal(s, dtype=np.float32)
+    return out
 
 
 def raw_write(root: str, arrays: dict[str, np.ndarray]) -> float:
@@ -81,24 +89,49 @@ def snapshot_cpu(root: str, arrays: dict[str, np.ndarray], drop: bool) -> float:
     return time.thread_time() - t0
 
 
+def storage_cpu(root: str, arrays: dict[str, np.ndarray], direct: bool) -> float:
+    """CPU time (this thread's) of `LocalStorage` writing one snapshot's tensor files,
+    durably, as the writer does; with `direct` off, every file is written through the page
+    cache (and its pages handed back after the fsync), as before `O_DIRECT`."""
+    os.makedirs(root)
+    files = [(f"{i}.npy", encode_tensor(a, "float32")) for i, a in enumerate(arrays.values())]
+    saved = storage._O_DIRECT
+    storage._O_DIRECT = saved if direct else 0
+    try:
+        t0 = time.thread_time()
+        storage.LocalStorage(root).write_atomic_many(
+            ((name, (enc.header, enc.data)) for name, enc in files), durable=True)
+        return time.thread_time() - t0
+    finally:
+        storage._O_DIRECT = saved
+
+
 def page_cache(root: str, snapshots: int) -> None:
-    """Writing the reference CNN's snapshots with the page cache growing vs handing the
-    written pages back, in runs of `snapshots` each way, files kept (deleting them would
-    free their pages)."""
+    """Writing the reference CNN's snapshots with the page cache growing, handing the
+    written pages back, and (`LocalStorage` as it is) its large tensor past the page cache,
+    in runs of `snapshots` each way, files kept (deleting them would free their pages)."""
     if snapshots < 1 or not hasattr(os, "posix_fadvise"):
         return
     sets = [arrays_of(CNN, s) for s in (0, 1)]
     mb = sum(a.nbytes for a in sets[0].values()) / 1e6
-    cpu: dict[bool, list[float]] = {False: [], True: []}
+    ways = {"grow": lambda r, a: snapshot_cpu(r, a, False),
+            "drop": lambda r, a: snapshot_cpu(r, a, True),
+            "buffered": lambda r, a: storage_cpu(r, a, False),
+            "direct": lambda r, a: storage_cpu(r, a, True)}
+    cpu: dict[str, list[float]] = {way: [] for way in ways}
     for block in range(2):  # a run of snapshots each way, twice: a fit writes many in a row
-        for way in (False, True):
-            cpu[way] += [snapshot_cpu(os.path.join(root, f"pc-{block}-{way}-{i}"), sets[i % 2],
-                                      way) for i in range(snapshots)]
-    keep, drop = statistics.median(cpu[False]), statistics.median(cpu[True])
+        for way, write in ways.items():
+            cpu[way] += [write(os.path.join(root, f"pc-{block}-{way}-{i}"), sets[i % 2])
+                         for i in range(snapshots)]
+    m = {way: statistics.median(times) * 1e3 for way, times in cpu.items()}
     print(f"reference CNN snapshot ({mb:.1f} MB) into new files, CPU of write+fsync, median of "
-          f"2 x {snapshots} each way: page cache grows {keep * 1e3:.1f} ms, pages handed back "
-          f"{drop * 1e3:.1f} ms")
-    print(f"RATIO page cache grows / pages handed back: {keep / drop:.2f}")
+          f"2 x {snapshots} each way: page cache grows {m['grow']:.1f} ms, pages handed back "
+          f"{m['drop']:.1f} ms")
+    print(f"RATIO page cache grows / pages handed back: {m['grow'] / m['drop']:.2f}")
+    print(f"LocalStorage, CPU of the same snapshot's tensor files: buffered, pages handed back "
+          f"{m['buffered']:.1f} ms; large tensors past the page cache (O_DIRECT) "
+          f"{m['direct']:.1f} ms")
+    print(f"RATIO buffered / past the page cache: {m['buffered'] / m['direct']:.2f}")
 
 
 def writer_write(writer: RunWriter, step: int, arrays: dict[str, np.ndarray]) -> float:

@@ -150,6 +150,10 @@ def test_bench_write_ratio_is_runwriter_over_plain_writes():
     ratio = number(r"RATIO RunWriter / write\+fsync per tensor: ([\d.]+)", out)
     assert _quotient_of(ratio, ours, raw, 0.001)  # each time printed to a millisecond
     assert "profile, reference CNN: 2,004,106 parameters" in out
+    buffered = number(r"buffered, pages handed back ([\d.]+) ms;", out)
+    direct = number(r"past the page cache \(O_DIRECT\) ([\d.]+) ms", out)
+    assert _quotient_of(number(r"RATIO buffered / past the page cache: ([\d.]+)", out),
+                        buffered, direct, 0.1)
 
 
 def test_bench_long_run_compares_the_index_with_the_snapshot_files():

@@ -1,18 +1,23 @@
-"""How the cost of a snapshot grows with the parameter count, on the run-writer side.
+"""How the cost of a snapshot grows with the parameter count.
 
-Issue 13, item 7: at 1M, 10M, 100M and 400M parameters (4 Dense-like kernels of equal
-width and their biases, float32; every tensor changed since the previous snapshot), the
-bytes a snapshot adds to the run directory and the time `RunWriter` takes to persist it
-(`store_tensors` + `commit_snapshot`, durable; the median of `--repeats`), beside the
-bytes of TensorBoard event file that `keras.callbacks.TensorBoard(histogram_freq=1)` adds
-per epoch for the same weights (one `tf.summary.histogram` per weight, named as Keras
-names it; its scalars and graph are left out). A size whose arrays do not fit in memory
-(two sets are held) is skipped with the reason printed.
+Issue 13, item 7: at 1M, 10M, 100M and 400M parameters (4 Dense kernels of equal width
+and their biases, float32; every tensor changed since the previous snapshot), per snapshot:
 
-The training-thread hold and the worker's CPU time per snapshot are pipeline columns;
-they are printed as "-" until the pipeline benchmark fills them in.
+- the bytes it adds to the run directory and the time `RunWriter` takes to persist it
+  (`store_tensors` + `commit_snapshot`, durable; the median of `--repeats`);
+- from a fit of that model (4 x Dense, SGD, one batch per epoch, `--epochs`) with
+  `WeightWatch` and its default views: the training thread's hold in `on_epoch_end`
+  (median), the worker's CPU (its thread's CPU between two epoch starts, median), and the
+  bytes WeightWatch's TensorBoard event file grows by. Each epoch starts once the worker is
+  idle, so the hold is the copy of the weights, not the wait of an epoch shorter than a
+  snapshot's processing (`max_queue` back-pressure);
+- beside them, the bytes of event file that `keras.callbacks.TensorBoard(histogram_freq=1)`
+  adds per epoch for the same weights (one `tf.summary.histogram` per weight, named as Keras
+  names it; its scalars and graph are left out).
 
-Run:  .venv/bin/python benchmarks/bench_growth.py        (about 2 minutes on 2 cores)
+A size whose arrays do not fit in memory is skipped with the reason printed.
+
+Run:  .venv/bin/python benchmarks/bench_growth.py        (about 4 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np  # noqa: E402
 from bench_write import arrays_of, info_of, writer_write  # noqa: E402
-from machine import machine  # noqa: E402
+from common import WORKER_CPU, TimedWeightWatch, machine, med, time_worker  # noqa: E402
 
 from keras_weightwatch.run import RunWriter  # noqa: E402
 
@@ -101,6 +106,62 @@ def measure(root: str, params: int, repeats: int, tensorboard: bool) -> dict[str
             "tb": tb}
 
 
+class WaitForWorker:
+    """Keras callback placed before WeightWatch: each epoch starts once WeightWatch's worker
+    is idle, and the worker's CPU since the previous epoch start (one whole snapshot: its
+    store and its views) is appended to `cpu`."""
+
+    def __init__(self, ww: TimedWeightWatch):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(cb, epoch, logs=None):  # noqa: N805
+                ww.pipeline.join()
+                cpu.append(sum(WORKER_CPU[self._mark:]))
+                self._mark = len(WORKER_CPU)
+
+        cpu: list[float] = []
+        self.cpu = cpu
+        self._mark = len(WORKER_CPU)
+        self.callback = Callback()
+
+
+def events_bytes(log_dir: str) -> int:
+    return sum(os.path.getsize(p) for p in
+               glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True))
+
+
+def pipeline(root: str, params: int, epochs: int) -> dict[str, float]:
+    """Hold, worker CPU and event bytes per snapshot of a fit with WeightWatch (see above)."""
+    import keras
+
+    width = shapes_for(params)["dense_0/bias"][0]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((width,))] +
+                             [keras.layers.Dense(width) for _ in range(DEPTH)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, width), dtype=np.float32)
+    model.fit(x, x, epochs=1, batch_size=8, verbose=0)  # trace and allocate first
+    log_dir = os.path.join(root, f"fit{params}")
+    ww = TimedWeightWatch(log_dir)
+    wait = WaitForWorker(ww)
+    sizes: list[int] = []
+
+    class EventBytes(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):  # after the wait: the previous snapshot's
+            sizes.append(events_bytes(log_dir))
+
+    model.fit(x, x, epochs=epochs, batch_size=8, verbose=0,
+              callbacks=[wait.callback, EventBytes(), ww])
+    growth = [b - a for a, b in zip(sizes[1:], sizes[2:])]  # whole epoch snapshots only
+    out = {"hold": med(ww.hook_times["on_epoch_end"]), "worker": med(wait.cpu[2:]),
+           "events": med(growth)}
+    del model, ww
+    shutil.rmtree(log_dir)
+    return out
+
+
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
                for f in files)
@@ -111,9 +172,15 @@ def main(argv=None) -> int:
     p.add_argument("--params", default="1e6,1e7,1e8,4e8",
                    help="comma-separated parameter counts")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=5,
+                   help="epochs of the fit with WeightWatch (at least 4: the medians are of "
+                        "the snapshots after the first epoch's)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--dir", default=None)
     args = p.parse_args(argv)
+    if args.epochs < 4:
+        p.error(f"--epochs must be at least 4. Received: epochs={args.epochs}")
+    time_worker()
     print(f"machine: {machine()}")
     root = tempfile.mkdtemp(prefix="ww-bench-growth-", dir=args.dir)
     rows = []
@@ -126,30 +193,48 @@ def main(argv=None) -> int:
                       "memory available")
                 continue
             rows.append(measure(root, params, args.repeats, not args.no_tensorboard))
-            print(f"  {rows[-1]['params']:>12,} parameters: {rows[-1]['write']:.3f} s")
+            # the model, its gradients, WeightWatch's two buffer sets, training's temporaries
+            if 5 * 4 * params * 1.2 <= available_bytes():
+                rows[-1].update(pipeline(root, params, args.epochs))
+            else:
+                print(f"  (no fit at {params:,} parameters: {available_bytes() / 1e9:.1f} GB "
+                      "memory available)")
+            r = rows[-1]
+            print(f"  {r['params']:>12,} parameters: write {r['write']:.3f} s, hold "
+                  f"{r.get('hold', math.nan) * 1e3:.1f} ms, worker CPU "
+                  f"{r.get('worker', math.nan):.3f} s")
             sys.stdout.flush()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nper snapshot (median of {args.repeats}; {DEPTH} kernels + biases, float32, "
           "every tensor changed):")
-    head = ("parameters", "run bytes", "bytes/param", "write s", "s per 100M", "TB hist bytes",
-            "hold s", "worker CPU s")
+    head = ("parameters", "run bytes", "bytes/param", "write s", "s per 100M", "hold ms",
+            "worker CPU s", "event bytes", "TB hist bytes")
     print("  ".join(f"{h:>13}" for h in head))
     for r in rows:
         cells = (f"{r['params']:,}", f"{r['bytes']:,.0f}", f"{r['bytes'] / r['params']:.4f}",
                  f"{r['write']:.3f}", f"{r['write'] / r['params'] * 1e8:.3f}",
-                 f"{r['tb']:,.0f}", "-", "-")
+                 f"{r.get('hold', math.nan) * 1e3:.1f}", f"{r.get('worker', math.nan):.3f}",
+                 f"{r.get('events', math.nan):,.0f}", f"{r['tb']:,.0f}")
         print("  ".join(f"{c:>13}" for c in cells))
     if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        growth = b["params"] / a["params"]
-        tbs = [r for r in rows if r["tb"] == r["tb"]]
-        tb = (f"; TensorBoard histogram bytes x{tbs[-1]['tb'] / tbs[0]['tb']:.2f} from "
-              f"{tbs[0]['params']:,} to {tbs[-1]['params']:,}" if len(tbs) >= 2 else "")
-        print(f"GROWTH {a['params']:,} -> {b['params']:,} parameters (x{growth:.0f}): run bytes "
-              f"x{b['bytes'] / a['bytes']:.1f}, write time x{b['write'] / a['write']:.1f}{tb}")
-    print("(hold and worker CPU: pipeline columns, filled in by the pipeline benchmark)")
+        print_growth(rows)
     return 0
+
+
+def print_growth(rows: list[dict[str, float]]) -> None:
+    a, b = rows[0], rows[-1]
+    fits = [r for r in rows if "hold" in r]
+    fit = (f", hold x{fits[-1]['hold'] / fits[0]['hold']:.1f}, worker CPU "
+           f"x{fits[-1]['worker'] / fits[0]['worker']:.1f}, event bytes "
+           f"x{fits[-1]['events'] / fits[0]['events']:.2f} (fits from {fits[0]['params']:,} to "
+           f"{fits[-1]['params']:,})" if len(fits) >= 2 else "")
+    tbs = [r for r in rows if r["tb"] == r["tb"]]
+    tb = (f"; TensorBoard histogram bytes x{tbs[-1]['tb'] / tbs[0]['tb']:.2f} from "
+          f"{tbs[0]['params']:,} to {tbs[-1]['params']:,}" if len(tbs) >= 2 else "")
+    print(f"GROWTH {a['params']:,} -> {b['params']:,} parameters (x{b['params'] / a['params']:.0f}"
+          f"): run bytes x{b['bytes'] / a['bytes']:.1f}, write time x{b['write'] / a['write']:.1f}"
+          f"{fit}{tb}")
 
 
 if __name__ == "__main__":

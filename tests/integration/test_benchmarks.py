@@ -174,6 +174,14 @@ def test_bench_growth_table_grows_with_parameters():
                                 for p, b, x in rows]
     # every tensor changes: a snapshot stores at least the weights' 4 bytes per parameter
     assert b1 >= 4 * p1 and b2 >= 4 * p2
+    # the fit's columns: a hold, the worker's CPU and the event file's growth per snapshot
+    fits = re.findall(r"^\s+[\d,]+\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+([\d.]+)"
+                      r"\s+([\d,]+)\s+nan$", out, re.M)
+    assert len(fits) == 2
+    for hold, worker, events in fits:
+        assert float(hold) > 0 and float(worker) > 0 and int(events.replace(",", "")) > 0
+    assert re.search(r"^GROWTH .* hold x[\d.]+, worker CPU x[\d.]+, event bytes x[\d.]+", out,
+                     re.M)
 
 
 def test_bench_object_storage_prints_both_places_and_their_ratio():

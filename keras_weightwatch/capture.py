@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .derive.detect import derivations
 from .naming import key_layer, strip_model_prefix, unique_keys
 from .run.format import LayerInfo, ModelInfo, WeightSpec
 from .scratch import empty
@@ -88,6 +89,7 @@ def describe_model(model: Any) -> ModelInfo:
         class_name=type(model).__name__,
         layers=tuple(layers),
         weights=tuple(specs),
+        derived=derivations(model, {id(v): s.key for v, s in zip(variables, specs)}),
     )
 
 

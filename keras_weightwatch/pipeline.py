@@ -14,6 +14,7 @@ too) and its error is kept for the callback to report (`pop_failures`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -32,6 +33,7 @@ from .capture import (
     owned_shards,
     process_index,
 )
+from .derive import applies, effective, effective_lookup
 from .errors import WeightWatchError
 from .fitplan import Plan
 from .run import (
@@ -132,6 +134,10 @@ class Pipeline:
         self.keep_last = settings.keep_last
         self.keep_every = settings.keep_every
         self.keys = [s.key for s in writer.specs if s.key not in self.sharded]
+        renamed = {new.key: kept.key for new, kept in zip(plan.specs, writer.specs)}
+        self.derived = tuple(d.rekeyed(renamed) for d in plan.info.derived
+                             if applies(d.rekeyed(renamed), set(self.keys)))
+        """The effective kernels the views read (those whose weights are all watched)."""
         self.events: _GuardedEvents | None = None
         self._views = list(plan.views)  # the one list of the views: a dropped one is gone
         self._failures: list[Failure] = []
@@ -316,19 +322,28 @@ class Pipeline:
         of a snapshot run side by side instead (`_write_side_by_side`). The views of the
         initial snapshot wait for the worker's next job (`_Deferred`).
         """
-        stats = self._stats(snapshot)
+        seen = self._effective(snapshot)
+        stats = self._stats(seen)
         if self._draining.is_set() and not snapshot.shards and self.writer is not None:
-            self._write_side_by_side(snapshot, stats, payloads)
+            self._write_side_by_side(snapshot, seen, stats, payloads)
             return
         records = self._store(snapshot, stats)
-        self._measure(snapshot, stats)
+        self._measure(seen, stats)
         self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
         self._keep_without_run(snapshot)
         if snapshot.label == "initial" and not self._draining.is_set():
-            self._deferred = _Deferred(snapshot, stats, payloads, [])
+            self._deferred = _Deferred(seen, stats, payloads, [])
             return
-        self._write_views(snapshot, stats, payloads)
+        self._write_views(seen, stats, payloads)
+
+    def _effective(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot as the layers compute with it: each derived kernel (LoRA, quantized)
+        replaced by its effective kernel (`derive.effective`), which the statistics and the
+        views read; the run stores the snapshot's own arrays."""
+        if not self.derived:
+            return snapshot
+        return dataclasses.replace(snapshot, arrays=effective(snapshot.arrays, self.derived))
 
     def _write_deferred(self) -> None:
         """Write the deferred views of the initial snapshot, then hand its buffers back."""
@@ -346,13 +361,14 @@ class Pipeline:
         if self.writer is None:
             self._prev_arrays = {k: np.array(a, copy=True) for k, a in snapshot.arrays.items()}
 
-    def _write_side_by_side(self, snapshot: Snapshot, stats: dict[str, dict[str, float]],
+    def _write_side_by_side(self, snapshot: Snapshot, seen: Snapshot,
+                            stats: dict[str, dict[str, float]],
                             payloads: Mapping[str, Any]) -> None:
         """Store and commit the snapshot on a second thread while this one writes the views;
         their events are held in memory until the snapshot is committed, so the run never
         lags behind what TensorBoard shows. Only while the training thread waits: both
         cores are idle then, and the wait is the user's."""
-        self._measure(snapshot, stats)
+        self._measure(seen, stats)
         self._view_stats(stats, payloads)
         errors: list[BaseException] = []
 
@@ -366,7 +382,7 @@ class Pipeline:
         side = threading.Thread(target=store, name="weightwatch-store", daemon=True)
         side.start()
         try:
-            self._write_views(snapshot, stats, payloads, flush=False)
+            self._write_views(seen, stats, payloads, flush=False)
         finally:
             side.join()
         if errors:
@@ -423,6 +439,8 @@ class Pipeline:
                     prev = self._previous(snapshot)
                 except Exception:
                     prev = lambda key: None  # noqa: E731
+            if self.derived:
+                prev = effective_lookup(prev, self.derived)
             return self._tensor_stats(snapshot, prev)
         finally:
             self.pool.release(held)

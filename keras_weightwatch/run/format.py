@@ -334,13 +334,68 @@ class LayerInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Derivation:
+    """How the kernel a layer computes with (its *effective* kernel) is derived from stored
+    weights: a LoRA layer's `base + (alpha/rank) * A @ B`, an int8 layer's codes divided by
+    their scale, ... The rules themselves (`rule` names one) live in `keras_weightwatch.derive`.
+
+    Attributes:
+        key: The weight key the effective kernel replaces (the layer's stored kernel, e.g.
+            `dense/kernel`): every view and analysis reads the effective kernel under it.
+        rule: The rule's name (`"lora"`, `"int8"`, `"int4"`, `"float8"`, ...).
+        inputs: The rule's roles -> the stored weight keys they read (`{"base":
+            "dense/kernel", "a": "dense/lora_kernel_a", "b": "dense/lora_kernel_b"}`). A role
+            naming `key` itself reads the value derived so far (rules apply in header order).
+        params: The rule's numbers (`{"scale": 2.0}`), JSON scalars and lists.
+        layer: The layer the effective kernel belongs to (its path, as in `WeightSpec.layer`).
+    """
+
+    key: str
+    rule: str
+    inputs: Mapping[str, str]
+    params: Mapping[str, Any]
+    layer: str
+
+    FIELDS = (
+        Field("key", STR),
+        Field("rule", STR),
+        Field("inputs", map_of(STR, "roles to weight keys")),
+        Field("params", OBJECT, required=False, default={}),
+        Field("layer", STR, required=False, default=""),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "rule": self.rule, "inputs": dict(self.inputs),
+                "params": dict(self.params), "layer": self.layer}
+
+    def rekeyed(self, keys: Mapping[str, str]) -> Derivation:
+        """The same derivation with its weight keys renamed by `keys` (others kept)."""
+        return dataclasses.replace(
+            self, key=keys.get(self.key, self.key),
+            inputs={role: keys.get(k, k) for role, k in self.inputs.items()})
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> Derivation:
+        v = check_fields(d, cls.FIELDS, where, "derived kernel")
+        return cls(key=v["key"], rule=v["rule"],
+                   inputs={str(k): str(x) for k, x in v["inputs"].items()},
+                   params=dict(v["params"]), layer=v["layer"] or v["key"].rpartition("/")[0])
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """The architecture of a model: its layers and every weight's spec, in `model.weights` order."""
+    """The architecture of a model: its layers and every weight's spec, in `model.weights` order,
+    and how its layers' effective kernels derive from those weights (`derived`, in the order
+    they apply)."""
 
     name: str
     class_name: str
     layers: tuple[LayerInfo, ...]
     weights: tuple[WeightSpec, ...]
+    derived: tuple[Derivation, ...] = ()
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """What else the header's `model` entry records about the fit (`optimizer`, `trial`,
+    `config`): JSON values, shown by `weightwatch show`."""
 
     FIELDS = (
         Field("name", STR, required=False, default=""),
@@ -349,7 +404,11 @@ class ModelInfo:
         Field("trainable_params", INT, required=False, default=0),
         Field("non_trainable_params", INT, required=False, default=0),
         Field("layers", LIST, required=False, default=()),
+        # Runs written before effective kernels were recorded have none.
+        Field("derived", LIST, required=False, default=()),
     )
+    EXTRA = ("optimizer", "trial", "config")
+    """The optional entries of `extra`, in the order `show` lists them."""
 
     @property
     def total_params(self) -> int:
@@ -364,6 +423,8 @@ class ModelInfo:
             "trainable_params": sum(w.size for w in self.weights if w.trainable),
             "non_trainable_params": sum(w.size for w in self.weights if not w.trainable),
             "layers": [layer.to_json() for layer in self.layers],
+            "derived": [d.to_json() for d in self.derived],
+            **{k: self.extra[k] for k in self.EXTRA if k in self.extra},
         }
 
     @classmethod
@@ -374,6 +435,9 @@ class ModelInfo:
             class_name=str(d.get("class_name", "")),
             layers=tuple(LayerInfo.from_json(x) for x in d.get("layers", [])),
             weights=tuple(WeightSpec.from_json(w) for w in weights),
+            derived=tuple(Derivation.from_json(x, f"model derived[{i}]")
+                          for i, x in enumerate(d.get("derived", []))),
+            extra={k: d[k] for k in cls.EXTRA if k in d},
         )
 
 
@@ -974,6 +1038,8 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
     model = check_fields(v["model"], ModelInfo.FIELDS, f"{where}: model", "model")
     for i, layer in enumerate(model["layers"]):
         check_fields(layer, LayerInfo.FIELDS, f"{where}: model layers[{i}]", "layer entry")
+    for i, d in enumerate(model["derived"]):
+        Derivation.from_json(d, f"{where}: model derived[{i}]")
     Samples.from_json(v["samples"], where)
     return header
 

@@ -13,7 +13,7 @@ import json
 import math
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from .format import (
     SNAPSHOT_DIR,
     SNAPSHOT_FILE_RE,
     TENSOR_DIR,
+    Derivation,
     LayerInfo,
     Samples,
     SnapshotRecord,
@@ -336,6 +337,8 @@ class Run:
         self._by_step = {s.step: s for s in self._snapshots}
         self._verified: set[str] = set()
         self._specs = tuple(WeightSpec.from_json(w) for w in header.get("weights", []))
+        self._derived = tuple(Derivation.from_json(d, f"{path}: model derived[{i}]") for i, d
+                              in enumerate(header.get("model", {}).get("derived", [])))
 
     # -- listing
     @property
@@ -448,6 +451,12 @@ class Run:
         """The loss and metrics recorded with the snapshot at `step`."""
         return dict(self.snapshot(step).logs)
 
+    @property
+    def derived(self) -> tuple[Derivation, ...]:
+        """How the model's effective kernels derive from its stored weights (LoRA layers,
+        quantized layers), in the order they apply; empty for a run without any."""
+        return self._derived
+
     def weights(
         self,
         step: int | str = "last",
@@ -455,6 +464,7 @@ class Run:
         keys: Iterable[str] | None = None,
         mmap: bool = True,
         verify: bool = True,
+        effective: bool = False,
     ) -> dict[str, np.ndarray]:
         """Weight key -> array, as `get_weights()` returned it at `step`.
 
@@ -465,29 +475,49 @@ class Run:
                 Defaults to True.
             verify: Check each file's SHA-256 once before returning it.
                 Defaults to True.
+            effective: Give each derived kernel (`derived`: a LoRA layer's
+                `base + (alpha/rank) A @ B`, a quantized layer's dequantized kernel) as the
+                layer computes with it, in float32, instead of the stored variable.
+                Defaults to False.
         """
         snap = self.snapshot(step)
         wanted = self._ordered_keys(snap) if keys is None else list(keys)
-        out = {}
         for key in wanted:
             if key not in snap.tensors:
                 raise WeightWatchError(
                     f"{self.path}: snapshot {snap.name} has no weight {key!r}"
                 )
-            out[key] = self._load(snap.tensors[key], mmap=mmap, verify=verify)
-        return out
+        load = self._loader(snap, mmap=mmap, verify=verify, effective=effective)
+        return {key: load(key) for key in wanted}
 
-    def tensor(self, key: str, step: int | str = "last", *, mmap: bool = True) -> np.ndarray:
-        """One weight's array at `step`."""
-        return self.weights(step, keys=[key], mmap=mmap)[key]
+    def _loader(self, snap: SnapshotRecord, *, mmap: bool, verify: bool,
+                effective: bool) -> Callable[[str], np.ndarray]:
+        """key -> its array in `snap` (effective kernels derived from the inputs they need)."""
+
+        def stored(key: str) -> Any:
+            rec = snap.tensors.get(key)
+            return None if rec is None else self._load(rec, mmap=mmap, verify=verify)
+
+        if not effective or not self._derived:
+            return stored
+        from ..derive import effective_lookup
+
+        return effective_lookup(stored, self._derived)  # type: ignore[return-value]
+
+    def tensor(self, key: str, step: int | str = "last", *, mmap: bool = True,
+               effective: bool = False) -> np.ndarray:
+        """One weight's array at `step` (see `weights` for `effective`)."""
+        return self.weights(step, keys=[key], mmap=mmap, effective=effective)[key]
 
     def iter_tensors(
-        self, step: int | str = "last", *, verify: bool = True
+        self, step: int | str = "last", *, verify: bool = True, effective: bool = False
     ) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (key, memory-mapped array) one at a time, for runs too large to hold."""
+        """Yield (key, memory-mapped array) one at a time, for runs too large to hold (see
+        `weights` for `effective`)."""
         snap = self.snapshot(step)
+        load = self._loader(snap, mmap=True, verify=verify, effective=effective)
         for key in self._ordered_keys(snap):
-            yield key, self._load(snap.tensors[key], mmap=True, verify=verify)
+            yield key, load(key)
 
     def _ordered_keys(self, snap: SnapshotRecord) -> list[str]:
         """The snapshot's keys in `model.weights` order (the order `get_weights()` uses)."""

@@ -266,8 +266,11 @@ class RunWriter:
         lock = RunLock(storage)
         lock.acquire()
         try:
-            specs, snapshots, old = _continued_specs(
-                storage, list(model.weights if weights is None else weights))
+            given = list(model.weights if weights is None else weights)
+            specs, snapshots, old = _continued_specs(storage, given)
+            renamed = {g.key: kept.key for g, kept in zip(given, specs)}
+            model = dataclasses.replace(
+                model, derived=tuple(d.rekeyed(renamed) for d in model.derived))
             stored = store_samples(storage, samples or {}, responses, durable)
             header = {
                 "format": FORMAT_NAME,

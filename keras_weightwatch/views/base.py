@@ -85,6 +85,20 @@ def weight_keys(model: Any, info: ModelInfo) -> dict[int, str]:
     return {id(v): spec.key for v, spec in zip(model.weights, info.weights)}
 
 
+def variable_key(layer: Any, attr: str, keys: Mapping[int, str]) -> str | None:
+    """The run's key of the variable behind `layer.<attr>` (`kernel`, `embeddings`), or None.
+
+    A LoRA or quantized layer's `kernel` is a property computed from its variables at each
+    access (a new tensor each time); the variable it starts from is `_kernel`. The views
+    read that key, under which the worker hands them the effective kernel (`derive`).
+    """
+    for name in ("_" + attr, attr):
+        var = getattr(layer, name, None)
+        if var is not None and id(var) in keys:
+            return keys[id(var)]
+    return None
+
+
 def find_layer(model: Any, name: str, arg: str) -> Any:
     """The layer called `name`, nested ones included; else a ValueError about argument `arg`."""
     for layer in all_layers(model):

@@ -12,7 +12,16 @@ from ..capture import ModelInfo, Snapshot
 from ..errors import received
 from ..naming import key_layer
 from ..settings import Settings
-from .base import Stats, View, all_layers, find_layer, keras_module, model_inputs, weight_keys
+from .base import (
+    Stats,
+    View,
+    all_layers,
+    find_layer,
+    keras_module,
+    model_inputs,
+    variable_key,
+    weight_keys,
+)
 
 # A feature layer with at most this many input features gets one scalar per feature at every
 # snapshot; a wider one (a Dense layer after a Flatten) gets scalars only for the features in
@@ -193,7 +202,11 @@ class FeatureView(View):
         # Its statistics are made once per fit by the worker, at the first write (the
         # correlations of many features take a while): not on the training thread.
         self._data = None
-        self.key = weight_keys(model, info)[id(layer.kernel)]
+        key = variable_key(layer, "kernel", weight_keys(model, info))
+        if key is None:
+            raise ValueError(f"`feature_layer`: the kernel of {layer.name!r} is not one of the "
+                             f"model's weights. {received('feature_layer', layer.name)}")
+        self.key = key
         self.layer_name = key_layer(self.key) or layer.name
         self.units = units
         self.sensitivity = units > 1 and self.feature_data is not None and _input_features(

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from ..capture import ModelInfo, Snapshot
 from ..naming import CONV_KINDS, model_group
 from ..settings import Settings
-from .base import Stats, View, all_layers, keras_module, weight_keys
+from .base import Stats, View, all_layers, keras_module, variable_key, weight_keys
 
 
 class _ConvClass(NamedTuple):
@@ -67,9 +67,9 @@ class KernelImageView(View):
         for layer in all_layers(model):
             for conv in classes:
                 if isinstance(layer, conv.cls):
-                    var = getattr(layer, conv.kernel, None)
-                    if var is not None and id(var) in keys:
-                        found.append((keys[id(var)], conv.rgb, type(layer).__name__))
+                    key = variable_key(layer, conv.kernel, keys)
+                    if key is not None:
+                        found.append((key, conv.rgb, type(layer).__name__))
                     break
         group = model_group(info.name, info.class_name)
         self.kernels = [_Kernel(key, rgb, cls, kernel_tag(group, key, i, len(found)))

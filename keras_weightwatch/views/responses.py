@@ -11,7 +11,16 @@ from ..capture import ModelInfo, Snapshot
 from ..errors import received
 from ..naming import model_group
 from ..settings import Settings
-from .base import PngFiles, Stats, View, find_layer, keras_module, model_inputs, weight_keys
+from .base import (
+    PngFiles,
+    Stats,
+    View,
+    find_layer,
+    keras_module,
+    model_inputs,
+    variable_key,
+    weight_keys,
+)
 
 
 class _Target(NamedTuple):
@@ -151,7 +160,7 @@ class ResponseView(View):
         layer_input = _layer_input(layer)
         return _Target(
             layer=layer.name,
-            key=keys[id(layer.kernel)],
+            key=str(variable_key(layer, "kernel", keys)),
             channels_first=layer.data_format == "channels_first",
             padding=layer.padding,
             strides=tuple(layer.strides),

@@ -1,0 +1,187 @@
+"""The rules that derive a layer's effective kernel from stored weights (pure numpy).
+
+Each rule is one entry of `RULES`: the roles it reads and a function
+`(inputs: role -> array, params) -> float32 array`. A new way for a layer to derive
+its kernel is one more entry here and one more case in `detect`.
+
+The arithmetic follows Keras 3 step by step, in float32 (the compute dtype), so the
+result equals Keras's own to float32 rounding:
+
+- `lora`: `base + (alpha / rank) * A @ B` (`layer.kernel` of a LoRA Dense, EinsumDense,
+  convolution; `layer.embeddings` of a LoRA Embedding).
+- `int8`: `codes / scale`, the scale put in the kernel's layout (`scale_ops`).
+- `int4`: the codes unpacked (two signed nibbles per byte, the low one first) to
+  `length` along the last axis, then `codes / scale` (one scale per output unit), or
+  `(codes - zero[g]) * scale[g]` per group `g = g_idx` (sub-channel), then reshaped to
+  the kernel's `shape` where one is given (EinsumDense).
+- `float8`: the kernel quantized to float8 (e4m3) with its scale and dequantized,
+  as the layer's forward pass does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ..errors import WeightWatchError, received
+
+if TYPE_CHECKING:  # the record is the run format's; reading it needs no rule
+    from ..run.format import Derivation
+
+Arrays = Mapping[str, np.ndarray]
+Params = Mapping[str, Any]
+
+
+class Rule(NamedTuple):
+    """A rule: the roles its derivation's `inputs` name, those it may name, and its function."""
+
+    roles: tuple[str, ...]
+    optional: tuple[str, ...]
+    apply: Callable[[Arrays, Params], np.ndarray]
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float32, copy=False)
+
+
+def _lora(x: Arrays, p: Params) -> np.ndarray:
+    return _f32(x["base"]) + lora_delta(x, p)
+
+
+def lora_delta(x: Arrays, p: Params) -> np.ndarray:
+    """The update a LoRA layer adds to its base kernel: `(alpha / rank) * A @ B`, float32."""
+    return np.float32(p["scale"]) * np.matmul(_f32(x["a"]), _f32(x["b"]))
+
+
+def _layout(scale: np.ndarray, ops: Sequence[Sequence[Any]]) -> np.ndarray:
+    """The scale put in the kernel's layout: `expand_dims`, `squeeze` and `transpose` in order
+    (what `EinsumDense._adjust_scale_for_dequant` does)."""
+    for op, arg in ops:
+        if op == "expand_dims":
+            scale = np.expand_dims(scale, tuple(arg))
+        elif op == "squeeze":
+            scale = np.squeeze(scale, tuple(arg))
+        elif op == "transpose":
+            scale = np.transpose(scale, tuple(arg))
+        else:
+            raise WeightWatchError(f"unknown scale layout operation {op!r}. {received('op', op)}")
+    return scale
+
+
+def _dequantize(codes: np.ndarray, x: Arrays, p: Params) -> np.ndarray:
+    scale = _layout(_f32(x["scale"]), p.get("scale_ops", ()))
+    if "zero" in x:  # sub-channel: one scale and zero point per group of inputs
+        axis = int(p.get("group_axis", 0))
+        groups = np.asarray(x["g_idx"]).astype(np.int64)
+        s = np.take(scale, groups, axis=axis)
+        z = np.take(_f32(x["zero"]), groups, axis=axis)
+        out = (codes - z) * s
+    else:
+        out = codes / scale
+    shape = p.get("shape")
+    return out.reshape(tuple(shape)) if shape else out
+
+
+def _int8(x: Arrays, p: Params) -> np.ndarray:
+    return _dequantize(_f32(x["codes"]), x, p)
+
+
+def unpack_int4(packed: np.ndarray, length: int) -> np.ndarray:
+    """Signed 4-bit codes packed two per byte along the last axis (the low nibble holds the
+    even position), unpacked to `length` int8 codes in [-8, 7]."""
+    b = np.asarray(packed).astype(np.int8, copy=False)
+    low = np.left_shift(b, 4) >> 4
+    high = b >> 4
+    both = np.stack([low, high], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+    return both[..., :length]
+
+
+def _int4(x: Arrays, p: Params) -> np.ndarray:
+    return _dequantize(_f32(unpack_int4(x["codes"], int(p["length"]))), x, p)
+
+
+def _float8(x: Arrays, p: Params) -> np.ndarray:
+    import ml_dtypes
+
+    dtype = getattr(ml_dtypes, str(p.get("dtype", "float8_e4m3fn")))
+    top = np.float32(float(ml_dtypes.finfo(dtype).max))
+    scale = _f32(x["scale"])
+    q = np.clip(_f32(x["kernel"]) / scale, -top, top).astype(dtype)
+    return q.astype(np.float32) * scale
+
+
+RULES: dict[str, Rule] = {
+    "lora": Rule(("base", "a", "b"), (), _lora),
+    "int8": Rule(("codes", "scale"), (), _int8),
+    "int4": Rule(("codes", "scale"), ("zero", "g_idx"), _int4),
+    "float8": Rule(("kernel", "scale"), (), _float8),
+}
+"""Every rule by name: the roles it needs, the roles it may use, and its function."""
+
+
+def applies(d: Derivation, keys: Any) -> bool:
+    """Whether `d` can be applied where the weights `keys` are present (a snapshot taken before
+    LoRA was enabled, or before the model was quantized, holds no adapter or scale: its
+    stored kernel is the one the layer computed with)."""
+    return d.rule in RULES and d.key in keys and all(k in keys for k in d.inputs.values())
+
+
+def _derive(d: Derivation, current: Mapping[str, np.ndarray]) -> np.ndarray:
+    rule = RULES[d.rule]
+    inputs = {role: current[key] for role, key in d.inputs.items()}
+    try:
+        out = rule.apply(inputs, d.params)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise WeightWatchError(
+            f"the effective kernel {d.key!r} ({d.rule}) cannot be derived from "
+            f"{dict(d.inputs)}: {e}. {received('params', dict(d.params))}") from e
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def effective(arrays: Mapping[str, np.ndarray],
+              derived: Sequence[Derivation]) -> dict[str, np.ndarray]:
+    """`arrays` with each derived key replaced by its effective kernel (float32), the
+    derivations applied in order (a LoRA on a quantized kernel reads the dequantized one).
+    Derivations whose inputs are not all present are skipped; every other array is
+    passed through as it is."""
+    out = dict(arrays)
+    for d in derived:
+        if applies(d, out):
+            out[d.key] = _derive(d, out)
+    return out
+
+
+def effective_lookup(get: Callable[[str], np.ndarray | None],
+                     derived: Sequence[Derivation]) -> Callable[[str], np.ndarray | None]:
+    """A function key -> array like `get` (which returns None for a weight it lacks), that
+    returns the effective kernel for a derived key: reads only the inputs that key needs."""
+    by_key: dict[str, list[Derivation]] = {}
+    for d in derived:
+        by_key.setdefault(d.key, []).append(d)
+
+    def lookup(key: str) -> np.ndarray | None:
+        chain = by_key.get(key)
+        if not chain:
+            return get(key)
+        needed = {k for d in chain for k in d.inputs.values()} | {key}
+        arrays = {k: a for k in needed if (a := get(k)) is not None}
+        return effective(arrays, chain).get(key)
+
+    return lookup
+
+
+def effective_shape(d: Derivation, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    """The effective kernel's shape, from the stored shapes of its inputs (no array read)."""
+    if d.rule == "int4":
+        if d.params.get("shape"):
+            return tuple(int(s) for s in d.params["shape"])
+        codes = tuple(shapes[d.inputs["codes"]])
+        return (*codes[:-1], int(d.params["length"]))
+    return tuple(int(s) for s in shapes[d.key])
+
+
+def adapters(derived: Sequence[Derivation]) -> dict[str, tuple[str, ...]]:
+    """Each LoRA layer's kernel key -> the keys of its adapters (A, then B)."""
+    return {d.key: (d.inputs["a"], d.inputs["b"]) for d in derived if d.rule == "lora"}

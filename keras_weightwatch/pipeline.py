@@ -78,9 +78,12 @@ class _Deferred(NamedTuple):
     """
 
     snapshot: Snapshot
+    """As the views read it (effective kernels: `Pipeline._effective`)."""
     stats: dict[str, dict[str, float]]
     payloads: Mapping[str, Any]
     buffers: list[np.ndarray]
+    captured: Snapshot | None = None
+    """The snapshot as captured, whose buffers `buffers` are (`snapshot` may share them)."""
 
 
 _VIEWS_NOW = object()  # a worker job: write deferred views now (train end)
@@ -310,7 +313,7 @@ class Pipeline:
         try:
             self.write(snapshot, payloads)
         finally:
-            if self._deferred is not None and self._deferred.snapshot is snapshot:
+            if self._deferred is not None and self._deferred.captured is snapshot:
                 self._deferred = self._deferred._replace(buffers=buffers)  # still read
             else:
                 self._last_written = self.pool.release(buffers)
@@ -333,7 +336,7 @@ class Pipeline:
         self._commit(snapshot, records, stats)
         self._keep_without_run(snapshot)
         if snapshot.label == "initial" and not self._draining.is_set():
-            self._deferred = _Deferred(seen, stats, payloads, [])
+            self._deferred = _Deferred(seen, stats, payloads, [], snapshot)
             return
         self._write_views(seen, stats, payloads)
 

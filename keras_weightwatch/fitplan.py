@@ -36,7 +36,7 @@ class Plan:
     def make(cls, model: Any, settings: Settings) -> Plan:
         """Describe the model and check the settings against it (raises before any epoch)."""
         info = describe_model(model)
-        views = build_views(settings)
+        views = build_views(settings, info)
         for view in views:
             view.prepare(model, info)
         watch = settings.validate(info)

@@ -331,7 +331,7 @@ class Pipeline:
             self._write_side_by_side(snapshot, seen, stats, payloads)
             return
         records = self._store(snapshot, stats)
-        self._measure(seen, stats)
+        self._measure(seen, stats, snapshot)
         self._view_stats(stats, payloads)
         self._commit(snapshot, records, stats)
         self._keep_without_run(snapshot)
@@ -371,7 +371,7 @@ class Pipeline:
         their events are held in memory until the snapshot is committed, so the run never
         lags behind what TensorBoard shows. Only while the training thread waits: both
         cores are idle then, and the wait is the user's."""
-        self._measure(seen, stats)
+        self._measure(seen, stats, snapshot)
         self._view_stats(stats, payloads)
         errors: list[BaseException] = []
 
@@ -461,14 +461,21 @@ class Pipeline:
             del before
         return stats
 
-    def _measure(self, snapshot: Snapshot, stats: dict[str, dict[str, float]]) -> None:
-        """Add the views' own per-tensor numbers (`View.measure`) to the statistics."""
+    def _measure(self, snapshot: Snapshot, stats: dict[str, dict[str, float]],
+                 stored: Snapshot) -> None:
+        """Add the views' own per-tensor numbers (`View.measure`, of the effective `snapshot`
+        or, for a view that `measures_stored`, of the `stored` one) to the statistics; keep
+        what the views have to tell (`View.pop_notices`) for the callback."""
         for view in self.views:
             try:
-                extra = view.measure(snapshot)
+                extra = view.measure(stored if view.measures_stored else snapshot)
+                notices = view.pop_notices()
             except Exception as e:
                 self._drop(view, e)
                 continue
+            if notices:
+                with self._lock:
+                    self._notices.extend(notices)
             for key, values in (extra or {}).items():
                 if key in stats:
                     stats[key].update(values)

@@ -185,6 +185,7 @@ def render_show(run: Run) -> str:
         out.append("metrics")
         out.append(table(rows, ["step"] + metrics, right=list(range(1, len(metrics) + 1))))
     out += stored_spectral_lines(run, cols)
+    out += adapter_lines(run)
     gradient_lines = render_gradients(run, cols=cols)
     if gradient_lines:
         out += ["", *gradient_lines]
@@ -211,6 +212,49 @@ def stored_spectral_lines(run: Run, cols: Mapping[str, StatColumn] | None = None
     return ["", f"spectral  at {snap.name} (stored at {steps}; any step: weightwatch spectral)",
             table(rows, ["weight", "alpha", "alpha_weighted", "stable_rank", "spectral_norm",
                          "log_norm", "spikes"], right=[1, 2, 3, 4, 5, 6])]
+
+
+def adapter_lines(run: Run, width: int = 16) -> list[str]:
+    """`show`'s `adapters` section: each LoRA layer's update size ||(alpha/r) A@B|| / ||base||
+    across the snapshots and at the last one that stores it, the update ratios of its A and B
+    there, and a mark on the adapters not training (the statistics `views.adapters` stores);
+    [] for a run without them."""
+    import numpy as np
+
+    loras = [d for d in run.derived if d.rule == "lora"]
+    column = {s.key: j for j, s in enumerate(run.specs)}
+    loras = [d for d in loras if d.key in column]
+    update = run.stat_columns(("lora_update",))["lora_update"]
+    have = update.stored[:, [column[d.key] for d in loras]].any(axis=1) if loras else []
+    if not np.any(have):
+        return []
+    snap = run.snapshots[int(np.flatnonzero(have)[-1])]
+    rows, stalled = [], []
+    for d in loras:
+        st = snap.stats.get(d.key, {})
+        if "lora_update" not in st:
+            continue
+        ratios = [snap.stats.get(d.inputs[r], {}).get("update_ratio") for r in ("a", "b")]
+        idle = int(_count(st.get("lora_idle")))
+        if st.get("lora_stalled") == 1:
+            stalled.append(d.layer)
+            status = f"NOT TRAINING: not moved for {idle} snapshots"
+        else:
+            status = "training" if idle == 0 else f"not moved for {idle} snapshots"
+        j = column[d.key]
+        series = update.values[update.stored[:, j], j]
+        rows.append([d.layer, sparkline([float(x) for x in series], width),
+                     fmt_num(_number(st.get("lora_update"))),
+                     *("-" if r is None else fmt_num(_number(r)) for r in ratios), status])
+    head = f"adapters  at {snap.name}: update = ||(alpha/r) A@B|| / ||base||"
+    if stalled:
+        head += f"; {len(stalled)} of {len(rows)} NOT TRAINING: {', '.join(stalled)}"
+    return ["", head, table(rows, ["layer", "update over snapshots", "update", "A ratio",
+                                   "B ratio", "status"], right=[2, 3, 4])]
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 GRADIENT_STATS = ("grad_norm", "grad_to_weight")

@@ -66,7 +66,7 @@ def _layout(scale: np.ndarray, ops: Sequence[Sequence[Any]]) -> np.ndarray:
         elif op == "transpose":
             scale = np.transpose(scale, tuple(arg))
         else:
-            raise WeightWatchError(f"unknown scale layout operation {op!r}. {received('op', op)}")
+            raise ValueError(f"unknown scale layout operation {op!r}")
     return scale
 
 

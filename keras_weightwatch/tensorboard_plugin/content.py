@@ -116,6 +116,7 @@ def summary(run: Run, name: str) -> dict[str, Any]:
             for s in run.specs[:MAX_ROWS]
         ],
         "weights_total": len(run.specs),
+        "adapters": adapters(run),
         "history": {k: [[st, num(v)] for st, v in pts] for k, pts in run.history().items()},
         "features": {
             "key": settings.get("feature_key"),
@@ -123,6 +124,29 @@ def summary(run: Run, name: str) -> dict[str, Any]:
             "top_k": settings.get("top_k"),
         },
     }
+
+
+def adapters(run: Run) -> list[dict[str, Any]]:
+    """Each LoRA layer's update size ||(alpha/r) A@B|| / ||base|| at the snapshots (`[name,
+    value]`), the update ratios of its A and B at the last one that stores it, and whether
+    its adapter is marked as not training (`stalled`, after `idle` snapshots without a move):
+    the statistics the adapters view stores; [] for a run without them."""
+    snaps = [run.snapshots[i] for i in _columns(run)]
+    out = []
+    for d in [d for d in run.derived if d.rule == "lora"][:MAX_ROWS]:
+        last = next((s.stats for s in reversed(snaps) if "lora_update" in s.stats.get(d.key, {})),
+                    None)
+        if last is None:
+            continue
+        st = last[d.key]
+        out.append({
+            "layer": d.layer, "key": d.key,
+            "update": [[s.name, num(s.stats[d.key]["lora_update"])] for s in snaps
+                       if "lora_update" in s.stats.get(d.key, {})],
+            "a_ratio": num(last.get(d.inputs["a"], {}).get("update_ratio")),
+            "b_ratio": num(last.get(d.inputs["b"], {}).get("update_ratio")),
+            "idle": int(st.get("lora_idle") or 0), "stalled": st.get("lora_stalled") == 1})
+    return out
 
 
 def _columns(run: Run) -> list[int]:

@@ -12,6 +12,8 @@ Tags (all made by `summaries.tag`, so they are stable across runs; the images by
 | view | plugin | tag |
 |---|---|---|
 | `StatsView` | scalars | `<weight key>/<statistic>` (`dense/kernel/l2_norm`) |
+| `AdapterView` | scalars | `<kernel key>/lora_update` (each LoRA layer's update size) |
+| `AdapterView` | text | `adapters/summary` (update sizes, A/B update ratios, adapters idle) |
 | `HistogramView` | histograms | `<weight key>/histogram` |
 | `FeatureView` | text | `features/<layer>` |
 | `FeatureView` | scalars | `features/<layer>/<feature name>` (see `MAX_FEATURE_SCALARS`) |
@@ -25,6 +27,7 @@ Tags (all made by `summaries.tag`, so they are stable across runs; the images by
 | `GradientView` | histograms | `<weight key>/grad_histogram` (with `gradient_histograms`) |
 """
 
+from .adapters import AdapterView
 from .base import View
 from .build import build_views
 from .features import MAX_FEATURE_SCALARS, FeatureView
@@ -37,6 +40,7 @@ from .spectral import SpectralView
 from .stats import StatsView
 
 __all__ = [
+    "AdapterView",
     "MAX_FEATURE_SCALARS",
     "FeatureView",
     "GradientView",

@@ -16,6 +16,8 @@ A view has four hooks:
   written: per-tensor numbers the view computes (spectral metrics) that the run stores
   beside each tensor's statistics, so that `show`, `drift` and `diff` read them. It
   returns weight key -> name -> number, or None.
+  A view with `measures_stored` gets the snapshot as the run stores it instead of the
+  effective one; what it has to tell the user (`pop_notices`) becomes a warning.
 - `stats(stats, payload)` runs on the background worker before the snapshot
   is committed, with the weights' statistics so far: the statistics the view
   adds to the stored ones (weight key -> name -> number), e.g. gradient
@@ -39,6 +41,9 @@ class View:
     """Base class of a view; see the module docstring."""
 
     name = "view"
+    measures_stored = False
+    """Whether `measure` gets the snapshot as stored (a LoRA layer's base kernel under its
+    key) instead of the effective one (the adapters view)."""
 
     def prepare(self, model: Any, info: ModelInfo) -> None:
         """Check arguments against the model (training thread, train begin)."""
@@ -53,6 +58,11 @@ class View:
     def measure(self, snapshot: Snapshot) -> Stats | None:
         """Per-tensor numbers to store with the snapshot's statistics (worker thread)."""
         return None
+
+    def pop_notices(self) -> list[str]:
+        """What the callback should tell the user once, as a warning (worker thread)."""
+        return []
+
     def stats(self, stats: Stats, payload: Any) -> Stats:
         """Statistics to store with the snapshot, from this view's payload (worker thread)."""
         return {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ..capture import ModelInfo
 from ..settings import Settings
+from .adapters import AdapterView
 from .base import View
 from .features import FeatureView
 from .gradients import GradientView
@@ -14,16 +16,22 @@ from .spectral import SpectralView
 from .stats import StatsView
 
 
-def build_views(settings: Settings) -> list[View]:
+def build_views(settings: Settings, info: ModelInfo | None = None) -> list[View]:
     """The views the settings ask for, in writing order.
 
+    Args:
+        settings: The callback's settings.
+        info: The model's description; with LoRA layers among its derivations, the
+            adapters view is on. Defaults to None (no adapters view).
+
     Returns:
-        Statistics always; histograms, the feature table, kernel images and
-        responses and spectral metrics when the
-        settings ask for them.
-        responses, saliency maps and gradient statistics when the settings ask for them.
+        Statistics always; the adapters view for a model with LoRA layers; histograms, the
+        feature table, kernel images, responses, spectral metrics, saliency maps and
+        gradient statistics when the settings ask for them.
     """
     views: list[View] = [StatsView()]
+    if info is not None and any(d.rule == "lora" for d in info.derived):
+        views.append(AdapterView())
     if settings.histograms:
         views.append(HistogramView())
     if settings.wants_features:

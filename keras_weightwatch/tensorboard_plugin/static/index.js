@@ -100,9 +100,32 @@ async function glance(panel) {
         data = await fetchJSON('heatmap', {run, metric: 'initial'});
       }
       heatmap(body, data, run, detail);
+      const s = await summary(run);
+      if (s.adapters && s.adapters.length) body.append(adaptersTable(s.adapters));
     } catch (err) { errorBox(body, err); }
   }
   await draw();
+}
+
+// Each LoRA layer's update size and its adapters' update ratios; those not training marked.
+function adaptersTable(rows) {
+  const stalled = rows.filter((a) => a.stalled).map((a) => a.layer);
+  const head = $('tr', {}, ...['layer', 'update ‖(α/r)·A·B‖ / ‖base‖', 'A update ratio',
+    'B update ratio', 'status'].map((h) => $('th', {text: h})));
+  const t = $('table', {class: 'ww-table', id: 'ww-adapters'}, head);
+  for (const a of rows) {
+    const last = a.update.length ? a.update[a.update.length - 1][1] : null;
+    const status = a.stalled ? `NOT TRAINING (not moved for ${a.idle} snapshots)`
+      : (a.idle ? `not moved for ${a.idle} snapshots` : 'training');
+    t.append($('tr', {class: a.stalled ? 'ww-stalled' : ''},
+        $('td', {'data-col': 'name', text: a.layer}), $('td', {'data-col': 'update', text: fmt(last)}),
+        $('td', {'data-col': 'a', text: fmt(a.a_ratio)}), $('td', {'data-col': 'b', text: fmt(a.b_ratio)}),
+        $('td', {'data-col': 'status', text: status})));
+  }
+  const note = stalled.length ? `${stalled.length} of ${rows.length} LoRA adapters NOT TRAINING: ` +
+    `${stalled.join(', ')} (B still all zeros, or A and B unchanged, for several snapshots).`
+    : `${rows.length} LoRA adapters, all moving.`;
+  return $('section', {}, $('h3', {text: 'LoRA adapters'}), $('div', {class: 'ww-note', text: note}), t);
 }
 
 function heatmap(where, data, run, detail) {

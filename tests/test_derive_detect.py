@@ -1,0 +1,282 @@
+"""derive.detect on real Keras layers: the effective kernel derived from the captured variables
+equals what the layer computes with (`layer.kernel` for LoRA; Keras's own dequantization, from
+the layer's own variables and Keras's functions, for a quantized layer)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+from keras_weightwatch.capture import capture_arrays, describe_model
+from keras_weightwatch.derive import effective
+
+Int4Config = keras.quantizers.Int4QuantizationConfig
+
+
+def _by_key(model):
+    info = describe_model(model)
+    arrays = dict(zip([s.key for s in info.weights], capture_arrays(model)))
+    return info, arrays
+
+
+def _effective(model):
+    info, arrays = _by_key(model)
+    return info, arrays, effective(arrays, info.derived)
+
+
+def _key(model, variable):
+    info = describe_model(model)
+    return {id(v): s.key for v, s in zip(model.weights, info.weights)}[id(variable)]
+
+
+def _randomize(*variables, seed=0):
+    rng = np.random.default_rng(seed)
+    for v in variables:
+        v.assign(rng.normal(size=tuple(v.shape)).astype("float32"))
+
+
+def _model(layer, input_shape, dtype="float32"):
+    model = keras.Sequential([keras.Input(input_shape, dtype=dtype), layer])
+    model.build((None, *input_shape))
+    return model
+
+
+# -- LoRA
+
+
+_LORA = {
+    "dense": (lambda: keras.layers.Dense(5, name="l"), (6,)),
+    "einsum-2d": (lambda: keras.layers.EinsumDense("ab,bc->ac", 5, name="l"), (6,)),
+    "einsum-3d": (lambda: keras.layers.EinsumDense("abc,cde->abde", (2, 3, 4), name="l"), (2, 6)),
+    "einsum-attention": (lambda: keras.layers.EinsumDense("btd,ndh->btnh", (3, 2, 4), name="l"),
+                         (3, 6)),
+    "conv1d": (lambda: keras.layers.Conv1D(4, 3, name="l"), (8, 2)),
+    "conv2d": (lambda: keras.layers.Conv2D(4, 3, name="l"), (6, 6, 2)),
+    "conv3d": (lambda: keras.layers.Conv3D(4, 2, name="l"), (4, 4, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("alpha", [None, 6.0])
+@pytest.mark.parametrize("case", sorted(_LORA))
+def test_lora_effective_kernel_is_layer_kernel(case, alpha):
+    make, shape = _LORA[case]
+    layer = make()
+    model = _model(layer, shape)
+    layer.enable_lora(2, lora_alpha=alpha)
+    _randomize(layer.lora_kernel_a, layer.lora_kernel_b)
+    info, arrays, out = _effective(model)
+    key = _key(model, layer._kernel)
+    (d,) = info.derived
+    assert (d.key, d.rule) == (key, "lora")
+    assert d.inputs == {"base": key, "a": _key(model, layer.lora_kernel_a),
+                        "b": _key(model, layer.lora_kernel_b)}
+    assert d.params["scale"] == (alpha or 2) / 2
+    want = np.asarray(layer.kernel)
+    assert not np.allclose(want, arrays[key])  # the adapters move it
+    np.testing.assert_allclose(out[key], want, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_embedding_is_layer_embeddings():
+    layer = keras.layers.Embedding(11, 4, name="emb")
+    model = _model(layer, (3,), dtype="int32")
+    layer.enable_lora(3)
+    _randomize(layer.lora_embeddings_a, layer.lora_embeddings_b)
+    info, arrays, out = _effective(model)
+    key = _key(model, layer._embeddings)
+    (d,) = info.derived
+    assert d.inputs["a"] == _key(model, layer.lora_embeddings_a)
+    np.testing.assert_allclose(out[key], np.asarray(layer.embeddings), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(out[key], arrays[key])
+
+
+def test_lora_in_a_nested_model_is_found():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="inner_d")],
+                             name="inner")
+    model = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2, name="top")])
+    model.build((None, 4))
+    layer = inner.get_layer("inner_d")
+    layer.enable_lora(1)
+    _randomize(layer.lora_kernel_b)
+    info, _, out = _effective(model)
+    assert [d.key for d in info.derived] == [_key(model, layer._kernel)]
+    np.testing.assert_allclose(out[_key(model, layer._kernel)], np.asarray(layer.kernel),
+                               rtol=1e-6, atol=1e-6)
+
+
+# -- quantized: Keras's own dequantization from the layer's own variables
+
+
+def _dense_reference(layer):
+    mode = layer.quantization_mode
+    if mode == "float8":
+        return keras.quantizers.quantize_and_dequantize(layer._kernel, layer.kernel_scale,
+                                                        "float8_e4m3fn", "float32")
+    codes = layer._kernel
+    if mode == "int4":
+        codes = keras.quantizers.unpack_int4(codes, layer._orig_output_dim, axis=-1)
+        if getattr(layer, "g_idx", None) is not None:
+            return dequantize_with_sz_map(ops.cast(codes, "float32"), layer.kernel_scale,
+                                          layer.kernel_zero, layer.g_idx, group_axis=0)
+    return ops.divide(ops.cast(codes, "float32"), layer.kernel_scale)
+
+
+def _einsum_reference(layer):
+    mode = layer.quantization_mode
+    if mode == "float8":
+        return keras.quantizers.quantize_and_dequantize(layer._kernel, layer.kernel_scale,
+                                                        "float8_e4m3fn", "float32")
+    if mode == "int8":
+        return ops.divide(ops.cast(layer._kernel, "float32"),
+                          layer._adjust_scale_for_dequant(layer.kernel_scale))
+    codes = keras.quantizers.unpack_int4(layer._kernel, layer._int4_unpacked_column_size,
+                                         axis=-1)
+    if getattr(layer, "g_idx", None) is not None:
+        flat = dequantize_with_sz_map(ops.cast(codes, "float32"), layer.kernel_scale,
+                                      layer.kernel_zero, layer.g_idx, group_axis=0)
+    else:
+        flat = ops.divide(ops.cast(codes, "float32"), layer.kernel_scale)
+    return ops.reshape(flat, layer.original_kernel_shape)
+
+
+def _embedding_reference(layer):
+    codes = layer._embeddings
+    if layer.quantization_mode == "int4":
+        codes = keras.quantizers.unpack_int4(codes, layer._orig_output_dim, axis=-1)
+        if getattr(layer, "g_idx", None) is not None:
+            return dequantize_with_sz_map(ops.cast(codes, "float32"), layer.embeddings_scale,
+                                          layer.embeddings_zero, layer.g_idx, group_axis=-1)
+    return ops.divide(ops.cast(codes, "float32"), ops.expand_dims(layer.embeddings_scale, -1))
+
+
+_MODES = {
+    "int8": ("int8", None),
+    "int4-default": ("int4", None),
+    "int4-per-channel": ("int4", lambda: Int4Config(block_size=-1)),
+    "int4-grouped": ("int4", lambda: Int4Config(block_size=4)),
+    "float8": ("float8", None),
+}
+
+
+def _quantize(model, layer, mode_name):
+    mode, config = _MODES[mode_name]
+    layer.quantize(mode, config=None if config is None else config())
+    assert layer.quantization_mode == mode
+    if mode == "float8":  # a scale other than one, as training sets it
+        layer.kernel_scale.assign(np.float32(0.0137))
+
+
+def _check_quantized(model, layer, stored, reference):
+    info, arrays, out = _effective(model)
+    key = _key(model, stored)
+    assert [d.key for d in info.derived] == [key]
+    want = np.asarray(reference(layer))
+    assert out[key].dtype == np.float32 and out[key].shape == want.shape
+    np.testing.assert_allclose(out[key], want, rtol=1e-6, atol=1e-7)
+    # the stored variables are the captured ones, dtype and all
+    for v in layer.weights:
+        np.testing.assert_array_equal(arrays[_key(model, v)], np.asarray(v))
+        assert arrays[_key(model, v)].dtype == np.dtype(keras.backend.standardize_dtype(v.dtype))
+    return info.derived[0]
+
+
+def _seeded(layer, model, seed=0):
+    rng = np.random.default_rng(seed)
+    layer._kernel.assign(rng.normal(size=tuple(layer._kernel.shape)).astype("float32"))
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("units", [6, 7])
+def test_quantized_dense_is_kernel_keras_dequantizes(mode, units):
+    layer = keras.layers.Dense(units, name="q")
+    model = _model(layer, (9,))
+    _seeded(layer, model)
+    _quantize(model, layer, mode)
+    d = _check_quantized(model, layer, layer._kernel, _dense_reference)
+    assert d.rule == _MODES[mode][0]
+
+
+_EQUATIONS = {
+    "ab,bc->ac": ((9,), 6),
+    "abc,cd->abd": ((3, 9), (3, 5)),
+    "abc,cde->abde": ((3, 8), (3, 2, 3)),
+    "btd,ndh->btnh": ((3, 8), (3, 2, 4)),
+    "btnh,nhd->btd": ((3, 2, 4), (3, 6)),
+    "ab,bcd->acd": ((6,), (3, 5)),
+    "abc,dc->abd": ((2, 7), (2, 4)),
+    "abcd,cde->abe": ((2, 3, 4), (2, 5)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("equation", sorted(_EQUATIONS))
+def test_quantized_einsum_dense_is_kernel_keras_dequantizes(equation, mode):
+    shape, out = _EQUATIONS[equation]
+    layer = keras.layers.EinsumDense(equation, out, name="q")
+    model = _model(layer, shape)
+    _seeded(layer, model, seed=len(equation))
+    _quantize(model, layer, mode)
+    _check_quantized(model, layer, layer._kernel, _einsum_reference)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4-default", "int4-per-channel", "int4-grouped"])
+@pytest.mark.parametrize("dim", [6, 7])
+def test_quantized_embedding_is_embeddings_keras_dequantizes(mode, dim):
+    layer = keras.layers.Embedding(10, dim, name="emb")
+    model = _model(layer, (3,), dtype="int32")
+    rng = np.random.default_rng(1)
+    layer._embeddings.assign(rng.normal(size=(10, dim)).astype("float32"))
+    _quantize(model, layer, mode)
+    _check_quantized(model, layer, layer._embeddings, _embedding_reference)
+
+
+def test_quantized_embedding_lookup_uses_the_effective_table():
+    """The effective table is what the layer's forward pass reads, row by row."""
+    layer = keras.layers.Embedding(10, 6, name="emb")
+    model = _model(layer, (4,), dtype="int32")
+    layer.quantize("int8")
+    _, _, out = _effective(model)
+    ids = np.array([[0, 3, 9, 3]], "int32")
+    np.testing.assert_allclose(np.asarray(model(ids))[0], out[_key(model, layer._embeddings)][
+        ids[0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4-per-channel", "int4-grouped"])
+@pytest.mark.parametrize("kind", ["dense", "einsum"])
+def test_lora_on_a_quantized_kernel_adds_to_the_dequantized_kernel(mode, kind):
+    if kind == "dense":
+        layer, shape, reference = keras.layers.Dense(6, name="q"), (8,), _dense_reference
+    else:
+        layer = keras.layers.EinsumDense("abc,cde->abde", (2, 2, 3), name="q")
+        shape, reference = (2, 8), _einsum_reference
+    model = _model(layer, shape)
+    _seeded(layer, model)
+    _quantize(model, layer, mode)
+    layer.enable_lora(2, lora_alpha=3.0)
+    _randomize(layer.lora_kernel_a, layer.lora_kernel_b, seed=4)
+    info, _, out = _effective(model)
+    key = _key(model, layer._kernel)
+    assert [d.rule for d in info.derived] == [_MODES[mode][0], "lora"]
+    delta = 1.5 * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+    np.testing.assert_allclose(out[key], np.asarray(reference(layer) + delta),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_plain_gptq_and_awq_layers_have_no_derivation():
+    from keras.quantizers import AWQConfig, GPTQConfig
+
+    plain = keras.layers.Dense(4, name="plain")
+    gptq = keras.layers.Dense(4, name="gptq")
+    awq = keras.layers.Dense(4, name="awq")
+    model = keras.Sequential([keras.Input((8,)), plain, gptq, awq])
+    model.build((None, 8))
+    gptq.quantize("gptq", config=GPTQConfig(dataset=["a"], tokenizer=lambda s: [0],
+                                            weight_bits=4, group_size=4))
+    awq.quantize("awq", config=AWQConfig(dataset=["a"], tokenizer=lambda s: [0],
+                                         group_size=4))
+    assert (gptq.quantization_mode, awq.quantization_mode) == ("gptq", "awq")
+    info, arrays, out = _effective(model)
+    assert info.derived == ()
+    assert all(out[k] is arrays[k] for k in arrays)

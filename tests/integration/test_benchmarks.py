@@ -193,3 +193,28 @@ def test_bench_object_storage_prints_both_places_and_their_ratio():
     s3 = number(r"S3 \(moto\)\s+worker\s+([\d.]+) ms/snapshot", out)
     ratio = number(r"RATIO S3 worker time / local disk worker time: ([\d.]+)", out)
     assert ratio == pytest.approx(s3 / local, rel=0.05, abs=0.01)
+
+
+def test_bench_lora_frozen_base_is_stored_and_hashed_once():
+    out = run("bench_lora.py", "--params", "200000", "--width", "128", "--epochs", "3",
+              "--markdown")
+
+    def count(pattern: str) -> float:
+        return number(pattern, out.replace(",", ""))
+
+    for measure, unit, places in (("hold", " ms", 0.01), ("worker CPU", " ms", 0.01),
+                                  ("bytes written", "", 1)):
+        m = re.search(rf"    {measure} ([\d.,]+){unit}[^:]*?, [a-z ]+ ([\d.,]+){unit}: "
+                      r"RATIO ([\d.]+)", out)
+        assert m, measure
+        num, den, ratio = (float(g.replace(",", "")) for g in m.groups())
+        assert _quotient_of(ratio, num, den, places), measure
+    # every snapshot after the first writes the adapters (they train) and hashes only them:
+    # the frozen base is neither hashed nor written again (12 base kernels of 128 x 128)
+    adapters = count(r"bytes written \d+ adapters (\d+):")
+    assert adapters == 12 * 2 * 128 * 8 * 4
+    assert adapters <= count(r"hashed per snapshot (\d+) bytes") < adapters + 128 * 128 * 4
+    assert count(r"bytes written (\d+)") >= adapters
+    assert "each of the 12 base kernels in one file" in out
+    rows = re.findall(r"^\| 196,608 \| 24,576 \| .*\*\*([\d.]+)\*\* \|$", out, re.M)
+    assert len(rows) == 1

@@ -72,9 +72,14 @@ def test_update_size_equals_numpy_of_the_formed_product(shape, scale):
     assert np.isnan(update_size(a, b, scale, 0.0))
 
 
-def test_norm_of_a_tensor_larger_than_one_chunk():
-    x = _rng(1).normal(size=(700, 1000)).astype("float32")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_norm_of_a_tensor_larger_than_one_chunk(dtype):
+    import ml_dtypes
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = _rng(1).normal(size=(700, 1000)).astype(dt)
     assert norm(x) == pytest.approx(np.linalg.norm(x.astype(np.float64)), rel=1e-12)
+    assert norm(x[:3]) == pytest.approx(np.linalg.norm(x[:3].astype(np.float64)), rel=1e-12)
 
 
 def _arrays(rng, base, b_zero=False):

@@ -29,6 +29,8 @@ import numpy as np
 
 from ..capture import ModelInfo, Snapshot
 from ..derive import effective
+from ..reductions import sumsq
+from ..scratch import scratch
 from .base import Stats, View
 
 IDLE_SNAPSHOTS = 3
@@ -78,12 +80,16 @@ def lora_adapters(info: ModelInfo) -> list[Adapter]:
 
 
 def norm(x: np.ndarray) -> float:
-    """The Frobenius norm of `x`, summed in float64 a chunk at a time."""
+    """The Frobenius norm of `x`, summed in float64 a chunk at a time through the thread's
+    reused scratch buffer (no float64 copy of the whole tensor)."""
     flat = np.asarray(x).reshape(-1)
+    buf = scratch("adapters.norm", min(flat.size, _CHUNK))
     total = 0.0
     for start in range(0, flat.size, _CHUNK):
-        part = flat[start:start + _CHUNK].astype(np.float64)
-        total += float(np.dot(part, part))
+        part = flat[start:start + _CHUNK]
+        chunk = buf[:part.size]
+        np.copyto(chunk, part, casting="unsafe")
+        total += sumsq(chunk)
     return math.sqrt(total)
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from derive_helpers import dense_reference, einsum_reference, embedding_reference
 from keras import ops
-from keras.src.quantizers.quantizers import dequantize_with_sz_map
 
 from keras_weightwatch.capture import capture_arrays, describe_model
 from keras_weightwatch.derive import effective
@@ -109,48 +109,6 @@ def test_lora_in_a_nested_model_is_found():
 # -- quantized: Keras's own dequantization from the layer's own variables
 
 
-def _dense_reference(layer):
-    mode = layer.quantization_mode
-    if mode == "float8":
-        return keras.quantizers.quantize_and_dequantize(layer._kernel, layer.kernel_scale,
-                                                        "float8_e4m3fn", "float32")
-    codes = layer._kernel
-    if mode == "int4":
-        codes = keras.quantizers.unpack_int4(codes, layer._orig_output_dim, axis=-1)
-        if getattr(layer, "g_idx", None) is not None:
-            return dequantize_with_sz_map(ops.cast(codes, "float32"), layer.kernel_scale,
-                                          layer.kernel_zero, layer.g_idx, group_axis=0)
-    return ops.divide(ops.cast(codes, "float32"), layer.kernel_scale)
-
-
-def _einsum_reference(layer):
-    mode = layer.quantization_mode
-    if mode == "float8":
-        return keras.quantizers.quantize_and_dequantize(layer._kernel, layer.kernel_scale,
-                                                        "float8_e4m3fn", "float32")
-    if mode == "int8":
-        return ops.divide(ops.cast(layer._kernel, "float32"),
-                          layer._adjust_scale_for_dequant(layer.kernel_scale))
-    codes = keras.quantizers.unpack_int4(layer._kernel, layer._int4_unpacked_column_size,
-                                         axis=-1)
-    if getattr(layer, "g_idx", None) is not None:
-        flat = dequantize_with_sz_map(ops.cast(codes, "float32"), layer.kernel_scale,
-                                      layer.kernel_zero, layer.g_idx, group_axis=0)
-    else:
-        flat = ops.divide(ops.cast(codes, "float32"), layer.kernel_scale)
-    return ops.reshape(flat, layer.original_kernel_shape)
-
-
-def _embedding_reference(layer):
-    codes = layer._embeddings
-    if layer.quantization_mode == "int4":
-        codes = keras.quantizers.unpack_int4(codes, layer._orig_output_dim, axis=-1)
-        if getattr(layer, "g_idx", None) is not None:
-            return dequantize_with_sz_map(ops.cast(codes, "float32"), layer.embeddings_scale,
-                                          layer.embeddings_zero, layer.g_idx, group_axis=-1)
-    return ops.divide(ops.cast(codes, "float32"), ops.expand_dims(layer.embeddings_scale, -1))
-
-
 _MODES = {
     "int8": ("int8", None),
     "int4-default": ("int4", None),
@@ -194,7 +152,7 @@ def test_quantized_dense_is_kernel_keras_dequantizes(mode, units):
     model = _model(layer, (9,))
     _seeded(layer, model)
     _quantize(model, layer, mode)
-    d = _check_quantized(model, layer, layer._kernel, _dense_reference)
+    d = _check_quantized(model, layer, layer._kernel, dense_reference)
     assert d.rule == _MODES[mode][0]
 
 
@@ -218,7 +176,7 @@ def test_quantized_einsum_dense_is_kernel_keras_dequantizes(equation, mode):
     model = _model(layer, shape)
     _seeded(layer, model, seed=len(equation))
     _quantize(model, layer, mode)
-    _check_quantized(model, layer, layer._kernel, _einsum_reference)
+    _check_quantized(model, layer, layer._kernel, einsum_reference)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4-default", "int4-per-channel", "int4-grouped"])
@@ -229,7 +187,7 @@ def test_quantized_embedding_is_embeddings_keras_dequantizes(mode, dim):
     rng = np.random.default_rng(1)
     layer._embeddings.assign(rng.normal(size=(10, dim)).astype("float32"))
     _quantize(model, layer, mode)
-    _check_quantized(model, layer, layer._embeddings, _embedding_reference)
+    _check_quantized(model, layer, layer._embeddings, embedding_reference)
 
 
 def test_quantized_embedding_lookup_uses_the_effective_table():
@@ -247,10 +205,10 @@ def test_quantized_embedding_lookup_uses_the_effective_table():
 @pytest.mark.parametrize("kind", ["dense", "einsum"])
 def test_lora_on_a_quantized_kernel_adds_to_the_dequantized_kernel(mode, kind):
     if kind == "dense":
-        layer, shape, reference = keras.layers.Dense(6, name="q"), (8,), _dense_reference
+        layer, shape, reference = keras.layers.Dense(6, name="q"), (8,), dense_reference
     else:
         layer = keras.layers.EinsumDense("abc,cde->abde", (2, 2, 3), name="q")
-        shape, reference = (2, 8), _einsum_reference
+        shape, reference = (2, 8), einsum_reference
     model = _model(layer, shape)
     _seeded(layer, model)
     _quantize(model, layer, mode)

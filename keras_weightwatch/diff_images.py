@@ -1,8 +1,9 @@
 """`weightwatch diff --images`: the kernel grids of A, B and B - A written to TensorBoard.
 
-A thin writer: the grids come from `images.diff_grids` (pure numpy), the event
-file from `summaries.EventWriter`; which snapshots and keys are read comes from
-the comparison's own inputs (`compare.inputs`).
+A thin writer: the grids come from `images.diff_grids` (pure numpy) of the kernels
+the layers compute with (a LoRA conv's effective kernel), the event file from
+`summaries.EventWriter`; which snapshots and keys are read comes from the
+comparison's own inputs (`compare.inputs`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import numpy as np
 
 from .compare.inputs import (
     Target,
+    chains,
     check_positive_int,
     compile_layer,
+    input_roles,
     label,
     load,
     open_snapshot,
     ordered_keys,
+    shape_of,
 )
 from .compare.plan import units_axis
 from .errors import WeightWatchError
@@ -151,13 +155,16 @@ def _b_order(diff: DiffResult | None, key: str
 
 def kernel_keys(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord,
                 pattern: re.Pattern | None) -> list[str]:
-    """The convolution kernels (3 to 5 dimensions) in both snapshots with the same shape."""
+    """The convolution kernels (3 to 5 dimensions) in both snapshots with the same shape: the
+    kernels the layers compute with (a LoRA conv's effective kernel), not their adapters."""
     out = []
+    parts = input_roles(run_a, run_b)
+    chains_a, chains_b = chains(run_a), chains(run_b)
     for k in ordered_keys(run_a, snap_a, run_b, snap_b):
-        ra, rb = snap_a.tensors.get(k), snap_b.tensors.get(k)
-        if ra is None or rb is None or ra.shape != rb.shape:
+        shape = shape_of(snap_a, k, chains_a.get(k, ()))
+        if k in parts or shape is None or shape != shape_of(snap_b, k, chains_b.get(k, ())):
             continue
-        if not 3 <= len(ra.shape) <= 5 or "kernel" not in key_name(k):
+        if not 3 <= len(shape) <= 5 or "kernel" not in key_name(k):
             continue
         if pattern is None or pattern.search(k):
             out.append(k)

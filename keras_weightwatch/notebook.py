@@ -55,11 +55,26 @@ def run_html(run: Run) -> str:
     )
 
 
+def _name(t: Any) -> str:
+    """A diff row's name: an effective kernel's with how it is derived (`dense/kernel (lora)`,
+    `(lora in B)` where A's is the stored kernel), an input of one (a LoRA adapter, a scale)
+    indented under it."""
+    if t.part_of is not None:
+        return f"\u00a0\u00a0+ {t.name}"
+    a, b = t.rule_a, t.rule_b
+    if a == b:
+        return t.name if a is None else f"{t.name} ({a})"
+    if a is None or b is None:
+        return f"{t.name} ({a or b} in {'A' if b is None else 'B'})"
+    return f"{t.name} ({a} -> {b})"
+
+
 def diff_html(result: DiffResult) -> str:
-    """The diff's counts and every tensor's numbers, most changed layers first."""
+    """The diff's counts and every tensor's numbers, most changed layers first; each LoRA or
+    quantized kernel as its effective kernel, with its adapters and scales under it."""
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
-    ts = result.tensors
-    rows = [[t.name, t.status, _num(t.rel_l2), _num(t.cosine), _num(t.matched_cosine),
+    ts = [row for t in result.tensors for row in (t, *t.inputs)]
+    rows = [[_name(t), t.status, _num(t.rel_l2), _num(t.cosine), _num(t.matched_cosine),
              _num(t.max_abs)] for t in ts[:MAX_ROWS]]
     return (
         f"<div><b>Diff</b> <code>{html.escape(result.a)}</code> vs "

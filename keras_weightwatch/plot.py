@@ -73,7 +73,7 @@ def _tensor(run_or_kernel: Run | np.ndarray, key: str | None, step: int | str) -
     if isinstance(run_or_kernel, Run):
         if key is None:
             raise ValueError(f"name the weight to draw. {received('key', key)}")
-        return np.asarray(run_or_kernel.tensor(key, step)), f"{key} @ {step}"
+        return np.asarray(run_or_kernel.tensor(key, step, effective=True)), f"{key} @ {step}"
     return np.asarray(run_or_kernel), key or "kernel"
 
 
@@ -114,7 +114,7 @@ def top_k(run: Run, step: int | str = "last", k: int | None = None):
             f"the run was written without feature_names. {received('feature_names', names)}"
         )
     k = int(k or settings.get("top_k") or 5)
-    rows = top_k_features(np.asarray(run.tensor(key, step)), names, k)
+    rows = top_k_features(np.asarray(run.tensor(key, step, effective=True)), names, k)
     fig = _figure(9.0, 1.0 + 0.45 * len(rows))
     bars, table = fig.subplots(1, 2, width_ratios=[3, 2])
     labels = [r.name for r in rows][::-1]

@@ -20,6 +20,7 @@ from .compare.records import (
     STATUS_SHAPE,
     STATUS_UNCHANGED,
 )
+from .naming import key_name
 from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 
 if TYPE_CHECKING:
@@ -335,6 +336,10 @@ def render_diff(result: DiffResult) -> str:
     out += ["", "rel_l2 = ||B-A|| / ||A||; matched = cosine after the best one-to-one matching",
             "of B's hidden units to A's (a model's outputs and --fixed layers keep their",
             "order); blank where no matching applies"]
+    if any(t.effective for t in result.tensors):
+        out += ["(LoRA), (int8), ...: the effective kernel, the one the layer computes with",
+                "(base + (alpha/rank) A@B; codes / scale), compared under its stored key;",
+                "the adapters and scales it derives from are listed under it"]
     out += stored_diff_lines(result)
     if result.features is not None:
         out += ["", *_feature_lines(result.features)]
@@ -381,6 +386,8 @@ def _diff_summary(result: DiffResult) -> str:
     nonfinite = [t for t in result.tensors if t.nonfinite_a or t.nonfinite_b]
     if nonfinite:
         summary += f"; NON-FINITE values in {len(nonfinite)}"
+    if result.inputs:
+        summary += f"; {len(result.inputs)} LoRA adapters or scales under their kernels"
     return summary
 
 
@@ -395,7 +402,8 @@ def _note(name: str, text: str, name_w: int) -> str:
 
 def _layer_lines(layer: LayerDiff, name_w: int) -> list[str]:
     name = layer.name or "(model)"
-    if layer.unchanged:
+    moved_inputs = any(not i.unchanged for t in layer.tensors for i in t.inputs)
+    if layer.unchanged and not moved_inputs:
         identical = all(t.identical for t in layer.tensors)
         out = [_note(name, "identical" if identical else "unchanged (within tolerance)", name_w)]
         for t in layer.tensors:
@@ -413,8 +421,36 @@ def _layer_lines(layer: LayerDiff, name_w: int) -> list[str]:
     return out
 
 
-def _tensor_lines(t: TensorDiff, name_w: int) -> list[str]:
-    name = "  " + t.name
+_RULE_WORDS = {"lora": "LoRA"}
+
+
+def _rules_text(rules: str | None) -> str | None:
+    if rules is None:
+        return None
+    return "+".join(_RULE_WORDS.get(r, r) for r in rules.split("+"))
+
+
+def effective_mark(t: TensorDiff) -> str:
+    """` (LoRA)`, ` (int8)`: how the effective kernel compared is derived; ` (LoRA in B)`
+    where A's is the stored kernel (a snapshot from before LoRA was enabled); "" for a
+    stored weight."""
+    a, b = _rules_text(t.rule_a), _rules_text(t.rule_b)
+    if a == b:
+        return "" if a is None else f" ({a})"
+    if a is None or b is None:
+        return f" ({a or b} in {'A' if b is None else 'B'})"
+    return f" ({a} -> {b})"
+
+
+def _tensor_lines(t: TensorDiff, name_w: int, indent: str = "  ") -> list[str]:
+    out = _status_lines(t, indent + (t.name if t.part_of is None else key_name(t.name))
+                        + effective_mark(t), name_w)
+    for i in t.inputs:
+        out += _tensor_lines(i, name_w, indent + "  + ")
+    return out
+
+
+def _status_lines(t: TensorDiff, name: str, name_w: int) -> list[str]:
     if t.status == STATUS_ONLY_A:
         out = [_note(name, f"only in A {shape_text(t.shape_a)}", name_w)]
     elif t.status == STATUS_ONLY_B:

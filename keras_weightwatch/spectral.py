@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .derive import applies, effective_shape
 from .errors import received
 from .naming import conv_kind, parse_key
 
@@ -579,7 +580,9 @@ def _check_int(name: str, value: Any, least: int) -> None:
 def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = None, *,
              min_evals: int = MIN_EVALS, max_evals: int = MAX_EVALS,
              traps: bool = False) -> SpectralResult:
-    """The spectral metrics of every Dense and convolution kernel of a snapshot on disk.
+    """The spectral metrics of every Dense and convolution kernel of a snapshot on disk: the
+    kernel each layer computes with (a LoRA layer's `base + (alpha/rank) A @ B`, a quantized
+    layer's dequantized kernel), as the callback's spectral view measures it.
 
     Args:
         run: A run directory (path) or a `Run` from `load_run`.
@@ -602,16 +605,27 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
 
         run = load_run(run)
     classes = {layer.name: layer.class_name for layer in run.layers}
-    shapes = {spec.key: spec.shape for spec in run.specs}
-    chosen = targets(classes, shapes, layers)
-    resolved = run.snapshot(step).step
+    snap = run.snapshot(step)
+    chosen = targets(classes, effective_shapes(run, snap), layers)
+    resolved = snap.step
     out: dict[str, SpectralMetrics] = {}
     for t in chosen:
-        m = tensor_spectral(run.tensor(t.key, resolved), t.layer_class, t.name,
+        m = tensor_spectral(run.tensor(t.key, resolved, effective=True), t.layer_class, t.name,
                             min_evals=min_evals, max_evals=max_evals, traps=traps)
         if m is not None:
             out[t.key] = m
     return SpectralResult(path=str(run.path), step=int(resolved), tensors=out)
+
+
+def effective_shapes(run: Any, snap: Any) -> dict[str, tuple[int, ...]]:
+    """The shapes of the snapshot's weights in weight order, each derived kernel's the shape
+    of its effective kernel (an int4 kernel unpacked), as `spectral` reads them."""
+    shapes = {spec.key: tuple(spec.shape) for spec in run.specs if spec.key in snap.tensors}
+    shapes.update({k: tuple(r.shape) for k, r in snap.tensors.items() if k not in shapes})
+    for d in run.derived:
+        if applies(d, shapes):
+            shapes[d.key] = effective_shape(d, shapes)
+    return shapes
 
 
 def _wanted_layers(keys: list[str], layers: Iterable[str] | None) -> set[str] | None:

@@ -1,7 +1,9 @@
 """Compare the weights of two runs, or of two snapshots of one run: plan, then execute.
 
 `diff_runs(a, b)` compares every weight tensor of snapshot A with the tensor of
-the same key in snapshot B: relative change ||B - A|| / ||A||, cosine
+the same key in snapshot B (a LoRA or quantized layer's effective kernel, the one it
+computes with, under its stored kernel's key; its adapters and scales listed under
+it): relative change ||B - A|| / ||A||, cosine
 similarity, max |B - A|, RMS difference, and whether it is unchanged
 (bit-identical, or within a tolerance), with the spectral metrics and gradient
 norms each snapshot stores beside the tensor. It first plans (`plan.make_plan`: the
@@ -27,11 +29,14 @@ from ..reductions import Sums, as_2d, pair_sums, self_sums
 from ..run import Run, SnapshotRecord
 from .features import feature_diff
 from .inputs import (
+    Chains,
     Target,
+    chains,
     check_fixed_units,
     check_positive_int,
     check_tolerance,
     compile_layer,
+    content,
     load,
     open_snapshot,
 )
@@ -126,7 +131,8 @@ def diff_runs(
     run_b, snap_b = open_snapshot(b, step_b)
     fixed = check_fixed_units(fixed_units, {s.layer for s in (*run_a.specs, *run_b.specs)})
     plan = make_plan(run_a, snap_a, run_b, snap_b, pattern, fixed)
-    ctx = _Context(run_a, snap_a, run_b, snap_b, tolerance, match, max_match_units, verify)
+    ctx = _Context(run_a, snap_a, run_b, snap_b, tolerance, match, max_match_units, verify,
+                   chains(run_a), chains(run_b))
     return DiffResult(a=plan.a, b=plan.b, tolerance=tolerance, layers=_execute(ctx, plan),
                       features=feature_diff(run_a, snap_a, run_b, snap_b, top_k, verify))
 
@@ -156,6 +162,8 @@ class _Context:
     match: bool
     max_match_units: int
     verify: bool
+    chains_a: Chains
+    chains_b: Chains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +200,15 @@ def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
         raw_total.add(r.sums)
         any_matched = any_matched or r.matched is not None
         matched_total.add(r.matched if r.matched is not None else r.sums)
+    for t in plan.parts:
+        if t.status == COMPARE:
+            diffs[t.key] = _finish(t, plan.name, _reduce_other(ctx, t, None), ctx.tolerance,
+                                   fixed=False)
     compared = plan.compared
     out = carried_out(carry, perm, kernel is not None, [t.shape_a or () for t in compared])
     return LayerDiff(
         name=plan.name,
-        tensors=tuple(_with_stored(ctx, diffs[t.key]) for t in plan.tensors),
+        tensors=_nested(plan, {k: _with_stored(ctx, d) for k, d in diffs.items()}),
         rel_l2=raw_total.rel_l2() if compared else None,
         cosine=raw_total.cosine() if compared else None,
         matched_cosine=matched_total.cosine() if any_matched else None,
@@ -204,9 +216,23 @@ def _diff_layer(ctx: _Context, plan: LayerPlan, carry: Perm | None
     ), out
 
 
+def _nested(plan: LayerPlan, diffs: dict[str, TensorDiff]) -> tuple[TensorDiff, ...]:
+    """The layer's tensors in weight order, each effective kernel with its inputs under it
+    (an input whose kernel is not in the layer's plan stays a tensor of its own)."""
+    top = {t.key for t in plan.tensors if t.part_of is None}
+    under: dict[str, list[TensorDiff]] = {}
+    for t in plan.parts:
+        if t.part_of in top:
+            under.setdefault(t.part_of, []).append(diffs[t.key])
+    return tuple(dataclasses.replace(diffs[t.key], inputs=tuple(under.get(t.key, ())))
+                 for t in plan.tensors if t.key in top or t.part_of not in top)
+
+
 def _pair(ctx: _Context, key: str) -> tuple[bool, np.ndarray, np.ndarray]:
-    """(bit-identical, A's tensor, B's tensor): B is not read when it is identical."""
-    identical = ctx.snap_a.tensors[key].sha256 == ctx.snap_b.tensors[key].sha256
+    """(bit-identical, A's tensor, B's tensor), effective kernels as the layers computed
+    with them: B is not read when it is identical (the same stored weights derived alike)."""
+    identical = (content(ctx.snap_a, key, ctx.chains_a.get(key, ()))
+                 == content(ctx.snap_b, key, ctx.chains_b.get(key, ())))
     arr_a = load(ctx.run_a, ctx.snap_a, key, ctx.verify)
     arr_b = arr_a if identical else load(ctx.run_b, ctx.snap_b, key, ctx.verify)
     return identical, arr_a, arr_b
@@ -281,7 +307,8 @@ def _with_stored(ctx: _Context, t: TensorDiff) -> TensorDiff:
 def _structural(t: TensorPlan, layer: str) -> TensorDiff:
     """A tensor only in one snapshot, or of another shape: its status (the plan's) alone."""
     return TensorDiff(name=t.key, layer=layer, status=t.status, shape_a=t.shape_a,
-                      shape_b=t.shape_b)
+                      shape_b=t.shape_b, rule_a=t.rule_a, rule_b=t.rule_b, part_of=t.part_of,
+                      role=t.role)
 
 
 def _finish(t: TensorPlan, layer: str, r: _Reduced, tolerance: float, fixed: bool
@@ -310,6 +337,10 @@ def _finish(t: TensorPlan, layer: str, r: _Reduced, tolerance: float, fixed: boo
         units_fixed=fixed,
         unit_order=None if r.perm is None else tuple(int(i) for i in r.perm),
         input_order=None if r.carried is None else tuple(int(i) for i in r.carried),
+        rule_a=t.rule_a,
+        rule_b=t.rule_b,
+        part_of=t.part_of,
+        role=t.role,
     )
 
 

@@ -1,7 +1,9 @@
 """How each layer of one run moved through its snapshots: step by step, and since the first.
 
 `drift(run)` reduces, per layer, ||W_t - W_prev|| / ||W_prev|| and
-||W_t - W_0|| / ||W_0|| for every snapshot after the first, one tensor at a
+||W_t - W_0|| / ||W_0|| for every snapshot after the first (a LoRA or quantized
+layer by its effective kernel, the one it computes with; the adapters and scales it
+derives from count through it, not on their own), one tensor at a
 time, memory-mapped and in float64 chunks (`reductions`), and reads what the
 snapshots store beside the weights: the spectral alpha of each layer's kernel
 (`spectral_freq`) and the gradient norms of its weights (`gradient_data`). It streams: however
@@ -20,7 +22,7 @@ from ..errors import WeightWatchError, received
 from ..reductions import Sums, as_2d, pair_sums, self_sums
 from ..run import Run, SnapshotRecord, load_run
 from ..spectral import stored_metric
-from .inputs import compile_layer, load
+from .inputs import chains, compile_layer, content, input_roles, load
 from .records import DriftResult, LayerDrift, StoredGradients, TensorGradients
 
 
@@ -62,8 +64,9 @@ def drift(
             f"{run.path}: drift needs at least two snapshots; the run has {len(snaps)}"
         )
     groups: dict[str, list[str]] = {}
+    parts = input_roles(run)
     for spec in run.specs:
-        if pattern is not None and not pattern.search(spec.key):
+        if (pattern is not None and not pattern.search(spec.key)) or spec.key in parts:
             continue
         if all(spec.key in s.tensors for s in snaps):
             groups.setdefault(spec.layer, []).append(spec.key)
@@ -85,13 +88,15 @@ def _layer_drift(run: Run, snaps: Sequence[SnapshotRecord], name: str, keys: Seq
     n = len(snaps) - 1
     step = np.zeros((2, n))  # rows: ||W_ref||^2 and ||W_t - W_ref||^2, summed over the keys
     total = np.zeros((2, n))
+    by_key = chains(run)
     for key in keys:
+        chain = by_key.get(key, ())
         first = as_2d(load(run, snaps[0], key, verify))
-        first_sha = snaps[0].tensors[key].sha256
+        first_sha = content(snaps[0], key, chain)
         first_saa = self_sums(first).saa
         prev, prev_sha, prev_saa = first, first_sha, first_saa
         for i, snap in enumerate(snaps[1:]):
-            sha = snap.tensors[key].sha256
+            sha = content(snap, key, chain)
             if sha == prev_sha:  # bit-identical: no change, nothing to read
                 cur, cur_saa, step_sdd = prev, prev_saa, 0.0
             else:

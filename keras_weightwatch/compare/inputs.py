@@ -1,7 +1,10 @@
 """What a comparison is given: `RUN@STEP` targets, open runs, the checks of its arguments.
 
 Every function that takes a user's argument here raises an error ending
-`Received: name=value`; reading a tensor goes through `load`.
+`Received: name=value`; reading a tensor goes through `load`, which gives the
+*effective* kernel of a LoRA or quantized layer (what the layer computes with, under
+its stored kernel's key); `chains`, `content`, `rule_of` and `shape_of` describe that
+kernel from the records alone (what it derives from, its shape), without reading it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..derive import applies, effective_shape
 from ..errors import WeightWatchError, received
-from ..run import Run, SnapshotRecord, load_run
+from ..run import Derivation, Run, SnapshotRecord, load_run
 
 _STEP_RE = re.compile(r"^(initial|last|-?\d+)$")
 
@@ -73,8 +77,71 @@ def label(run: Run, snap: SnapshotRecord) -> str:
 
 
 def load(run: Run, snap: SnapshotRecord, key: str, verify: bool) -> np.ndarray:
-    """One tensor of a snapshot (memory-mapped)."""
-    return run.weights(snap.step, keys=[key], verify=verify)[key]
+    """One tensor of a snapshot (memory-mapped): the effective kernel for a derived key (a
+    LoRA layer's `base + scale * A @ B`, a quantized layer's dequantized kernel), as the
+    layer computed with it at that snapshot."""
+    return run.weights(snap.step, keys=[key], verify=verify, effective=True)[key]
+
+
+Chains = dict[str, tuple[Derivation, ...]]
+"""Weight key -> the derivations of its effective kernel, in the order they apply."""
+
+
+def chains(run: Run) -> Chains:
+    """Each derived key of `run` -> its derivations (a LoRA on a quantized kernel: two)."""
+    out: dict[str, list[Derivation]] = {}
+    for d in run.derived:
+        out.setdefault(d.key, []).append(d)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def applied(chain: tuple[Derivation, ...], snap: SnapshotRecord) -> tuple[Derivation, ...]:
+    """The derivations of `chain` that apply in `snap` (a snapshot taken before LoRA was
+    enabled holds no adapters: its stored kernel is the one the layer computed with)."""
+    return tuple(d for d in chain if applies(d, snap.tensors))
+
+
+def content(snap: SnapshotRecord, key: str, chain: tuple[Derivation, ...]) -> tuple[Any, ...]:
+    """What `load` of `key` is a function of: the stored tensor's SHA-256 and, for each
+    derivation that applies, its rule, its numbers and the SHA-256 of every input. Equal
+    contents give bit-identical tensors."""
+    out: list[Any] = [snap.tensors[key].sha256]
+    for d in applied(chain, snap):
+        out.append((d.rule, repr(sorted(d.params.items())),
+                    tuple(sorted((role, snap.tensors[k].sha256) for role, k in d.inputs.items()))))
+    return tuple(out)
+
+
+def rule_of(snap: SnapshotRecord, chain: tuple[Derivation, ...]) -> str | None:
+    """The rules that derive the tensor `load` gives (`"lora"`, `"int8"`, `"int8+lora"`), or
+    None where it is the stored weight itself."""
+    return "+".join(d.rule for d in applied(chain, snap)) or None
+
+
+def shape_of(snap: SnapshotRecord, key: str, chain: tuple[Derivation, ...]
+             ) -> tuple[int, ...] | None:
+    """The shape of the tensor `load` gives (an int4 kernel's unpacked shape), from the
+    records alone; None where the snapshot has no such weight."""
+    rec = snap.tensors.get(key)
+    if rec is None:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {key: tuple(rec.shape)}
+    for d in applied(chain, snap):
+        shapes.update({k: tuple(snap.tensors[k].shape) for k in d.inputs.values() if k != key})
+        shapes[key] = effective_shape(d, shapes)
+    return shapes[key]
+
+
+def input_roles(*runs: Run) -> dict[str, tuple[str, str]]:
+    """Each stored weight that an effective kernel of `runs` derives from, besides the kernel
+    itself (LoRA adapters, quantization scales) -> (that kernel's key, its role)."""
+    out: dict[str, tuple[str, str]] = {}
+    for run in runs:
+        for d in run.derived:
+            for role, k in d.inputs.items():
+                if k != d.key:
+                    out.setdefault(k, (d.key, role))
+    return out
 
 
 def ordered_keys(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRecord

@@ -2,7 +2,10 @@
 
 `make_plan` decides, for two snapshots, which tensors are compared and how: the
 tensors grouped by layer in the model's order, each one's status (compared, or
-only in one snapshot, or of another shape), the axis of its units where a
+only in one snapshot, or of another shape; a LoRA or quantized kernel by the shape
+of its effective kernel, and the rule that derives it on each side), the stored
+weights an effective kernel derives from (its LoRA adapters, its scale), which are
+compared under that kernel rather than as tensors of their own, the axis of its units where a
 matching of units applies, and which layers feed each layer (along the model's
 recorded graph), and which layers keep their units in order (`fixed`: the
 model's outputs and the layers a user names, whose unit order means something
@@ -17,7 +20,7 @@ import re
 from ..errors import WeightWatchError
 from ..naming import conv_kind, key_layer, key_name
 from ..run import Run, SnapshotRecord
-from .inputs import label, ordered_keys
+from .inputs import Chains, chains, input_roles, label, ordered_keys, rule_of, shape_of
 from .records import STATUS_ONLY_A, STATUS_ONLY_B, STATUS_SHAPE
 
 COMPARE = "compare"
@@ -44,6 +47,16 @@ class TensorPlan:
     shape_b: tuple[int, ...] | None
     units_axis: int | None = None
     """The axis of its units (-1 or -2) when a matching of units applies to it."""
+    rule_a: str | None = None
+    """The rules that derive A's tensor (an effective kernel: `"lora"`, `"int8"`), or None
+    where A's is the stored weight itself; shapes and comparison are the effective kernel's."""
+    rule_b: str | None = None
+    """The same for B."""
+    part_of: str | None = None
+    """For a stored weight an effective kernel derives from (a LoRA adapter, a scale): that
+    kernel's key; it is compared under the kernel, not counted with the layer's tensors."""
+    role: str | None = None
+    """Its role in the derivation (`"a"`, `"b"`, `"scale"`), where `part_of` is set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +74,13 @@ class LayerPlan:
 
     @property
     def compared(self) -> tuple[TensorPlan, ...]:
-        return tuple(t for t in self.tensors if t.status == COMPARE)
+        """The layer's own tensors compared (not the inputs of its effective kernels)."""
+        return tuple(t for t in self.tensors if t.status == COMPARE and t.part_of is None)
+
+    @property
+    def parts(self) -> tuple[TensorPlan, ...]:
+        """The stored inputs of its effective kernels (adapters, scales), in weight order."""
+        return tuple(t for t in self.tensors if t.part_of is not None)
 
     @property
     def kernel(self) -> TensorPlan | None:
@@ -104,10 +123,15 @@ def make_plan(run_a: Run, snap_a: SnapshotRecord, run_b: Run, snap_b: SnapshotRe
         raise WeightWatchError(f"{label_a} and {label_b} have no weight tensor in common")
     classes = {layer.name: layer.class_name for layer in run_a.layers}
     layer_of = _layer_lookup(run_a, run_b)
+    sides = (_Side(snap_a, chains(run_a)), _Side(snap_b, chains(run_b)))
+    roles = {k: kr for k, kr in input_roles(run_a, run_b).items() if kr[0] in keys}
     groups: dict[str, list[TensorPlan]] = {}
     for k in keys:
-        lname = layer_of.get(k, key_layer(k))
-        groups.setdefault(lname, []).append(_tensor_plan(k, snap_a, snap_b, classes.get(lname)))
+        lname = layer_of.get(roles[k][0] if k in roles else k, key_layer(k))
+        t = _tensor_plan(k, sides, classes.get(lname))
+        if k in roles:
+            t = dataclasses.replace(t, part_of=roles[k][0], role=roles[k][1], units_axis=None)
+        groups.setdefault(lname, []).append(t)
     feeds = weighted_feeds(run_a)
     fixed = fixed_layers(run_a, list(dict.fromkeys(s.layer for s in run_a.specs)), fixed_units)
     layers = tuple(
@@ -125,16 +149,28 @@ def _layer_lookup(run_a: Run, run_b: Run) -> dict[str, str]:
     return out
 
 
-def _tensor_plan(key: str, snap_a: SnapshotRecord, snap_b: SnapshotRecord,
-                 layer_class: str | None) -> TensorPlan:
-    ra, rb = snap_a.tensors.get(key), snap_b.tensors.get(key)
-    shape_a = None if ra is None else ra.shape
-    shape_b = None if rb is None else rb.shape
-    if ra is None or rb is None:
-        return TensorPlan(key, STATUS_ONLY_A if rb is None else STATUS_ONLY_B, shape_a, shape_b)
-    if ra.shape != rb.shape:
-        return TensorPlan(key, STATUS_SHAPE, shape_a, shape_b)
-    return TensorPlan(key, COMPARE, shape_a, shape_b, units_axis(layer_class, key, ra.shape))
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """One snapshot of a diff, with its run's derivations by key."""
+
+    snap: SnapshotRecord
+    chains: Chains
+
+    def describe(self, key: str) -> tuple[tuple[int, ...] | None, str | None]:
+        """(the shape of the tensor compared, the rules deriving it) of `key`."""
+        chain = self.chains.get(key, ())
+        return shape_of(self.snap, key, chain), rule_of(self.snap, chain) if chain else None
+
+
+def _tensor_plan(key: str, sides: tuple[_Side, _Side], layer_class: str | None) -> TensorPlan:
+    (shape_a, rule_a), (shape_b, rule_b) = (side.describe(key) for side in sides)
+    if shape_a is None or shape_b is None:
+        status = STATUS_ONLY_A if shape_b is None else STATUS_ONLY_B
+        return TensorPlan(key, status, shape_a, shape_b, rule_a=rule_a, rule_b=rule_b)
+    if shape_a != shape_b:
+        return TensorPlan(key, STATUS_SHAPE, shape_a, shape_b, rule_a=rule_a, rule_b=rule_b)
+    return TensorPlan(key, COMPARE, shape_a, shape_b, units_axis(layer_class, key, shape_a),
+                      rule_a=rule_a, rule_b=rule_b)
 
 
 def units_axis(layer_class: str | None, key: str, shape: tuple[int, ...]) -> int | None:

@@ -127,6 +127,18 @@ class TensorDiff:
         gradients_a: The gradient statistics snapshot A stores for this
             tensor (`gradient_data`), or None where it stores none.
         gradients_b: The same in snapshot B.
+        rule_a: For the effective kernel of a LoRA or quantized layer (what the layer
+            computes with, compared under its stored kernel's key): the rules that
+            derive it in A (`"lora"`, `"int8"`, `"int8+lora"`); None where A's tensor
+            is the stored weight itself (a snapshot from before LoRA was enabled).
+        rule_b: The same in B.
+        inputs: The diffs of the stored weights its effective kernel derives from,
+            besides the kernel (its LoRA adapters, its quantization scale), in weight
+            order; () for a weight that is not derived.
+        part_of: For one of those `inputs`: the key of the effective kernel it is
+            listed under; None otherwise.
+        role: Its role in that derivation (`"a"`, `"b"`, `"scale"`), where
+            `part_of` is set.
 
     Example (the README's quickstart runs, exp1 and exp2 from two seeds):
 
@@ -163,6 +175,16 @@ class TensorDiff:
     spectral_b: StoredSpectral | None = None
     gradients_a: StoredGradients | None = None
     gradients_b: StoredGradients | None = None
+    rule_a: str | None = None
+    rule_b: str | None = None
+    inputs: tuple[TensorDiff, ...] = ()
+    part_of: str | None = None
+    role: str | None = None
+
+    @property
+    def effective(self) -> bool:
+        """True when either side is an effective kernel derived from stored weights."""
+        return self.rule_a is not None or self.rule_b is not None
 
     @property
     def compared(self) -> bool:
@@ -176,7 +198,7 @@ class TensorDiff:
     def to_json(self) -> dict[str, Any]:
         stored = ("spectral_a", "spectral_b", "gradients_a", "gradients_b")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("unit_order", "input_order", *stored)}
+             if f.name not in ("unit_order", "input_order", "inputs", *stored)}
         for k in ("shape_a", "shape_b"):
             d[k] = None if d[k] is None else list(d[k])
         d["unchanged"] = self.unchanged
@@ -184,6 +206,7 @@ class TensorDiff:
         for k in stored:
             record = getattr(self, k)
             out[k] = None if record is None else record.to_json()
+        out["inputs"] = [t.to_json() for t in self.inputs]
         return out
 
 
@@ -193,7 +216,8 @@ class LayerDiff:
 
     Attributes:
         name: The layer path (`conv1`, `block/dense_2`).
-        tensors: Its tensors, in the model's weight order.
+        tensors: Its tensors, in the model's weight order; an effective kernel's stored
+            inputs (LoRA adapters, scales) are listed under it (`TensorDiff.inputs`).
         rel_l2: ||B - A|| / ||A|| over all compared tensors of the layer.
         cosine: Cosine similarity over all compared tensors.
         matched_cosine: The same after matching units, or None where no
@@ -372,18 +396,26 @@ class DiffResult:
 
     @property
     def tensors(self) -> tuple[TensorDiff, ...]:
-        """Every tensor of either snapshot, layer by layer."""
+        """Every tensor of either snapshot, layer by layer, each LoRA or quantized kernel as
+        its effective kernel (its stored inputs are in `inputs`)."""
         return tuple(t for layer in self.layers for t in layer.tensors)
 
+    @property
+    def inputs(self) -> tuple[TensorDiff, ...]:
+        """The stored weights effective kernels derive from (LoRA adapters, quantization
+        scales), each also listed under its kernel (`TensorDiff.inputs`)."""
+        return tuple(i for t in self.tensors for i in t.inputs)
+
     def tensor(self, name: str) -> TensorDiff:
-        """The diff of the tensor with key `name`."""
-        for t in self.tensors:
+        """The diff of the tensor with key `name` (an effective kernel's input included)."""
+        for t in (*self.tensors, *self.inputs):
             if t.name == name:
                 return t
         raise KeyError(name)
 
     def counts(self) -> dict[str, int]:
-        """How many tensors have each status."""
+        """How many tensors have each status (`tensors`: an effective kernel's inputs are
+        counted with it, not on their own)."""
         out = dict.fromkeys(STATUSES, 0)
         for t in self.tensors:
             out[t.status] += 1

@@ -2,10 +2,12 @@
 
 The numbers come from the package's public functions (`diff_runs`, `kernel_grid`,
 `top_k_features`) and the statistics stored with each snapshot; this module only
-selects, bounds and caches. Work per request is bounded: tensor images refuse
-tensors over `MAX_IMAGE_TENSOR_BYTES`, the change-since-initial heatmap reads at
-most `HEATMAP_BUDGET_BYTES` per request (the rest follows on the next request, from
-the cache), and lists are cut at `MAX_ROWS` / `MAX_COLUMNS`.
+selects, bounds and caches. Every tensor it draws or ranks is the one the layer
+computes with: a LoRA or quantized layer's effective kernel (`Run.tensor(...,
+effective=True)`), as the callback's views draw it. Work per request is bounded:
+tensor images refuse tensors over `MAX_IMAGE_TENSOR_BYTES`, the change-since-initial
+heatmap reads at most `HEATMAP_BUDGET_BYTES` per request (the rest follows on the
+next request, from the cache), and lists are cut at `MAX_ROWS` / `MAX_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import DiffResult, Run, diff_runs
+from ..compare.inputs import content
 from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
 from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
@@ -104,15 +107,22 @@ def conv_keys(run: Run) -> list[str]:
 
 
 def summary(run: Run, name: str) -> dict[str, Any]:
-    """The run's snapshots, weights, layers, metric history and feature settings."""
+    """The run's snapshots, weights, layers, metric history and feature settings; each weight
+    with the rules that derive its effective kernel (`derived`: `"lora"`, `"int8"`, ...) or
+    the kernel it is an input of (`part_of`: a LoRA adapter's, a scale's)."""
     settings = run.settings
+    rules: dict[str, str] = {}
+    for d in run.derived:
+        rules[d.key] = f"{rules[d.key]}+{d.rule}" if d.key in rules else d.rule
+    parts = {k: d.key for d in run.derived for k in d.inputs.values() if k != d.key}
     return {
         "name": name,
         "steps": [{"name": s.name, "step": s.step, "label": s.label} for s in run.snapshots],
         "layers": [{"name": layer.name, "class_name": layer.class_name} for layer in run.layers],
         "weights": [
             {"key": s.key, "layer": s.layer, "shape": list(s.shape), "dtype": s.dtype,
-             "conv": is_conv_kernel(run, s.key, s.shape)}
+             "conv": is_conv_kernel(run, s.key, s.shape), "derived": rules.get(s.key),
+             "part_of": parts.get(s.key)}
             for s in run.specs[:MAX_ROWS]
         ],
         "weights_total": len(run.specs),
@@ -221,7 +231,7 @@ def _initial_column(run: Run, first, snap) -> _Column:
         return _Column({k: 0.0 for k in snap.tensors})
     result = diff_runs(run, run, step_a=step_arg(first), step_b=step_arg(snap),
                        match=False)
-    return _Column({t.name: t.rel_l2 for t in result.tensors})
+    return _Column({t.name: t.rel_l2 for t in (*result.tensors, *result.inputs)})
 
 
 def compare(run_a: Run, run_b: Run, pair: Pair, cache) -> DiffResult:
@@ -245,6 +255,15 @@ def compare_json(
     return out
 
 
+def tensor_ident(run: Run, snap, key: str) -> tuple[Any, ...]:
+    """What the tensor `tensor_of` gives depends on, for caches: its file's SHA-256 and, for
+    an effective kernel, those of the adapters and scales it derives from (a LoRA conv's
+    frozen base keeps its file while its effective kernel moves)."""
+    if key not in snap.tensors:
+        return (key, None)
+    return (key, *content(snap, key, tuple(d for d in run.derived if d.key == key)))
+
+
 def _check_size(rec) -> None:
     if rec.bytes > MAX_IMAGE_TENSOR_BYTES:
         raise BadRequest(
@@ -254,13 +273,14 @@ def _check_size(rec) -> None:
 
 
 def tensor_of(run: Run, key: str, step: str) -> np.ndarray:
-    """One tensor (memory-mapped), refused with BadRequest when the run has no such key."""
+    """One tensor (memory-mapped; a derived kernel's effective kernel, computed), refused with
+    BadRequest when the run has no such key."""
     snap = snapshot_of(run, step)
     rec = snap.tensors.get(key)
     if rec is None:
         raise BadRequest(f"snapshot {snap.name} has no tensor of that name. Received: key={key!r}")
     _check_size(rec)
-    return run.tensor(key, step_arg(snap))
+    return run.tensor(key, step_arg(snap), effective=True)
 
 
 def kernel(run: Run, key: str, step: str) -> Grid:
@@ -332,7 +352,7 @@ def features(run: Run, described: FeatureData | None = None) -> dict[str, Any]:
     if not snaps:
         return {"available": False, "reason": "no snapshot holds the feature layer's kernel"}
     _check_size(snaps[-1].tensors[key])
-    kernels = [run.tensor(key, step_arg(s)) for s in snaps]  # memory-mapped
+    kernels = [run.tensor(key, step_arg(s), effective=True) for s in snaps]  # memory-mapped
     weights = np.stack([feature_weights(kr) for kr in kernels])
     last_top = np.argsort(-np.abs(np.nan_to_num(weights[-1], nan=-np.inf)), kind="stable")
     sent = sorted(int(i) for i in last_top[:MAX_FEATURES])

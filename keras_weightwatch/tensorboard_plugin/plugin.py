@@ -189,8 +189,7 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
     def _grid(self, args):
         run, key, step = self._one(args)
         snap = content.snapshot_of(run, step)
-        rec = snap.tensors.get(key)
-        ident = (key, rec.sha256 if rec is not None else None)
+        ident = content.tensor_ident(run, snap, key)
         return self.grids.get(ident, lambda: content.kernel(run, key, step)), snap
 
     @route("run", "key", "step")
@@ -260,7 +259,8 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         if layer is None or key not in snap.tensors:
             return None, reason or f"snapshot {snap.name} has no {key!r}", snap
         images = run.samples.sample_images
-        ident = (layer, snap.tensors[key].sha256, images.tensor.digest if images else None,
+        ident = (layer, content.tensor_ident(run, snap, key),
+                 images.tensor.digest if images else None,
                  run.settings.get("max_kernel_tiles"))
         return self.responses.get(ident, lambda: content.responses(run, layer, step)), "", snap
 

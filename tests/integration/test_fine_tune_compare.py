@@ -1,0 +1,249 @@
+"""Comparisons of fine-tuned, quantized and re-sized models, on runs written by real fits.
+
+Pretrain a Conv2D + Dense model with WeightWatch, enable LoRA (rank 2) on both, fit on into
+a new run; quantize a Dense model to int8 and fit on; fit two widths of one model. Every
+number is checked against numpy on the layers' own variables (`layer.kernel`, which Keras
+computes as `base + (alpha/rank) A @ B`; `kernel_codes / kernel_scale` from `get_weights`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from keras_weightwatch import diff_runs, drift, load_run
+from keras_weightwatch.cli import main
+from keras_weightwatch.report import render_diff
+from keras_weightwatch.spectral import spectral, tensor_spectral
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = np.random.default_rng(3).normal(size=(2, 6, 6, 1)).astype("float32")
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 6, 6, 1)).astype("float32"),
+            rng.normal(size=(n, 1)).astype("float32"))
+
+
+def _cnn(width=3, units=4):
+    import keras
+
+    return keras.Sequential([
+        keras.Input((6, 6, 1)), keras.layers.Conv2D(width, 3, name="conv"),
+        keras.layers.Flatten(name="flat"), keras.layers.Dense(units, name="dense"),
+        keras.layers.Dense(1, name="out")])
+
+
+def _fit(model, log_dir, epochs, lr, **kwargs):
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    x, y = _data()
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0,
+              callbacks=[WeightWatch(str(log_dir), histograms=False, **kwargs)])
+
+
+def _arrays(layer) -> dict[str, np.ndarray]:
+    """The layer's variables by name, and `layer.kernel` as Keras computes it."""
+    out = {v.name: np.array(v.numpy(), copy=True) for v in layer.weights}
+    out["effective"] = np.array(np.asarray(layer.kernel), copy=True)
+    return out
+
+
+def _new_run(root, before: set[str]) -> str:
+    (made,) = set(os.listdir(root)) - before
+    return str(root / made)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """(pretrained run, LoRA run, the layers' arrays before LoRA and after the fine-tune)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    root = tmp_path_factory.mktemp("lora")
+    model = _cnn()
+    _fit(model, root / "run", epochs=2, lr=0.01)
+    before = {n: _arrays(model.get_layer(n)) for n in ("conv", "dense")}
+    for name in ("conv", "dense"):
+        model.get_layer(name).enable_lora(2)
+    existing = set(os.listdir(root))
+    _fit(model, root / "run", epochs=3, lr=0.05, if_exists="new", sample_images=SAMPLES)
+    after = {n: _arrays(model.get_layer(n)) for n in ("conv", "dense")}
+    return str(root / "run"), _new_run(root, existing), before, after
+
+
+def _rel(x, y) -> float:
+    x, y = np.float64(x), np.float64(y)
+    return float(np.linalg.norm(y - x) / np.linalg.norm(x))
+
+
+def test_diff_compares_the_effective_kernels_of_a_fine_tune(lora):
+    pre, tuned, before, after = lora
+    result = diff_runs(pre, tuned)
+    for name in ("conv", "dense"):
+        t = result.tensor(f"{name}/kernel")
+        want = _rel(before[name]["kernel"], after[name]["effective"])
+        assert want > 1e-3  # the fine-tune moved it: the stored base alone did not
+        assert np.array_equal(after[name]["kernel"], before[name]["kernel"])
+        assert t.status == "changed" and not t.identical
+        assert t.rel_l2 == pytest.approx(want, rel=1e-5)
+        assert (t.rule_a, t.rule_b) == (None, "lora")
+        assert t.norm_b == pytest.approx(np.linalg.norm(np.float64(after[name]["effective"])),
+                                         rel=1e-6)
+        # its adapters are listed under it, not as tensors of the layer
+        assert [(i.name, i.role, i.status, i.shape_b) for i in t.inputs] == [
+            (f"{name}/lora_kernel_a", "a", "only_b", after[name]["lora_kernel_a"].shape),
+            (f"{name}/lora_kernel_b", "b", "only_b", after[name]["lora_kernel_b"].shape)]
+        layer = next(x for x in result.layers if x.name == name)
+        assert [x.name for x in layer.tensors] == [f"{name}/kernel", f"{name}/bias"]
+        assert not layer.structural
+    assert result.counts()["only_b"] == 0
+    assert {t.name for t in result.inputs} == {
+        f"{n}/lora_kernel_{r}" for n in ("conv", "dense") for r in "ab"}
+
+
+def test_the_diff_text_marks_effective_kernels_and_nests_their_adapters(lora):
+    pre, tuned, _, _ = lora
+    out = io.StringIO()
+    assert main(["diff", pre, tuned], stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines == render_diff(diff_runs(pre, tuned)).splitlines()
+    for name in ("conv", "dense"):
+        i = next(n for n, line in enumerate(lines) if line.startswith(f"  {name}/kernel (LoRA"))
+        assert "(LoRA in B)" in lines[i] and "unchanged" not in lines[i]
+        assert lines[i + 1].split()[:4] == ["+", "lora_kernel_a", "only", "in"]
+        assert lines[i + 2].split()[:2] == ["+", "lora_kernel_b"]
+    assert not any(line.startswith(("  conv/lora", "  dense/lora")) for line in lines)
+
+
+def test_diff_within_the_lora_run_reports_each_adapter_under_its_kernel(lora):
+    _, tuned, before, after = lora
+    result = diff_runs(f"{tuned}@initial", tuned)
+    for name in ("conv", "dense"):
+        t = result.tensor(f"{name}/kernel")
+        # at the initial snapshot B is zeros: the effective kernel is the pretrained one
+        assert t.rel_l2 == pytest.approx(_rel(before[name]["kernel"], after[name]["effective"]),
+                                         rel=1e-5)
+        assert (t.rule_a, t.rule_b) == ("lora", "lora")
+        a, b = t.inputs
+        assert a.status == b.status == "changed"
+        assert b.norm_a == 0.0
+        assert b.norm_b == pytest.approx(np.linalg.norm(np.float64(after[name]["lora_kernel_b"])),
+                                         rel=1e-6)
+        run = load_run(tuned)
+        a0 = run.tensor(f"{name}/lora_kernel_a", "initial")
+        assert a.rel_l2 == pytest.approx(_rel(a0, after[name]["lora_kernel_a"]), rel=1e-5)
+
+
+def test_drift_follows_the_effective_kernel(lora):
+    _, tuned, before, after = lora
+    d = drift(tuned)
+    conv = next(x for x in d.layers if x.name == "conv")
+    run = load_run(tuned)
+    k0, b0 = before["conv"]["kernel"], run.tensor("conv/bias", run.steps[0])
+    num = (np.sum((np.float64(after["conv"]["effective"]) - k0) ** 2)
+           + np.sum((np.float64(after["conv"]["bias"]) - b0) ** 2))
+    den = np.sum(np.float64(k0) ** 2) + np.sum(np.float64(b0) ** 2)
+    assert conv.from_initial[-1] == pytest.approx(np.sqrt(num / den), rel=1e-5)
+    assert {x.name for x in d.layers} == {"conv", "dense", "out"}
+
+
+def test_spectral_of_a_lora_run_measures_the_effective_kernel(lora):
+    _, tuned, _, after = lora
+    got = spectral(tuned).tensors["dense/kernel"]
+    want = tensor_spectral(after["dense"]["effective"], "Dense", "kernel")
+    assert want is not None
+    assert got.spectral_norm == pytest.approx(want.spectral_norm, rel=1e-5)
+    assert got.norm == pytest.approx(want.norm, rel=1e-5)
+
+
+def test_the_tabs_kernel_grid_responses_and_compare_use_the_effective_kernel(lora):
+    from keras_weightwatch.images import kernel_grid
+    from keras_weightwatch.responses import correlate
+    from keras_weightwatch.tensorboard_plugin import content
+
+    pre, tuned, before, after = lora
+    run = load_run(tuned)
+    grid = content.kernel(run, "conv/kernel", "last")
+    want = kernel_grid(after["conv"]["effective"], max_tiles=content.MAX_TILES)
+    assert grid.image.shape == want.image.shape
+    assert np.abs(grid.image.astype(int) - want.image.astype(int)).max() <= 1
+    base = kernel_grid(before["conv"]["kernel"], max_tiles=content.MAX_TILES)
+    assert np.abs(grid.image.astype(int) - base.image.astype(int)).max() > 8
+    layer, why = content.response_layer(run, "conv/kernel")
+    assert layer is not None, why
+    drawn = content.responses(run, layer, "last")
+    np.testing.assert_allclose(drawn.responses, correlate(SAMPLES, after["conv"]["effective"]),
+                               rtol=1e-4, atol=1e-5)
+    body = content.compare_json(diff_runs(load_run(pre), run), load_run(pre), run, "a", "b")
+    row = next(t for t in body["tensors"] if t["name"] == "conv/kernel")
+    assert row["rule_b"] == "lora" and row["status"] == "changed"
+    assert [i["name"] for i in row["inputs"]] == ["conv/lora_kernel_a", "conv/lora_kernel_b"]
+
+
+def test_a_quantized_runs_analyses_read_the_dequantized_kernel(tmp_path):
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(64, 24)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((24,)), keras.layers.Dense(16, name="dense"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=2, verbose=0,
+              callbacks=[WeightWatch(str(tmp_path / "float"))])
+    float_kernel = np.array(model.get_layer("dense").kernel.numpy(), copy=True)
+    model.quantize("int8", filters="dense|out")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0,
+              callbacks=[WeightWatch(str(tmp_path / "int8"))])
+    layer = model.get_layer("dense")
+    named = {v.name: w for v, w in zip(layer.weights, layer.get_weights())}
+    codes, scale = named["kernel"], named["kernel_scale"]
+    assert codes.dtype == np.int8
+    dequantized = codes.astype(np.float32) / scale
+    got = spectral(str(tmp_path / "int8")).tensors["dense/kernel"]
+    want = tensor_spectral(dequantized, "Dense", "kernel")
+    assert want is not None
+    assert got.spectral_norm == pytest.approx(want.spectral_norm, rel=1e-5)
+    assert got.stable_rank == pytest.approx(want.stable_rank, rel=1e-5)
+    t = diff_runs(str(tmp_path / "float"), str(tmp_path / "int8")).tensor("dense/kernel")
+    assert (t.rule_a, t.rule_b) == (None, "int8")
+    assert t.rel_l2 == pytest.approx(_rel(float_kernel, dequantized), rel=1e-4)
+    assert [i.name for i in t.inputs] == ["dense/kernel_scale"]
+
+
+def test_diff_across_two_widths_names_the_tensors_of_another_shape(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    narrow, wide = _cnn(width=3, units=8), _cnn(width=5, units=16)
+    _fit(narrow, tmp_path / "narrow", epochs=1, lr=0.01)
+    _fit(wide, tmp_path / "wide", epochs=1, lr=0.01)
+    a, b = str(tmp_path / "narrow"), str(tmp_path / "wide")
+    out = io.StringIO()
+    assert main(["diff", a, b, "--images", str(tmp_path / "img")], stdout=out) == 0
+    text = out.getvalue()
+    for key, sa, sb in (("conv/kernel", (3, 3, 1, 3), (3, 3, 1, 5)), ("conv/bias", (3,), (5,)),
+                        ("dense/kernel", (48, 8), (80, 16)), ("dense/bias", (8,), (16,)),
+                        ("out/kernel", (8, 1), (16, 1))):
+        assert f"  {key}" in text and f"shape {sa} -> {sb}" in text
+    result = diff_runs(a, b)
+    assert result.counts()["shape_changed"] == 5
+    bias = result.tensor("out/bias")
+    assert bias.status in ("changed", "unchanged")
+    want_a = np.float64(narrow.get_layer("out").bias.numpy())
+    want_b = np.float64(wide.get_layer("out").bias.numpy())
+    assert bias.norm_a == pytest.approx(np.linalg.norm(want_a), rel=1e-6, abs=1e-12)
+    assert bias.max_abs == pytest.approx(float(np.max(np.abs(want_b - want_a))), abs=1e-7)
+    assert main(["diff", a, b, "--json"], stdout=io.StringIO()) == 0

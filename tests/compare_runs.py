@@ -44,9 +44,10 @@ def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def write_run(path, snapshots, layers=LAYERS, settings=None) -> str:
+def write_run(path, snapshots, layers=LAYERS, settings=None, derived=()) -> str:
     """Write a run directory without Keras: `snapshots` is a list of (label, step, arrays), or
-    of (label, step, arrays, stats) with the statistics to store (weight key -> name -> number)."""
+    of (label, step, arrays, stats) with the statistics to store (weight key -> name -> number);
+    `derived` the header's `Derivation`s (LoRA, quantized kernels)."""
     first = snapshots[0][2]
     specs = tuple(
         WeightSpec(key=k, path=f"model/{k}", layer=k.rsplit("/", 1)[0], shape=a.shape,
@@ -54,7 +55,7 @@ def write_run(path, snapshots, layers=LAYERS, settings=None) -> str:
         for k, a in first.items()
     )
     info = ModelInfo("model", "Sequential", tuple(LayerInfo(n, c, 0, 0, 0) for n, c in layers),
-                     specs)
+                     specs, derived=tuple(derived))
     writer = RunWriter.open(str(path), info, settings=settings or {}, versions={}, durable=False)
     try:
         for label, step, arrays, *stats in snapshots:

@@ -251,3 +251,105 @@ def test_diff_of_runs_without_stored_numbers_has_none(run_dir):
     assert all(t.to_json()["spectral_a"] is None for t in result.tensors)
     text = render_diff(result)
     assert "spectral metrics stored" not in text and "gradient norms on" not in text
+
+
+# --------------------------------------------------------------- effective kernels
+
+
+def _lora(name, scale=0.5):
+    from keras_weightwatch.run import Derivation
+
+    return Derivation(f"{name}/kernel", "lora",
+                      {"base": f"{name}/kernel", "a": f"{name}/lora_kernel_a",
+                       "b": f"{name}/lora_kernel_b"}, {"scale": scale, "rank": 2}, name)
+
+
+def _with_adapters(w, rng, b_zero=False):
+    out = dict(w)
+    out["dense/lora_kernel_a"] = rng.normal(size=(24, 2)).astype("float32")
+    out["dense/lora_kernel_b"] = (np.zeros((2, 5), "float32") if b_zero
+                                  else rng.normal(size=(2, 5)).astype("float32"))
+    return out
+
+
+def _eff(w, scale=0.5):
+    return np.float64(w["dense/kernel"]) + scale * (
+        np.float64(w["dense/lora_kernel_a"]) @ np.float64(w["dense/lora_kernel_b"]))
+
+
+def test_a_lora_kernel_is_compared_as_its_effective_kernel_with_adapters_under_it(tmp_path):
+    rng = np.random.default_rng(11)
+    w = weights(rng)
+    v = _with_adapters(w, rng)  # the same stored base: only the adapters differ
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)], derived=[_lora("dense")])
+    result = diff_runs(a, b)
+    t = result.tensor("dense/kernel")
+    assert t.status == "changed" and (t.rule_a, t.rule_b) == (None, "lora")
+    for name, value in oracle(w["dense/kernel"], _eff(v)).items():
+        assert getattr(t, name) == pytest.approx(value, rel=1e-6), name
+    assert [(i.name, i.status, i.part_of, i.role) for i in t.inputs] == [
+        ("dense/lora_kernel_a", "only_b", "dense/kernel", "a"),
+        ("dense/lora_kernel_b", "only_b", "dense/kernel", "b")]
+    dense = next(x for x in result.layers if x.name == "dense")
+    assert [x.name for x in dense.tensors] == ["dense/kernel", "dense/bias"]
+    assert not dense.structural and result.counts()["only_b"] == 0
+    assert result.tensor("dense/lora_kernel_b").status == "only_b"
+    text = render_diff(result).splitlines()
+    i = text.index(next(x for x in text if x.startswith("  dense/kernel (LoRA in B)")))
+    assert text[i + 1].split()[:2] == ["+", "lora_kernel_a"]
+    assert text[i + 2].split()[:2] == ["+", "lora_kernel_b"]
+    json_row = next(x for x in result.to_json()["tensors"] if x["name"] == "dense/kernel")
+    assert [x["name"] for x in json_row["inputs"]] == ["dense/lora_kernel_a",
+                                                       "dense/lora_kernel_b"]
+
+
+def test_adapters_that_moved_with_b_at_zero_leave_the_effective_kernel_unchanged(tmp_path):
+    rng = np.random.default_rng(12)
+    w = _with_adapters(weights(rng), rng, b_zero=True)
+    v = dict(w, **{"dense/lora_kernel_a": w["dense/lora_kernel_a"] + 1.0})
+    a = write_run(tmp_path / "a", [("epoch", 0, w)], derived=[_lora("dense")])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)], derived=[_lora("dense")])
+    result = diff_runs(a, b)
+    t = result.tensor("dense/kernel")
+    assert t.status == "unchanged" and not t.identical and t.max_abs == 0.0
+    assert [i.status for i in t.inputs] == ["changed", "unchanged"]
+    assert t.inputs[0].rel_l2 == pytest.approx(
+        oracle(w["dense/lora_kernel_a"], v["dense/lora_kernel_a"])["rel_l2"], rel=1e-10)
+    text = render_diff(result)
+    assert "  dense/kernel (LoRA)" in text and "+ lora_kernel_a" in text
+    # the same adapters under another scale: another effective kernel, never "identical"
+    c = write_run(tmp_path / "c", [("epoch", 0, _with_adapters(w, rng))],
+                  derived=[_lora("dense", 0.5)])
+    d = write_run(tmp_path / "d", [("epoch", 0, load_run(c).weights(0))],
+                  derived=[_lora("dense", 2.0)])
+    t = diff_runs(c, d).tensor("dense/kernel")
+    assert not t.identical and t.status == "changed"
+
+
+def _pack_int4(codes):
+    """Two signed 4-bit codes per byte along the last axis, the low nibble first."""
+    padded = np.concatenate([codes, np.zeros((*codes.shape[:-1], codes.shape[-1] % 2), "int8")],
+                            axis=-1)
+    low, high = padded[..., 0::2], padded[..., 1::2]
+    return ((low & 0x0F) | (high << 4)).astype(np.int8)
+
+
+def test_an_int4_kernel_is_compared_by_its_unpacked_shape_with_a_float_one(tmp_path):
+    from keras_weightwatch.run import Derivation
+
+    rng = np.random.default_rng(13)
+    w = weights(rng)
+    codes = rng.integers(-8, 8, size=(24, 5)).astype("int8")
+    scale = rng.uniform(1.0, 4.0, size=5).astype("float32")
+    v = dict(w, **{"dense/kernel": _pack_int4(codes), "dense/kernel_scale": scale})
+    d = Derivation("dense/kernel", "int4", {"codes": "dense/kernel", "scale": "dense/kernel_scale"},
+                   {"length": 5, "scale_ops": []}, "dense")
+    a = write_run(tmp_path / "a", [("epoch", 0, w)])
+    b = write_run(tmp_path / "b", [("epoch", 0, v)], derived=[d])
+    t = diff_runs(a, b).tensor("dense/kernel")
+    assert v["dense/kernel"].shape == (24, 3)
+    assert t.status == "changed" and t.shape_b == (24, 5) and t.rule_b == "int4"
+    want = oracle(w["dense/kernel"], codes.astype(np.float64) / scale)
+    assert t.rel_l2 == pytest.approx(want["rel_l2"], rel=1e-6)
+    assert [i.name for i in t.inputs] == ["dense/kernel_scale"]

@@ -183,3 +183,34 @@ def test_drift_without_stored_gradients_has_no_gradient_section(run_dir):
     assert all(layer.gradients == () for layer in d.layers)
     assert all(x["gradients"] == [] for x in d.to_json()["layers"])
     assert "gradients of the loss" not in render_drift(d)
+
+
+def test_drift_follows_a_lora_layers_effective_kernel_not_its_adapters(tmp_path):
+    from keras_weightwatch.run import Derivation
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(6, 4)).astype("float32")
+    bias = rng.normal(size=4).astype("float32")
+    snaps = []
+    for step in range(3):  # the base and bias frozen; only the adapters move
+        snaps.append(("epoch", step, {
+            "d/kernel": base, "d/bias": bias,
+            "d/lora_kernel_a": rng.normal(size=(6, 2)).astype("float32"),
+            "d/lora_kernel_b": (step * rng.normal(size=(2, 4))).astype("float32")}))
+    lora = Derivation("d/kernel", "lora", {"base": "d/kernel", "a": "d/lora_kernel_a",
+                                           "b": "d/lora_kernel_b"}, {"scale": 2.0}, "d")
+    path = write_run(tmp_path / "run", snaps, layers=[("d", "Dense")], derived=[lora])
+
+    def eff(w):
+        return np.float64(w["d/kernel"]) + 2.0 * (np.float64(w["d/lora_kernel_a"])
+                                                  @ np.float64(w["d/lora_kernel_b"]))
+
+    def rel(x, y):
+        num = np.sum((eff(y) - eff(x)) ** 2) + np.sum((np.float64(y["d/bias"]) - x["d/bias"]) ** 2)
+        return np.sqrt(num / (np.sum(eff(x) ** 2) + np.sum(np.float64(x["d/bias"]) ** 2)))
+
+    (layer,) = drift(path).layers
+    ws = [s[2] for s in snaps]
+    assert layer.step_change == pytest.approx([rel(ws[0], ws[1]), rel(ws[1], ws[2])], rel=1e-6)
+    assert layer.from_initial == pytest.approx([rel(ws[0], ws[1]), rel(ws[0], ws[2])], rel=1e-6)
+    assert layer.from_initial[-1] > 0

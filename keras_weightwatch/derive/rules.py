@@ -11,7 +11,7 @@ result equals Keras's own to float32 rounding:
   convolution; `layer.embeddings` of a LoRA Embedding).
 - `int8`: `codes / scale`, the scale put in the kernel's layout (`scale_ops`).
 - `int4`: the codes unpacked (two signed nibbles per byte, the low one first) to
-  `length` along the last axis, then `codes / scale` (one scale per output unit), or
+  `length` along the last axis (or `axis`), then `codes / scale` (one scale per output unit), or
   `(codes - zero[g]) * scale[g]` per group `g = g_idx` (sub-channel), then reshaped to
   the kernel's `shape` where one is given (EinsumDense).
 - `float8`: the kernel quantized to float8 (e4m3) with its scale and dequantized,
@@ -88,18 +88,19 @@ def _int8(x: Arrays, p: Params) -> np.ndarray:
     return _dequantize(_f32(x["codes"]), x, p)
 
 
-def unpack_int4(packed: np.ndarray, length: int) -> np.ndarray:
-    """Signed 4-bit codes packed two per byte along the last axis (the low nibble holds the
-    even position), unpacked to `length` int8 codes in [-8, 7]."""
-    b = np.asarray(packed).astype(np.int8, copy=False)
+def unpack_int4(packed: np.ndarray, length: int, axis: int = -1) -> np.ndarray:
+    """Signed 4-bit codes packed two per byte along `axis` (the low nibble holds the even
+    position), unpacked to `length` int8 codes in [-8, 7] along that axis."""
+    b = np.moveaxis(np.asarray(packed).astype(np.int8, copy=False), axis, -1)
     low = np.left_shift(b, 4) >> 4
     high = b >> 4
     both = np.stack([low, high], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
-    return both[..., :length]
+    return np.moveaxis(both[..., :length], -1, axis)
 
 
 def _int4(x: Arrays, p: Params) -> np.ndarray:
-    return _dequantize(_f32(unpack_int4(x["codes"], int(p["length"]))), x, p)
+    codes = unpack_int4(x["codes"], int(p["length"]), int(p.get("axis", -1)))
+    return _dequantize(_f32(codes), x, p)
 
 
 def _float8(x: Arrays, p: Params) -> np.ndarray:
@@ -177,8 +178,9 @@ def effective_shape(d: Derivation, shapes: Mapping[str, Sequence[int]]) -> tuple
     if d.rule == "int4":
         if d.params.get("shape"):
             return tuple(int(s) for s in d.params["shape"])
-        codes = tuple(shapes[d.inputs["codes"]])
-        return (*codes[:-1], int(d.params["length"]))
+        codes = list(shapes[d.inputs["codes"]])
+        codes[int(d.params.get("axis", -1))] = int(d.params["length"])
+        return tuple(codes)
     return tuple(int(s) for s in shapes[d.key])
 
 

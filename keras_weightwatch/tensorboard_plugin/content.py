@@ -25,6 +25,7 @@ from ..compare.inputs import content
 from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
 from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
+from ..report import fit_lines
 from ..responses import Geometry, correlate
 from ..run import ResponseLayer
 from ..textfmt import nonfinite_text
@@ -107,7 +108,8 @@ def conv_keys(run: Run) -> list[str]:
 
 
 def summary(run: Run, name: str) -> dict[str, Any]:
-    """The run's snapshots, weights, layers, metric history and feature settings; each weight
+    """The run's snapshots, weights, layers, metric history, feature settings and what tells
+    its fit from others (`fit`: the search trial, the optimizer; `report.fit_lines`); each weight
     with the rules that derive its effective kernel (`derived`: `"lora"`, `"int8"`, ...) or
     the kernel it is an input of (`part_of`: a LoRA adapter's, a scale's)."""
     settings = run.settings
@@ -126,6 +128,7 @@ def summary(run: Run, name: str) -> dict[str, Any]:
             for s in run.specs[:MAX_ROWS]
         ],
         "weights_total": len(run.specs),
+        "fit": [[label, text] for label, text in fit_lines(run.model)],
         "adapters": adapters(run),
         "history": {k: [[st, num(v)] for st, v in pts] for k, pts in run.history().items()},
         "features": {
@@ -245,13 +248,15 @@ def compare(run_a: Run, run_b: Run, pair: Pair, cache) -> DiffResult:
 def compare_json(
     result: DiffResult, run_a: Run, run_b: Run, name_a: str, name_b: str
 ) -> dict[str, Any]:
-    """The library's own JSON of the diff, cut at `MAX_ROWS` tensors, with the conv kernels."""
+    """The library's own JSON of the diff, cut at `MAX_ROWS` tensors, with the conv kernels
+    drawn side by side (those of one shape in both: runs of two widths compare the rest)."""
     out = result.to_json()
     out["a"], out["b"] = name_a, name_b  # the names the page uses, not the server's paths
     out["tensors_total"] = len(out["tensors"])
     out["tensors"] = out["tensors"][:MAX_ROWS]
     convs_a = set(conv_keys(run_a))
-    out["conv"] = [k for k in conv_keys(run_b) if k in convs_a]
+    compared = {t.name for t in result.tensors if t.compared}
+    out["conv"] = [k for k in conv_keys(run_b) if k in convs_a and k in compared]
     return out
 
 

@@ -247,3 +247,45 @@ def test_diff_across_two_widths_names_the_tensors_of_another_shape(tmp_path):
     assert bias.norm_a == pytest.approx(np.linalg.norm(want_a), rel=1e-6, abs=1e-12)
     assert bias.max_abs == pytest.approx(float(np.max(np.abs(want_b - want_a))), abs=1e-7)
     assert main(["diff", a, b, "--json"], stdout=io.StringIO()) == 0
+    from keras_weightwatch.tensorboard_plugin import content
+
+    body = content.compare_json(result, load_run(a), load_run(b), "narrow", "wide")
+    assert body["counts"]["shape_changed"] == 5 and body["conv"] == []
+
+
+def test_features_side_by_side_rank_by_the_effective_first_kernel(tmp_path):
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    keras.utils.set_random_seed(4)
+    names = ["age", "dose", "weight", "height", "score"]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x @ rng.normal(size=(5, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="first"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    ww = {"feature_names": names, "top_k": 5, "histograms": False}
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[WeightWatch(str(tmp_path / "run"), **ww)])
+    model.get_layer("first").enable_lora(2)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    existing = set(os.listdir(tmp_path))
+    model.fit(x, y, epochs=3, verbose=0,
+              callbacks=[WeightWatch(str(tmp_path / "run"), if_exists="new", **ww)])
+    effective = np.float64(np.asarray(model.get_layer("first").kernel))
+    tuned = _new_run(tmp_path, existing)
+    f = diff_runs(str(tmp_path / "run"), tuned).features
+    assert f is not None and f.ranked_by == "row_norm" and f.key_b == "first/kernel"
+    norms = np.linalg.norm(effective, axis=1)
+    assert {r.name: r.weight_b for r in f.rows} == pytest.approx(
+        dict(zip(names, norms.tolist())), rel=1e-5)
+    assert [r.name for r in f.rows] == [names[i] for i in np.argsort(-norms, kind="stable")]
+    from keras_weightwatch.tensorboard_plugin import content
+
+    run = load_run(tuned)
+    weights = {w["key"]: w for w in content.summary(run, "tuned")["weights"]}
+    assert weights["first/kernel"]["derived"] == "lora"
+    assert weights["first/lora_kernel_b"]["part_of"] == "first/kernel"
+    tab = content.features(run)
+    assert tab["tables"][-1][0]["name"] == names[int(np.argmax(norms))]

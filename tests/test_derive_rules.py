@@ -230,3 +230,18 @@ def test_every_rule_names_its_roles():
     assert set(RULES) == {"lora", "int8", "int4", "float8"}
     for rule in RULES.values():
         assert rule.roles and callable(rule.apply)
+
+
+@pytest.mark.parametrize("kernel_shape", [(37, 11), (5, 3, 7), (3, 3, 4, 6)])
+def test_lora_in_blocks_of_rows_equals_the_whole_product(monkeypatch, kernel_shape):
+    from keras_weightwatch.derive import rules
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(kernel_shape).astype(np.float32)
+    a = rng.standard_normal((*kernel_shape[:-1], 4)).astype(np.float32)
+    b = rng.standard_normal((4, kernel_shape[-1])).astype(np.float32)
+    want = base + np.float32(0.5) * np.matmul(a, b)  # Keras's own arithmetic, in numpy
+    monkeypatch.setattr(rules, "LORA_BLOCK", 3 * b.size)  # 3 rows a block, a short last one
+    got = rules.RULES["lora"].apply({"base": base, "a": a, "b": b}, {"scale": 0.5})
+    assert got.dtype == np.float32 and got.shape == kernel_shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -715,3 +715,18 @@ def test_a_tensor_that_differs_from_the_previous_only_far_in_is_written_again(tm
     np.testing.assert_array_equal(loaded.weights(1)["frozen/kernel"], moved)
     np.testing.assert_array_equal(loaded.weights(0)["frozen/kernel"], base)
     assert loaded.verify().ok
+
+
+@pytest.mark.parametrize("size", [0, 5, 8, 13, 4096 + 3])
+def test_same_bytes_finds_any_single_differing_byte(size):
+    from keras_weightwatch.run.writer import same_bytes
+
+    rng = np.random.default_rng(size)
+    a = rng.integers(0, 256, size, dtype=np.uint8)
+    assert same_bytes(memoryview(a), memoryview(a.copy()), first=16, chunk=64)
+    for i in range(size):  # the prefix, every chunk, the bytes past the last 8-byte word
+        b = a.copy()
+        b[i] ^= 1
+        assert not same_bytes(memoryview(a), memoryview(b), first=16, chunk=64), i
+        assert same_bytes(memoryview(a), memoryview(b)) is (bytes(a) == bytes(b))  # defaults
+    assert not same_bytes(memoryview(a), memoryview(np.append(a, 0)))

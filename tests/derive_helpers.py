@@ -49,3 +49,17 @@ def embedding_reference(layer):
             return dequantize_with_sz_map(ops.cast(codes, "float32"), layer.embeddings_scale,
                                           layer.embeddings_zero, layer.g_idx, group_axis=-1)
     return ops.divide(ops.cast(codes, "float32"), ops.expand_dims(layer.embeddings_scale, -1))
+
+
+def reverse_embedding_reference(layer):
+    """The output projection of an untied quantized `ReversibleEmbedding`, as its `reverse=True`
+    call dequantizes it."""
+    codes = layer.reverse_embeddings
+    if layer.quantization_mode == "int4":
+        codes = keras.quantizers.unpack_int4(codes, layer.output_dim, axis=0)
+        if getattr(layer, "reverse_embeddings_zero", None) is not None:
+            return dequantize_with_sz_map(ops.cast(codes, "float32"),
+                                          layer.reverse_embeddings_scale,
+                                          layer.reverse_embeddings_zero, layer.g_idx,
+                                          group_axis=0)
+    return ops.divide(ops.cast(codes, "float32"), layer.reverse_embeddings_scale)

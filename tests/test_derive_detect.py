@@ -7,7 +7,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from derive_helpers import dense_reference, einsum_reference, embedding_reference
+from derive_helpers import (
+    dense_reference,
+    einsum_reference,
+    embedding_reference,
+    reverse_embedding_reference,
+)
 from keras import ops
 
 from keras_weightwatch.capture import capture_arrays, describe_model
@@ -188,6 +193,30 @@ def test_quantized_embedding_is_embeddings_keras_dequantizes(mode, dim):
     layer._embeddings.assign(rng.normal(size=(10, dim)).astype("float32"))
     _quantize(model, layer, mode)
     _check_quantized(model, layer, layer._embeddings, embedding_reference)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4-per-channel", "int4-grouped"])
+@pytest.mark.parametrize("dim", [6, 7])
+def test_untied_reversible_embedding_has_both_effective_kernels(mode, dim):
+    layer = keras.layers.ReversibleEmbedding(10, dim, tie_weights=False, name="emb")
+    model = _model(layer, (3,), dtype="int32")
+    rng = np.random.default_rng(2)
+    layer._embeddings.assign(rng.normal(size=(10, dim)).astype("float32"))
+    layer.reverse_embeddings.assign(rng.normal(size=(dim, 10)).astype("float32"))
+    _quantize(model, layer, mode)
+    info, arrays, out = _effective(model)
+    keys = [_key(model, layer._embeddings), _key(model, layer.reverse_embeddings)]
+    assert [d.key for d in info.derived] == keys
+    np.testing.assert_allclose(out[keys[0]], np.asarray(embedding_reference(layer)),
+                               rtol=1e-6, atol=1e-7)
+    want = np.asarray(reverse_embedding_reference(layer))
+    assert out[keys[1]].shape == want.shape == (dim, 10)
+    np.testing.assert_allclose(out[keys[1]], want, rtol=1e-6, atol=1e-7)
+    # the logits the layer computes, without its input quantizer, from the effective kernel
+    layer.inputs_quantizer = None
+    x = rng.normal(size=(2, dim)).astype("float32")
+    np.testing.assert_allclose(np.asarray(layer(x, reverse=True)), x @ out[keys[1]],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_quantized_embedding_lookup_uses_the_effective_table():

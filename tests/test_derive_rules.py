@@ -62,6 +62,18 @@ def test_unpack_int4_matches_keras_and_round_trips_pack_int4(length, rows):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("length", [3, 4])
+def test_unpack_int4_along_the_first_axis_matches_keras(length):
+    codes = _rng(length).integers(-8, 8, size=(length, 5)).astype("int8")
+    packed = np.asarray(keras.quantizers.pack_int4(codes, axis=0)[0])
+    assert packed.shape == ((length + 1) // 2, 5)
+    np.testing.assert_array_equal(unpack_int4(packed, length, axis=0), codes)
+    theirs = np.asarray(keras.quantizers.unpack_int4(packed, length, axis=0))
+    np.testing.assert_array_equal(unpack_int4(packed, length, axis=0), theirs)
+    d = Derivation("k", "int4", {"codes": "k", "scale": "s"}, {"length": length, "axis": 0}, "")
+    assert effective_shape(d, {"k": packed.shape}) == (length, 5)
+
+
 def test_unpack_int4_matches_keras_on_every_byte():
     every = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(1, 256)
     theirs = np.asarray(keras.quantizers.unpack_int4(every, 512, axis=-1))

@@ -1,7 +1,9 @@
 """The derivations of a Keras model's effective kernels (train begin, training thread).
 
 Reads layer attributes only (`lora_enabled`, `quantization_mode` and the variables
-behind them); calls no Keras function and computes nothing. Quantization modes other
+behind them); calls no Keras function and computes nothing. A quantized
+`ReversibleEmbedding` with untied weights has two effective kernels: its embeddings and its
+output projection (`reverse_embeddings`). Quantization modes other
 than int8, int4 and float8 (GPTQ, AWQ) have no rule: their stored kernel is shown.
 """
 
@@ -72,6 +74,26 @@ def _quantized(layer: Any, keys: Mapping[int, str]) -> Derivation | None:
     return Derivation(key, mode, inputs, params, key_layer(key))
 
 
+def _reverse(layer: Any, keys: Mapping[int, str]) -> Derivation | None:
+    """The untied output projection of a quantized `ReversibleEmbedding` (`reverse_embeddings`,
+    (output_dim, input_dim), one scale per column; its int4 codes packed along the first axis,
+    grouped along it by the layer's `g_idx`)."""
+    mode = getattr(layer, "quantization_mode", None)
+    key = _key(layer, "reverse_embeddings", keys)
+    scale = _key(layer, "reverse_embeddings_scale", keys)
+    if mode not in ("int8", "int4") or key is None or scale is None:
+        return None
+    inputs = {"codes": key, "scale": scale}
+    params: dict[str, Any] = {}
+    if mode == "int4":
+        params.update(length=int(layer.output_dim), axis=0)
+        zero, g_idx = _key(layer, "reverse_embeddings_zero", keys), _key(layer, "g_idx", keys)
+        if zero is not None and g_idx is not None:
+            inputs.update(zero=zero, g_idx=g_idx)
+            params["group_axis"] = 0
+    return Derivation(key, mode, inputs, params, key_layer(key))
+
+
 def _lora(layer: Any, keys: Mapping[int, str]) -> Derivation | None:
     if not getattr(layer, "lora_enabled", False):
         return None
@@ -102,7 +124,7 @@ def derivations(model: Any, keys: Mapping[int, str]) -> tuple[Derivation, ...]:
     """
     out: list[Derivation] = []
     for layer in _layers(model):
-        for detect in (_quantized, _lora):
+        for detect in (_quantized, _reverse, _lora):
             d = detect(layer, keys)
             if d is not None:
                 out.append(d)

@@ -20,9 +20,17 @@ import keras
 from .capture import Snapshot
 from .distribute import is_writer
 from .errors import WeightWatchError, WeightWatchWarning
-from .fitplan import Plan
+from .fitplan import Plan, Trial, find_trial
 from .pipeline import Pipeline, ShardPipeline
-from .rundir import Diverged, RunDirError, diverged_run, start_beside
+from .rundir import (
+    Diverged,
+    RunDirError,
+    beside_other,
+    diverged_run,
+    other_architecture,
+    start_beside,
+    trial_settings,
+)
 from .settings import Settings
 
 S = Settings  # the defaults below are the record's own: one source for each
@@ -57,7 +65,16 @@ class WeightWatch(keras.callbacks.Callback):
     `fit(initial_epoch=k)` with k > 0, or with the same model as this
     callback's previous fit. Any other fit at `initial_epoch=0` (the same
     script run again, a new model of the same architecture) is a new
-    training and never mixes into the run (see `if_exists`).
+    training and never mixes into the run (see `if_exists`). The same model
+    fine-tuned with `layer.enable_lora(rank)` continues its run: the adapters
+    join it from the first snapshot of the fine-tune on. A model of another
+    architecture never breaks the fit: it writes a run of its own beside it.
+
+    In a KerasTuner search (which deep-copies the callbacks for every execution
+    of every trial), each trial execution writes its own run,
+    `log_dir/<trial id>/execution<k>` as KerasTuner names its TensorBoard
+    directories, and its header records the trial's hyperparameters; every
+    run header records the optimizer's and the layers' configuration.
 
     It works on every Keras backend (TensorFlow is never imported on JAX or
     PyTorch). In a multi-process run only one process writes (the chief of a
@@ -118,11 +135,13 @@ class WeightWatch(keras.callbacks.Callback):
         if_exists: What to do when `log_dir` already holds a run:
             `"continue"` appends to it when the fit resumes it (a model of the
             same architecture, starting from the run's last snapshot or at
-            `initial_epoch` > 0); a new training at `initial_epoch=0` goes to
-            a new run in `log_dir-2` (or `-3`, ...) with one
-            `WeightWatchWarning` naming both directories. `"new"` always
-            starts a new run in `log_dir-2` (or `-3`, ...), `"error"` raises.
-            Defaults to `"continue"`.
+            `initial_epoch` > 0; the same model with LoRA adapters added
+            too); a new training at `initial_epoch=0`, or a model of another
+            architecture, goes to a new run in `log_dir-2` (or `-3`, ...)
+            with one `WeightWatchWarning` naming both directories (and what
+            differs). `"new"` always starts a new run in `log_dir-2` (or `-3`,
+            ...), `"error"` raises (naming what differs). Defaults to
+            `"continue"`.
         strict: Raise `WeightWatchError` when writing fails, instead of
             warning once and letting training go on. Defaults to False.
         durable: fsync every file before it becomes part of the run, so that
@@ -291,6 +310,8 @@ class WeightWatch(keras.callbacks.Callback):
             self.on_train_batch_end = self._on_train_batch_end
         self._undecided: tuple[Plan, Diverged] | None = None
         self._watched: weakref.ref[Any] | None = None  # the model of the last fit that opened a run
+        self._fit_settings = self.settings  # this fit's: `log_dir` a trial's own in a search
+        self._trial: Trial | None = None  # the search trial of the run in `run_dir`
 
     def __getattr__(self, name: str) -> Any:
         # The options stay readable as attributes (`cb.freq`), as in earlier releases.
@@ -311,25 +332,55 @@ class WeightWatch(keras.callbacks.Callback):
         self._offset = None
         self._base, self._batches, self._epoch_start, self._mark = None, 0, 0, 0
         self._undecided = None
-        plan = Plan.make(self.model, self.settings)  # bad arguments raise here, before any epoch
+        plan = Plan.make(self.model, self.settings, find_trial())  # bad arguments raise here
+        plan = self._in_trial(plan)
+        settings = self._fit_settings
         if not is_writer(self.model):
             if plan.sharded:  # model parallel: each process stores the shards it holds
                 self._guard(lambda: self._open_shards(plan))
             return  # another process of a distributed run writes; this one stays inactive
+        other = other_architecture(plan, settings, self.run_dir)
+        if other is not None:  # never continued: a run of its own beside it
+            beside = beside_other(settings, other)  # with if_exists="error", refused here
+            if settings.if_exists == "continue":
+                warnings.warn(
+                    f"weightwatch: {other.run_dir} holds a run of another architecture "
+                    f"({other.what}), so this fit is written to {beside}, beside it.",
+                    WeightWatchWarning, stacklevel=2)
+            self._open(plan, beside)
+            return
         # The model this callback watched in its last fit continues its run whatever its
         # weights (EarlyStopping may have restored its best ones); any other model only
         # when it starts from the run's last snapshot or at initial_epoch > 0.
         if self.run_dir is None or self._watched is None or self._watched() is not self.model:
-            diverged = diverged_run(plan, self.settings, self.run_dir, self.model)
+            diverged = diverged_run(plan, settings, self.run_dir, self.model)
             if diverged is not None:
                 self._undecided = (plan, diverged)  # the first epoch's index decides
                 return
         self._open(plan, self.run_dir)
 
+    def _in_trial(self, plan: Plan) -> Plan:
+        """Under a hyperparameter search: this fit's settings write to the trial execution's
+        own directory (`rundir.trial_settings`), and the plan records the trial. A later fit
+        of the same trial execution continues its run; any other never does."""
+        self._fit_settings = self.settings
+        trial = plan.trial
+        if trial is None:
+            return plan
+        mine = self._trial
+        same = mine is not None and self.run_dir is not None and mine.id == trial.id and (
+            trial.execution is None or trial.execution == mine.execution)
+        if not same:
+            self.run_dir = None
+        chosen = mine if same and mine is not None else trial
+        self._fit_settings, settled = trial_settings(self.settings, chosen)
+        self._trial = settled
+        return plan.with_trial(settled._replace(hyperparameters=trial.hyperparameters))
+
     def _open(self, plan: Plan, run_dir: str | None) -> None:
         """Open the fit's pipeline on `run_dir` (None: by `if_exists`); take the initial weights."""
         try:
-            pipeline = self.pipeline_class.open(plan, self.settings, run_dir)
+            pipeline = self.pipeline_class.open(plan, self._fit_settings, run_dir)
         except RunDirError as e:
             if self.settings.strict:
                 raise
@@ -343,7 +394,7 @@ class WeightWatch(keras.callbacks.Callback):
 
     def _open_shards(self, plan: Plan) -> None:
         """A process other than 0 of a model-parallel run: store its shards of each snapshot."""
-        pipeline = ShardPipeline(plan, self.settings)
+        pipeline = ShardPipeline(plan, self._fit_settings)
         self.pipeline, self.run_dir = pipeline, pipeline.run_dir  # type: ignore[assignment]
         if pipeline.needs_initial:
             self._pending_initial = pipeline.take(self.model, label="initial", epoch=None, logs={})
@@ -357,7 +408,7 @@ class WeightWatch(keras.callbacks.Callback):
         if epoch > 0:
             self._open(plan, diverged.run_dir)
             return
-        beside = start_beside(self.settings, diverged.run_dir)
+        beside = start_beside(self._fit_settings, diverged.run_dir)
         if self.settings.if_exists == "continue":
             warnings.warn(
                 f"weightwatch: {diverged.run_dir} holds a run whose last snapshot (step "

@@ -90,7 +90,92 @@ def describe_model(model: Any) -> ModelInfo:
         layers=tuple(layers),
         weights=tuple(specs),
         derived=derivations(model, {id(v): s.key for v, s in zip(variables, specs)}),
+        extra=fit_extra(model),
     )
+
+
+MAX_CONFIG_BYTES = 1 << 16
+"""The most bytes of JSON the header's `model.config` lists layers in (past it, the layers
+that fit, the digest of them all, and how many were left out)."""
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """`value` as JSON: numbers (numpy's as Python's; NaN and Inf as text), strings, bools and
+    None as they are; mappings and sequences entry by entry; anything else as its text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else str(float(value))
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if depth < 8 and isinstance(value, Mapping):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in value]
+    return str(value)[:200]
+
+
+def _compact(value: Any) -> Any:
+    """A layer option in few bytes: scalars and short lists of them as they are, a serialized
+    Keras object (initializer, regularizer, dtype policy) as its class or policy name; None
+    for anything else (left out)."""
+    if value is None or isinstance(value, (bool, int, float, str, np.generic)):
+        return json_safe(value)
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(
+            x is None or isinstance(x, (bool, int, float, str)) for x in value):
+        return json_safe(value)
+    if isinstance(value, Mapping) and "class_name" in value:
+        inner = value.get("config")
+        name = inner.get("name") if isinstance(inner, Mapping) else None
+        return str(name if value["class_name"].endswith("DTypePolicy") and name
+                   else value["class_name"])
+    return None
+
+
+def _layer_config(layer: Any) -> dict[str, Any]:
+    """One layer's compact configuration: its name, class and `get_config()` options."""
+    out: dict[str, Any] = {"name": str(layer.name), "class_name": type(layer).__name__}
+    try:
+        config = layer.get_config()
+    except Exception:  # noqa: BLE001 - a layer without a config is listed by name
+        return out
+    for key, value in config.items() if isinstance(config, Mapping) else ():
+        compact = None if key in ("name", "trainable") else _compact(value)
+        if compact is not None:
+            out[str(key)] = compact
+    return out
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """The header's `model.config`: each top-level layer's compact configuration and the
+    SHA-256 of them all (`digest`), within `MAX_CONFIG_BYTES`."""
+    import hashlib
+    import json
+
+    layers = [_layer_config(layer) for layer in getattr(model, "layers", [])]
+    text = json.dumps(layers, sort_keys=True)
+    out: dict[str, Any] = {"digest": hashlib.sha256(text.encode()).hexdigest(), "layers": layers}
+    while len(json.dumps(out["layers"])) > MAX_CONFIG_BYTES:
+        out["layers"] = out["layers"][: len(out["layers"]) // 2]
+        out["layers_left_out"] = len(layers) - len(out["layers"])
+    return out
+
+
+def fit_extra(model: Any) -> dict[str, Any]:
+    """What the header records about the fit besides the weights (`ModelInfo.extra`): the
+    optimizer's configuration (learning rate and friends) and the layers' (`model_config`)."""
+    out: dict[str, Any] = {"config": model_config(model)}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        try:
+            config = optimizer.get_config()
+        except Exception:  # noqa: BLE001 - an optimizer without a config is named only
+            config = {}
+        config = config if isinstance(config, Mapping) else {}
+        out["optimizer"] = {"class_name": type(optimizer).__name__, **json_safe(config)}
+    return out
 
 
 def _host_copy(variable: Any) -> np.ndarray:

@@ -105,6 +105,23 @@ def _count(value: object) -> int:
     return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
 
 
+def _joined_lines(run: Run, cols: Mapping[str, StatColumn]) -> list[str]:
+    """`joined` lines: weights that a run holds from a later snapshot on (LoRA adapters added
+    part-way: the snapshots before simply lack them), told by where their statistics start."""
+    import numpy as np
+
+    stored = cols["nan_count"].stored
+    if not stored.size or stored[0].all():
+        return []
+    by_step: dict[str, list[str]] = {}
+    for j, spec in enumerate(run.specs):
+        rows = np.flatnonzero(stored[:, j])
+        if rows.size and rows[0] > 0:
+            by_step.setdefault(run.snapshots[int(rows[0])].name, []).append(spec.key)
+    return [f"joined    {', '.join(keys)} at step {name} (earlier snapshots lack them)"
+            for name, keys in by_step.items()]
+
+
 def _non_finite_lines(run: Run, cols: Mapping[str, StatColumn], limit: int = 10) -> list[str]:
     """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
     import numpy as np
@@ -144,6 +161,7 @@ def render_show(run: Run) -> str:
         f"{fmt_int(int(m.get('trainable_params', 0)))} trainable, "
         f"{fmt_int(int(m.get('non_trainable_params', 0)))} non-trainable"
     )
+    out += [f"{label:<9} {text}" for label, text in fit_lines(m)]
     names = [s.name for s in run.snapshots]
     out.append(f"snapshots {len(names)}: {', '.join(names) if names else '(none complete yet)'}")
     lossy = run.lossy_dtypes()
@@ -154,6 +172,7 @@ def render_show(run: Run) -> str:
         )
     cols = run.stat_columns(SHOW_STATS)  # every snapshot's, decoded once
     out.extend(_non_finite_lines(run, cols))
+    out.extend(_joined_lines(run, cols))
     out.append("")
     out.append("layers")
     out.append(
@@ -191,6 +210,38 @@ def render_show(run: Run) -> str:
     if gradient_lines:
         out += ["", *gradient_lines]
     return "\n".join(out)
+
+
+OPTIMIZER_SHOWN = ("learning_rate", "momentum", "nesterov", "beta_1", "beta_2", "epsilon",
+                   "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "amsgrad")
+"""The optimizer settings `show` and the dashboard's run list name (where set)."""
+
+
+def _value_text(value: object) -> str:
+    if isinstance(value, float):
+        return fmt_num(value)
+    if isinstance(value, Mapping):  # a learning-rate schedule: its class
+        return str(value.get("class_name", "schedule"))
+    return str(value)
+
+
+def fit_lines(model: Mapping[str, object]) -> list[tuple[str, str]]:
+    """What the run header records about the fit besides its weights, as (label, text): the
+    hyperparameter-search trial (`model.trial`) and the optimizer (`model.optimizer`)."""
+    out = []
+    trial = model.get("trial")
+    if isinstance(trial, Mapping):
+        hp = trial.get("hyperparameters")
+        values = ", ".join(f"{k}={v}" for k, v in hp.items()) if isinstance(hp, Mapping) else ""
+        out.append(("trial", f"{trial.get('id', '?')}, execution {trial.get('execution', '?')}"
+                    + (f": {values}" if values else "")))
+    opt = model.get("optimizer")
+    if isinstance(opt, Mapping):
+        shown = [f"{k}={_value_text(opt[k])}" for k in OPTIMIZER_SHOWN
+                 if opt.get(k) not in (None, False)]
+        out.append(("optimizer", " ".join([str(opt.get("class_name", "?")), ", ".join(shown)])
+                    .strip()))
+    return out
 
 
 _STORED = ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_norm", "num_spikes")

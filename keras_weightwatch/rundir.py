@@ -5,6 +5,10 @@ earlier fit, or `log_dir` as `if_exists` says (`error`, `continue`, or `new`: th
 first free `log_dir-N`, reserved race-free). `diverged_run` tells a fit that
 continues a run from one that only shares its directory (the model's weights are not
 the run's last snapshot), and `start_beside` gives such a fit a directory of its own.
+`other_architecture` finds the run a fit would write whose weights are of another
+architecture (neither the same nor extended by the model's, see
+`run.writer.architecture_change`), and `beside_other` gives that fit a directory of its
+own, or refuses it with `if_exists="error"`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _version
-from .capture import host_views
+from .capture import WeightSpec, host_views
 from .errors import RunBusyError, WeightWatchError
-from .fitplan import Plan
-from .run import RunWriter, architecture_mismatch, holds, is_run, load_run
+from .fitplan import Plan, Trial
+from .run import RunWriter, holds, is_run, load_run
 from .run.remote import is_url, open_storage
+from .run.writer import Change, architecture_change
 from .settings import Settings
 
 
@@ -125,28 +131,83 @@ def diverged_run(plan: Plan, settings: Settings, previous: str | None,
     Otherwise the fit is a new training (a re-run of a script, another model of
     the same architecture) unless it resumes at `initial_epoch > 0`, which only
     the first epoch's index tells: this returns the run, for the callback to
-    decide at the first epoch (`start_beside`). A run of another architecture,
-    or one that cannot be read, returns None: opening it reports that as before.
+    decide at the first epoch (`start_beside`). A model that extends the run's
+    weights (LoRA adapters added) is compared on the run's weights, by key. A run
+    of another architecture (`other_architecture`), or one that cannot be read,
+    returns None: opening it reports that as before.
     """
     path = _continued(settings, previous)
-    if path is None or not is_run(path):
+    if path is None or not is_run(path, settings.storage_options):
         return None
     try:
-        run = load_run(path)
+        run = load_run(path, settings.storage_options)
     except WeightWatchError:
         return None
-    if not run.snapshots or architecture_mismatch(run.specs, plan.specs):
+    change = architecture_change(run.specs, plan.specs)
+    if not run.snapshots or (change is not None and not change.extends):
         return None
     last = run.snapshots[-1]
     variables = list(model.weights)
-    current = host_views([variables[i] for i in plan.watch])
-    for spec, arr in zip(run.specs, current):
-        rec = last.tensors.get(spec.key)
+    watched = _compared(run.specs, plan, change)
+    current = host_views([variables[i] for _, i in watched])
+    for (key, _), arr in zip(watched, current):
+        rec = last.tensors.get(key)
         if rec is None:
             return None  # nothing to compare with: continue as before
         if not holds(rec, arr):
             return Diverged(path, last.step)
     return None
+
+
+def _compared(run_specs: Sequence[WeightSpec], plan: Plan,
+              change: Change | None) -> list[tuple[str, int]]:
+    """(the run's key, index into `model.weights`) of each weight the run holds: matched by
+    position for the same architecture, by key for a model that extends the run's."""
+    if change is None:
+        return [(spec.key, i) for spec, i in zip(run_specs, plan.watch)]
+    by_key = {plan.info.weights[i].key: i for i in plan.watch}
+    return [(spec.key, by_key[spec.key]) for spec in run_specs]
+
+
+class Other(NamedTuple):
+    """A run of another architecture that a fit would write (see `other_architecture`)."""
+
+    run_dir: str
+    what: str
+    """What differs, in words (`Change.what`)."""
+
+
+def other_architecture(plan: Plan, settings: Settings, previous: str | None) -> Other | None:
+    """The run this fit would write (the callback's own from an earlier fit, else `log_dir`)
+    when its weights are of another architecture than the model's: not the same and not
+    extended by the model's (a model that adds LoRA adapters continues its run). None when
+    there is none, or the fit starts a new run anyway (`if_exists="new"`, no earlier fit)."""
+    path = previous if previous is not None else settings.log_dir
+    options = settings.storage_options
+    if previous is None and settings.if_exists == "new":
+        return None
+    try:
+        if not is_run(path, options):
+            return None
+        specs = load_run(path, options).specs
+    except (OSError, WeightWatchError):
+        return None  # opening the run reports it
+    change = architecture_change(specs, plan.specs)
+    if change is None or change.extends:
+        return None
+    return Other(path, change.what)
+
+
+def beside_other(settings: Settings, other: Other) -> str:
+    """A new run directory beside `other.run_dir` for a model of another architecture:
+    `log_dir-2` (or `-3`, ...); refused with `if_exists="error"`, naming what differs."""
+    if settings.if_exists == "error":
+        raise WeightWatchError(
+            f"{other.run_dir}: holds a run of another architecture ({other.what}); pass "
+            "if_exists='new' to start a new run beside it, or choose another log_dir. "
+            f"Received: if_exists={settings.if_exists!r}"
+        )
+    return reserve_new_dir(settings.log_dir, settings)
 
 
 def start_beside(settings: Settings, run_dir: str) -> str:
@@ -158,7 +219,20 @@ def start_beside(settings: Settings, run_dir: str) -> str:
             "starts at epoch 0; pass if_exists='new' to start a new run beside it, or "
             "fit(initial_epoch=k) to continue it"
         )
-    return reserve_new_dir(settings.log_dir)
+    return reserve_new_dir(settings.log_dir, settings)
+
+
+def trial_settings(settings: Settings, trial: Trial) -> tuple[Settings, Trial]:
+    """Where a trial execution of a hyperparameter search writes: `log_dir/<trial
+    id>/execution<k>` (KerasTuner's TensorBoard directories). Where the tuner did not say
+    which execution this is, `k` is the first whose directory holds no run yet."""
+    if trial.execution is None:
+        k = 0
+        while is_run(settings.within(trial.id, f"execution{k}").log_dir,
+                     settings.storage_options):
+            k += 1
+        trial = trial._replace(execution=k)
+    return settings.within(*trial.parts()), trial
 
 
 def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWriter:
@@ -172,7 +246,8 @@ def open_writer(plan: Plan, settings: Settings, previous: str | None) -> RunWrit
     options = settings.storage_options
     try:
         if settings.if_exists == "new" and previous is not None and is_run(previous, options):
-            if architecture_mismatch(load_run(previous, options).specs, specs):
+            change = architecture_change(load_run(previous, options).specs, specs)
+            if change is not None and not change.extends:
                 previous = None
         run_dir = _run_dir(settings, previous)
     except OSError as e:

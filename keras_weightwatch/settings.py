@@ -446,6 +446,15 @@ class Settings:
             out["feature_key"] = feature_key
         return out
 
+    def within(self, *parts: str) -> Settings:
+        """These settings with `log_dir` one directory deeper (`log_dir/<part>/...`): where
+        a hyperparameter search's trial execution writes its own run."""
+        from .run.remote import is_url
+
+        if is_url(self.log_dir):
+            return dataclasses.replace(self, log_dir="/".join((self.log_dir, *parts)))
+        return dataclasses.replace(self, log_dir=os.path.join(self.log_dir, *parts))
+
     def validate(self, info: ModelInfo) -> tuple[int, ...]:
         """Check the settings against the model; return the indices of the weights to watch.
 

@@ -221,23 +221,24 @@ def test_model_changed_between_fits(tmp_path, recorder):
     assert_same_arrays(run.weights(3), recorder.epochs[1])
     assert {s.key: s.trainable for s in run.specs}["a/kernel"] is False
     np.testing.assert_array_equal(run.tensor("a/kernel", 1), run.tensor("a/kernel", 3))
-    # A layer added: the same callback refuses before any epoch...
+    # A layer added: the same callback starts a new run beside it, with one warning...
     bigger = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2),
                                keras.layers.Dense(1)])
     bigger.compile(optimizer="adam", loss="mse")
-    with pytest.raises(WeightWatchError, match=r"another architecture \(the run has 4 weight "
-                                               r"tensors, the model has 6\)"):
+    with pytest.warns(WeightWatchWarning, match=r"another architecture \(the run has 4 weight "
+                                                r"tensors, the model has 6; "):
         bigger.fit(x, y, epochs=1, verbose=0, callbacks=[ww])
+    assert ww.run_dir == os.fspath(tmp_path / "run") + "-2"
     assert load_run(tmp_path / "run").steps == [-1, 0, 1, 2, 3]  # untouched
-    # ...and one with if_exists="new" starts a new run beside it.
+    # ...and so does one with if_exists="new", silently.
     ww_new = WeightWatch(tmp_path / "run", if_exists="new")
     model.fit(x, y, epochs=1, verbose=0, callbacks=[ww_new])
-    assert ww_new.run_dir == os.fspath(tmp_path / "run") + "-2"
+    assert ww_new.run_dir == os.fspath(tmp_path / "run") + "-3"
     rec2 = type(recorder)()
     bigger.fit(x, y, epochs=1, verbose=0, callbacks=[ww_new, rec2])
-    assert ww_new.run_dir == os.fspath(tmp_path / "run") + "-3"
+    assert ww_new.run_dir == os.fspath(tmp_path / "run") + "-4"
     assert_same_arrays(load_run(ww_new.run_dir).weights(0), rec2.epochs[0])
-    assert load_run(tmp_path / "run-2").steps == [-1, 0]
+    assert load_run(tmp_path / "run-3").steps == [-1, 0]
 
 
 class _BatchRecorder(keras.callbacks.Callback):

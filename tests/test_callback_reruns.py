@@ -18,7 +18,14 @@ import pytest
 from helpers import assert_same_arrays
 from tiny_models import data
 
-from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
+from keras_weightwatch import (
+    WeightWatch,
+    WeightWatchError,
+    WeightWatchWarning,
+    drift,
+    load_run,
+)
+from keras_weightwatch.report import render_show
 
 
 def _model(seed):
@@ -177,3 +184,123 @@ def test_only_the_watched_weights_are_compared(tmp_path):
     other.set_weights(model.get_weights()[:2] + [np.ones((3, 1), "float32"), np.ones(1, "float32")])
     assert _fit(other, [WeightWatch(run_dir, exclude="^b/")]) == []
     assert load_run(run_dir).steps == [-1, 0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ a change of architecture
+
+
+def _conv_model(seed):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(3, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="dense"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def _conv_fit(model, callbacks, **kwargs):
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 6, 6, 1), dtype=np.float32)
+    y = rng.random((16, 1), dtype=np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightWatchWarning)
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=callbacks, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, WeightWatchWarning)]
+
+
+def _lora(model, rank=2):
+    for name in ("dense", "conv"):
+        model.get_layer(name).enable_lora(rank)
+    model.compile(optimizer="adam", loss="mse")
+
+
+ADAPTERS = ["conv/lora_kernel_a", "conv/lora_kernel_b", "dense/lora_kernel_a",
+            "dense/lora_kernel_b"]
+
+
+@pytest.mark.parametrize("views", [{}, {"feature_names": [f"f{i}" for i in range(48)],
+                                        "feature_layer": "dense",
+                                        "sample_images": "x"}], ids=["defaults", "views"])
+def test_pretrain_then_lora_continues_one_run(tmp_path, recorder, views):
+    run_dir = os.fspath(tmp_path / "run")
+    if views:
+        views = {**views, "sample_images": np.random.default_rng(1).random((2, 6, 6, 1),
+                                                                           dtype=np.float32)}
+    model = _conv_model(1)
+    assert _conv_fit(model, [WeightWatch(run_dir, **views)], epochs=2) == []
+    pretrained = load_run(run_dir)
+    _lora(model)
+    assert _conv_fit(model, [WeightWatch(run_dir, **views), recorder], epochs=4,
+                     initial_epoch=2) == []
+    assert not os.path.exists(run_dir + "-2")
+    run = load_run(run_dir)
+    assert run.steps == [-1, 0, 1, 2, 3] and run.verify().ok
+    assert [s.key for s in run.specs] == [w.path.split("/", 1)[1] for w in model.weights]
+    for snap in run.snapshots:  # the adapters join at the first continued snapshot
+        assert set(ADAPTERS) <= set(snap.tensors) if snap.step >= 2 else not (
+            set(ADAPTERS) & set(snap.tensors))
+    assert run.snapshots[:3] == pretrained.snapshots  # the pretraining snapshots as they were
+    assert_same_arrays(run.weights(3), recorder.epochs[3])
+    for name in ("dense", "conv"):  # the kernel the layer computes with
+        np.testing.assert_allclose(run.tensor(f"{name}/kernel", 3, effective=True),
+                                   keras.ops.convert_to_numpy(model.get_layer(name).kernel),
+                                   rtol=0, atol=1e-6)
+    assert [d.key for d in run.derived] == ["conv/kernel", "dense/kernel"]
+    # Reading the whole run across the step where the adapters join.
+    assert (f"joined    {', '.join(ADAPTERS)} at step 2 (earlier snapshots lack them)"
+            in render_show(run))
+    moved = {layer.name: layer for layer in drift(run).layers}
+    for name in ("conv", "dense"):
+        assert len(moved[name].step_change) == 4 and np.isfinite(moved[name].step_change).all()
+
+
+def test_the_same_callback_continues_its_run_into_lora(tmp_path, recorder):
+    run_dir = os.fspath(tmp_path / "run")
+    model, cb = _conv_model(1), WeightWatch(run_dir)
+    _conv_fit(model, [cb], epochs=2)
+    _lora(model)
+    assert _conv_fit(model, [cb, recorder], epochs=2) == []
+    run = load_run(run_dir)
+    assert cb.run_dir == run_dir and run.steps == [-1, 0, 1, 2, 3]
+    assert_same_arrays(run.weights(3), recorder.epochs[1])
+    assert set(ADAPTERS) <= set(run.snapshot(2).tensors)
+
+
+def test_lora_on_other_weights_at_epoch_0_is_a_new_training_beside(tmp_path, recorder):
+    run_dir = os.fspath(tmp_path / "run")
+    _conv_fit(_conv_model(1), [WeightWatch(run_dir)], epochs=2)
+    before = _files(run_dir)
+    other = _conv_model(2)
+    _lora(other)
+    said = _conv_fit(other, [WeightWatch(run_dir), recorder], epochs=1)
+    assert len(said) == 1 and f"written to {run_dir}-2, beside it" in said[0]
+    assert _files(run_dir) == before
+    assert_same_arrays(load_run(run_dir + "-2").weights(0), recorder.epochs[0])
+
+
+def test_another_architecture_starts_beside_with_one_warning_naming_what_differs(first,
+                                                                                  recorder):
+    run_dir, model, before = first
+    keras.utils.set_random_seed(5)
+    wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="a"),
+                              keras.layers.Dense(1, name="b")])
+    wider.compile(optimizer="sgd", loss="mse")
+    for initial_epoch in (0, 3):  # whatever the epoch: a model of another architecture
+        cb = WeightWatch(run_dir)
+        said = _fit(wider, [cb, recorder], epochs=initial_epoch + 2, initial_epoch=initial_epoch)
+        assert said == [
+            f"weightwatch: {run_dir} holds a run of another architecture (weight #0 is "
+            "a/kernel float32[4, 3] in the run but a/kernel float32[4, 5] in the model), so "
+            f"this fit is written to {cb.run_dir}, beside it."]
+        assert_same_arrays(load_run(cb.run_dir).weights("last"),
+                           recorder.epochs[initial_epoch + 1])
+    assert _files(run_dir) == before and load_run(run_dir).steps == [-1, 0, 1, 2]
+    # The callback of the first run, given the new model: beside too, never a failed fit.
+    cb = WeightWatch(run_dir)
+    _fit(model, [cb])
+    said = _fit(wider, [cb])
+    assert len(said) == 1 and "another architecture" in said[0]
+    assert cb.run_dir == run_dir + "-4"
+    error = WeightWatch(run_dir, if_exists="error")
+    with pytest.raises(WeightWatchError, match=r"another architecture \(weight #0 is a/kernel"):
+        _fit(wider, [error])

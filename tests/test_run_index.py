@@ -375,3 +375,33 @@ def test_reading_a_run_leaves_the_collector_as_it_was(tmp_path, enabled):
     finally:
         (gc.enable if was else gc.disable)()
     assert _same_as_files(run) == [-1, 0, 1, 2]
+
+
+def test_a_weight_that_joins_part_way_is_indexed_and_read_as_the_files_say(tmp_path):
+    # A LoRA fine-tune continuing a run: the header's weights grow, earlier snapshots lack
+    # the adapters. The index is rebuilt for the new weights; every entry reads as its file.
+    path = os.fspath(tmp_path / "run")
+    _write(path, [-1, 0])
+    adapter = np.full((3, 2), 0.25, "float32")
+    info = _info()
+    grown = ModelInfo("m", "Sequential", (), info.weights + (
+        WeightSpec("dense/lora_kernel_a", "m/dense/lora_kernel_a", "dense", (3, 2), "float32",
+                   True),))
+    writer = RunWriter.open(path, grown, settings={}, versions={}, durable=False)
+    arrays = {**{k: a + 1 for k, a in ARRAYS.items()}, "dense/lora_kernel_a": adapter}
+    snap = Snapshot(step=1, label="epoch", epoch=1, arrays=arrays, logs={}, time=101.0)
+    stats = {k: {"l2_norm": float(np.linalg.norm(a))} for k, a in arrays.items()}
+    writer.commit_snapshot(snap, writer.store_tensors(snap), stats)
+    writer.close()
+    assert _same_as_files(path) == [-1, 0, 1]
+    assert len(_entries(path)) == 3  # every snapshot indexed under the grown header
+    run = load_run(path)
+    assert [s.key for s in run.specs] == [*ARRAYS, "dense/lora_kernel_a"]
+    assert [sorted(s.tensors) for s in run.snapshots] == [sorted(ARRAYS)] * 2 + [
+        sorted([*ARRAYS, "dense/lora_kernel_a"])]
+    np.testing.assert_array_equal(run.tensor("dense/lora_kernel_a", 1), adapter)
+    np.testing.assert_array_equal(run.tensor("dense/kernel", 0), ARRAYS["dense/kernel"])
+    cols = run.stat_columns(["l2_norm"])["l2_norm"]
+    assert np.isnan(cols.values[:2, 3]).all() and not cols.stored[:2, 3].any()
+    assert cols.values[2, 3] == pytest.approx(np.linalg.norm(adapter))
+    assert run.verify().ok

@@ -20,7 +20,7 @@ import pytest
 from helpers import assert_same_arrays, sharded_model, split
 from tiny_models import data, sequential
 
-from keras_weightwatch import WeightWatch, WeightWatchError, load_run
+from keras_weightwatch import WeightWatch, WeightWatchError, WeightWatchWarning, load_run
 from keras_weightwatch.capture import Snapshot
 from keras_weightwatch.run import LocalStorage, ModelInfo, RunWriter, ShardWriter
 
@@ -86,20 +86,28 @@ def test_initial_epoch_continues_in_a_new_callback(tmp_path, recorder):
     assert run.verify().ok
 
 
-def test_other_architecture_is_refused_unless_new_run_asked(tmp_path):
+def test_other_architecture_goes_beside_and_error_refuses_naming_what_differs(tmp_path):
     x, y = data()
     m1 = sequential()
     m1.compile(optimizer="adam", loss="mse")
     m1.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
     m2 = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5), keras.layers.Dense(1)])
     m2.compile(optimizer="adam", loss="mse")
-    with pytest.raises(WeightWatchError, match="another architecture"):
-        m2.fit(x, y, epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
-    cb = WeightWatch(tmp_path / "run", if_exists="new")
-    m2.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    with pytest.raises(WeightWatchError, match=r"another architecture \(the run has 8 weight "
+                                               r"tensors, the model has 4; .*Received: "
+                                               r"if_exists='error'"):
+        m2.fit(x, y, epochs=1, verbose=0,
+               callbacks=[WeightWatch(tmp_path / "run", if_exists="error")])
+    with pytest.warns(WeightWatchWarning, match="another architecture") as said:
+        m2.fit(x, y, epochs=1, verbose=0, callbacks=[cb := WeightWatch(tmp_path / "run")])
+    assert len(said) == 1
     assert cb.run_dir == os.fspath(tmp_path / "run") + "-2"
     assert [s.shape for s in load_run(cb.run_dir).specs][0] == (4, 5)
     assert len(load_run(tmp_path / "run").specs) == 8  # the first run is untouched
+    # The writer itself never mixes architectures into one run.
+    with pytest.raises(WeightWatchError, match="another architecture"):
+        RunWriter.open(os.fspath(tmp_path / "run"), ModelInfo("m", "M", (), ()), settings={},
+                       versions={})
     with pytest.raises(WeightWatchError, match="already holds a run"):
         m1.fit(x, y, epochs=1, verbose=0,
                callbacks=[WeightWatch(tmp_path / "run", if_exists="error")])
@@ -715,6 +723,76 @@ def test_a_tensor_that_differs_from_the_previous_only_far_in_is_written_again(tm
     np.testing.assert_array_equal(loaded.weights(1)["frozen/kernel"], moved)
     np.testing.assert_array_equal(loaded.weights(0)["frozen/kernel"], base)
     assert loaded.verify().ok
+
+
+# ------------------------------------------------------------------ a change of architecture
+
+
+def _spec(key, shape, dtype="float32"):
+    from keras_weightwatch.run import WeightSpec
+
+    return WeightSpec(key, f"m/{key}", key.rsplit("/", 1)[0], shape, dtype, True)
+
+
+RUN_SPECS = [_spec("d/kernel", (4, 3)), _spec("d/bias", (3,))]
+
+
+def test_architecture_change_tells_an_extension_from_another_architecture():
+    from keras_weightwatch.run.writer import architecture_change
+
+    assert architecture_change(RUN_SPECS, RUN_SPECS) is None
+    renamed = [_spec("d_1/kernel", (4, 3)), _spec("d_1/bias", (3,))]
+    assert architecture_change(RUN_SPECS, renamed) is None  # keys matched by position
+    lora = [RUN_SPECS[0], _spec("d/lora_kernel_a", (4, 2)), _spec("d/lora_kernel_b", (2, 3)),
+            RUN_SPECS[1]]
+    change = architecture_change(RUN_SPECS, lora)
+    assert change is not None and change.extends
+    assert change.what == ("the run has 2 weight tensors, the model has 4; the model adds "
+                           "d/lora_kernel_a float32[4, 2], d/lora_kernel_b float32[2, 3]")
+    wider = [_spec("d/kernel", (4, 5)), _spec("d/bias", (5,))]
+    change = architecture_change(RUN_SPECS, wider)
+    assert change is not None and not change.extends
+    assert change.what == ("weight #0 is d/kernel float32[4, 3] in the run but d/kernel "
+                           "float32[4, 5] in the model")
+    # More weights, one of the run's reshaped: not an extension, and both are named.
+    grown = [_spec("d/kernel", (4, 5)), _spec("d/bias", (3,)), _spec("e/kernel", (3, 1))]
+    change = architecture_change(RUN_SPECS, grown)
+    assert change is not None and not change.extends
+    assert "adds e/kernel float32[3, 1]" in change.what
+    assert "d/kernel is float32[4, 3] in the run but float32[4, 5] in the model" in change.what
+    fewer = architecture_change(lora, RUN_SPECS)
+    assert fewer is not None and not fewer.extends and "the model lacks d/lora_kernel_a" in (
+        fewer.what)
+    cast = architecture_change(RUN_SPECS, [_spec("d/kernel", (4, 3), "int8"), RUN_SPECS[1],
+                                           _spec("d/kernel_scale", (3,))])
+    assert cast is not None and not cast.extends  # a quantized kernel is another architecture
+
+
+def test_a_writer_continues_a_run_its_weights_extend_and_refuses_any_other(tmp_path):
+    path = os.fspath(tmp_path / "run")
+    arrays = {"d/kernel": np.ones((4, 3), "float32"), "d/bias": np.zeros(3, "float32")}
+    writer = RunWriter.open(path, ModelInfo("m", "M", (), tuple(RUN_SPECS)), settings={},
+                            versions={}, durable=False)
+    snap = Snapshot(step=0, label="epoch", epoch=0, arrays=arrays, logs={})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    lora = (*RUN_SPECS, _spec("d/lora_kernel_a", (4, 2)))
+    writer = RunWriter.open(path, ModelInfo("m", "M", (), lora), settings={}, versions={},
+                            durable=False)
+    assert [s.key for s in writer.specs] == [s.key for s in lora] and writer.last_step == 0
+    a = np.full((4, 2), 0.5, "float32")
+    snap = Snapshot(step=1, label="epoch", epoch=1, arrays={**arrays, "d/lora_kernel_a": a},
+                    logs={})
+    writer.commit_snapshot(snap, writer.store_tensors(snap))
+    writer.close()
+    run = load_run(path)
+    assert [s.key for s in run.specs] == [s.key for s in lora]
+    assert "d/lora_kernel_a" not in run.snapshot(0).tensors
+    np.testing.assert_array_equal(run.tensor("d/lora_kernel_a", 1), a)
+    assert run.tensor("d/kernel", 1).tobytes() == arrays["d/kernel"].tobytes()
+    with pytest.raises(WeightWatchError, match=r"another architecture \(weight #0 is d/kernel "):
+        RunWriter.open(path, ModelInfo("m", "M", (), (_spec("d/kernel", (4, 5)),) + lora[1:]),
+                       settings={}, versions={})
 
 
 @pytest.mark.parametrize("size", [0, 5, 8, 13, 4096 + 3])

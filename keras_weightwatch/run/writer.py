@@ -170,22 +170,71 @@ def store_samples(storage: Storage, inputs: Mapping[str, np.ndarray | None],
     return Samples(stored["sample_images"], stored["feature_data"], tuple(responses))
 
 
+class Change(NamedTuple):
+    """How a model's weights differ from those of a run (see `architecture_change`)."""
+
+    extends: bool
+    """Every weight of the run is one of the model's, by key, with its shape and dtype, and
+    the model adds weights (LoRA adapters): the run can go on with them from a step on."""
+    what: str
+    """The difference in words, for a warning or an error."""
+
+
+def _spec_text(s: WeightSpec) -> str:
+    return f"{s.key} {s.dtype}{list(s.shape)}"
+
+
+def _listed(specs: Sequence[WeightSpec], most: int = 3) -> str:
+    more = f", ... ({len(specs) - most} more)" if len(specs) > most else ""
+    return ", ".join(_spec_text(s) for s in specs[:most]) + more
+
+
+def architecture_change(old: Sequence[WeightSpec], new: Sequence[WeightSpec]) -> Change | None:
+    """None when a model's weights `new` are of the architecture of a run's `old` (same
+    count, shapes and dtypes, keys matched by position); else how they differ."""
+    if architecture_mismatch(old, new) is None:
+        return None
+    by_key = {s.key: s for s in new}
+    kept = {s.key for s in old}
+    added = [s for s in new if s.key not in kept]
+    lacks = [s for s in old if s.key not in by_key]
+    changed = [(s, by_key[s.key]) for s in old
+               if s.key in by_key and (by_key[s.key].shape, by_key[s.key].dtype)
+               != (s.shape, s.dtype)]
+    if len(old) == len(new) and (not added or changed):
+        return Change(False, str(architecture_mismatch(old, new)))
+    parts = [f"the run has {len(old)} weight tensors, the model has {len(new)}"]
+    if added:
+        parts.append(f"the model adds {_listed(added)}")
+    if lacks:
+        parts.append(f"the model lacks {_listed(lacks)}")
+    for a, b in changed[:3]:
+        parts.append(f"{a.key} is {a.dtype}{list(a.shape)} in the run but "
+                     f"{b.dtype}{list(b.shape)} in the model")
+    return Change(bool(added) and not lacks and not changed, "; ".join(parts))
+
+
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
         list[WeightSpec], list[SnapshotRecord], Mapping[str, Any]]:
     """The specs, snapshots and header of the run a writer continues (if any; else `{}`).
 
     The weight keys of an existing run are kept (matched by position), so a
     model rebuilt with other auto-generated layer names continues the same series.
+    A model that extends the run's weights (`Change.extends`: LoRA adapters added)
+    continues it too: the header's weights become the model's, and the new ones join
+    from the next snapshot on (earlier snapshots simply lack them).
     """
     if not is_run(storage):
         return specs, [], {}
     old = open_run(storage)
-    problem = architecture_mismatch(old.specs, specs)
-    if problem:
+    change = architecture_change(old.specs, specs)
+    if change is not None and not change.extends:
         raise WeightWatchError(
-            f"{storage.path}: holds a run of another architecture ({problem}); pass "
+            f"{storage.path}: holds a run of another architecture ({change.what}); pass "
             "if_exists='new' to start a new run beside it, or choose another log_dir"
         )
+    if change is not None:
+        return specs, list(old.snapshots), old.header
     kept = [dataclasses.replace(new, key=o.key, layer=o.layer) for o, new in zip(old.specs, specs)]
     return kept, list(old.snapshots), old.header
 
@@ -253,8 +302,11 @@ class RunWriter:
 
         The weight keys of an existing run are kept (matched by position), so a
         model rebuilt in another process with other auto-generated layer names
-        continues the same series. `weights` is the subset of `model.weights`
-        the run stores (an include/exclude filter); defaults to all of them.
+        continues the same series. A model that holds every weight of the run (by
+        key, same shape and dtype) and more (LoRA adapters) continues it too: the
+        header lists the model's weights, the new ones stored from the next snapshot on.
+        `weights` is the subset of `model.weights` the run stores (an include/exclude
+        filter); defaults to all of them.
         `storage` is where the run's files go; defaults to the local directory
         `path`. `samples` (`sample_images`, channels last, and `feature_data`) are
         stored with the run and recorded in the header's `samples`, with the
@@ -262,7 +314,8 @@ class RunWriter:
 
         Raises:
             WeightWatchError: the run was written by a model of another
-                architecture, or another writer holds it.
+                architecture (one that neither matches nor extends it, see
+                `architecture_change`), or another writer holds it.
         """
         storage = storage if storage is not None else LocalStorage(path)
         storage.makedirs(TENSOR_DIR)

@@ -101,6 +101,10 @@ async function glance(panel) {
       }
       heatmap(body, data, run, detail);
       const s = await summary(run);
+      if (s.fit && s.fit.length) {  // a search's trial and hyperparameters, the optimizer
+        body.prepend($('div', {class: 'ww-controls', id: 'ww-fit',
+          text: s.fit.map(([label, text]) => `${label} ${text}`).join(' · ')}));
+      }
       if (s.adapters && s.adapters.length) body.append(adaptersTable(s.adapters));
     } catch (err) { errorBox(body, err); }
   }

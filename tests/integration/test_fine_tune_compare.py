@@ -289,3 +289,28 @@ def test_features_side_by_side_rank_by_the_effective_first_kernel(tmp_path):
     assert weights["first/lora_kernel_b"]["part_of"] == "first/kernel"
     tab = content.features(run)
     assert tab["tables"][-1][0]["name"] == names[int(np.argmax(norms))]
+
+
+def test_the_tabs_kernel_route_draws_each_steps_effective_kernel_over_a_frozen_base(lora):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.plugins.base_plugin import TBContext
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    from keras_weightwatch.images import kernel_grid
+    from keras_weightwatch.tensorboard_plugin import WeightWatchPlugin, content
+
+    _, tuned, before, after = lora
+    apps = WeightWatchPlugin(TBContext(logdir=os.path.dirname(tuned))).get_plugin_apps()
+    client = Client(lambda env, start: apps[env["PATH_INFO"]](env, start), Response)
+    name = os.path.basename(tuned)
+    # the base's file is the same at both steps: the route must not serve one grid for both
+    for step, kernel in (("initial", before["conv"]["kernel"]),
+                         ("last", after["conv"]["effective"])):
+        r = client.get("/kernel.png", query_string={"run": name, "key": "conv/kernel",
+                                                    "step": step})
+        assert r.status_code == 200, r.data[:300]
+        got = np.asarray(Image.open(io.BytesIO(r.data)).convert("RGB")).astype(int)
+        want = kernel_grid(kernel, max_tiles=content.MAX_TILES).image.astype(int)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1, step

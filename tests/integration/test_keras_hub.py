@@ -148,3 +148,61 @@ def test_diff_reports_each_adapted_projection_as_changed(fine_tuned):
         # its adapters are listed under it, not as tensors of their own
         assert adapters[key] <= {i.name for i in t.inputs}
         assert not adapters[key] & set(by_name)
+
+
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method:UserWarning")
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_a_quantized_backbone_fine_tuned_with_lora_shows_the_kernels_it_computes_with(tmp_path):
+    """QLoRA: the backbone quantized to int4 (Keras's default, grouped), then LoRA enabled.
+    Every quantized kernel's stored statistics are those of Keras's own dequantization, the
+    adapted ones' with the LoRA update added; the int8 codes are stored as they are."""
+    from derive_helpers import dense_reference, einsum_reference, embedding_reference
+
+    from keras_weightwatch.stats import tensor_stats
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=8)
+    backbone.quantize("int4")
+    backbone.enable_lora(2)
+    refs = {keras.layers.Dense: dense_reference, keras.layers.EinsumDense: einsum_reference,
+            keras.layers.Embedding: embedding_reference}
+    layers = [lyr for lyr in backbone._flatten_layers(include_self=False)
+              if getattr(lyr, "quantization_mode", None) == "int4"]
+
+    def kernel(lyr):
+        ref = next(f for cls, f in refs.items() if isinstance(lyr, cls))(lyr)
+        if getattr(lyr, "lora_enabled", False):
+            ref = ref + lyr.lora_alpha / lyr.lora_rank * keras.ops.matmul(lyr.lora_kernel_a,
+                                                                        lyr.lora_kernel_b)
+        return np.asarray(ref, np.float64)
+
+    kernels: dict[int, list[np.ndarray]] = {}
+    weights: dict[int, list[np.ndarray]] = {}
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: (
+        kernels.__setitem__(epoch, [kernel(lyr) for lyr in layers]),
+        weights.__setitem__(epoch, [np.array(w) for w in backbone.get_weights()])))
+    run_dir = str(tmp_path / "run")
+    x, y = _data()
+    backbone.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    backbone.fit(x, y, epochs=EPOCHS, batch_size=8, verbose=0,
+                 callbacks=[WeightWatch(run_dir), record])
+    run = load_run(run_dir)
+    keys = {id(v): s.key for v, s in zip(backbone.weights, run.specs)}
+    stored = [keys[id(lyr._embeddings if isinstance(lyr, keras.layers.Embedding) else
+                      lyr._kernel)] for lyr in layers]
+    rules = {}
+    for d in run.derived:
+        rules.setdefault(d.key, []).append(d.rule)
+    assert rules == {k: ["int4", "lora"] if getattr(lyr, "lora_enabled", False) else ["int4"]
+                     for k, lyr in zip(stored, layers)}
+    assert sum(r == ["int4", "lora"] for r in rules.values()) == 2  # query and value
+    for epoch in range(EPOCHS):
+        assert_same_arrays(run.weights(epoch), weights[epoch])
+        for key, k in zip(stored, kernels[epoch]):
+            assert run.tensor(key, epoch).dtype == np.int8
+            want = tensor_stats(k)
+            for name in ("l2_norm", "mean", "std", "max_abs"):
+                assert run.snapshot(epoch).stats[key][name] == pytest.approx(
+                    want[name], rel=1e-5, abs=1e-7), (key, name)

@@ -314,3 +314,49 @@ def test_the_tabs_kernel_route_draws_each_steps_effective_kernel_over_a_frozen_b
         got = np.asarray(Image.open(io.BytesIO(r.data)).convert("RGB")).astype(int)
         want = kernel_grid(kernel, max_tiles=content.MAX_TILES).image.astype(int)
         assert got.shape == want.shape and np.abs(got - want).max() <= 1, step
+
+
+def test_a_fine_tune_continuing_its_run_diffs_before_lora_against_the_last_snapshot(tmp_path):
+    import keras
+
+    from keras_weightwatch import WeightWatch
+
+    keras.utils.set_random_seed(5)
+    x, y = _data(seed=5)
+    model = _cnn()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    ww = {"sample_images": SAMPLES, "histograms": False}
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[WeightWatch(str(tmp_path / "run"), **ww)])
+    before = {n: _arrays(model.get_layer(n)) for n in ("conv", "dense")}
+    for name in ("conv", "dense"):
+        model.get_layer(name).enable_lora(2)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.fit(x, y, epochs=4, initial_epoch=2, verbose=0,
+              callbacks=[WeightWatch(str(tmp_path / "run"), **ww)])
+    after = {n: _arrays(model.get_layer(n)) for n in ("conv", "dense")}
+    assert os.listdir(tmp_path) == ["run"]  # one run, continued
+    run = load_run(str(tmp_path / "run"))
+    result = diff_runs(run, run, step_a=1, step_b="last")
+    for name in ("conv", "dense"):
+        t = result.tensor(f"{name}/kernel")
+        assert (t.rule_a, t.rule_b, t.status) == (None, "lora", "changed")
+        assert t.rel_l2 == pytest.approx(_rel(before[name]["kernel"], after[name]["effective"]),
+                                         rel=1e-5)
+        assert [(i.role, i.status) for i in t.inputs] == [("a", "only_b"), ("b", "only_b")]
+    assert result.counts()["only_b"] == 0
+    k_last, b_last = after["conv"]["effective"], after["conv"]["bias"]
+
+    def layer_rel(k, b):
+        num = np.sum((np.float64(k_last) - k) ** 2) + np.sum((np.float64(b_last) - b) ** 2)
+        return np.sqrt(num / (np.sum(np.float64(k) ** 2) + np.sum(np.float64(b) ** 2)))
+
+    conv_diff = next(x for x in result.layers if x.name == "conv")
+    assert conv_diff.rel_l2 == pytest.approx(
+        layer_rel(before["conv"]["kernel"], before["conv"]["bias"]), rel=1e-5)
+    conv = next(x for x in drift(run).layers if x.name == "conv")
+    assert conv.from_initial[-1] == pytest.approx(
+        layer_rel(run.tensor("conv/kernel", "initial"), run.tensor("conv/bias", "initial")),
+        rel=1e-5)
+    spec = spectral(run).tensors["conv/kernel"]
+    want = tensor_spectral(after["conv"]["effective"], "Conv2D", "kernel")
+    assert want is not None and spec.spectral_norm == pytest.approx(want.spectral_norm, rel=1e-5)

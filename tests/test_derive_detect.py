@@ -231,24 +231,35 @@ def test_quantized_embedding_lookup_uses_the_effective_table():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4-per-channel", "int4-grouped"])
-@pytest.mark.parametrize("kind", ["dense", "einsum"])
+@pytest.mark.parametrize("kind", ["dense", "einsum", "embedding"])
 def test_lora_on_a_quantized_kernel_adds_to_the_dequantized_kernel(mode, kind):
+    dtype = "float32"
     if kind == "dense":
         layer, shape, reference = keras.layers.Dense(6, name="q"), (8,), dense_reference
-    else:
+    elif kind == "einsum":
         layer = keras.layers.EinsumDense("abc,cde->abde", (2, 2, 3), name="q")
         shape, reference = (2, 8), einsum_reference
-    model = _model(layer, shape)
-    _seeded(layer, model)
+    else:
+        layer, shape, dtype = keras.layers.Embedding(9, 7, name="q"), (3,), "int32"
+        reference = embedding_reference
+    model = _model(layer, shape, dtype=dtype)
+    stored = layer._embeddings if kind == "embedding" else layer._kernel
+    stored.assign(np.random.default_rng(0).normal(size=tuple(stored.shape)).astype("float32"))
     _quantize(model, layer, mode)
     layer.enable_lora(2, lora_alpha=3.0)
-    _randomize(layer.lora_kernel_a, layer.lora_kernel_b, seed=4)
+    a, b = (layer.lora_embeddings_a, layer.lora_embeddings_b) if kind == "embedding" else (
+        layer.lora_kernel_a, layer.lora_kernel_b)
+    _randomize(a, b, seed=4)
     info, _, out = _effective(model)
-    key = _key(model, layer._kernel)
+    key = _key(model, layer._embeddings if kind == "embedding" else layer._kernel)
     assert [d.rule for d in info.derived] == [_MODES[mode][0], "lora"]
-    delta = 1.5 * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+    delta = 1.5 * ops.matmul(a, b)
     np.testing.assert_allclose(out[key], np.asarray(reference(layer) + delta),
                                rtol=1e-5, atol=1e-5)
+    if kind == "embedding":  # the rows the layer looks up, adapters and all
+        ids = np.array([[0, 8, 4]], "int32")
+        np.testing.assert_allclose(np.asarray(model(ids))[0], out[key][ids[0]],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_plain_gptq_and_awq_layers_have_no_derivation():

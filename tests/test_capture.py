@@ -196,3 +196,34 @@ def test_a_second_fit_copies_into_the_first_fits_sets(tmp_path, monkeypatch, rec
     assert run.verify().ok
     for epoch in range(2):
         assert_same_arrays(run.weights(epoch), recorder.epochs[epoch])
+
+
+def test_the_header_records_the_optimizer_and_the_layers_configuration(tmp_path):
+    # Reference: Keras's own get_config() of the optimizer and of each layer.
+    import json
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((6, 6, 1)),
+                              keras.layers.Conv2D(2, (3, 3), activation="relu", name="conv"),
+                              keras.layers.Flatten(name="flat"),
+                              keras.layers.Dropout(0.25, name="drop"),
+                              keras.layers.Dense(1, name="out")])
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=10, decay_rate=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=1.5), loss="mse")
+    x = np.random.default_rng(0).random((8, 6, 6, 1), dtype=np.float32)
+    model.fit(x, x[:, 0, 0], epochs=1, verbose=0, callbacks=[WeightWatch(tmp_path / "run")])
+    header = load_run(tmp_path / "run").model
+    expected = json.loads(json.dumps(model.optimizer.get_config()))
+    assert header["optimizer"] == {"class_name": "Adam", **expected}
+    assert header["optimizer"]["learning_rate"]["class_name"] == "ExponentialDecay"
+    layers = {c["name"]: c for c in header["config"]["layers"]}
+    assert list(layers) == [layer.name for layer in model.layers]
+    conv = model.get_layer("conv").get_config()
+    assert {k: layers["conv"][k] for k in ("filters", "kernel_size", "activation", "padding")} == {
+        "filters": conv["filters"], "kernel_size": list(conv["kernel_size"]),
+        "activation": conv["activation"], "padding": conv["padding"]}
+    assert layers["conv"]["kernel_initializer"] == conv["kernel_initializer"]["class_name"]
+    assert layers["drop"]["rate"] == model.get_layer("drop").get_config()["rate"] == 0.25
+    assert len(header["config"]["digest"]) == 64
+    assert capture_module.describe_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(
+        1)])).extra.keys() == {"config"}  # no optimizer: none recorded

@@ -168,3 +168,23 @@ def test_compare_two_runs_matches_shuffled_units_and_tells_seeds_apart(tmp_path)
                 assert layer.cosine < 0.9 and layer.matched_cosine == pytest.approx(1, abs=1e-6)
             else:
                 assert layer.matched_cosine < 0.99
+
+
+def test_lora_fine_tune_continues_one_run_and_reports_each_adapted_kernel(tmp_path):
+    logdir = tmp_path / "lora"
+    out = run_example("lora_fine_tune.py", logdir)
+    run = load_run(logdir)
+    assert verify_run(logdir).ok
+    assert [d.key for d in run.derived] == ["conv/kernel", "head/kernel"]
+    pretrained = max(s.step for s in run.snapshots if "conv/lora_kernel_a" not in s.tensors)
+    assert f"LoRA from step {pretrained + 1} on (2 adapted kernels)" in out
+    before = run.weights(pretrained)
+    for d in run.derived:
+        a, b = (run.tensor(d.inputs[r]).astype(np.float64) for r in ("a", "b"))
+        base = before[d.key].astype(np.float64)
+        effective = base + d.params["scale"] * np.matmul(a, b)  # numpy, from the stored adapters
+        moved = np.linalg.norm(effective - base) / np.linalg.norm(base)
+        line = next(x for x in out.splitlines() if x.startswith(d.key))
+        assert f"moved {moved:6.1%}" in line and moved > 0.01
+        assert "base stored as 1 file(s)" in line and "effective == layer.kernel: True" in line
+        assert "base unchanged: True" in line

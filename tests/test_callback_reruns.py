@@ -304,3 +304,32 @@ def test_another_architecture_starts_beside_with_one_warning_naming_what_differs
     error = WeightWatch(run_dir, if_exists="error")
     with pytest.raises(WeightWatchError, match=r"another architecture \(weight #0 is a/kernel"):
         _fit(wider, [error])
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("preempted")
+
+
+@pytest.mark.parametrize("weightwatch_first", [True, False])
+def test_a_job_resumed_by_backup_and_restore_is_one_run_in_either_order(tmp_path, recorder,
+                                                                         weightwatch_first):
+    # BackupAndRestore restores the weights and the epoch in its own on_train_begin: a
+    # WeightWatch listed before it sees the un-restored weights there.
+    run_dir, backup = os.fspath(tmp_path / "run"), os.fspath(tmp_path / "backup")
+
+    def callbacks(*more):
+        ww, br = WeightWatch(run_dir), keras.callbacks.BackupAndRestore(backup)
+        return [ww, br, *more] if weightwatch_first else [br, ww, *more]
+
+    first = callbacks(_Interrupt())
+    with pytest.raises(RuntimeError, match="preempted"):
+        _fit(_model(1), first, epochs=4)
+    next(c for c in first if isinstance(c, WeightWatch)).on_train_end()  # as the process ends
+    assert load_run(run_dir).steps == [-1, 0, 1]
+    assert _fit(_model(2), callbacks(recorder), epochs=4) == []  # a new process's model
+    assert not os.path.exists(run_dir + "-2")
+    run = load_run(run_dir)
+    assert run.steps == [-1, 0, 1, 2, 3] and sorted(recorder.epochs) == [2, 3]
+    assert_same_arrays(run.weights(3), recorder.epochs[3])

@@ -51,8 +51,9 @@ def _build(hp):
     return model
 
 
-@pytest.fixture
-def search(tmp_path):
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("search")
     rng = np.random.default_rng(0)
     x = rng.random((32, 4), dtype=np.float32)
     y = rng.random((32, 1), dtype=np.float32)

@@ -246,6 +246,10 @@ def test_pretrain_then_lora_continues_one_run(tmp_path, recorder, views):
                                    keras.ops.convert_to_numpy(model.get_layer(name).kernel),
                                    rtol=0, atol=1e-6)
     assert [d.key for d in run.derived] == ["conv/kernel", "dense/kernel"]
+    for step in (-1, 1):  # before the adapters joined: the stored kernel is the one used
+        for name in ("dense", "conv"):
+            assert run.tensor(f"{name}/kernel", step, effective=True).tobytes() == (
+                pretrained.tensor(f"{name}/kernel", step).tobytes())
     # Reading the whole run across the step where the adapters join.
     assert (f"joined    {', '.join(ADAPTERS)} at step 2 (earlier snapshots lack them)"
             in render_show(run))

@@ -14,7 +14,7 @@ Everything printed below is read from the run directory:
 - the change since the pre-trained weights, per adapted layer: the relative change of
   the effective kernel, and the size of the adapters' update `|(alpha/rank) A B| / |base|`.
 
-    python examples/lora_fine_tune.py [--quick] [--logdir DIR]
+    python examples/lora_fine_tune.py [--quick] [--stuck] [--logdir DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from keras_weightwatch import WeightWatch, load_run  # noqa: E402
 
 ADAPTED = ("conv", "head")
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def load_data(n: int):
@@ -44,7 +45,7 @@ def build_model():
     return keras.Sequential([
         keras.Input((8, 8, 1)),
         layers.Conv2D(8, 3, padding="same", activation="relu", name="conv"),
-        layers.GlobalAveragePooling2D(name="pool"),
+        layers.Flatten(name="flat"),
         layers.Dense(10, name="head"),
     ], name="digits")
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", default="runs/lora_fine_tune")
     parser.add_argument("--quick", action="store_true",
                         default=os.environ.get("WEIGHTWATCH_EXAMPLES_QUICK") == "1")
+    parser.add_argument("--stuck", action="store_true",
+                        help="keep the head's adapter B from training (as a wrong `trainable` "
+                             "flag would): WeightWatch warns that it is not training")
     args = parser.parse_args(argv)
     epochs, n = (2, 500) if args.quick else (6, 1797)
 
@@ -66,13 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     old, new = y < 5, y >= 5
     keras.utils.set_random_seed(0)
     model = build_model()
-    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.Adam(0.003), LOSS)
     model.fit(x[old], y[old], epochs=epochs, verbose=0, callbacks=[WeightWatch(args.logdir)])
     pretrained = load_run(args.logdir).snapshots[-1].step
 
     for name in ADAPTED:
         model.get_layer(name).enable_lora(4)
-    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    if args.stuck:
+        model.get_layer("head").lora_kernel_b.trainable = False
+    model.compile(keras.optimizers.Adam(0.02), LOSS)
     model.fit(x[new], y[new], initial_epoch=epochs, epochs=2 * epochs, verbose=0,
               callbacks=[WeightWatch(args.logdir)])
 

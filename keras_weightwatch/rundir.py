@@ -26,6 +26,7 @@ from .capture import WeightSpec, host_views
 from .errors import RunBusyError, WeightWatchError
 from .fitplan import Plan, Trial
 from .run import RunWriter, holds, is_run, load_run
+from .run.reader import read_header
 from .run.remote import is_url, open_storage
 from .run.writer import Change, architecture_change
 from .settings import Settings
@@ -187,9 +188,11 @@ def other_architecture(plan: Plan, settings: Settings, previous: str | None) -> 
     if previous is None and settings.if_exists == "new":
         return None
     try:
-        if not is_run(path, options):
+        storage = open_storage(path, options)
+        if not is_run(storage):
             return None
-        specs = load_run(path, options).specs
+        header = read_header(storage)  # the header alone: no snapshot is listed
+        specs = [WeightSpec.from_json(w) for w in header.get("weights", [])]
     except (OSError, WeightWatchError):
         return None  # opening the run reports it
     change = architecture_change(specs, plan.specs)

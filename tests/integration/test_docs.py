@@ -75,6 +75,12 @@ def test_readme_python_blocks_do_what_they_say(in_readme_dir):
     t = ns["result"].tensor("hidden/kernel")
     assert t.name == "hidden/kernel" and t.status == "changed"
     assert len(fenced(README, "python")) >= 4
+    # the fine-tuning block: one run, the adapters joining at the fine-tune's first step
+    tuned = ns["tuned"]
+    assert tuned.steps == list(range(-1, 6)) and [d.key for d in tuned.derived] == ["hidden/kernel"]
+    assert [s.step for s in tuned.snapshots if "hidden/lora_kernel_b" in s.tensors] == [3, 4, 5]
+    layer = ns["ft"].get_layer("hidden")  # the effective kernel is layer.kernel
+    np.testing.assert_allclose(ns["effective"], np.asarray(layer.kernel), atol=1e-6)
 
 
 def test_readme_commands_run_and_succeed(in_readme_dir):

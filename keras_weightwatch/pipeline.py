@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -148,6 +148,9 @@ class Pipeline:
         self._draining = threading.Event()  # set by `close`: the training thread waits
         self._deferred: _Deferred | None = None  # owned by the worker thread
         self._prev_arrays: dict[str, np.ndarray] | None = None
+        self._kernels: dict[str, np.ndarray] = {}
+        """The effective kernels of the snapshot being written, kept for the next one's."""
+        self._prev_kernel = _OneArray()  # the previous snapshot's, one at a time
         self._prev_shards: Mapping[str, list[Shard]] = {}
         """This process's shards at the previous snapshot, for the update ratios."""
         self._last_written: Ticket | None = None  # the set of the snapshot written last
@@ -346,7 +349,8 @@ class Pipeline:
         views read; the run stores the snapshot's own arrays."""
         if not self.derived:
             return snapshot
-        return dataclasses.replace(snapshot, arrays=effective(snapshot.arrays, self.derived))
+        return dataclasses.replace(
+            snapshot, arrays=effective(snapshot.arrays, self.derived, self._kernels))
 
     def _write_deferred(self) -> None:
         """Write the deferred views of the initial snapshot, then hand its buffers back."""
@@ -443,7 +447,7 @@ class Pipeline:
                 except Exception:
                     prev = lambda key: None  # noqa: E731
             if self.derived:
-                prev = effective_lookup(prev, self.derived)
+                prev = effective_lookup(prev, self.derived, self._prev_kernel)
             return self._tensor_stats(snapshot, prev)
         finally:
             self.pool.release(held)
@@ -679,6 +683,31 @@ class ShardPipeline:
         """Finish writing every queued snapshot's shards; return what failed, in order."""
         self._worker.close()
         return self.pop_failures()
+
+
+class _OneArray(MutableMapping[str, np.ndarray]):
+    """One array for whichever key (`derive.effective`'s `reuse`): the previous snapshot's
+    effective kernels are read one at a time (the update ratios), each where the last was."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if self.array is None:
+            raise KeyError(key)
+        return self.array
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self.array = value
+
+    def __delitem__(self, key: str) -> None:
+        self.array = None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(() if self.array is None else ("",))
+
+    def __len__(self) -> int:
+        return int(self.array is not None)
 
 
 class _GuardedEvents:

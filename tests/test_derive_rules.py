@@ -257,3 +257,28 @@ def test_lora_in_blocks_of_rows_equals_the_whole_product(monkeypatch, kernel_sha
     got = rules.RULES["lora"].apply({"base": base, "a": a, "b": b}, {"scale": 0.5})
     assert got.dtype == np.float32 and got.shape == kernel_shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_written_into_the_callers_array_each_time():
+    d, rng = _lora(), _rng(3)
+    reuse: dict[str, np.ndarray] = {}
+    made = []
+    for _ in range(3):  # the adapters change; the base stays
+        arrays = {"d/kernel": rng.standard_normal((6, 5)).astype(np.float32),
+                  "d/lora_kernel_a": rng.standard_normal((6, 2)).astype(np.float32),
+                  "d/lora_kernel_b": rng.standard_normal((2, 5)).astype(np.float32)}
+        got = effective(arrays, [d], reuse)["d/kernel"]
+        want = arrays["d/kernel"] + np.float32(0.5) * (
+            arrays["d/lora_kernel_a"] @ arrays["d/lora_kernel_b"])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert reuse["d/kernel"] is got
+        made.append(got)
+    assert made[0] is made[1] is made[2]  # one array, overwritten: no new memory per call
+    # an array of another shape, or the base itself, is not written into
+    base = np.ones((6, 5), np.float32)
+    for kept in (np.zeros((5, 6), np.float32), base):
+        reuse = {"d/kernel": kept}
+        arrays = {"d/kernel": base, "d/lora_kernel_a": np.ones((6, 2), np.float32),
+                  "d/lora_kernel_b": np.ones((2, 5), np.float32)}
+        got = effective(arrays, [d], reuse)["d/kernel"]
+        assert got is not kept and np.all(got == 2.0) and np.all(base == 1.0)

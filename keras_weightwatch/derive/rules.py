@@ -20,7 +20,7 @@ result equals Keras's own to float32 rounding:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -40,6 +40,10 @@ class Rule(NamedTuple):
     roles: tuple[str, ...]
     optional: tuple[str, ...]
     apply: Callable[[Arrays, Params], np.ndarray]
+    into: Callable[[Arrays, Params, np.ndarray | None], np.ndarray] | None = None
+    """`apply` writing into a float32 array of the kernel's shape when one is given (a caller's
+    buffer kept from one snapshot to the next, `effective(..., reuse=)`): a fresh array of
+    64 MB cost about 25 ms of page faults at every snapshot, more than deriving into it."""
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -53,11 +57,13 @@ and added to the base while it is in cache. A product this small runs on the cal
 about 3x the CPU on 2 cores, most of it threads waiting for each other."""
 
 
-def _lora(x: Arrays, p: Params) -> np.ndarray:
+def _lora(x: Arrays, p: Params, out: np.ndarray | None = None) -> np.ndarray:
     base, a, b = np.asarray(x["base"]), _f32(x["a"]), _f32(x["b"])
     if a.ndim < 2 or b.ndim != 2 or base.shape != a.shape[:-1] + b.shape[1:]:
         return _f32(base) + lora_delta(x, p)  # shapes that broadcast: as Keras does
-    out = np.empty(base.shape, np.float32)
+    if (out is None or out.shape != base.shape or out.dtype != np.float32
+            or not out.flags.c_contiguous or np.may_share_memory(out, base)):
+        out = np.empty(base.shape, np.float32)
     flat, rows_of = out.reshape(-1, b.shape[1]), a.reshape(-1, b.shape[0])
     bases, scale = base.reshape(flat.shape), np.float32(p["scale"])
     step = max(1, LORA_BLOCK // max(1, b.size))
@@ -133,7 +139,7 @@ def _float8(x: Arrays, p: Params) -> np.ndarray:
 
 
 RULES: dict[str, Rule] = {
-    "lora": Rule(("base", "a", "b"), (), _lora),
+    "lora": Rule(("base", "a", "b"), (), _lora, _lora),
     "int8": Rule(("codes", "scale"), (), _int8),
     "int4": Rule(("codes", "scale"), ("zero", "g_idx"), _int4),
     "float8": Rule(("kernel", "scale"), (), _float8),
@@ -148,11 +154,15 @@ def applies(d: Derivation, keys: Any) -> bool:
     return d.rule in RULES and d.key in keys and all(k in keys for k in d.inputs.values())
 
 
-def _derive(d: Derivation, current: Mapping[str, np.ndarray]) -> np.ndarray:
+def _derive(d: Derivation, current: Mapping[str, np.ndarray],
+            reuse: MutableMapping[str, np.ndarray] | None = None) -> np.ndarray:
     rule = RULES[d.rule]
     inputs = {role: current[key] for role, key in d.inputs.items()}
     try:
-        out = rule.apply(inputs, d.params)
+        if reuse is not None and rule.into is not None:
+            out = reuse[d.key] = rule.into(inputs, d.params, reuse.get(d.key))
+        else:
+            out = rule.apply(inputs, d.params)
     except (ValueError, IndexError, KeyError, TypeError) as e:
         raise WeightWatchError(
             f"the effective kernel {d.key!r} ({d.rule}) cannot be derived from "
@@ -160,23 +170,30 @@ def _derive(d: Derivation, current: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def effective(arrays: Mapping[str, np.ndarray],
-              derived: Sequence[Derivation]) -> dict[str, np.ndarray]:
+def effective(arrays: Mapping[str, np.ndarray], derived: Sequence[Derivation],
+              reuse: MutableMapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`arrays` with each derived key replaced by its effective kernel (float32), the
     derivations applied in order (a LoRA on a quantized kernel reads the dequantized one).
     Derivations whose inputs are not all present are skipped; every other array is
-    passed through as it is."""
+    passed through as it is.
+
+    `reuse`: arrays kept by the caller, by derived key, that a rule with `Rule.into` writes
+    the kernel into (and stores the array it wrote there): the kernels returned by an
+    earlier call with the same `reuse` are overwritten.
+    """
     out = dict(arrays)
     for d in derived:
         if applies(d, out):
-            out[d.key] = _derive(d, out)
+            out[d.key] = _derive(d, out, reuse)
     return out
 
 
-def effective_lookup(get: Callable[[str], np.ndarray | None],
-                     derived: Sequence[Derivation]) -> Callable[[str], np.ndarray | None]:
+def effective_lookup(get: Callable[[str], np.ndarray | None], derived: Sequence[Derivation],
+                     reuse: MutableMapping[str, np.ndarray] | None = None
+                     ) -> Callable[[str], np.ndarray | None]:
     """A function key -> array like `get` (which returns None for a weight it lacks), that
-    returns the effective kernel for a derived key: reads only the inputs that key needs."""
+    returns the effective kernel for a derived key: reads only the inputs that key needs
+    (`reuse` as for `effective`)."""
     by_key: dict[str, list[Derivation]] = {}
     for d in derived:
         by_key.setdefault(d.key, []).append(d)
@@ -187,7 +204,7 @@ def effective_lookup(get: Callable[[str], np.ndarray | None],
             return get(key)
         needed = {k for d in chain for k in d.inputs.values()} | {key}
         arrays = {k: a for k in needed if (a := get(k)) is not None}
-        return effective(arrays, chain).get(key)
+        return effective(arrays, chain, reuse).get(key)
 
     return lookup
 

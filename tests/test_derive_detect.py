@@ -278,3 +278,49 @@ def test_plain_gptq_and_awq_layers_have_no_derivation():
     info, arrays, out = _effective(model)
     assert info.derived == ()
     assert all(out[k] is arrays[k] for k in arrays)
+
+
+# -- layers that compute in 16 bits: the effective kernel is rounded as the layer rounds it
+
+_POLICIES = ["bfloat16", "mixed_bfloat16", "float16", "mixed_float16"]
+
+
+@pytest.mark.parametrize("policy", _POLICIES)
+def test_lora_in_a_16_bit_compute_dtype_is_layer_kernel_exactly(policy):
+    layer = keras.layers.Dense(5, name="l", dtype=policy)
+    model = _model(layer, (6,))
+    layer.enable_lora(2)
+    _randomize(layer.lora_kernel_b)
+    info, _, out = _effective(model)
+    (d,) = info.derived
+    assert d.params["compute_dtype"] == layer.compute_dtype
+    want = np.asarray(layer.kernel)
+    assert want.dtype.itemsize == 2
+    np.testing.assert_array_equal(out[_key(model, layer._kernel)], want.astype(np.float32))
+
+
+@pytest.mark.parametrize("policy", _POLICIES)
+@pytest.mark.parametrize("mode", ["int8", "int4-grouped", "int4-per-channel", "float8"])
+@pytest.mark.parametrize("kind", ["dense", "einsum", "embedding"])
+def test_quantized_in_a_16_bit_compute_dtype_is_kerass_dequantization(kind, mode, policy):
+    if kind == "embedding" and mode == "float8":
+        pytest.skip("Keras has no float8 Embedding")
+    if policy in ("float16", "mixed_float16") and mode != "float8":
+        pytest.skip("Keras refuses int8 and int4 with a float16 compute dtype")
+    if kind == "dense":
+        layer, shape, dtype, ref = keras.layers.Dense(7, dtype=policy), (9,), "float32", \
+            dense_reference
+    elif kind == "einsum":
+        layer = keras.layers.EinsumDense("btd,ndh->btnh", (3, 2, 4), dtype=policy)
+        shape, dtype, ref = (3, 8), "float32", einsum_reference
+    else:
+        layer, shape, dtype = keras.layers.Embedding(10, 7, dtype=policy), (3,), "int32"
+        ref = embedding_reference
+    model = _model(layer, shape, dtype=dtype)
+    stored = layer._embeddings if kind == "embedding" else layer._kernel
+    stored.assign(np.random.default_rng(0).normal(size=tuple(stored.shape)))
+    _quantize(model, layer, mode)
+    _, _, out = _effective(model)
+    want = np.asarray(ref(layer))
+    stored = layer._embeddings if kind == "embedding" else layer._kernel
+    np.testing.assert_array_equal(out[_key(model, stored)], want.astype(np.float32))

@@ -259,6 +259,35 @@ def test_lora_in_blocks_of_rows_equals_the_whole_product(monkeypatch, kernel_sha
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compute_dtype_rounds_a_lora_kernel_as_keras_casts_it(dtype):
+    rng = _rng(8)
+    base = rng.normal(size=(6, 5)).astype("float32")
+    a = rng.normal(size=(6, 2)).astype("float32")
+    b = rng.normal(size=(2, 5)).astype("float32")
+    d = Derivation("d/kernel", "lora", _lora().inputs, {"scale": 0.5, "compute_dtype": dtype},
+                   "d")
+    out = effective({"d/kernel": base, "d/lora_kernel_a": a, "d/lora_kernel_b": b}, [d])
+    want = keras.ops.cast(keras.ops.add(base, 0.5 * keras.ops.matmul(a, b)), dtype)
+    assert out["d/kernel"].dtype == np.float32
+    np.testing.assert_array_equal(out["d/kernel"], np.asarray(want).astype(np.float32))
+
+
+def test_int8_divides_in_its_scales_dtype():
+    """A bfloat16 layer's scale is bfloat16: Keras divides in bfloat16; a mixed-precision
+    layer's is float32: it divides in float32."""
+    import ml_dtypes
+
+    rng = _rng(9)
+    codes = rng.integers(-127, 128, size=(6, 5)).astype("int8")
+    scale32 = rng.uniform(1, 90, size=(5,)).astype("float32")
+    d = Derivation("k", "int8", {"codes": "k", "scale": "s"}, {}, "")
+    for scale, dtype in ((scale32.astype(ml_dtypes.bfloat16), "bfloat16"), (scale32, "float32")):
+        out = effective({"k": codes, "s": scale}, [d])["k"]
+        want = keras.ops.divide(keras.ops.cast(codes, dtype), keras.ops.convert_to_tensor(scale))
+        np.testing.assert_array_equal(out, np.asarray(want).astype(np.float32))
+
+
 def test_lora_written_into_the_callers_array_each_time():
     d, rng = _lora(), _rng(3)
     reuse: dict[str, np.ndarray] = {}

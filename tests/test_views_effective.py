@@ -43,8 +43,9 @@ class _Kernels(keras.callbacks.Callback):
         self.weights: dict[int, list[np.ndarray]] = {}
 
     def _record(self, step):
-        self.kernels[step] = {n: np.array(f(self.model.get_layer(n)), dtype="float32")
-                              for n, f in self.refs.items()}
+        self.kernels[step] = {
+            n: keras.ops.convert_to_numpy(f(self.model.get_layer(n))).astype("float32")
+            for n, f in self.refs.items()}
         self.weights[step] = [np.array(w, copy=True) for w in self.model.get_weights()]
 
     def on_train_begin(self, logs=None):
@@ -177,12 +178,28 @@ def test_lora_statistics_histograms_and_spectral_are_the_effective_kernels(tmp_p
     assert measured >= len(run.snapshots)
 
 
+@pytest.mark.parametrize("policy", ["bfloat16", "mixed_bfloat16"])
+def test_a_lora_layer_computing_in_bfloat16_shows_its_rounded_kernel(tmp_path, policy):
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="d", dtype=policy),
+                              keras.layers.Dense(1, name="out")])
+    refs = _enable_lora(model, ["d"])
+    run_dir = str(tmp_path / "run")
+    x, y = _data(model)
+    recorder = _fit(model, run_dir, refs, x, y)
+    run = load_run(run_dir)
+    _check_effective_is_the_layers(run, model, recorder, ["d"])
+    _check_stats_and_histograms(run, _acc(run_dir), ["d/kernel"])
+    for snap in run.snapshots:  # bfloat16 values, exactly those of layer.kernel
+        np.testing.assert_array_equal(run.tensor("d/kernel", snap.step, effective=True),
+                                      recorder.kernels[snap.step]["d"])
+
+
 def test_lora_conv_gets_its_effective_kernel_grid_that_moves_while_the_base_is_frozen(tmp_path):
     model, names = _image_model()
     refs = _enable_lora(model, ["conv"])
     run_dir = str(tmp_path / "run")
     x, y = _data(model)
-    recorder = _fit(model, run_dir, refs, x, y, lr=0.5, epochs=2)
+    recorder = _fit(model, run_dir, refs, x, y, lr=0.1, epochs=2)
     run, acc = load_run(run_dir), _acc(run_dir)
     _check_effective_is_the_layers(run, model, recorder, ["conv"])
     name = _kernel_tags(model, ["conv/kernel"])["conv/kernel"]

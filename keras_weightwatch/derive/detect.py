@@ -9,11 +9,13 @@ than int8, int4 and float8 (GPTQ, AWQ) have no rule: their stored kernel is show
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from ..naming import key_layer
 from ..run.format import Derivation
+from .rules import ROUNDED_DTYPES
 
 # The variables of each kind of kernel: the stored one, its LoRA adapters, its
 # quantization scale and zero point (Embedding names them after its embeddings).
@@ -114,6 +116,16 @@ def _layers(model: Any) -> list[Any]:
     return list(getattr(model, "layers", []))
 
 
+def _in_compute_dtype(d: Derivation, layer: Any) -> Derivation:
+    """`d` with the layer's compute dtype where Keras casts the kernel to a narrower one: a
+    LoRA `layer.kernel`, a float8 kernel's dequantization (int8 and int4 dequantize in their
+    scale's own dtype, which the rule reads from the scale)."""
+    dtype = str(getattr(layer, "compute_dtype", "float32"))
+    if dtype not in ROUNDED_DTYPES or d.rule not in ("lora", "float8"):
+        return d
+    return dataclasses.replace(d, params={**d.params, "compute_dtype": dtype})
+
+
 def derivations(model: Any, keys: Mapping[int, str]) -> tuple[Derivation, ...]:
     """Every effective kernel of the model's layers, nested ones included, in the order the
     derivations apply (a layer's dequantization before its LoRA update).
@@ -127,5 +139,5 @@ def derivations(model: Any, keys: Mapping[int, str]) -> tuple[Derivation, ...]:
         for detect in (_quantized, _reverse, _lora):
             d = detect(layer, keys)
             if d is not None:
-                out.append(d)
+                out.append(_in_compute_dtype(d, layer))
     return tuple(out)

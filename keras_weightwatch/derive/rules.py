@@ -16,6 +16,12 @@ result equals Keras's own to float32 rounding:
   the kernel's `shape` where one is given (EinsumDense).
 - `float8`: the kernel quantized to float8 (e4m3) with its scale and dequantized,
   as the layer's forward pass does.
+
+A layer that computes in bfloat16 or float16 rounds as Keras does, the result kept in float32:
+a derivation's `compute_dtype` param rounds its kernel to that dtype (LoRA's `layer.kernel` is
+cast to it; float8's forward pass quantizes and dequantizes in it, kernel and scale cast to
+it); int8 and int4 divide in their scale's dtype (16 bits only where the variables are: a
+`mixed_*` policy dequantizes in float32).
 """
 
 from __future__ import annotations
@@ -44,6 +50,22 @@ class Rule(NamedTuple):
     """`apply` writing into a float32 array of the kernel's shape when one is given (a caller's
     buffer kept from one snapshot to the next, `effective(..., reuse=)`): a fresh array of
     64 MB cost about 25 ms of page faults at every snapshot, more than deriving into it."""
+
+
+ROUNDED_DTYPES = ("bfloat16", "float16")
+"""The dtypes a derived kernel is rounded to where Keras computes it in one (see the module
+docstring); the result stays float32."""
+
+
+def _rounded(out: np.ndarray, dtype: Any) -> np.ndarray:
+    """`out` rounded to `dtype` and back to float32 where `dtype` is one of `ROUNDED_DTYPES`;
+    else `out` as it is."""
+    if dtype not in ROUNDED_DTYPES:
+        return out
+    import ml_dtypes
+
+    narrow = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+    return np.asarray(out).astype(narrow).astype(np.float32)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -105,6 +127,7 @@ def _dequantize(codes: np.ndarray, x: Arrays, p: Params) -> np.ndarray:
         out = (codes - z) * s
     else:
         out = codes / scale
+    out = _rounded(out, np.asarray(x["scale"]).dtype.name)
     shape = p.get("shape")
     return out.reshape(tuple(shape)) if shape else out
 
@@ -133,8 +156,10 @@ def _float8(x: Arrays, p: Params) -> np.ndarray:
 
     dtype = getattr(ml_dtypes, str(p.get("dtype", "float8_e4m3fn")))
     top = np.float32(float(ml_dtypes.finfo(dtype).max))
-    scale = _f32(x["scale"])
-    q = np.clip(_f32(x["kernel"]) / scale, -top, top).astype(dtype)
+    compute = p.get("compute_dtype")  # the forward pass quantizes in it, scale and all
+    scale = _rounded(_f32(x["scale"]), compute)
+    q = np.clip(_rounded(_rounded(_f32(x["kernel"]), compute) / scale, compute), -top, top)
+    q = q.astype(dtype)
     return q.astype(np.float32) * scale
 
 
@@ -160,9 +185,10 @@ def _derive(d: Derivation, current: Mapping[str, np.ndarray],
     inputs = {role: current[key] for role, key in d.inputs.items()}
     try:
         if reuse is not None and rule.into is not None:
-            out = reuse[d.key] = rule.into(inputs, d.params, reuse.get(d.key))
+            made = reuse[d.key] = rule.into(inputs, d.params, reuse.get(d.key))
         else:
-            out = rule.apply(inputs, d.params)
+            made = rule.apply(inputs, d.params)
+        out = _rounded(made, d.params.get("compute_dtype"))
     except (ValueError, IndexError, KeyError, TypeError) as e:
         raise WeightWatchError(
             f"the effective kernel {d.key!r} ({d.rule}) cannot be derived from "

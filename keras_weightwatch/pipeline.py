@@ -47,7 +47,7 @@ from .run import (
 from .run.remote import FsspecStorage, open_storage
 from .rundir import open_writer
 from .settings import Settings
-from .stats import Partial, combine, finish, partial_stats, tensor_stats
+from .stats import Partial, combine, finish, partial_stats, same_stats, tensor_stats
 from .views import View
 from .worker import Worker
 
@@ -151,6 +151,8 @@ class Pipeline:
         self._kernels: dict[str, np.ndarray] = {}
         """The effective kernels of the snapshot being written, kept for the next one's."""
         self._prev_kernel = _OneArray()  # the previous snapshot's, one at a time
+        self._own_stats: dict[str, dict[str, float]] = {}
+        """`tensor_stats` of each tensor at the snapshot written last (`_tensor_stats`)."""
         self._prev_shards: Mapping[str, list[Shard]] = {}
         """This process's shards at the previous snapshot, for the update ratios."""
         self._last_written: Ticket | None = None  # the set of the snapshot written last
@@ -452,16 +454,21 @@ class Pipeline:
         finally:
             self.pool.release(held)
 
-    @staticmethod
-    def _tensor_stats(snapshot: Snapshot,
+    def _tensor_stats(self, snapshot: Snapshot,
                       prev: Callable[[str], Any]) -> dict[str, dict[str, float]]:
-        stats = {}
+        """Each tensor's statistics; those of a tensor whose bytes did not change since the
+        previous snapshot are the previous ones (`same_stats`: a frozen weight is compared,
+        not reduced again)."""
+        stats: dict[str, dict[str, float]] = {}
+        kept, self._own_stats = self._own_stats, {}
         for key, arr in snapshot.arrays.items():
             try:
                 before = prev(key)
             except Exception:
                 before = None
-            stats[key] = tensor_stats(arr, before)
+            got = same_stats(arr, before, kept.get(key))
+            stats[key] = got if got is not None else tensor_stats(arr, before)
+            self._own_stats[key] = dict(stats[key])  # before the views add theirs
             del before
         return stats
 

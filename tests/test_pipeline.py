@@ -765,3 +765,39 @@ def test_a_shard_process_writes_its_shards_on_its_worker_after_the_epoch_end(tmp
         assert set(got) == set(want)
         for name, value in want.items():
             assert got[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_a_frozen_weight_keeps_its_statistics_without_a_pass_over_it(tmp_path, monkeypatch):
+    """A weight whose bytes did not change gets the statistics of the snapshot before (update
+    ratio 0) without `tensor_stats` running over it again; every snapshot's stored statistics
+    are still those of `tensor_stats` on the run's own tensors."""
+    import keras_weightwatch.pipeline as pipeline_module
+    from keras_weightwatch import WeightWatch, load_run
+    from keras_weightwatch.stats import tensor_stats
+
+    passes: list[tuple[int, ...]] = []
+    real = pipeline_module.tensor_stats
+
+    def counted(arr, prev=None):
+        passes.append(np.shape(arr))
+        return real(arr, prev)
+
+    monkeypatch.setattr(pipeline_module, "tensor_stats", counted)
+    keras.utils.set_random_seed(0)
+    frozen = keras.layers.Dense(7, name="frozen", trainable=False)
+    model = keras.Sequential([keras.Input((5,)), frozen, keras.layers.Dense(2, name="head")])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).random((16, 5)).astype("float32")
+    model.fit(x, x[:, :2], epochs=4, verbose=0, callbacks=[WeightWatch(str(tmp_path / "r"))])
+    run = load_run(str(tmp_path / "r"))
+    prev = None
+    for snap in run.snapshots:
+        arrays = run.weights(snap.step)
+        for key, arr in arrays.items():
+            want = tensor_stats(arr, None if prev is None else prev[key])
+            assert {k: snap.stats[key][k] for k in want} == pytest.approx(want, rel=0, abs=0,
+                                                                          nan_ok=True), key
+        prev = arrays
+    # the frozen kernel (5, 7) was reduced once, at the initial snapshot; the trained one at each
+    assert len(run.snapshots) == 5
+    assert passes.count((5, 7)) == 1 and passes.count((7, 2)) == 5

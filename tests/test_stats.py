@@ -160,3 +160,38 @@ def test_empty_and_frozen_tensors():
     a = np.arange(12, dtype="float32").reshape(3, 4)
     assert stats.tensor_stats(a, a.copy())["update_ratio"] == 0.0
     assert math.isnan(stats.tensor_stats(a, np.zeros_like(a))["update_ratio"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.complex64])
+@pytest.mark.parametrize("size", [3, 11, stats.CHUNK * 3 + 5])
+def test_same_stats_of_unchanged_bytes_are_tensor_stats(dtype, size):
+    rng = np.random.default_rng(size)
+    prev = (rng.standard_normal(size) * 50).astype(dtype).reshape(-1, 1)
+    before = stats.tensor_stats(prev, prev[::-1].copy())  # its own statistics, with a ratio
+    got = stats.same_stats(prev.copy(), prev, before)
+    assert got == stats.tensor_stats(prev.copy(), prev)  # the reference: the whole pass
+    assert list(got) == list(stats.tensor_stats(prev.copy(), prev))
+    assert stats.same_stats(prev.copy(), prev, stats.tensor_stats(prev)) == got
+
+
+def test_same_stats_leaves_every_other_case_to_tensor_stats():
+    rng = np.random.default_rng(0)
+    prev = rng.standard_normal((64, 4099)).astype(np.float32)
+    own = stats.tensor_stats(prev)
+    for i in (0, prev.size // 2, prev.size - 1):  # a change anywhere: in each chunk, the tail
+        moved = prev.copy()
+        moved.reshape(-1)[i] = np.nextafter(moved.reshape(-1)[i], np.float32(np.inf))
+        assert stats.same_stats(moved, prev, own) is None
+    assert stats.same_stats(prev.copy(), None, own) is None
+    assert stats.same_stats(prev.copy(), prev, None) is None
+    assert stats.same_stats(prev.astype(np.float64), prev, own) is None
+    flipped = prev.T.copy()
+    assert stats.same_stats(flipped, flipped.copy(), stats.tensor_stats(flipped)) is not None
+    assert stats.same_stats(prev.T, prev.T, stats.tensor_stats(prev.T)) is None  # not C order
+    empty = np.zeros((0, 3), np.float32)  # no finite value: NaN statistics, computed
+    assert stats.same_stats(empty, empty.copy(), stats.tensor_stats(empty)) is None
+    nan = prev.copy()
+    nan[0, 0] = np.nan
+    want = stats.tensor_stats(nan.copy(), nan)
+    assert stats.same_stats(nan.copy(), nan, stats.tensor_stats(nan)) is None
+    assert math.isnan(want["update_ratio"])  # why: NaN - NaN is no zero update

@@ -201,7 +201,7 @@ def architecture_change(old: Sequence[WeightSpec], new: Sequence[WeightSpec]) ->
     changed = [(s, by_key[s.key]) for s in old
                if s.key in by_key and (by_key[s.key].shape, by_key[s.key].dtype)
                != (s.shape, s.dtype)]
-    if len(old) == len(new) and (not added or changed):
+    if len(old) == len(new):  # nothing added: told weight by weight, as keys match by position
         return Change(False, str(architecture_mismatch(old, new)))
     parts = [f"the run has {len(old)} weight tensors, the model has {len(new)}"]
     if added:

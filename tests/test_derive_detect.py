@@ -21,6 +21,16 @@ from keras_weightwatch.derive import effective
 Int4Config = keras.quantizers.Int4QuantizationConfig
 
 
+@pytest.fixture(autouse=True)
+def _no_full_collection_per_quantize(monkeypatch):
+    """Keras runs a full `gc.collect()` each time quantizing deletes a float kernel (about half
+    a second in a test process, most of these tests' time); the values under test do not
+    depend on when memory is collected."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
+
+
 def _by_key(model):
     info = describe_model(model)
     arrays = dict(zip([s.key for s in info.weights], capture_arrays(model)))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import shutil
@@ -197,20 +198,11 @@ def check_base_stored_once(log_dir: str, model) -> tuple[int, int]:
     return n_files, len(bases)
 
 
-def one(params: int, width: int, rank: int, epochs: int, root: str) -> dict:
-    """Measure one size in this process; return the row."""
-    import keras
-    from common import CostMeter, TimedWeightWatch, med
+def fit_with_weightwatch(model, x, y, log_dir: str, epochs: int) -> dict[str, list[float]]:
+    """Fit with WeightWatch and the meters; per snapshot: the hold, the worker's CPU (the
+    process's, and the threads WeightWatch started), the bytes added, the bytes hashed."""
+    from common import CostMeter, TimedWeightWatch
 
-    depth = max(1, round(params / (width * width)))
-    keras.utils.set_random_seed(0)
-    model = build(width, depth, rank)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, width), dtype=np.float32)
-    y = rng.standard_normal((8, width), dtype=np.float32)
-    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # trace and allocate first
-    count_hashed_bytes()
-    log_dir = os.path.join(root, f"run{params}")
     ww = TimedWeightWatch(log_dir)
     cost = CostMeter(ww)
     meter = Meter(ww, cost, log_dir)
@@ -222,21 +214,41 @@ def one(params: int, width: int, rank: int, epochs: int, root: str) -> dict:
 
     ww.on_epoch_end = on_epoch_end
     model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, callbacks=[meter.callback, ww])
-    weights = [np.asarray(w) for w in model.get_weights()]
-    adapters = sum(np.asarray(v).nbytes for v in model.weights if "lora_" in v.path)
-    base = sum(np.asarray(v).nbytes for v in model.weights if "lora_" not in v.path)
+    return {"hold": ww.hook_times["on_epoch_end"], "worker": meter.worker,
+            "threads": meter.threads,
+            "bytes": [b - a for a, b in zip(meter.sizes[1:], meter.sizes[2:])],
+            "hashed": [b - a for a, b in zip(meter.hashed[1:], meter.hashed[2:])]}
+
+
+def one(params: int, width: int, rank: int, epochs: int, root: str) -> dict:
+    """Measure one size in this process; return the row (medians over the snapshots after
+    the first epoch's)."""
+    import keras
+    from common import med
+
+    from keras_weightwatch.capture import _host_view
+
+    depth = max(1, round(params / (width * width)))
+    keras.utils.set_random_seed(0)
+    model = build(width, depth, rank)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, width), dtype=np.float32)
+    y = rng.standard_normal((8, width), dtype=np.float32)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # trace and allocate first
+    count_hashed_bytes()
+    log_dir = os.path.join(root, f"run{params}")
+    got = fit_with_weightwatch(model, x, y, log_dir, epochs)
     files, n_bases = check_base_stored_once(log_dir, model)
-    hold = ww.hook_times["on_epoch_end"]
-    del ww, cost
-    copy, cmp = floors(weights)
-    grown = [b - a for a, b in zip(meter.sizes[1:], meter.sizes[2:])]
-    hashed = [b - a for a, b in zip(meter.hashed[1:], meter.hashed[2:])]
     shutil.rmtree(log_dir)
-    return {"params": int(sum(w.size for w in weights)), "base": base, "adapters": adapters,
-            "layers": depth, "width": width, "snapshots": epochs + 1, "files": files,
-            "bases": n_bases, "hold": med(hold[1:]), "copy": copy,
-            "worker": med(meter.worker[1:]), "threads": med(meter.threads[1:]), "cmp": cmp,
-            "bytes": med(grown), "hashed": med(hashed)}
+    gc.collect()  # WeightWatch's buffers go before the floors copy the weights
+    weights = [_host_view(v) for v in model.weights]  # the variables' memory, no copy
+    adapters = sum(w.nbytes for v, w in zip(model.weights, weights) if "lora_" in v.path)
+    base = sum(w.nbytes for v, w in zip(model.weights, weights) if "lora_" not in v.path)
+    copy, cmp = floors(weights)
+    row = {k: med(v[1:] if k in ("hold", "worker", "threads") else v) for k, v in got.items()}
+    return {**row, "params": int(sum(w.size for w in weights)), "base": base,
+            "adapters": adapters, "layers": depth, "width": width, "snapshots": epochs + 1,
+            "files": files, "bases": n_bases, "copy": copy, "cmp": cmp}
 
 
 def print_row(r: dict) -> None:

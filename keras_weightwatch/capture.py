@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
 import time
+import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -134,11 +136,44 @@ def _compact(value: Any) -> Any:
     return None
 
 
+_NOT_OPTIONS = frozenset({"built", "autocast", "supports_jit", "call_signature_parameters"})
+"""Public attributes of Keras layers and optimizers that are state, not configuration."""
+
+
+def _public_options(obj: Any) -> dict[str, Any]:
+    """An object's public attributes (functions by name): what `_config` reads where calling
+    `get_config()` would import TensorFlow."""
+    out: dict[str, Any] = {}
+    for key, value in vars(obj).items():
+        if isinstance(value, types.FunctionType):  # an activation, by name
+            if value.__name__ == key:
+                continue  # a method Keras wrapped onto the instance (`build`, `quantize`)
+            value = value.__name__
+        if not key.startswith("_") and key not in _NOT_OPTIONS and (
+                _compact(value) is not None and not isinstance(value, Mapping)):
+            out[key] = value
+    return out
+
+
+def _config(obj: Any) -> Mapping[str, Any]:
+    """`obj.get_config()`, where that cannot import TensorFlow; else its public attributes.
+
+    Keras serializes the objects nested in a config (a dtype policy, an initializer, a
+    learning-rate schedule) through a check that imports TensorFlow whenever it is installed
+    (about 3 s): on JAX or PyTorch, where TensorFlow is not imported, WeightWatch reads the
+    public attributes instead and never imports it.
+    """
+    if "tensorflow" not in sys.modules:
+        return _public_options(obj)
+    config = obj.get_config()
+    return config if isinstance(config, Mapping) else {}
+
+
 def _layer_config(layer: Any) -> dict[str, Any]:
     """One layer's compact configuration: its name, class and `get_config()` options."""
     out: dict[str, Any] = {"name": str(layer.name), "class_name": type(layer).__name__}
     try:
-        config = layer.get_config()
+        config = _config(layer)
     except Exception:  # noqa: BLE001 - a layer without a config is listed by name
         return out
     for key, value in config.items() if isinstance(config, Mapping) else ():
@@ -170,10 +205,11 @@ def fit_extra(model: Any) -> dict[str, Any]:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         try:
-            config = optimizer.get_config()
+            config = dict(_config(optimizer))
+            if "tensorflow" not in sys.modules:  # the rate as the optimizer applies it now
+                config["learning_rate"] = float(np.asarray(optimizer.learning_rate))
         except Exception:  # noqa: BLE001 - an optimizer without a config is named only
             config = {}
-        config = config if isinstance(config, Mapping) else {}
         out["optimizer"] = {"class_name": type(optimizer).__name__, **json_safe(config)}
     return out
 

@@ -227,3 +227,27 @@ def test_the_header_records_the_optimizer_and_the_layers_configuration(tmp_path)
     assert len(header["config"]["digest"]) == 64
     assert capture_module.describe_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(
         1)])).extra.keys() == {"config"}  # no optimizer: none recorded
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.Dense(5, activation="relu", use_bias=False, name="d"),
+    lambda: keras.layers.Conv2D(4, (3, 2), strides=2, padding="same", name="c"),
+    lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    lambda: keras.optimizers.Adam(0.003, beta_1=0.8, clipnorm=1.0),
+])
+def test_without_tensorflow_imported_the_options_are_those_of_get_config(make):
+    """On JAX or PyTorch (TensorFlow not imported, which Keras's `get_config()` would do) the
+    header's options are the object's public attributes: the same values `get_config()` gives."""
+    obj = make()
+    reference = obj.get_config()  # TensorFlow is imported in this test process
+    options = capture_module._public_options(obj)
+    shared = set(options) & set(reference)
+    expected = {"units", "activation", "use_bias"} if isinstance(obj, keras.layers.Dense) else (
+        {"filters", "kernel_size", "strides", "padding"} if isinstance(obj, keras.layers.Conv2D)
+        else {"momentum", "nesterov"} if isinstance(obj, keras.optimizers.SGD)
+        else {"beta_1", "clipnorm"})
+    assert expected <= shared
+    for key in shared:
+        got, want = options[key], reference[key]
+        assert (list(got) if isinstance(got, tuple) else got) == (
+            list(want) if isinstance(want, tuple) else want), key

@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   installs the package with its demo extra into .venv and runs `weightwatch demo`
 #   make test   installs everything the tests need (PyTorch CPU, JAX, Chromium) and runs them
+#               on every core (pytest-xdist; the tests of one file stay on one worker)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,4 +32,4 @@ test: $(PY) browser
 	$(PIP) install 'torch==2.13.0' jax jaxlib
 	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile

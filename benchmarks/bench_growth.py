@@ -37,6 +37,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 from bench_write import arrays_of, info_of, writer_write  # noqa: E402
 from common import WORKER_CPU, TimedWeightWatch, machine, med, time_worker  # noqa: E402
+from machine import available_bytes  # noqa: E402
 
 from keras_weightwatch.run import RunWriter  # noqa: E402
 
@@ -52,14 +53,6 @@ def shapes_for(params: int) -> dict[str, tuple[int, ...]]:
         shapes[f"dense_{i}/kernel"] = (width, width)
         shapes[f"dense_{i}/bias"] = (width,)
     return shapes
-
-
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
 
 
 def tensorboard_bytes(root: str, arrays: dict[str, np.ndarray]) -> int:

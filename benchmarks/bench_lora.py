@@ -60,14 +60,6 @@ MEASURES = (
 )
 
 
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
 def build(width: int, depth: int, rank: int):
     import keras
 
@@ -316,6 +308,8 @@ def main(argv=None) -> int:
 
 
 def run_size(params: int, args) -> dict | None:
+    from machine import available_bytes
+
     need = 4 * 4 * params * 1.1
     if need > available_bytes():
         print(f"skipped {params:,} parameters: about {need / 1e9:.1f} GB needed, "

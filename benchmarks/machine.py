@@ -36,3 +36,12 @@ def machine() -> str:
         versions.append(f"tensorboard {tensorboard.__version__}")
     versions.append(f"keras-weightwatch {keras_weightwatch.__version__}")
     return f"{cpu}, {cores} cores usable; " + ", ".join(versions)
+
+
+def available_bytes() -> int:
+    """The memory the kernel says is available now (MemAvailable), in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62

@@ -2,13 +2,14 @@
 #   make demo   installs the package with its demo extra into .venv and runs `weightwatch demo`
 #   make test   installs everything the tests need (PyTorch CPU, JAX, Chromium) and runs them
 #               on every core (pytest-xdist; the tests of one file stay on one worker)
+#   make check  ruff, mypy and the unit tests alone: the quick check while editing
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 LOGDIR ?= weightwatch-demo
 
-.PHONY: demo test venv lint browser
+.PHONY: demo test check venv lint browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +34,12 @@ test: $(PY) browser
 	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
+
+# The quick check for the edit-test loop: ruff, mypy and the unit tests that need no browser,
+# no server and no second backend (tests/integration and the slow and browser marks left out).
+check: $(PY)
+	$(PIP) install -e '.[test]'
+	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
+	$(PY) -m mypy
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m "not slow and not browser" \
+	  --ignore=tests/integration tests

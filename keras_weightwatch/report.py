@@ -122,6 +122,21 @@ def _joined_lines(run: Run, cols: Mapping[str, StatColumn]) -> list[str]:
             for name, keys in by_step.items()]
 
 
+_RULE_TEXT = {"lora": "base + (alpha/rank) A@B", "int8": "codes / scale",
+              "int4": "unpacked codes / scale", "float8": "float8 e4m3 round trip"}
+"""How `show` says what each rule of `derive` computes."""
+
+
+def _effective_lines(run: Run) -> list[str]:
+    """`effective` lines: the kernels the views and analyses read as the layer computes with
+    them (`Run.derived`), each with its rule, rather than as stored."""
+    by_rule: dict[str, list[str]] = {}
+    for d in run.derived:
+        by_rule.setdefault(d.rule, []).append(d.key)
+    return [f"effective {rule} ({_RULE_TEXT.get(rule, rule)}): {', '.join(keys)}"
+            for rule, keys in by_rule.items()]
+
+
 def _non_finite_lines(run: Run, cols: Mapping[str, StatColumn], limit: int = 10) -> list[str]:
     """`NON-FINITE` lines: each snapshot's weights holding NaN or Inf (from the stored stats)."""
     import numpy as np
@@ -173,6 +188,7 @@ def render_show(run: Run) -> str:
     cols = run.stat_columns(SHOW_STATS)  # every snapshot's, decoded once
     out.extend(_non_finite_lines(run, cols))
     out.extend(_joined_lines(run, cols))
+    out.extend(_effective_lines(run))
     out.append("")
     out.append("layers")
     out.append(

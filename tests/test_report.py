@@ -152,3 +152,26 @@ def test_the_diff_summary_words_name_the_comparisons_statuses():
 
     assert [s for s, _ in _STATUS_WORDS] == [
         records.STATUS_ONLY_A, records.STATUS_ONLY_B, records.STATUS_SHAPE]
+
+
+def test_show_names_each_effective_kernel_with_its_rule(tmp_path):
+    from keras_weightwatch import load_run
+    from keras_weightwatch.report import render_show
+    from keras_weightwatch.run import Derivation
+
+    rng = np.random.default_rng(0)
+    arrays = {"q/kernel": rng.integers(-127, 128, (4, 3)).astype(np.int8),
+              "q/kernel_scale": rng.random(3, dtype=np.float32) + 1,
+              "l/kernel": rng.random((3, 2), dtype=np.float32),
+              "l/lora_kernel_a": rng.random((3, 1), dtype=np.float32),
+              "l/lora_kernel_b": rng.random((1, 2), dtype=np.float32)}
+    derived = (Derivation("q/kernel", "int8", {"codes": "q/kernel", "scale": "q/kernel_scale"},
+                          {}, "q"),
+               Derivation("l/kernel", "lora", {"base": "l/kernel", "a": "l/lora_kernel_a",
+                                               "b": "l/lora_kernel_b"}, {"scale": 2.0}, "l"))
+    run = write_run(tmp_path / "r", [("epoch", 0, arrays)], derived=derived)
+    lines = render_show(load_run(run)).splitlines()
+    assert "effective int8 (codes / scale): q/kernel" in lines
+    assert "effective lora (base + (alpha/rank) A@B): l/kernel" in lines
+    plain = write_run(tmp_path / "p", [("epoch", 0, {"q/kernel_scale": arrays["q/kernel_scale"]})])
+    assert not any(x.startswith("effective") for x in render_show(load_run(plain)).splitlines())

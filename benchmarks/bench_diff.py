@@ -11,10 +11,17 @@ bytes of one run.
 Usage:
 
     .venv/bin/python benchmarks/bench_diff.py [--params 100_000_000] [--repeats 3]
+    .venv/bin/python benchmarks/bench_diff.py --case unsettled [--repeats 5]
 
 It prints, side by side from one process and interleaved: one plain numpy pass over
 the same memory-mapped tensors (the norms, dot products and squared differences a
 diff needs, in float64 chunks), `diff_runs(match=False)` and `diff_runs(match=True)`.
+
+`--case unsettled`: two runs of six Dense(2048) layers (25M parameters), B = A +
+noise of half the weights' scale, where no bound from leading rows settles every
+assignment. Beside `diff_runs(match=True)` it times the floor of any exact
+matching: per layer one float32 units x units Gram product of the memory-mapped
+kernels and one `scipy.optimize.linear_sum_assignment`.
 """
 
 from __future__ import annotations
@@ -33,8 +40,13 @@ import time
 import numpy as np
 
 
-def architecture(params: int) -> list[tuple[str, str, dict[str, tuple[int, ...]]]]:
-    """(layer, class, {weight: shape}) for about `params` parameters."""
+def architecture(params: int, case: str = "default"
+                 ) -> list[tuple[str, str, dict[str, tuple[int, ...]]]]:
+    """(layer, class, {weight: shape}) for about `params` parameters (`case` "unsettled":
+    six Dense(2048) layers whatever `params`)."""
+    if case == "unsettled":
+        return [(f"dense{i + 1}", "Dense", {"kernel": (2048, 2048), "bias": (2048,)})
+                for i in range(6)]
     layers = []
     chans = [3, 64, 128, 256, 512]
     for i in range(4):
@@ -50,12 +62,16 @@ def architecture(params: int) -> list[tuple[str, str, dict[str, tuple[int, ...]]
     return layers
 
 
-def write_runs(root: str, params: int) -> tuple[str, str, int]:
+def write_runs(root: str, params: int, case: str = "default", noise: float | None = None
+               ) -> tuple[str, str, int]:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from keras_weightwatch.capture import LayerInfo, ModelInfo, Snapshot, WeightSpec
     from keras_weightwatch.run import RunWriter
 
-    arch = architecture(params)
+    arch = architecture(params, case)
+    if noise is None:
+        noise = 0.5 if case == "unsettled" else 0.05
+    scale = np.float32(noise)
     specs = tuple(
         WeightSpec(key=f"{name}/{w}", path=f"model/{name}/{w}", layer=name, shape=shape,
                    dtype="float32", trainable=True)
@@ -76,8 +92,10 @@ def write_runs(root: str, params: int) -> tuple[str, str, int]:
         # One tensor at a time, so writing the runs needs little memory either.
         for spec in specs:
             a = rng.standard_normal(spec.shape, dtype=np.float32)
-            b = a + np.float32(0.05) * rng.standard_normal(spec.shape, dtype=np.float32)
-            if spec.key.startswith("dense2/"):
+            b = a + scale * rng.standard_normal(spec.shape, dtype=np.float32)
+            if case == "unsettled":
+                pass
+            elif spec.key.startswith("dense2/"):
                 b = np.ascontiguousarray(b[..., perm])
             elif spec.key == "dense3/kernel":
                 b = np.ascontiguousarray(b[perm])
@@ -136,13 +154,31 @@ def baseline(a: str, b: str) -> None:
             np.einsum("i,i->", fa, fb), np.einsum("i,i->", d, d)
 
 
+def floor(a: str, b: str) -> None:
+    """What any exact matching must do: per Dense kernel, one float32 units x units Gram
+    product of the memory-mapped kernels and one linear_sum_assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    from keras_weightwatch.run import load_run
+    from keras_weightwatch.run.reader import tensor_name
+
+    run_a, run_b = load_run(a), load_run(b)
+    snap_a, snap_b = run_a.snapshot("last"), run_b.snapshot("last")
+    for key, rec in snap_a.tensors.items():
+        if not key.endswith("/kernel"):
+            continue
+        xa = np.load(run_a.storage.where(tensor_name(rec)), mmap_mode="r")
+        xb = np.load(run_b.storage.where(tensor_name(snap_b.tensors[key])), mmap_mode="r")
+        linear_sum_assignment(xa.T @ xb, maximize=True)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def measure(a: str, b: str, repeats: int) -> dict:
+def measure(a: str, b: str, repeats: int, case: str = "default") -> dict:
     """Run in a fresh process: the baseline and diff_runs with and without matching,
     interleaved `repeats` times (medians), after the memory of one matched diff."""
     import statistics
@@ -159,6 +195,8 @@ def measure(a: str, b: str, repeats: int) -> dict:
         "match=False, verify=False": lambda: diff_runs(a, b, match=False, verify=False),
         "match=True": lambda: diff_runs(a, b, match=True),
     }
+    if case == "unsettled":
+        kinds = {"floor": lambda: floor(a, b), "match=True": kinds["match=True"]}
     # Memory first, in the fresh process: one matched diff.
     rss0 = _peak_rss()
     tracemalloc.start()
@@ -184,10 +222,16 @@ def main() -> None:
     p.add_argument("--params", type=int, default=100_000_000)
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians)")
     p.add_argument("--dir", default=None, help="where to write the runs (default: a temp dir)")
+    p.add_argument("--case", choices=("default", "unsettled"), default="default",
+                   help="unsettled: six Dense(2048) layers, B = A + noise of half the "
+                        "weights' scale, timed against the Gram + assignment floor")
+    p.add_argument("--noise", type=float, default=None,
+                   help="B = A + noise x N(0, 1) (A is N(0, 1)); default 0.05, 0.5 for unsettled")
     p.add_argument("--measure", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure, repeats=args.repeats)))
+        run_a, run_b = args.measure
+        print(json.dumps(measure(run_a, run_b, repeats=args.repeats, case=args.case)))
         return
     from machine import machine
 
@@ -195,17 +239,30 @@ def main() -> None:
     root = args.dir or tempfile.mkdtemp(prefix="bench-diff-")
     try:
         t0 = time.perf_counter()
-        a, b, total = write_runs(root, args.params)
+        a, b, total = write_runs(root, args.params, args.case, args.noise)
         t_write = time.perf_counter() - t0
         tensor_dir = os.path.join(a, "tensors")
         run_bytes = sum(os.path.getsize(os.path.join(tensor_dir, f))
                         for f in os.listdir(tensor_dir))
-        cmd = [sys.executable, __file__, "--measure", a, b, "--repeats", str(args.repeats)]
+        cmd = [sys.executable, __file__, "--measure", a, b, "--repeats", str(args.repeats),
+               "--case", args.case]
         m = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        report(m, total, run_bytes, t_write, args.repeats)
+        if args.case == "unsettled":
+            report_floor(m, total, args.repeats, args.noise or 0.5)
+        else:
+            report(m, total, run_bytes, t_write, args.repeats)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def report_floor(m: dict, total: int, repeats: int, noise: float) -> None:
+    med = m["median"]
+    print(f"two runs of {total:,} float32 parameters (six Dense(2048), B = A + {noise:g} x "
+          f"the weights' scale of noise); medians of {repeats} interleaved repetitions")
+    print(f"  floor (per kernel: float32 Gram + linear_sum_assignment): {med['floor']:.3f} s")
+    print(f"  diff_runs(a, b, match=True): {med['match=True']:.3f} s = "
+          f"{med['match=True'] / med['floor']:.2f} x the floor (target <= 1.5)")
 
 
 def report(m: dict, total: int, run_bytes: int, t_write: float, repeats: int) -> None:

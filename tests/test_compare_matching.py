@@ -498,3 +498,22 @@ def test_nan_in_a_large_layer_matches_on_the_finite_values_like_the_full_matrix(
     finite = np.where(np.isfinite(a), a, 0.0)
     np.testing.assert_array_equal(m.perm, _reference_matching(finite, b))
     assert m.sums.nonfinite_a == 1 and np.isnan(m.matched.cosine())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_assign_cosines_matches_scipy_with_and_without_non_finite_entries(bad):
+    from scipy.optimize import linear_sum_assignment
+
+    from keras_weightwatch.compare.matching import TIE_BONUS, assign_cosines
+
+    rng = np.random.default_rng(3)
+    cos = rng.uniform(-1, 1, (12, 12))
+    if bad is not None:
+        cos[2, 5] = cos[7, 7] = cos[0, :] = bad
+    want = np.where(np.isfinite(cos), cos, -2.0)
+    want[np.diag_indices_from(want)] += TIE_BONUS
+    rows, cols = linear_sum_assignment(want, maximize=True)
+    got = cos.copy()
+    perm = assign_cosines(got)
+    np.testing.assert_array_equal(perm[rows], cols)
+    np.testing.assert_array_equal(got, want)  # changed in place, as documented

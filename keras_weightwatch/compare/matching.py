@@ -96,7 +96,8 @@ def assign_cosines(cos: np.ndarray) -> Perm:
     """The matching maximising the summed cosine of a units x units float64 cosine matrix
     (changed in place: NaN and Inf lose to any pair, each unit's own pair gains `TIE_BONUS`)."""
     lsa = _linear_sum_assignment()
-    np.nan_to_num(cos, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)
+    if not np.isfinite(cos).all():  # one pass where every cosine is finite (the usual case)
+        np.nan_to_num(cos, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)
     # Prefer keeping a unit in place when matchings tie (identical units).
     cos[np.diag_indices_from(cos)] += TIE_BONUS
     return _assign(lsa, cos)

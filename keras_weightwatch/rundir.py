@@ -23,12 +23,12 @@ import numpy as np
 
 from . import _version
 from .capture import WeightSpec, host_views
-from .errors import RunBusyError, WeightWatchError
+from .errors import RunBusyError, WeightWatchError, received
 from .fitplan import Plan, Trial
 from .run import RunWriter, holds, is_run, load_run
 from .run.reader import read_header
 from .run.remote import is_url, open_storage
-from .run.writer import Change, architecture_change
+from .run.writer import Change, architecture_change, other_architecture_refusal
 from .settings import Settings
 
 
@@ -205,11 +205,8 @@ def beside_other(settings: Settings, other: Other) -> str:
     """A new run directory beside `other.run_dir` for a model of another architecture:
     `log_dir-2` (or `-3`, ...); refused with `if_exists="error"`, naming what differs."""
     if settings.if_exists == "error":
-        raise WeightWatchError(
-            f"{other.run_dir}: holds a run of another architecture ({other.what}); pass "
-            "if_exists='new' to start a new run beside it, or choose another log_dir. "
-            f"Received: if_exists={settings.if_exists!r}"
-        )
+        raise WeightWatchError(f"{other_architecture_refusal(other.run_dir, other.what)}. "
+                               f"{received('if_exists', settings.if_exists)}")
     return reserve_new_dir(settings.log_dir, settings)
 
 

@@ -214,6 +214,13 @@ def architecture_change(old: Sequence[WeightSpec], new: Sequence[WeightSpec]) ->
     return Change(bool(added) and not lacks and not changed, "; ".join(parts))
 
 
+def other_architecture_refusal(path: str, what: str) -> str:
+    """The words that refuse to write a model into a run of another architecture (`what`:
+    `Change.what`)."""
+    return (f"{path}: holds a run of another architecture ({what}); pass if_exists='new' to "
+            "start a new run beside it, or choose another log_dir")
+
+
 def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
         list[WeightSpec], list[SnapshotRecord], Mapping[str, Any]]:
     """The specs, snapshots and header of the run a writer continues (if any; else `{}`).
@@ -229,10 +236,7 @@ def _continued_specs(storage: Storage, specs: list[WeightSpec]) -> tuple[
     old = open_run(storage)
     change = architecture_change(old.specs, specs)
     if change is not None and not change.extends:
-        raise WeightWatchError(
-            f"{storage.path}: holds a run of another architecture ({change.what}); pass "
-            "if_exists='new' to start a new run beside it, or choose another log_dir"
-        )
+        raise WeightWatchError(other_architecture_refusal(storage.path, change.what))
     if change is not None:
         return specs, list(old.snapshots), old.header
     kept = [dataclasses.replace(new, key=o.key, layer=o.layer) for o, new in zip(old.specs, specs)]

@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .derive import applies, effective_shape
+from .derive import effective_shapes as derive_shapes
 from .errors import received
 from .naming import conv_kind, parse_key
 
@@ -622,10 +622,7 @@ def effective_shapes(run: Any, snap: Any) -> dict[str, tuple[int, ...]]:
     of its effective kernel (an int4 kernel unpacked), as `spectral` reads them."""
     shapes = {spec.key: tuple(spec.shape) for spec in run.specs if spec.key in snap.tensors}
     shapes.update({k: tuple(r.shape) for k, r in snap.tensors.items() if k not in shapes})
-    for d in run.derived:
-        if applies(d, shapes):
-            shapes[d.key] = effective_shape(d, shapes)
-    return shapes
+    return derive_shapes(run.derived, shapes)
 
 
 def _wanted_layers(keys: list[str], layers: Iterable[str] | None) -> set[str] | None:

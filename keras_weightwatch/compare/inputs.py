@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..derive import applies, effective_shape
+from ..derive import applies, effective_shapes
+from ..derive import chains as derive_chains
 from ..errors import WeightWatchError, received
 from ..run import Derivation, Run, SnapshotRecord, load_run
 
@@ -89,10 +90,7 @@ Chains = dict[str, tuple[Derivation, ...]]
 
 def chains(run: Run) -> Chains:
     """Each derived key of `run` -> its derivations (a LoRA on a quantized kernel: two)."""
-    out: dict[str, list[Derivation]] = {}
-    for d in run.derived:
-        out.setdefault(d.key, []).append(d)
-    return {k: tuple(v) for k, v in out.items()}
+    return derive_chains(run.derived)
 
 
 def applied(chain: tuple[Derivation, ...], snap: SnapshotRecord) -> tuple[Derivation, ...]:
@@ -122,14 +120,11 @@ def shape_of(snap: SnapshotRecord, key: str, chain: tuple[Derivation, ...]
              ) -> tuple[int, ...] | None:
     """The shape of the tensor `load` gives (an int4 kernel's unpacked shape), from the
     records alone; None where the snapshot has no such weight."""
-    rec = snap.tensors.get(key)
-    if rec is None:
+    if key not in snap.tensors:
         return None
-    shapes: dict[str, tuple[int, ...]] = {key: tuple(rec.shape)}
-    for d in applied(chain, snap):
-        shapes.update({k: tuple(snap.tensors[k].shape) for k in d.inputs.values() if k != key})
-        shapes[key] = effective_shape(d, shapes)
-    return shapes[key]
+    needed = {key, *(k for d in chain for k in d.inputs.values())}
+    return effective_shapes(chain, {k: snap.tensors[k].shape for k in needed
+                                    if k in snap.tensors})[key]
 
 
 def input_roles(*runs: Run) -> dict[str, tuple[str, str]]:

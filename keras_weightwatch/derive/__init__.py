@@ -19,9 +19,11 @@ from .rules import (
     Rule,
     adapters,
     applies,
+    chains,
     effective,
     effective_lookup,
     effective_shape,
+    effective_shapes,
     lora_delta,
 )
 
@@ -30,8 +32,10 @@ __all__ = [
     "Rule",
     "adapters",
     "applies",
+    "chains",
     "effective",
     "effective_lookup",
     "effective_shape",
+    "effective_shapes",
     "lora_delta",
 ]

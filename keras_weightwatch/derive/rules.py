@@ -214,15 +214,22 @@ def effective(arrays: Mapping[str, np.ndarray], derived: Sequence[Derivation],
     return out
 
 
+def chains(derived: Sequence[Derivation]) -> dict[str, tuple[Derivation, ...]]:
+    """Each derived key -> its derivations, in the order they apply (a LoRA on a quantized
+    kernel: two)."""
+    out: dict[str, list[Derivation]] = {}
+    for d in derived:
+        out.setdefault(d.key, []).append(d)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def effective_lookup(get: Callable[[str], np.ndarray | None], derived: Sequence[Derivation],
                      reuse: MutableMapping[str, np.ndarray] | None = None
                      ) -> Callable[[str], np.ndarray | None]:
     """A function key -> array like `get` (which returns None for a weight it lacks), that
     returns the effective kernel for a derived key: reads only the inputs that key needs
     (`reuse` as for `effective`)."""
-    by_key: dict[str, list[Derivation]] = {}
-    for d in derived:
-        by_key.setdefault(d.key, []).append(d)
+    by_key = chains(derived)
 
     def lookup(key: str) -> np.ndarray | None:
         chain = by_key.get(key)
@@ -244,6 +251,17 @@ def effective_shape(d: Derivation, shapes: Mapping[str, Sequence[int]]) -> tuple
         codes[int(d.params.get("axis", -1))] = int(d.params["length"])
         return tuple(codes)
     return tuple(int(s) for s in shapes[d.key])
+
+
+def effective_shapes(derived: Sequence[Derivation], shapes: Mapping[str, Sequence[int]]
+                     ) -> dict[str, tuple[int, ...]]:
+    """`shapes` (the stored weights', in their order) with each derived key's shape that of
+    its effective kernel where its derivations apply (no array read)."""
+    out = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
+    for d in derived:
+        if applies(d, out):
+            out[d.key] = effective_shape(d, out)
+    return out
 
 
 def adapters(derived: Sequence[Derivation]) -> dict[str, tuple[str, ...]]:

@@ -141,6 +141,7 @@ class SpectralMetrics:
         return bool(self.num_traps)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite numbers become `None`."""
         d = dataclasses.asdict(self)
         d["matrix_shape"] = list(self.matrix_shape)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -237,6 +238,7 @@ class SpectralResult:
     """Weight key -> metrics, in the model's weight order."""
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the run, the step and every tensor's metrics."""
         return {"path": self.path, "step": self.step,
                 "tensors": {k: m.to_json() for k, m in self.tensors.items()}}
 
@@ -589,7 +591,9 @@ def spectral(run: Any, step: int | str = "last", layers: Iterable[str] | None = 
         step: An int step, `"initial"` or `"last"`. Defaults to `"last"`.
         layers: Only the kernels of these layers (layer paths as the run's weight keys
             spell them, e.g. `"dense"` or `"block/conv"`). Defaults to None: every layer.
-        min_evals, max_evals, traps: As for `tensor_spectral`.
+        min_evals: As for `tensor_spectral`.
+        max_evals: As for `tensor_spectral`.
+        traps: As for `tensor_spectral`.
 
     Example: the README's quickstart run, whose kernels are too small for a fit of alpha.
 

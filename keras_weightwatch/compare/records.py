@@ -193,9 +193,11 @@ class TensorDiff:
 
     @property
     def unchanged(self) -> bool:
+        """Whether the tensor is bit-identical in A and B, or within the diff's tolerance."""
         return self.status == STATUS_UNCHANGED
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite numbers become `"Inf"`, `"-Inf"`, `"NaN"`."""
         stored = ("spectral_a", "spectral_b", "gradients_a", "gradients_b")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("unit_order", "input_order", "inputs", *stored)}
@@ -242,6 +244,7 @@ class LayerDiff:
 
     @property
     def unchanged(self) -> bool:
+        """Whether every tensor of the layer is unchanged."""
         return all(t.unchanged for t in self.tensors)
 
     @property
@@ -250,6 +253,7 @@ class LayerDiff:
         return any(not t.compared for t in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the layer's comparison and its tensors'."""
         return {
             "name": self.name,
             "rel_l2": json_num(self.rel_l2),
@@ -348,6 +352,7 @@ class FeatureDiff:
         return tuple(r.name for r in self.rows if r.move != 0)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the two rankings and their rows."""
         return {
             "key_a": self.key_a,
             "key_b": self.key_b,
@@ -455,6 +460,7 @@ class TensorGradients:
     grad_to_weight: tuple[float, ...]
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the weight's gradient norms across the steps."""
         return {"key": self.key, "grad_norm": [json_num(v) for v in self.grad_norm],
                 "grad_to_weight": [json_num(v) for v in self.grad_to_weight]}
 
@@ -516,6 +522,7 @@ class DriftResult:
     layers: tuple[LayerDrift, ...]
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the drift of every layer across the steps."""
         return {
             "path": self.path,
             "steps": list(self.steps),

@@ -365,6 +365,7 @@ class Derivation:
     )
 
     def to_json(self) -> dict[str, Any]:
+        """The derivation's entry in the run header's `model.derived`."""
         return {"key": self.key, "rule": self.rule, "inputs": dict(self.inputs),
                 "params": dict(self.params), "layer": self.layer}
 
@@ -376,6 +377,7 @@ class Derivation:
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> Derivation:
+        """A header's derivation entry, checked; `where` names the file for messages."""
         v = check_fields(d, cls.FIELDS, where, "derived kernel")
         return cls(key=v["key"], rule=v["rule"],
                    inputs={str(k): str(x) for k, x in v["inputs"].items()},
@@ -650,6 +652,7 @@ class TensorRecord:
                      for p in self.parts)
 
     def to_json(self) -> dict[str, Any]:
+        """The tensor's entry in a snapshot file."""
         out = {self.hash: self.digest, "shape": list(self.shape), "dtype": self.dtype,
                "stored_dtype": self.stored_dtype, "lossy": self.lossy, "bytes": self.bytes}
         if self.parts:

@@ -61,6 +61,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """True when verification found no problem."""
         return not self.problems
 
 

@@ -3,13 +3,14 @@
 #   make test   installs everything the tests need (PyTorch CPU, JAX, Chromium) and runs them
 #               on every core (pytest-xdist; the tests of one file stay on one worker)
 #   make check  ruff, mypy and the unit tests alone: the quick check while editing
+#   make docs   the documentation site into site/ (MkDocs, warnings are errors); make test builds it too
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 LOGDIR ?= weightwatch-demo
 
-.PHONY: demo test check venv lint browser
+.PHONY: demo test check venv lint browser docs docs-build
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +29,20 @@ browser:
 	      || echo "note: could not install chromium; browser tests will be skipped"; \
 	  else echo "note: chromium not found and not root; browser tests will be skipped"; fi; }
 
+# The documentation site: every page of docs/, the CLI reference rendered from the argument
+# parser and the API reference from the docstrings; a warning (a broken link, a missing
+# reference, a public name without a docstring) fails the build.
+docs: $(PY)
+	$(PIP) install -e '.[docs]'
+	$(MAKE) docs-build
+
+docs-build:
+	NO_MKDOCS_2_WARNING=1 TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 test: $(PY) browser
 	$(PIP) install -e '.[test]'
 	$(PIP) install 'torch==2.13.0' jax jaxlib
+	$(MAKE) docs-build
 	$(VENV)/bin/ruff check keras_weightwatch tests examples benchmarks docs
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile

@@ -221,6 +221,17 @@ class WeightWatch(keras.callbacks.Callback):
             across processes, how many seconds process 0 waits at each
             snapshot for every other process to record its shards before the
             snapshot fails (naming the missing record). Defaults to 300.
+        health: Run the health rules (`keras_weightwatch.health`, docs/HEALTH.md) on
+            each snapshot: non-finite or exploding weights, layers not learning, update
+            ratios too large, vanishing or exploding gradients, dead units, unbroken
+            symmetry, LoRA adapters that do not move, spectral warnings. `"warn"`: one
+            `WeightWatchWarning` per new finding (layer, step, what, what to check first),
+            a `health/findings` table and `health/errors`/`health/warnings` counts in
+            TensorBoard, the per-unit numbers in the snapshot's statistics. `"stop"`: the
+            same, and a finding of severity "error" stops training (as `TerminateOnNaN`
+            does) once the snapshot that shows it is stored; the training thread then waits
+            for each snapshot to be judged at its epoch end. None: off. Defaults to
+            `"warn"`.
 
     Example:
 
@@ -275,6 +286,7 @@ class WeightWatch(keras.callbacks.Callback):
         gradient_freq: int = S.gradient_freq,
         gradient_histograms: bool = S.gradient_histograms,
         shard_timeout: float = S.shard_timeout,
+        health: str | None = S.health,
     ):
         super().__init__()
         self.settings = Settings.create(
@@ -292,6 +304,7 @@ class WeightWatch(keras.callbacks.Callback):
             saliency_class=saliency_class, saliency_layer=saliency_layer,
             gradient_data=gradient_data, gradient_freq=gradient_freq,
             gradient_histograms=gradient_histograms, shard_timeout=shard_timeout,
+            health=health,
         )
         # Resolved at the first on_train_begin, kept for later fits of this instance.
         self.run_dir: str | None = None
@@ -474,6 +487,18 @@ class WeightWatch(keras.callbacks.Callback):
         if step is None:
             return
         self._guard(lambda: pipeline.capture(self.model, step=step, epoch=epoch, logs=logs or {}))
+        if self.settings.health == "stop" and self.pipeline is not None:
+            self._guard(self._stop_if_unhealthy)
+
+    def _stop_if_unhealthy(self) -> None:
+        """`health="stop"`: wait until the snapshot is judged; stop training on an error."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        pipeline.join()
+        if pipeline.wants_stop():
+            self.model.stop_training = True
+        self._collect()
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._undecided = None  # a fit that ran no epoch leaves a run it did not continue as it was

@@ -206,6 +206,10 @@ class Pipeline:
             out, self._notices = self._notices, []
         return out
 
+    def wants_stop(self) -> bool:
+        """Whether a view asks to stop training (`health="stop"` on an error finding)."""
+        return any(view.wants_stop() for view in self.views)
+
     def pop_failures(self) -> list[Failure]:
         """What failed since the last call: the parts that stopped, then the worker's errors."""
         with self._lock:
@@ -536,11 +540,16 @@ class Pipeline:
         for view in self.views:
             try:
                 view.write(snapshot, stats, payloads.get(view.name), self._events())
+                notices = view.pop_notices()
             except Exception as e:
                 if self.events is not None and self.events.error is not None:
                     self._stop_events(self.events.error)
                     break
                 self._drop(view, e)
+                continue
+            if notices:
+                with self._lock:
+                    self._notices.extend(notices)
         if flush:
             self._flush_events()
 

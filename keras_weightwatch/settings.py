@@ -26,6 +26,8 @@ from .errors import received
 IF_EXISTS = ("continue", "new", "error")
 RESPONSE_MODES = ("kernel", "activation")
 STORE_DTYPES = ("float16", "bfloat16")
+HEALTH_MODES = ("warn", "stop")
+"""The values of `health` besides None (off): see `WeightWatch`."""
 SECRET_OPTIONS = frozenset({"storage_options"})
 """Options never recorded (`to_config`, the run header): they may hold credentials."""
 SALIENCY_METHODS = ("vanilla", "smoothgrad", "gradcam", "hirescam")
@@ -371,6 +373,7 @@ class Settings:
     gradient_freq: int = _option(1, positive_int)
     gradient_histograms: bool = _option(False, boolean)
     shard_timeout: float = _option(300, positive_number)
+    health: str | None = _option("warn", choice(HEALTH_MODES + (None,)))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

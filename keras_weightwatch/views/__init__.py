@@ -25,6 +25,8 @@ Tags (all made by `summaries.tag`, so they are stable across runs; the images by
 | `SaliencyView` | images | `<model>/3_saliency/<method>/sample_<i>` |
 | `GradientView` | scalars | `<weight key>/grad_norm`, `<weight key>/grad_to_weight` |
 | `GradientView` | histograms | `<weight key>/grad_histogram` (with `gradient_histograms`) |
+| `HealthView` | text | `health/findings` (the open findings of the health rules) |
+| `HealthView` | scalars | `health/errors`, `health/warnings` (how many are open) |
 """
 
 from .adapters import AdapterView
@@ -32,6 +34,7 @@ from .base import View
 from .build import build_views
 from .features import MAX_FEATURE_SCALARS, FeatureView
 from .gradients import GradientView
+from .health import HealthView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
@@ -44,6 +47,7 @@ __all__ = [
     "MAX_FEATURE_SCALARS",
     "FeatureView",
     "GradientView",
+    "HealthView",
     "HistogramView",
     "KernelImageView",
     "ResponseView",

@@ -17,7 +17,8 @@ A view has four hooks:
   beside each tensor's statistics, so that `show`, `drift` and `diff` read them. It
   returns weight key -> name -> number, or None.
   A view with `measures_stored` gets the snapshot as the run stores it instead of the
-  effective one; what it has to tell the user (`pop_notices`) becomes a warning.
+  effective one; what it has to tell the user (`pop_notices`, read after `measure` and
+  after `write`) becomes a warning; `wants_stop` asks the callback to stop training.
 - `stats(stats, payload)` runs on the background worker before the snapshot
   is committed, with the weights' statistics so far: the statistics the view
   adds to the stored ones (weight key -> name -> number), e.g. gradient
@@ -62,6 +63,10 @@ class View:
     def pop_notices(self) -> list[str]:
         """What the callback should tell the user once, as a warning (worker thread)."""
         return []
+
+    def wants_stop(self) -> bool:
+        """Whether the view asks the callback to stop training (the health view's "stop")."""
+        return False
 
     def stats(self, stats: Stats, payload: Any) -> Stats:
         """Statistics to store with the snapshot, from this view's payload (worker thread)."""

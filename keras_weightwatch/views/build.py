@@ -8,6 +8,7 @@ from .adapters import AdapterView
 from .base import View
 from .features import FeatureView
 from .gradients import GradientView
+from .health import HealthView
 from .histograms import HistogramView
 from .kernels import KernelImageView
 from .responses import ResponseView
@@ -27,7 +28,8 @@ def build_views(settings: Settings, info: ModelInfo | None = None) -> list[View]
     Returns:
         Statistics always; the adapters view for a model with LoRA layers; histograms, the
         feature table, kernel images, responses, spectral metrics, saliency maps and
-        gradient statistics when the settings ask for them.
+        gradient statistics when the settings ask for them; the health rules last, unless
+        `health=None`.
     """
     views: list[View] = [StatsView()]
     if info is not None and any(d.rule == "lora" for d in info.derived):
@@ -76,4 +78,6 @@ def build_views(settings: Settings, info: ModelInfo | None = None) -> list[View]
                 settings.gradient_data, settings.gradient_freq, settings.gradient_histograms
             )
         )
+    if settings.health is not None:
+        views.append(HealthView(settings.health))  # last: it reads every other view's numbers
     return views

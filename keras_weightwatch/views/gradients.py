@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..capture import ModelInfo, Snapshot
+from ..health.measures import GRAD_DEAD_UNITS, dead_units, is_unit_kernel
 from ..settings import Settings
 from .base import Stats, View, weight_keys
 
@@ -25,10 +26,13 @@ class GradientPayload:
     Attributes:
         norms: Weight key -> ||g|| (float64 L2 norm of the gradient).
         arrays: Weight key -> the gradient, for the histograms; None without them.
+        dead: Dense and convolution kernel key -> its output units whose gradient is
+            exactly zero (`health.measures.dead_units`).
     """
 
     norms: dict[str, float]
     arrays: dict[str, np.ndarray] | None = None
+    dead: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def gradient_norms(grads: dict[str, np.ndarray]) -> dict[str, float]:
@@ -47,7 +51,8 @@ class GradientView(View):
     trainable weights (`gradients.gradients`: inference mode, no optimizer
     step, weights untouched) and hands only the norms (and, with histograms,
     the gradients) to the worker. The worker stores `grad_norm` (||g||) and
-    `grad_to_weight` (||g|| / ||W||, absent where ||W|| = 0) in the snapshot's
+    `grad_to_weight` (||g|| / ||W||, absent where ||W|| = 0) and, for Dense and convolution
+    kernels, `grad_dead_units` (output units whose gradient is exactly zero) in the snapshot's
     statistics and writes them as scalars `<weight key>/grad_norm` and
     `<weight key>/grad_to_weight` (and histograms `<weight key>/grad_histogram`).
 
@@ -96,7 +101,8 @@ class GradientView(View):
             self.keys[id(v)]: grads[k]
             for v, k in zip(model.trainable_weights, grads) if id(v) in self.keys
         }
-        return GradientPayload(gradient_norms(mine), mine if self.histograms else None)
+        dead = {k: dead_units(g) for k, g in mine.items() if is_unit_kernel(k, np.shape(g))}
+        return GradientPayload(gradient_norms(mine), mine if self.histograms else None, dead)
 
     def stats(self, stats: Stats, payload: GradientPayload) -> Stats:
         out = {}
@@ -105,6 +111,8 @@ class GradientView(View):
             w_norm = stats.get(key, {}).get("l2_norm")
             if w_norm is not None and math.isfinite(w_norm) and w_norm > 0:
                 values[GRAD_TO_WEIGHT] = norm / w_norm
+            if key in payload.dead:
+                values[GRAD_DEAD_UNITS] = float(payload.dead[key])
             out[key] = values
         return out
 

@@ -136,14 +136,15 @@ def vanishing(run_dir: str) -> Any:
 
 
 def exploding_gradients(run_dir: str) -> Any:
-    """Eight linear layers initialised with a gain of 3: the gradient grows three-fold per
-    layer toward the input."""
+    """Forty-eight tanh layers initialised with a gain of 4 (the chaotic regime): the gradient
+    grows by a constant factor per layer toward the input while the activations stay
+    bounded."""
     keras = _keras()
     x, y = _regression()
-    big = keras.initializers.RandomNormal(stddev=3 / np.sqrt(32))
-    layers = [keras.layers.Dense(32, kernel_initializer=big, name=f"linear{i}")
-              for i in range(8)]
-    model = _mlp(keras, 8, layers, keras.optimizers.Adam(1e-5))
+    big = keras.initializers.RandomNormal(stddev=4 / np.sqrt(32))
+    layers = [keras.layers.Dense(32, activation="tanh", kernel_initializer=big,
+                                 name=f"tanh{i}") for i in range(48)]
+    model = _mlp(keras, 8, layers, keras.optimizers.Adam(1e-4))
     return _fit(model, run_dir, x, y, gradient_data=(x[:64], y[:64]))
 
 
@@ -217,7 +218,7 @@ PLANTED = (
     Case("layer initialised too small", "large_update", "tiny", 0, large_update),
     Case("layer behind stop_gradient", "not_learning", "detached", 0, detached),
     Case("ten sigmoid layers", "vanishing_gradients", "sigmoid0", "initial", vanishing),
-    Case("linear layers of gain 3", "exploding_gradients", "linear0", "initial",
+    Case("tanh layers of gain 4", "exploding_gradients", "tanh0", "initial",
          exploding_gradients),
     Case("ReLU bias of -10", "dead_units", "dead", "initial", dead_relu),
     Case("constant initialiser", "symmetry", "constant", "initial", constant_init),
@@ -225,3 +226,89 @@ PLANTED = (
     Case("one weight 40x the rest", "correlation_traps", "trapped", "initial", trap),
 )
 """Every planted case. `shows_at` None: the step is read from the run (see its case)."""
+
+
+# ------------------------------------------------------------------ healthy trainings
+
+
+def _images(n: int = 64, size: int = 32, classes: int = 10, seed: int = 0) -> tuple[Any, Any]:
+    """Scikit-learn's 8x8 digits, upsampled to `size` x `size` x 3 (no download)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(digits.images), n, replace=False)
+    img = digits.images[pick] / 16.0
+    img = np.kron(img, np.ones((size // 8, size // 8)))[..., None].repeat(3, axis=-1)
+    return img.astype("float32"), (digits.target[pick] % classes).astype("int32")
+
+
+def _application(run_dir: str, build: str) -> Any:
+    keras = _keras()
+    x, y = _images()
+    model = getattr(keras.applications, build)(weights=None, input_shape=(32, 32, 3),
+                                               classes=10)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss="sparse_categorical_crossentropy")
+    return _fit(model, run_dir, x, y, epochs=3, batch_size=16,
+                gradient_data=(x[:16], y[:16]))
+
+
+def resnet50(run_dir: str) -> Any:
+    """keras.applications.ResNet50, random init, a short fit on 32x32 digits."""
+    return _application(run_dir, "ResNet50")
+
+
+def mobilenet_v2(run_dir: str) -> Any:
+    """keras.applications.MobileNetV2, random init, a short fit on 32x32 digits."""
+    return _application(run_dir, "MobileNetV2")
+
+
+def transformer(run_dir: str) -> Any:
+    """A small Transformer encoder classifying token sequences (the token a sequence holds
+    most often)."""
+    keras = _keras()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 16, size=(512, 12)).astype("int32")
+    y = np.array([np.bincount(r, minlength=16).argmax() for r in x], dtype="int32")
+    inputs = keras.Input((12,), dtype="int32")
+    h = keras.layers.Embedding(16, 32, name="embed")(inputs)
+    a = keras.layers.MultiHeadAttention(4, 8, name="attention")(h, h)
+    h = keras.layers.LayerNormalization(name="norm1")(h + a)
+    f = keras.layers.Dense(64, activation="gelu", name="ffn_in")(h)
+    h = keras.layers.LayerNormalization(name="norm2")(h + keras.layers.Dense(32, name="ffn_out")(f))
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(16, name="head")(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return _fit(model, run_dir, x, y, epochs=EPOCHS, batch_size=32,
+                gradient_data=(x[:64], y[:64]))
+
+
+def frozen_base(run_dir: str) -> Any:
+    """A CNN trained on digits, then fine-tuned on a new head with its base frozen."""
+    keras = _keras()
+    x, y = _images(512, size=16)
+    base = keras.Sequential([keras.Input((16, 16, 3)),
+                             keras.layers.Conv2D(8, 3, activation="relu", name="conv1"),
+                             keras.layers.MaxPooling2D(),
+                             keras.layers.Conv2D(16, 3, activation="relu", name="conv2"),
+                             keras.layers.GlobalAveragePooling2D()], name="base")
+    model = keras.Sequential([base, keras.layers.Dense(10, name="head")])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer="adam", loss=loss)
+    model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    base.trainable = False
+    tuned = keras.Sequential([base, keras.layers.Dense(32, activation="relu", name="new"),
+                              keras.layers.Dense(10, name="new_head")])
+    tuned.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    return _fit(tuned, run_dir, x, y, gradient_data=(x[:64], y[:64]))
+
+
+HEALTHY = (
+    Case("ResNet50, random init", None, None, None, resnet50),
+    Case("MobileNetV2, random init", None, None, None, mobilenet_v2),
+    Case("small Transformer", None, None, None, transformer),
+    Case("fine-tune, frozen base", None, None, None, frozen_base),
+)
+"""Healthy trainings besides the demo's runs (`bench_health.py` adds them)."""

@@ -21,7 +21,7 @@ from .report import render_diff, render_drift, render_show
 from .run import load_run, verify_run
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the command ran and found a problem (verify)
+EXIT_FAILED = 1  # the command ran and found a problem (verify; doctor: a finding of severity error)
 EXIT_ERROR = 2  # bad input: usage, a missing or unreadable run
 DEMO_LOGDIR = "weightwatch-demo"  # `demo.run_demo`'s default too (demo is imported lazily)
 
@@ -238,6 +238,37 @@ def _add_spectral(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_spectral)
 
 
+def _cmd_doctor(args: argparse.Namespace, stdout: TextIO) -> int:
+    import json
+
+    from .health import diagnose
+    from .report import render_doctor
+
+    diagnosis = diagnose(load_run(args.run))
+    if args.json:
+        print(json.dumps(diagnosis.to_json(), indent=1), file=stdout)
+    else:
+        print(render_doctor(diagnosis), file=stdout)
+    return EXIT_FAILED if diagnosis.errors else EXIT_OK
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="the health rules on every snapshot of a run; exit 1 on a finding of severity error",
+        description="Judge every snapshot of a run with the health rules (non-finite and "
+        "exploding weights, layers not learning, update ratios too large, vanishing or "
+        "exploding gradients, dead units, unbroken symmetry, LoRA adapters that do not move, "
+        "spectral warnings), from what the run stores: runs written before the rules existed "
+        "too. Exit status: 0 no finding of severity error (warnings are printed), 1 at least "
+        "one error, 2 usage errors (a missing or unreadable run).",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document: the findings, the notes, healthy/errors")
+    p.set_defaults(func=_cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightwatch",
@@ -246,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_show, _add_verify, _add_diff, _add_drift, _add_spectral, _add_demo):
+    for add in (_add_show, _add_verify, _add_diff, _add_drift, _add_spectral, _add_doctor,
+                _add_demo):
         add(sub)
     return parser
 

@@ -25,6 +25,7 @@ from .textfmt import NAN_TEXT, fmt_g, nonfinite_text
 
 if TYPE_CHECKING:
     from .compare.records import DiffResult, DriftResult, FeatureDiff, LayerDiff, TensorDiff
+    from .health import Diagnosis
     from .run import Run
     from .run.index import StatColumn
     from .spectral import SpectralMetrics, SpectralResult
@@ -716,3 +717,24 @@ def alpha_lines(result: DriftResult) -> list[str]:
     out.append(table(rows, ["layer", "alpha", "from", "alpha", "to", "alpha", "min", "max"],
                      right=[3, 5, 6, 7]))
     return out
+
+
+def render_doctor(diagnosis: Diagnosis) -> str:
+    """`weightwatch doctor`: every finding of a run (errors first), each with its layer, the
+    steps it holds at, what is wrong and what to check first; then what was not checked."""
+    d = diagnosis
+    n_err = len(d.errors)
+    head = (f"{d.path}: {d.snapshots} snapshots, healthy (no finding)" if not d.findings else
+            f"{d.path}: {d.snapshots} snapshots, {n_err} error(s),"
+            f" {len(d.findings) - n_err} warning(s)")
+    lines = [head]
+    for f in d.findings:
+        held = f"step {f.step}" + (f" (shown since {f.since})" if f.since != f.step else "")
+        held += f", last at {f.last}" if f.last != f.step else ""
+        lines += ["", f"{f.severity.upper():8}{f.rule} in layer {f.layer}: {held}",
+                  f"        {f.message}", f"        first check: {f.hint}"]
+        if f.also:
+            lines.append("        followed by: " + ", ".join(f.also))
+    if d.notes:
+        lines += [""] + [f"not checked: {n}" for n in d.notes]
+    return "\n".join(lines)

@@ -37,6 +37,9 @@ NEEDS = {
     "traps": "correlation traps need `spectral_traps=True` (with `spectral_freq`)",
 }
 """What a rule needs that a run may lack, and the one line that says so."""
+NORMALIZED = ("vanishing/exploding gradients and dead units by gradient are not judged: the"
+              " model has BatchNormalization, and the probe batch's gradients are taken in"
+              " inference mode, where its moving statistics do not normalize early in training")
 _NEED_STAT = {"gradients": "grad_norm", "spectral": "alpha", "traps": "num_traps"}
 
 
@@ -106,7 +109,10 @@ class Monitor:
 
     def notes(self) -> list[str]:
         """What no snapshot so far had for the rules that need it, one line each."""
-        return [text for need, text in NEEDS.items() if need not in self._seen]
+        out = [text for need, text in NEEDS.items() if need not in self._seen]
+        if self.facts.normalized and "gradients" in self._seen:
+            out.insert(0, NORMALIZED)
+        return out
 
     def stop(self) -> bool:
         """Whether a finding of severity "error" is open (`health="stop"`)."""

@@ -22,6 +22,7 @@ WARNING = "warning"
 SEVERITIES = (ERROR, WARNING)
 
 Stats = Mapping[str, Mapping[str, Any]]
+_MOVING = ("moving_mean", "moving_variance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +134,16 @@ class ModelFacts:
                    {w.key: bool(w.trainable) for w in specs}, shapes, adapters)
 
     def kernels(self) -> list[str]:
-        """The trainable weights of at least two axes that are not LoRA adapters, in order."""
+        """The trainable weights of at least two axes that are neither biases (an attention
+        layer's are 2-D) nor LoRA adapters, in order."""
         return [k for k in self.keys if self.trainable.get(k, False) and k not in self.adapters
-                and len(self.shape.get(k, ())) >= 2]
+                and len(self.shape.get(k, ())) >= 2 and not k.endswith("bias")]
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the model has BatchNormalization layers (moving statistics): its gradients
+        on the probe batch, taken in inference mode, are not those of training early on."""
+        return any(k.rpartition("/")[2] in _MOVING for k in self.keys)
 
     def unit_kernels(self) -> list[str]:
         """The Dense and convolution kernels whose units the rules count (`is_unit_kernel`)."""
@@ -195,7 +203,7 @@ def non_finite(ctx: Context) -> list[Finding]:
         f"{k} holds {int(nan)} NaN and {int(inf)} Inf values"
         + (f"; {len(bad) - 1} more weights too" if len(bad) > 1 else ""),
         "lower the learning rate, clip gradients, look for a log or division of zero in the"
-        " loss or the data", tuple(bad[1:]))]
+        " loss or the data", tuple(f"{b}@{ctx.now.step}" for b in bad[1:]))]
 
 
 def exploding_weights(ctx: Context) -> list[Finding]:
@@ -280,7 +288,7 @@ def _gradient_ratio(ctx: Context) -> tuple[str, str, float] | None:
 def gradients_across_depth(ctx: Context) -> list[Finding]:
     """On the probe batch, ||g||/||W|| of the input-most kernel is below `gradient_span`
     times (vanishing) or above its inverse times (exploding) that of the output-most one."""
-    got = _gradient_ratio(ctx)
+    got = None if ctx.model.normalized else _gradient_ratio(ctx)
     if got is None:
         return []
     first, last, ratio = got
@@ -309,7 +317,7 @@ def dead_units(ctx: Context) -> list[Finding]:
         units = value(ctx.now.stats, k, UNITS)
         if not units >= 2:
             units = float(ctx.model.shape[k][-1])
-        dead = value(ctx.now.stats, k, GRAD_DEAD_UNITS)
+        dead = math.nan if ctx.model.normalized else value(ctx.now.stats, k, GRAD_DEAD_UNITS)
         gone = value(ctx.now.stats, k, UNITS_COLLAPSED)
         if dead >= frac * units and dead < units:
             what = f"{int(dead)} of {int(units)} units get no gradient on the probe batch"

@@ -35,6 +35,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import WORKER_TIMES, CostMeter, TimedWeightWatch, machine, med, time_worker  # noqa: E402
+from tables import print_markdown  # noqa: E402
 
 from keras_weightwatch.run import storage  # noqa: E402
 
@@ -77,6 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
+    p.add_argument("--health", action="store_true",
+                   help="instead: WeightWatch with the health rules (the default) against "
+                        "health=None, interleaved, and the ratio of their costs")
     p.add_argument("--batch-hook", type=int, default=1,
                    help="also fit this many times with batch_freq set but never due, for the "
                         "cost of WeightWatch's batch hook (0: skip)")
@@ -103,9 +108,10 @@ def main(argv=None) -> int:
         if kind == "tensorboard":
             return [keras.callbacks.TensorBoard(os.path.join(root, f"tb-{tag}"),
                                                 histogram_freq=1, write_images=True)]
-        if kind in ("weightwatch", "batch_hook"):
+        if kind in ("weightwatch", "batch_hook", "no_health"):
             return [TimedWeightWatch(
-                os.path.join(root, f"ww-{tag}"),
+                os.path.join(root, f"ww-{kind}-{tag}"),
+                health=None if kind == "no_health" else "warn",
                 batch_freq=10**9 if kind == "batch_hook" else None,
                 histograms=True,
                 kernel_images=True,
@@ -126,6 +132,10 @@ def main(argv=None) -> int:
 
     for kind in ("alone", "tensorboard", "weightwatch"):  # warm up: imports, first traces
         fit(kind, "warmup", 1)
+    if args.health:
+        health_cost(args, fit)
+        shutil.rmtree(root, ignore_errors=True)
+        return 0
 
     times: dict[str, list[float]] = {"alone": [], "tensorboard": [], "weightwatch": []}
     costs: dict[str, list[tuple[float, float]]] = {"tensorboard": [], "weightwatch": []}
@@ -155,6 +165,27 @@ def main(argv=None) -> int:
     batch_hook(args, fit)
     shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def health_cost(args, fit) -> None:
+    """The cost measure of WeightWatch (every view) with the health rules and without them
+    (`health=None`), interleaved; the ratio of the medians."""
+    costs: dict[str, list[float]] = {"no_health": [], "weightwatch": []}
+    for r in range(args.repeats):
+        for kind in (("no_health", "weightwatch") if r % 2 == 0 else ("weightwatch", "no_health")):
+            seconds, _, (m,) = fit(kind, f"h{r}", args.epochs)
+            costs[kind].append(m.total / args.epochs)
+            print(f"  repeat {r} {kind:12s} fit {seconds:6.2f} s, cost "
+                  f"{m.total / args.epochs * 1e3:6.1f} ms per epoch")
+            sys.stdout.flush()
+    off, on = med(costs["no_health"]), med(costs["weightwatch"])
+    print(f"\ncost per epoch (hooks' wall time + CPU of the threads each started; median of "
+          f"{args.repeats}): health=None {off * 1e3:.1f} ms, health='warn' {on * 1e3:.1f} ms: "
+          f"ratio {on / off:.3f}")
+    if args.markdown:
+        print("\n| WeightWatch (every view) | cost per epoch | ratio |\n|---|---:|---:|")
+        print(f"| health=None | {off * 1e3:.1f} ms | 1 |")
+        print(f"| health='warn' (the default) | {on * 1e3:.1f} ms | {on / off:.3f} |")
 
 
 def batch_hook(args, fit) -> None:
@@ -208,6 +239,19 @@ def report(args, times, costs, threads, hooks) -> None:
           "  (the cost measure; target <= 0.08)")
     print(f"RATIO WeightWatch added / TensorBoard added (per epoch): {ww_added / tb_added:.3f}"
           "  (fit-time differences)")
+    if args.markdown:
+        ww_hooks = med([h for h, _ in costs["weightwatch"]])
+        ww_threads = med([c for _, c in costs["weightwatch"]])
+        print_markdown(["", "measured", "target"], [
+            ("2.0M-parameter CNN, every view on, 4 sample images: **cost per epoch** (hooks' "
+             "wall time + CPU of the threads each callback started), WeightWatch / "
+             "`TensorBoard(histogram_freq=1, write_images=True)`",
+             f"{ww_cost * 1e3:.1f} / {tb_cost * 1e3:.1f} ms = **{ww_cost / tb_cost:.3f}** "
+             f"(hooks {ww_hooks * 1e3:.1f} + worker CPU {ww_threads * 1e3:.1f})", "<= 0.08"),
+            ("the same run, fit-time differences (they hide the worker's CPU)",
+             f"{ww_added * 1e3:.1f} / {tb_added * 1e3:.1f} ms per epoch = "
+             f"{ww_added / tb_added:.3f} (fit alone {alone:.2f} s)", ""),
+        ], note=f" on {machine()}")
 
 
 if __name__ == "__main__":

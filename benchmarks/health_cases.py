@@ -55,7 +55,7 @@ def _watch(run_dir: str, **kwargs: Any) -> Any:
 
     kwargs.setdefault("histograms", False)
     kwargs.setdefault("kernel_images", False)
-    return WeightWatch(run_dir, health=kwargs.pop("health", None), **kwargs)
+    return WeightWatch(run_dir, **kwargs)
 
 
 def _fit(model: Any, run_dir: str, x: np.ndarray, y: np.ndarray, *, epochs: int = EPOCHS,

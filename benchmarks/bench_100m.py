@@ -35,6 +35,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import WORKER_TIMES, TimedWeightWatch, machine, med, time_worker  # noqa: E402
+from tables import print_markdown  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", default=None, help="where runs are written (default: a temp dir)")
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args(argv)
 
     time_worker()
@@ -199,6 +201,18 @@ def main(argv=None) -> int:
     per = snap_bytes[0] / (args.epochs + 1)
     print(f"disk: {snap_bytes[0] / 1e6:.0f} MB for {args.epochs + 1} snapshots "
           f"({per / weight_bytes:.3f} x weight bytes each; every tensor changes each epoch)")
+    if args.markdown:
+        size = f"{n_params / 1e6:.1f}M parameters"
+        print_markdown(["", "measured", "target"], [
+            (f"{size}: `on_epoch_end` hold / `get_weights()` at the same point",
+             f"median {hold * 1e3:.1f} / {gw * 1e3:.0f} ms = {hold / gw:.2f}", "<= 2"),
+            (f"{size}: **worst** `on_epoch_end` hold over every epoch of every fit / a warm "
+             "memcpy of the weight bytes",
+             f"{worst * 1e3:.1f} / {copy * 1e3:.1f} ms = **{worst / copy:.2f}**", "<= 3"),
+            (f"{size}: peak extra RSS / weight bytes",
+             f"{net / 1e6:.0f} / {weight_bytes / 1e6:.0f} MB = {net / weight_bytes:.2f}", "<= 2"),
+            (f"{size}: disk per snapshot / weight bytes", f"{per / weight_bytes:.3f}", ""),
+        ], note=f" on {machine()}")
     if args.dir is None:
         import shutil
 

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "docs"))
 
 from bench_diff import write_runs  # noqa: E402
 from machine import machine  # noqa: E402
+from tables import print_markdown  # noqa: E402
 
 # The server runs the installed package's plugin; this starts one with it explicitly,
 # so the benchmark also runs from a checkout that is not installed.
@@ -144,9 +145,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=float, default=100_000_000)
     p.add_argument("--no-browser", action="store_true", help="skip the first-paint timing")
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args()
     print(f"machine: {machine()}", flush=True)
     root = tempfile.mkdtemp(prefix="bench-dashboard-")
+    rows: list[tuple[str, str]] = []
     try:
         a, b, total = write_runs(root, int(args.params))
         print(f"runs: 2 x {total / 1e6:.1f}M parameters ({total * 4 / 2**20:.0f} MiB each)")
@@ -154,6 +157,10 @@ def main() -> None:
             q = f"{url}/data/plugin/weightwatch/compare?a=a&b=b"
             cold, size = _timed_get(q)
             cached, _ = _timed_get(q)
+            rows += [("compare of the two runs, cold (`diff_runs` with matching, over HTTP)",
+                      f"{cold:.2f} s"),
+                     ("the same compare again (cached per pair of snapshots)",
+                      f"{cached * 1000:.1f} ms")]
             print(f"compare (diff_runs with matching, over HTTP): cold {cold:.2f} s, "
                   f"cached {cached * 1000:.1f} ms ({size} bytes)", flush=True)
             with urllib.request.urlopen(q, timeout=3600) as r:
@@ -163,10 +170,15 @@ def main() -> None:
                                      f"&which=b&key={urllib.parse.quote(conv[-1])}")
                 print(f"compare kernel grid of B, matched ({conv[-1]}), after the compare: "
                       f"{grid * 1000:.1f} ms", flush=True)
+                rows.append(("B's matched kernel grid after the compare (the cached diff's own "
+                             "unit order, no second matching)", f"{grid * 1000:.1f} ms"))
             if not args.no_browser:
                 c, w = first_paint(url)
                 print(f"first paint of the tab (page open -> heatmap drawn): "
                       f"fresh browser {c:.2f} s, second page {w:.2f} s")
+                rows[:0] = [("first paint of the tab (page opened until the heatmap is drawn), "
+                             "a fresh browser", f"{c:.2f} s"),
+                            ("the same, a second page", f"{w:.2f} s")]
         # the library alone on the same runs, after the server: the plugin's own overhead
         import scipy.optimize  # noqa: F401  (the server has it already: TensorFlow imports it)
 
@@ -177,6 +189,11 @@ def main() -> None:
         reference = time.perf_counter() - t0
         print(f"reference: diff_runs(a, b) in this process {reference:.2f} s")
         print(f"cold compare / diff_runs: {cold / reference:.2f}x")
+        if args.markdown:
+            rows += [("`diff_runs(a, b)` alone, in the benchmark's process right after",
+                      f"{reference:.2f} s"),
+                     ("cold compare / `diff_runs`", f"{cold / reference:.2f}x")]
+            print_markdown(["", "time"], rows, note=f" on {machine()}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -227,6 +227,7 @@ def main() -> None:
                         "weights' scale, timed against the Gram + assignment floor")
     p.add_argument("--noise", type=float, default=None,
                    help="B = A + noise x N(0, 1) (A is N(0, 1)); default 0.05, 0.5 for unsettled")
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     p.add_argument("--measure", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -251,6 +252,8 @@ def main() -> None:
             report_floor(m, total, args.repeats, args.noise or 0.5)
         else:
             report(m, total, run_bytes, t_write, args.repeats)
+        if args.markdown:
+            markdown(m, total, args.case, args.noise or 0.5)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -263,6 +266,36 @@ def report_floor(m: dict, total: int, repeats: int, noise: float) -> None:
     print(f"  floor (per kernel: float32 Gram + linear_sum_assignment): {med['floor']:.3f} s")
     print(f"  diff_runs(a, b, match=True): {med['match=True']:.3f} s = "
           f"{med['match=True'] / med['floor']:.2f} x the floor (target <= 1.5)")
+
+
+def markdown(m: dict, total: int, case: str, noise: float) -> None:
+    """The docs' table of this run (Comparing runs; benchmarks/README.md)."""
+    from machine import machine
+    from tables import print_markdown
+
+    med = m["median"]
+    if case == "unsettled":
+        floor, match = med["floor"], med["match=True"]
+        print_markdown(
+            ["two runs of six Dense(2048), B = A + noise", "floor (Gram + assignment)",
+             "`diff_runs(a, b)`", "ratio"],
+            [(f"{total / 1e6:.1f}M parameters, noise {noise:g} x the weights' scale",
+              f"{floor:.3f} s", f"{match:.3f} s", f"**{match / floor:.2f} x** the floor")],
+            note=f" on {machine()}")
+        return
+    base, plain, match = med["numpy pass"], med["match=False"], med["match=True"]
+    quick = med["match=False, verify=False"]
+    size = f"{total / 1e6:.1f}M parameters"
+    print_markdown(["", size, "ratio"], [
+        ("one plain numpy pass over the same memory-mapped tensors (norms, dot, squared "
+         "difference; float64 chunks)", f"{base:.3f} s", "1"),
+        ("`diff_runs(a, b, match=False, verify=False)`", f"{quick:.3f} s",
+         f"{quick / base:.2f} x the numpy pass"),
+        ("`diff_runs(a, b, match=False)` (every file's BLAKE3 checked first)", f"{plain:.3f} s",
+         f"{plain / base:.2f} x the numpy pass"),
+        ("`diff_runs(a, b)` (matching the hidden layers; the output layer kept in order)",
+         f"{match:.3f} s", f"**{match / plain:.2f} x** `match=False`"),
+    ], note=f" on {machine()}")
 
 
 def report(m: dict, total: int, run_bytes: int, t_write: float, repeats: int) -> None:

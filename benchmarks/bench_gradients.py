@@ -90,11 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="SmoothGrad copies per image")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
     print(f"model: Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1; medians of "
           f"{args.repeats} calls after a first (tracing) call; each backend in a subprocess")
     sys.stdout.flush()
+    table = []
     for backend in args.backends.split(","):
         result = run_backend(backend, args)
         print(f"\n{backend}: {result['machine'].split('; ', 1)[1]}")
@@ -105,6 +107,14 @@ def main(argv=None) -> int:
             print(f"  {name:34s} {median * 1e3:8.1f} ms  (first call {first * 1e3:8.1f} ms)")
         print(f"  ADDED per snapshot (saliency + weight gradients): {added * 1e3:.1f} ms")
         sys.stdout.flush()
+        table.append((backend, *(f"{median * 1e3:.1f} ms" for _, _, median in result["rows"]),
+                      f"**{added * 1e3:.1f} ms**"))
+    if args.markdown and table:
+        from tables import print_markdown
+
+        names = [name for name, _, _ in result["rows"]]
+        print_markdown(["backend", *names, "added per snapshot (all but the forward pass)"],
+                       table, note=f" on {machine()}")
     return 0
 
 

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from bench_write import arrays_of, info_of, writer_write  # noqa: E402
 from common import WORKER_CPU, TimedWeightWatch, machine, med, time_worker  # noqa: E402
 from machine import available_bytes  # noqa: E402
+from tables import print_markdown  # noqa: E402
 
 from keras_weightwatch.run import RunWriter  # noqa: E402
 
@@ -169,6 +170,7 @@ def main(argv=None) -> int:
                    help="epochs of the fit with WeightWatch (at least 4: the medians are of "
                         "the snapshots after the first epoch's)")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     p.add_argument("--dir", default=None)
     args = p.parse_args(argv)
     if args.epochs < 4:
@@ -212,7 +214,25 @@ def main(argv=None) -> int:
         print("  ".join(f"{c:>13}" for c in cells))
     if len(rows) >= 2:
         print_growth(rows)
+    if args.markdown:
+        markdown(rows)
     return 0
+
+
+def markdown(rows: list[dict[str, float]]) -> None:
+    """The docs' table (Overhead: how the cost of a snapshot grows with the model)."""
+    def known(value: float, text: str) -> str:
+        return text if value == value else "not measured"
+
+    print_markdown(
+        ["parameters", "bytes on disk", "`on_epoch_end` hold", "worker CPU",
+         "WeightWatch event bytes", "keras TensorBoard histogram bytes"],
+        [(f"{r['params'] / 1e6:.1f}M", f"{r['bytes'] / 1e6:,.1f} MB",
+          known(r.get("hold", math.nan), f"{r.get('hold', math.nan) * 1e3:.1f} ms"),
+          known(r.get("worker", math.nan), f"{r.get('worker', math.nan):.3f} s"),
+          known(r.get("events", math.nan), f"{r.get('events', math.nan):,.0f}"),
+          known(r["tb"], f"{r['tb']:,.0f}")) for r in rows],
+        label_columns=0, note=f" on {machine()}")
 
 
 def print_growth(rows: list[dict[str, float]]) -> None:

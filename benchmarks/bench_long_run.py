@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 from machine import machine
+from tables import print_markdown
 
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
 from keras_weightwatch.run import LocalStorage, RunWriter, load_run, open_run
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--snapshots", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     p.add_argument("--compare-with", metavar="TREE", default=None,
                    help="a source tree of another version: its `show` is timed too")
     args = p.parse_args(argv)
@@ -131,6 +133,13 @@ def main(argv=None) -> int:
                   f"CPU {c['other'] / c['show']:.2f}")
         print(f"RATIO load_run without / with index: {m['load0'] / m['load']:.2f}")
         print(f"RATIO show without / with index: {m['show0'] / m['show']:.2f}")
+        if args.markdown:
+            print_markdown(["", "measured", "target"], [
+                (f"a run of {args.snapshots:,} snapshots: `load_run` / `weightwatch show` as a "
+                 "whole process",
+                 f"{m['load']:.3f} / {m['show']:.3f} s (without the index: "
+                 f"{m['load0']:.3f} / {m['show0']:.3f} s)", "<= 0.5 / <= 1 s")],
+                note=f" on {machine()}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

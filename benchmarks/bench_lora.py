@@ -259,7 +259,10 @@ def print_row(r: dict) -> None:
 
 
 def markdown(rows: list[dict]) -> None:
-    print("\n| parameters (frozen base) | adapters | "
+    from tables import command_line
+
+    print(f"\nMeasured with `{command_line()}`:\n")
+    print("| parameters (frozen base) | adapters | "
           + " | ".join(f"{name} / {floor}" for _, name, floor, _ in MEASURES) + " |")
     print("|---:|---:|" + "---:|" * len(MEASURES))
     for r in rows:

@@ -28,6 +28,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import WORKER_TIMES, TimedWeightWatch, machine, med, time_worker  # noqa: E402
+from tables import print_markdown  # noqa: E402
 
 
 def free_port() -> int:
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
     time_worker()
@@ -134,6 +136,16 @@ def main(argv=None) -> int:
     local = med([x["worker"] for x in results["local disk"]])
     s3 = med([x["worker"] for x in results["S3 (moto)"]])
     print(f"RATIO S3 worker time / local disk worker time: {s3 / local:.2f}")
+    if args.markdown:
+        rows = []
+        for place, runs in results.items():
+            worker = med([x["worker"] for x in runs])
+            rows.append((place, f"{runs[0]['bytes'] / 1e6:.1f} MB", f"{worker * 1e3:.1f} ms",
+                         f"{runs[0]['bytes'] / worker / 1e6:.1f} MB/s",
+                         f"{med([x['hold'] for x in runs]) * 1e3:.2f} ms"))
+        rows.append(("S3 / local disk", "", f"**{s3 / local:.2f}**", "", ""))
+        print_markdown(["where", "weights per snapshot", "worker time per snapshot", "throughput",
+                        "training-thread hold"], rows, note=f" on {machine()}")
     return 0
 
 

@@ -129,7 +129,16 @@ def line(label: str, cpu: list[float], wall: list[float], extra: str = "") -> fl
     return c
 
 
-def compare(label: str, model, repeats: int) -> None:
+def cells(label: str, t_ww: float | None, t_ours: float, t_floor: float) -> tuple[str, ...]:
+    """One row of the docs' table (docs/SPECTRAL.md, Cost): CPU times and their ratios."""
+    def ms(t: float) -> str:
+        return f"{t * 1e3:,.0f} ms" if t < 10 else f"{t:.1f} s"
+
+    return (label, "not run" if t_ww is None else ms(t_ww), ms(t_ours), ms(t_floor),
+            "" if t_ww is None else f"**{t_ww / t_ours:.2f}**", f"**{t_ours / t_floor:.2f}**")
+
+
+def compare(label: str, model, repeats: int) -> tuple[str, ...]:
     kernels = kernels_of(model)
     params = sum(k.size for _, _, k in kernels)
     shapes = ", ".join(f"{cls} {k.shape}" for _, cls, k in kernels)
@@ -156,9 +165,10 @@ def compare(label: str, model, repeats: int) -> None:
           + f" ({fitted} layers with alpha)")
     print(f"  RATIO weightwatcher / ours: {t_ww / t_ours:.2f}")
     print(f"  RATIO ours / floor: {t_ours / t_floor:.2f}")
+    return cells(f"{label.split(' on ')[0]}: {shapes}", t_ww, t_ours, t_floor)
 
 
-def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> None:
+def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> tuple[str, ...]:
     rng = np.random.default_rng(0)
     kernels = [(f"dense{i}", "Dense", rng.standard_normal((width, width), dtype=np.float32)
                 * np.float32(1 / math.sqrt(width))) for i in range(depth)]
@@ -182,6 +192,8 @@ def big_set(width: int, depth: int, repeats: int, with_ww: bool) -> None:
         c, w, _ = timed(weightwatcher, model)
         t_ww = line("weightwatcher analyze() (once)", [c], [w])
         print(f"  RATIO weightwatcher / ours: {t_ww / t_ours:.2f}")
+    return cells(f"{depth} x Dense ({width}, {width}), {params / 1e6:.1f}M parameters",
+                 t_ww if with_ww else None, t_ours, t_floor)
 
 
 class _NullEvents:
@@ -219,6 +231,7 @@ def main() -> None:
     p.add_argument("--threads", default="1",
                    help="BLAS/LAPACK threads (read before numpy is imported)")
     p.add_argument("--big-repeats", type=int, default=1)
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args()
     import keras
     import weightwatcher as ww
@@ -226,12 +239,18 @@ def main() -> None:
 
     print(f"machine: {machine()}, weightwatcher {ww.__version__}", flush=True)
     keras.utils.set_random_seed(0)
-    compare(f"model: {args.depth} x Dense({args.width}) on {args.width} inputs",
-            mlp(args.width, args.depth), args.repeats)
-    compare("reference CNN (Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1)",
-            reference_cnn(), args.repeats)
+    rows = [compare(f"model: {args.depth} x Dense({args.width}) on {args.width} inputs",
+                    mlp(args.width, args.depth), args.repeats),
+            compare("reference CNN (Conv32-Pool-Conv64-Flatten-Dense256-Dense10 on 28x28x1)",
+                    reference_cnn(), args.repeats)]
     worker_cost("reference CNN", reference_cnn(), args.repeats)
-    big_set(args.big_width, args.big_depth, args.big_repeats, args.big_ww)
+    rows.append(big_set(args.big_width, args.big_depth, args.big_repeats, args.big_ww))
+    if args.markdown:
+        from tables import print_markdown
+
+        print_markdown(["kernels", "weightwatcher `analyze()`", "ours", "floor",
+                        "weightwatcher / ours", "ours / floor"], rows,
+                       note=f" on {machine()}, CPU time with one BLAS thread")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 
 import bench_overhead as reference  # sets the backend before Keras is imported
 from common import TimedWeightWatch, machine
+from tables import print_markdown
 
 from keras_weightwatch import capture, fitplan, pipeline, views  # noqa: E402
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--fits", type=int, default=3)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     args = p.parse_args(argv)
     instrument()
     x, y = reference.digits(args.images)
@@ -102,11 +104,17 @@ def main(argv=None) -> int:
                   callbacks=[cb])
         if i:
             per_fit.append((list(LOG), dict(cb.hook_times)))
-    report(per_fit)
+    stages = report(per_fit)
+    if args.markdown:
+        print_markdown(["stage [thread]", "first snapshot of a fit: CPU ms", "wall ms",
+                        "later snapshots (median): CPU ms", "wall ms"],
+                       [(label, *cells) for label, cells in stages.items()],
+                       note=f" on {machine()}")
     return 0
 
 
-def report(per_fit) -> None:
+def report(per_fit) -> dict[str, list[str]]:
+    """Print each stage's CPU, wall time and faults; returns {stage: the table's cells}."""
     first: dict[str, list[tuple[float, float, int]]] = {}
     later: dict[str, list[tuple[float, float, int]]] = {}
     hooks: dict[str, list[float]] = {}
@@ -125,16 +133,21 @@ def report(per_fit) -> None:
     print(f"\n{'stage [thread]':52s} {'first snapshot of a fit':>26s} "
           f"{'later snapshots (median)':>28s}")
     print(f"{'':52s} {'cpu ms  wall ms faults':>26s} {'cpu ms  wall ms faults':>28s}")
+    stages: dict[str, list[str]] = {}
     for label in dict.fromkeys([*first, *later]):
         cols = []
+        cells = stages.setdefault(label, [])
         for table in (first, later):
             rows = table.get(label)
             if not rows:
                 cols.append(" " * 22)
+                cells += ["", ""]
                 continue
             wall, cpu, faults = (statistics.median(c) for c in zip(*rows))
             cols.append(f"{cpu * 1e3:6.1f} {wall * 1e3:8.1f} {faults:6.0f}")
+            cells += [f"{cpu * 1e3:.1f}", f"{wall * 1e3:.1f}"]
         print(f"{label:52s} {cols[0]:>26s} {cols[1]:>28s}")
+    return stages
 
 
 if __name__ == "__main__":

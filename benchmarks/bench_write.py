@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 from machine import machine
+from tables import print_markdown
 
 from keras_weightwatch.capture import ModelInfo, Snapshot, WeightSpec
 from keras_weightwatch.run import RunWriter, storage
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="also print the docs' table")
     p.add_argument("--page-cache", type=int, default=10,
                    help="snapshots of the reference CNN written each way for the page-cache "
                         "comparison (0: skip)")
@@ -204,6 +206,12 @@ def main(argv=None) -> int:
         print(f"write+fsync per tensor: median {m_raw:.3f} s ({nbytes / m_raw / 1e9:.2f} GB/s)")
         print(f"RunWriter snapshot:     median {m_ours:.3f} s ({nbytes / m_ours / 1e9:.2f} GB/s)")
         print(f"RATIO RunWriter / write+fsync per tensor: {m_ours / m_raw:.2f}  (target <= 1.5)")
+        if args.markdown:
+            print_markdown(["", "measured", "target"], [
+                (f"{n / 1e6:.1f}M parameters: one snapshot persisted by the worker / the same "
+                 "bytes with one write+fsync per tensor",
+                 f"{m_ours:.3f} / {m_raw:.3f} s = **{m_ours / m_raw:.2f}**", "<= 1.5")],
+                note=f" on {machine()}")
         page_cache(root, args.page_cache)
         if args.profile:
             profile("reference CNN", CNN, root, 8)

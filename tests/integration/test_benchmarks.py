@@ -21,11 +21,21 @@ BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def run(script: str, *args: str) -> str:
+    """The benchmark's output, run with `--markdown`: it ends with the docs' table, under
+    the command line that produced it (tests/integration/test_doc_tables.py)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--markdown"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("machine: ") and "cores usable" in proc.stdout
+    command = f"python benchmarks/{script} {' '.join(args)} --markdown".replace("  ", " ")
+    table = re.search(rf"^Measured with `{re.escape(command)}`[^\n]*:\n\n"
+                      r"(\|.*\|)\n(\|(?:-+:?\|)+)\n((?:\|.*\|\n?)+)", proc.stdout, re.M)
+    assert table, proc.stdout[-2000:]
+    header, align, body = table.groups()
+    columns = header.count("|") - 1
+    assert align.count("|") - 1 == columns and "-:" in align  # measured columns right-aligned
+    assert all(row.count("|") - 1 == columns for row in body.strip().splitlines())
     return proc.stdout
 
 

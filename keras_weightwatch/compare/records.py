@@ -61,6 +61,7 @@ class StoredSpectral:
         return cls(*(_stored(stats, f.name) for f in dataclasses.fields(cls)))
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite numbers become `"Inf"`, `"-Inf"`, `"NaN"`."""
         return {k: json_num(v) for k, v in dataclasses.asdict(self).items()}
 
 
@@ -80,6 +81,7 @@ class StoredGradients:
         return cls(_stored(stats, "grad_norm"), _stored(stats, "grad_to_weight"))
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite numbers become `"Inf"`, `"-Inf"`, `"NaN"`."""
         return {k: json_num(v) for k, v in dataclasses.asdict(self).items()}
 
 

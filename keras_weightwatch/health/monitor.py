@@ -146,6 +146,7 @@ class Diagnosis(NamedTuple):
 
     @property
     def errors(self) -> list[Finding]:
+        """The findings of severity "error"."""
         return [f for f in self.findings if f.severity == ERROR]
 
     def to_json(self) -> dict[str, Any]:

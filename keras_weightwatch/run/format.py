@@ -265,9 +265,11 @@ class WeightSpec:
 
     @property
     def size(self) -> int:
+        """The number of values of the weight."""
         return int(math.prod(self.shape))
 
     def to_json(self) -> dict[str, Any]:
+        """The weight's entry in the run header's `weights`."""
         return {
             "key": self.key,
             "path": self.path,
@@ -279,6 +281,7 @@ class WeightSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> WeightSpec:
+        """A header's `weights` entry."""
         return cls(
             key=str(d["key"]),
             path=str(d["path"]),
@@ -316,12 +319,14 @@ class LayerInfo:
     )
 
     def to_json(self) -> dict[str, Any]:
+        """The layer's entry in the run header's `model.layers`."""
         d = dataclasses.asdict(self)
         d["inbound"] = None if self.inbound is None else list(self.inbound)
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LayerInfo:
+        """A header's `model.layers` entry."""
         inbound = d.get("inbound")
         return cls(
             name=str(d["name"]),
@@ -414,6 +419,7 @@ class ModelInfo:
 
     @property
     def total_params(self) -> int:
+        """The number of values of every weight of the model."""
         return sum(w.size for w in self.weights)
 
     def to_json(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Every number is checked against an independent reference: `diff_runs` for the compare
 table, `kernel_grid` for the kernel images (decoded with Pillow), numpy on `load_run`'s
-arrays for the heatmaps and feature weights.
+arrays for the heatmaps and feature weights, `health.diagnose` for the health findings.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import itertools
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 
-from keras_weightwatch import diff_runs, load_run
+from keras_weightwatch import WeightWatchWarning, diff_runs, load_run
+from keras_weightwatch.health import diagnose
 from keras_weightwatch.images import kernel_grid
 
 pytest.importorskip("tensorboard")
@@ -271,6 +273,10 @@ def test_tensor_route_gives_stored_stats_and_a_matrix_picture(client, logdir):
     ("/kernel.png", {"run": "cnn-a", "key": "conv1/kernel", "step": "1e3"}),
     ("/kernel.png", {"run": "cnn-a", "key": "conv1/kernel", "step": "99"}),
     ("/heatmap", {"run": "cnn-a", "metric": "rm -rf"}),
+    ("/health", {}),
+    ("/health", {"run": "../logs/cnn-a"}),
+    ("/health", {"run": "nothing-here"}),
+    ("/health", {"run": "cnn-a", "step": "1"}),
     ("/compare", {"a": "cnn-a", "b": "../cnn-a"}),
     ("/compare_kernel", {"a": "cnn-a", "key": "conv1/kernel", "which": "c"}),
 ])
@@ -313,6 +319,7 @@ def test_a_damaged_run_shows_its_error_and_the_others_still_work(tmp_path, logdi
         "broken", "cnn-a", "linear", "lost-tensors"]
     err = _json(c, "/run", 422, run="broken")["error"]
     assert "epoch_000001.json" in err and str(root) not in err
+    assert _json(c, "/health", 422, run="broken")["error"] == err
     assert _json(c, "/compare", 422, a="lost-tensors", sa="initial")["error"]
     assert _json(c, "/run", run="cnn-a")["name"] == "cnn-a"
     assert _json(c, "/compare", a="cnn-a", sa="initial")["counts"]["changed"] > 0
@@ -362,14 +369,20 @@ def test_heatmap_marks_every_tensor_that_holds_nan_or_inf(tmp_path):
     weights = model.get_weights()
     weights[-2][0, 0] = np.nan  # out/kernel: NaN spreads through training from here
     model.set_weights(weights)
-    _fit(model, tmp_path / "nan", epochs=2)
+    with pytest.warns(WeightWatchWarning, match="non_finite"):
+        _fit(model, tmp_path / "nan", epochs=2)
     run = load_run(tmp_path / "nan")
-    body = _json(_client(tmp_path), "/heatmap", run="nan")
+    c = _client(tmp_path)
+    body = _json(c, "/heatmap", run="nan")
     expected = sorted(
         [r, c] for r, key in enumerate(body["keys"]) for c, s in enumerate(run.snapshots)
         if not np.isfinite(np.asarray(run.weights(s.name if s.label == "initial" else s.step)
                                       [key])).all())
     assert body["nonfinite"] == expected and [body["keys"].index("out/kernel"), 0] in expected
+    health = _json(c, "/health", run="nan")  # the one finding of a run gone non-finite
+    assert health["errors"] == 1 and [(f["rule"], f["severity"], f["key"], f["column"])
+                                      for f in health["findings"]] == [
+        ("non_finite", "error", "out/kernel", "initial")]
 
 
 def _reference_responses(images, kernel):
@@ -453,3 +466,104 @@ def test_features_mark_the_partners_the_stored_feature_data_correlates(client, l
         for row in table:
             assert row["partner"] == (expected[row["name"]][0] if row["name"] in expected
                                       else None)
+
+
+# ------------------------------------------------------------------ health
+
+
+def _detached(seed: int = 4):
+    """A Dense layer behind stop_gradient: it gets no gradient, so it never moves."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu", name="detached")(inputs)
+    h = keras.layers.Lambda(keras.ops.stop_gradient, name="stop")(h)
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+
+
+def _fit_detached(run_dir, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Gradients do not exist")  # planted: stop_gradient
+        _fit(_detached(), run_dir, epochs=3, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """`detached`, written with the live health rules (the per-unit numbers stored), and
+    `old`, the same training written without them (as runs before the rules were)."""
+    root = tmp_path_factory.mktemp("health")
+    with pytest.warns(WeightWatchWarning, match="not_learning in layer 'detached'"):
+        _fit_detached(root / "detached")
+    _fit_detached(root / "old", health=None)
+    return root
+
+
+def test_health_route_gives_diagnose_findings_at_their_heatmap_cells(planted):
+    c = _client(planted)
+    run = load_run(planted / "detached")
+    expected = diagnose(run)
+    body = _json(c, "/health", run="detached")
+    assert [f.rule for f in expected.findings] == ["not_learning"]  # what was planted
+    assert body["run"] == "detached" and str(planted) not in json.dumps(body)
+    assert (body["healthy"], body["errors"], body["warnings"], body["snapshots"]) == (
+        False, 0, 1, len(run.snapshots))
+    assert body["notes"] == expected.notes and "gradient_data" in body["notes"][0]
+    names = {s.step: s.name for s in run.snapshots}
+    for got, f in zip(body["findings"], expected.findings, strict=True):
+        assert {k: got[k] for k in f.to_json()} == f.to_json()
+        assert (got["step_name"], got["since_name"], got["last_name"]) == (
+            names[f.step], names[f.since], names[f.last])
+    f = body["findings"][0]
+    assert (f["layer"], f["key"], f["since_name"], f["last_name"]) == (
+        "detached", "detached/kernel", "0", "2")
+    heat = _json(c, "/heatmap", run="detached")  # the mark's cell: its weight, its step
+    assert f["key"] in heat["keys"] and f["column"] == f["step_name"] in heat["steps"]
+    ratios = heat["values"][heat["keys"].index(f["key"])]
+    assert ratios[heat["steps"].index(f["since_name"]):] == [0.0] * 3  # it never moved
+
+
+def test_a_healthy_run_has_no_finding(client, logdir):
+    assert diagnose(load_run(logdir / "cnn-a")).findings == []
+    body = _json(client, "/health", run="cnn-a")
+    assert body["healthy"] is True and body["findings"] == [] and body["errors"] == 0
+
+
+def test_health_is_cached_per_run_and_follows_a_run_that_changes(tmp_path, planted):
+    root = tmp_path / "logs"
+    shutil.copytree(planted / "detached", root / "live")
+    later = tmp_path / "later"
+    later.mkdir()
+    for name in ("epoch_000001.json", "epoch_000002.json"):  # as if only 1 epoch was written
+        shutil.move(root / "live" / "snapshots" / name, later / name)
+    c = _client(root)
+    assert _json(c, "/health", run="live")["healthy"] is True  # too soon to tell
+    hits = c.plugin.findings.hits
+    assert _json(c, "/health", run="live")["healthy"] is True
+    assert c.plugin.findings.hits == hits + 1  # the same run: not judged again
+    for name in ("epoch_000001.json", "epoch_000002.json"):  # the next epochs arrive
+        shutil.copy(later / name, root / "live" / "snapshots" / name)
+    body = _json(c, "/health", run="live")
+    assert [(f["rule"], f["layer"]) for f in body["findings"]] == [("not_learning", "detached")]
+    assert c.plugin.findings.hits == hits + 1
+
+
+def test_health_reads_a_bounded_amount_of_an_old_runs_tensors(planted, monkeypatch):
+    from keras_weightwatch.run.reader import Run
+    from keras_weightwatch.tensorboard_plugin import content
+
+    reads = []
+    weights = Run.weights
+    monkeypatch.setattr(Run, "weights", lambda self, *a, **k: reads.append(k.get("keys"))
+                        or weights(self, *a, **k))
+    full = _json(_client(planted), "/health", run="old")
+    assert reads and all(keys for keys in reads)  # per-unit numbers computed from the tensors
+    reads.clear()
+    _json(_client(planted), "/health", run="detached")
+    assert reads == []  # stored with the statistics: nothing to read
+    monkeypatch.setattr(content, "HEALTH_BUDGET_BYTES", 0)
+    cut = _json(_client(planted), "/health", run="old")
+    assert reads == []
+    assert cut["findings"] == full["findings"]  # not_learning reads the statistics alone
+    assert cut["notes"][:-1] == full["notes"] and "weightwatch doctor" in cut["notes"][-1]

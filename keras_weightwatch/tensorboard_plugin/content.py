@@ -7,11 +7,14 @@ computes with: a LoRA or quantized layer's effective kernel (`Run.tensor(...,
 effective=True)`), as the callback's views draw it. Work per request is bounded:
 tensor images refuse tensors over `MAX_IMAGE_TENSOR_BYTES`, the change-since-initial
 heatmap reads at most `HEATMAP_BUDGET_BYTES` per request (the rest follows on the
-next request, from the cache), and lists are cut at `MAX_ROWS` / `MAX_COLUMNS`.
+next request, from the cache), the health findings read at most `HEALTH_BUDGET_BYTES`
+of tensors (an old run's per-unit numbers; past it, the rules that need them are left
+out and a note says so), and lists are cut at `MAX_ROWS` / `MAX_COLUMNS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -23,6 +26,8 @@ import numpy as np
 from .. import DiffResult, Run, diff_runs
 from ..compare.inputs import content
 from ..features import CORRELATION_THRESHOLD, FeatureData, feature_weights, top_k_features
+from ..health import ModelFacts, diagnose
+from ..health.measures import UNITS
 from ..images import Grid, diverging_rgb, kernel_grid, response_grid, symmetric_limit
 from ..naming import conv_kind, key_name
 from ..report import fit_lines
@@ -39,6 +44,9 @@ MAX_IMAGE_TENSOR_BYTES = 256 * 1024 * 1024
 """The largest tensor drawn as an image."""
 HEATMAP_BUDGET_BYTES = 1 << 30
 """Bytes of tensors one change-since-initial request may read."""
+HEALTH_BUDGET_BYTES = 1 << 30
+"""Bytes of tensors the health findings of one run may read (the per-unit numbers of a run
+written before they were stored with the statistics)."""
 MAX_TILES = 256
 """The most tiles a kernel grid holds (the callback's default)."""
 MAX_MATRIX_SIDE = 256
@@ -185,6 +193,54 @@ def _nonfinite(snaps, keys: list[str]) -> list[list[int]]:
             if st.get("nan_count", 0) or st.get("inf_count", 0):
                 out.append([r, c])
     return out
+
+
+def health(run: Run, name: str) -> dict[str, Any]:
+    """`health.diagnose(run)`: every finding (errors first, at most `MAX_ROWS`) with the
+    snapshot names of its steps and `column`, the heatmap column it is marked in (the shown
+    snapshot at or after the one that reported it), and the notes.
+
+    A run that stores no per-unit numbers (written before they were stored) has them
+    computed from its tensors, unless that reads more than `HEALTH_BUDGET_BYTES`: then
+    the rules see the stored statistics alone and a note says which findings need more.
+    """
+    unit_bytes = _unit_bytes(run)
+    judged: Any = run if unit_bytes <= HEALTH_BUDGET_BYTES else _StatsOnly(run)
+    d = diagnose(judged)
+    notes = list(d.notes)
+    if judged is not run:
+        notes.append(f"dead units by collapsed weights and identical units need the per-unit "
+                     f"numbers of {unit_bytes / 2**30:.1f} GiB of stored kernels: not read "
+                     f"here; `weightwatch doctor` reads them")
+    names = {s.step: s.name for s in run.snapshots}
+    shown = [run.snapshots[i] for i in _columns(run)]
+    findings = []
+    for f in d.findings[:MAX_ROWS]:
+        out = f.to_json()
+        out["step_name"] = names.get(f.step, str(f.step))
+        out["since_name"] = names.get(f.since, str(f.since))
+        out["last_name"] = names.get(f.last, str(f.last))
+        out["column"] = next((s.name for s in shown if s.step >= f.step), None)
+        findings.append(out)
+    return {"run": name, "snapshots": d.snapshots, "healthy": not d.findings,
+            "errors": len(d.errors), "warnings": len(d.findings) - len(d.errors),
+            "findings": findings, "findings_total": len(d.findings), "notes": notes}
+
+
+def _unit_bytes(run: Run) -> int:
+    """Bytes of the kernels whose per-unit numbers `diagnose` would compute from tensors."""
+    facts = ModelFacts.from_specs(run.specs, run.derived)
+    keys = facts.unit_kernels()
+    return sum(s.tensors[k].bytes for s in run.snapshots for k in keys
+               if k in s.tensors and UNITS not in s.stats.get(k, {}))
+
+
+class _StatsOnly:
+    """A run as `diagnose` reads it, with its snapshots' statistics and no tensors."""
+
+    def __init__(self, run: Run):
+        self.path, self.specs, self.derived = run.path, run.specs, run.derived
+        self.snapshots = [dataclasses.replace(s, tensors={}) for s in run.snapshots]
 
 
 @dataclass(frozen=True)

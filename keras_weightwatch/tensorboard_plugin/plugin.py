@@ -109,6 +109,7 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         self.grids = LRU(64)
         self.responses = LRU(32)  # sample images' responses, per kernel file
         self.described = LRU(16)  # feature data's partners, per stored sample
+        self.findings = LRU(16)  # health findings, per opened run (reopened when it changes)
 
     def is_active(self) -> bool:
         return bool(self.library.logdir) and bool(self.library.list_runs(limit=1)[0])
@@ -123,6 +124,7 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
             "/runs": self._runs,
             "/run": self._run,
             "/heatmap": self._heatmap,
+            "/health": self._health,
             "/tensor": self._tensor,
             "/tensor.png": self._tensor_png,
             "/kernel": self._kernel,
@@ -163,6 +165,15 @@ class WeightWatchPlugin(base_plugin.TBPlugin):
         if metric == "update":
             return _json(request, content.update_heatmap(run))
         return _json(request, content.initial_heatmap(run, name, self.columns))
+
+    @route("run")
+    def _health(self, request, args):
+        name = params.run_name(args)
+        run = self.library.open(name)
+        # The library gives the same Run until the run changes; the entry holds it, so its
+        # id names no other run while the entry lives.
+        _, body = self.findings.get((name, id(run)), lambda: (run, content.health(run, name)))
+        return _json(request, body)
 
     def _one(self, args) -> tuple[Any, str, str]:
         name = params.run_name(args)

@@ -92,23 +92,65 @@ async function glance(panel) {
   async function draw() {
     const run = state.glanceRun || state.runs[0]?.name;
     if (!run) return;
-    body.replaceChildren($('div', {text: 'loading…'}));
+    const top = $('div'), health = $('section', {id: 'ww-health'}), map = $('div'), extra = $('div');
+    body.replaceChildren(top, health, map, extra);
+    map.replaceChildren($('div', {text: 'loading…'}));
+    health.replaceChildren($('div', {class: 'ww-note', text: 'health: checking…'}));
+    // The findings are drawn as soon as they come, and marked on the heatmap once both are here.
+    const findings = fetchJSON('health', {run}).then((h) => {
+      healthList(health, h, (f) => openTensor(detail, run, f.key, f.step_name));
+      return h.findings;
+    }, (err) => { errorBox(health, err); return []; });
     try {
       let data = await fetchJSON('heatmap', {run, metric: state.glanceMetric || 'update'});
       while (!data.complete) {  // the server reads a bounded amount per request
-        heatmap(body, data, run, detail);
+        heatmap(map, data, run, detail, []);
         data = await fetchJSON('heatmap', {run, metric: 'initial'});
       }
-      heatmap(body, data, run, detail);
+      heatmap(map, data, run, detail, await findings);
       const s = await summary(run);
       if (s.fit && s.fit.length) {  // a search's trial and hyperparameters, the optimizer
-        body.prepend($('div', {class: 'ww-controls', id: 'ww-fit',
+        top.replaceChildren($('div', {class: 'ww-controls', id: 'ww-fit',
           text: s.fit.map(([label, text]) => `${label} ${text}`).join(' · ')}));
       }
-      if (s.adapters && s.adapters.length) body.append(adaptersTable(s.adapters));
-    } catch (err) { errorBox(body, err); }
+      if (s.adapters && s.adapters.length) extra.replaceChildren(adaptersTable(s.adapters));
+    } catch (err) { errorBox(map, err); }
   }
   await draw();
+}
+
+// The run's health findings (`weightwatch doctor`'s): errors first, each with the first thing
+// to check; "No finding" when the rules found nothing; the notes (what the run lacks) below.
+// Clicking a finding opens its weight at the snapshot that reported it.
+function healthList(where, h, open) {
+  const count = (n, what) => `${n} ${what}${n === 1 ? '' : 's'}`;
+  const title = $('h3', {text: h.healthy ? 'Health: no finding'
+    : `Health: ${count(h.errors, 'error')}, ${count(h.warnings, 'warning')}`});
+  const parts = [title];
+  if (h.healthy) {
+    parts.push($('div', {class: 'ww-note', id: 'ww-health-none',
+      text: `No finding in the run's ${h.snapshots} snapshots.`}));
+  } else {
+    const head = $('tr', {}, ...['severity', 'rule', 'layer', 'since step', 'message', 'first check']
+        .map((x) => $('th', {text: x})));
+    const t = $('table', {class: 'ww-table', id: 'ww-findings'}, head);
+    for (const f of h.findings) {
+      const steps = `since step ${f.since_name}; reported at ${f.step_name}, last seen at ${f.last_name}`;
+      t.append($('tr', {class: 'ww-finding', 'data-severity': f.severity, 'data-rule': f.rule, 'data-key': f.key, title: steps,
+        onclick: () => open(f)},
+          $('td', {'data-col': 'severity'}, $('span', {class: `ww-badge ww-sev-${f.severity}`, text: f.severity})),
+          $('td', {'data-col': 'rule', text: f.rule}), $('td', {'data-col': 'layer', text: f.layer}),
+          $('td', {'data-col': 'since', text: f.since_name}),
+          $('td', {'data-col': 'message', text: f.message + (f.also.length ? ` (also: ${f.also.join(', ')})` : '')}),
+          $('td', {'data-col': 'hint', class: 'ww-hint', text: f.hint})));
+    }
+    parts.push(t);
+    if (h.findings_total > h.findings.length) {
+      parts.push($('div', {class: 'ww-note', text: `First ${h.findings.length} of ${h.findings_total} findings.`}));
+    }
+  }
+  if (h.notes.length) parts.push($('div', {class: 'ww-note ww-small', id: 'ww-health-notes', text: `Not checked: ${h.notes.join('; ')}.`}));
+  where.replaceChildren(...parts);
 }
 
 // Each LoRA layer's update size and its adapters' update ratios; those not training marked.
@@ -132,7 +174,7 @@ function adaptersTable(rows) {
   return $('section', {}, $('h3', {text: 'LoRA adapters'}), $('div', {class: 'ww-note', text: note}), t);
 }
 
-function heatmap(where, data, run, detail) {
+function heatmap(where, data, run, detail, findings) {
   const cell = Math.max(6, Math.min(28, Math.floor(900 / Math.max(1, data.steps.length))));
   const rowH = 16, left = 180, top = 40;
   const canvas = $('canvas', {id: 'ww-heatmap'});
@@ -188,13 +230,32 @@ function heatmap(where, data, run, detail) {
     canvas.title = (r >= 0 && r < data.keys.length && c >= 0 && c < data.steps.length)
       ? `${data.keys[r]} @ ${data.steps[c]}: ${fmt(data.values[r][c])}` : '';
   });
+  const marks = findingMarks(data, findings, {cell, rowH, left, top}, (r, c) => openTensor(detail, run, data.keys[r], data.steps[c]));
   const legend = $('div', {class: 'ww-note', text:
     `Colour: ${data.metric === 'update' ? '‖Wₜ − Wₜ₋₁‖ / ‖Wₜ₋₁‖' : '‖Wₜ − W₀‖ / ‖W₀‖'}` +
     ` on a log scale from ${fmt(10 ** lo)} (pale) to ${fmt(10 ** hi)} (dark red); black: ` +
     'infinite; grey: no value (the first snapshot, or a tensor that was all zeros); a cross: ' +
-    'the tensor holds NaN/Inf. Click a cell to open ' +
-    'that tensor at that step.' + (data.complete ? '' : ' (still reading…)')});
-  where.replaceChildren(legend, canvas);
+    'the tensor holds NaN/Inf' + (marks.length ? '; a ringed cell with a dot: a health finding ' +
+    'reported at that snapshot (red: error, orange: warning; hover it for the rule)' : '') +
+    '. Click a cell to open that tensor at that step.' + (data.complete ? '' : ' (still reading…)')});
+  where.replaceChildren(legend, $('div', {class: 'ww-heatmap-box'}, canvas, ...marks));
+}
+
+// One mark per finding on its weight's row, in the column of the snapshot that reported it:
+// a ring and a dot over the cell (elements over the canvas, so each has its own tooltip).
+function findingMarks(data, findings, {cell, rowH, left, top}, open) {
+  const marks = [];
+  for (const f of findings) {
+    const r = data.keys.indexOf(f.key), c = data.steps.indexOf(f.column);
+    if (r < 0 || c < 0) continue;
+    const w = Math.max(cell - 1, 10) + 4, cx = left + c * cell + (cell - 1) / 2;
+    const mark = $('div', {class: `ww-mark ww-sev-${f.severity}`, 'data-rule': f.rule, 'data-key': f.key,
+      'data-step': f.column, title: `${f.rule} (${f.severity}) in ${f.layer} at step ${f.step_name}: ${f.message}`,
+      style: `left:${cx - w / 2}px;top:${top + r * rowH - 2}px;width:${w}px;height:${rowH + 3}px`,
+      onclick: () => open(r, c)}, $('span', {class: 'ww-dot'}));
+    marks.push(mark);
+  }
+  return marks;
 }
 
 async function openTensor(where, run, key, step) {

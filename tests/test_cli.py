@@ -234,3 +234,79 @@ def test_show_leaves_a_paused_collector_paused_and_restarts_it_after_an_error(ru
         gc.enable()
     code, _, err = _run_cli("show", str(tmp_path / "missing"))
     assert code == 2 and "no such run directory" in err and gc.isenabled()
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@pytest.fixture(scope="module")
+def health_runs(tmp_path_factory):
+    """A healthy run, a run with a warning only (symmetry) and a run with a NaN planted
+    (non_finite, an error), written without live health checks."""
+    from health_helpers import constant_fit, diverging_fit, healthy_fit
+
+    root = tmp_path_factory.mktemp("doctor")
+    healthy_fit(root / "healthy", health=None)
+    constant_fit(root / "warned", epochs=2, health=None)
+    diverging_fit(root / "nan", epochs=2, health=None)
+    return {name: str(root / name) for name in ("healthy", "warned", "nan")}
+
+
+def test_doctor_healthy_run_exits_0(health_runs):
+    from keras_weightwatch.health.monitor import NEEDS
+
+    code, out, err = _run_cli("doctor", health_runs["healthy"])
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{health_runs['healthy']}: 3 snapshots, healthy (no finding)"
+    assert lines[2:] == [f"not checked: {n}" for n in NEEDS.values()]
+
+
+def test_doctor_warnings_only_exit_0_and_are_printed(health_runs):
+    code, out, _ = _run_cli("doctor", health_runs["warned"])
+    assert code == 0
+    assert out.splitlines()[0].endswith(": 3 snapshots, 0 error(s), 1 warning(s)")
+    assert "WARNING symmetry in layer constant: step 0 (shown since -1), last at 1" in out
+
+
+def test_doctor_error_exits_1_naming_the_layer_and_the_weights_that_followed(health_runs):
+    code, out, _ = _run_cli("doctor", health_runs["nan"])
+    assert code == 1
+    assert out.splitlines()[0].endswith(": 3 snapshots, 1 error(s), 0 warning(s)")
+    assert "ERROR   non_finite in layer hidden1: step 0, last at 1" in out
+    assert "followed by: hidden1/bias@0, hidden2/kernel@0" in out
+
+
+@pytest.mark.parametrize(("name", "code"), [("healthy", 0), ("warned", 0), ("nan", 1)])
+def test_doctor_json_is_the_diagnosis(health_runs, name, code):
+    from keras_weightwatch.health import diagnose
+
+    got, out, _ = _run_cli("doctor", health_runs[name], "--json")
+    assert got == code
+    doc = json.loads(out)
+    d = diagnose(health_runs[name])
+    assert doc["findings"] == [f.to_json() for f in d.findings]
+    assert doc == {"run": health_runs[name], "snapshots": d.snapshots,
+                   "healthy": not d.findings, "errors": len(d.errors),
+                   "findings": doc["findings"], "notes": d.notes}
+    assert doc["errors"] == code and doc["healthy"] == (name == "healthy")
+
+
+def test_doctor_missing_or_unreadable_run_exits_2(tmp_path):
+    code, out, err = _run_cli("doctor", str(tmp_path / "nope"))
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "no such run directory" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = _run_cli("doctor", str(tmp_path / "empty"), "--json")
+    assert (code, out) == (2, "")
+    assert "run header not found" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("doctor",), "the following arguments are required: run"),
+    (("doctor", "x", "--bogus"), "unrecognized arguments: --bogus"),
+])
+def test_doctor_usage_errors_exit_2(argv, message, capsys):
+    code, _, _ = _run_cli(*argv)
+    assert code == 2
+    assert message in capsys.readouterr().err

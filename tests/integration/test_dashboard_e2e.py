@@ -3,7 +3,8 @@
 TensorBoard must find the plugin through the package's `tensorboard_plugins` entry
 point (an installed package), list it in `/data/plugins_listing`, and the tab must
 show `diff_runs`' numbers for two runs, every stored kernel step with the sample images'
-responses at that step, and the correlated partners of the stored feature data.
+responses at that step, the correlated partners of the stored feature data, and a run's
+health findings (`health.diagnose`'s) listed on top and marked on the heatmap.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from keras_weightwatch import diff_runs, load_run
 from keras_weightwatch.cli import main
 from keras_weightwatch.features import FeatureData
+from keras_weightwatch.health import diagnose
 from keras_weightwatch.images import kernel_grid, response_grid
 from keras_weightwatch.responses import correlate
 
@@ -41,6 +43,7 @@ def _module(name):
 
 
 dash = _module("make_dashboard_screenshots")
+health_shots = _module("make_health_screenshots")
 ENTRY = [e for e in importlib.metadata.entry_points(group="tensorboard_plugins")
          if e.name == "weightwatch"]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -72,6 +75,9 @@ def logdir(tmp_path_factory):
     out, err = io.StringIO(), io.StringIO()
     assert main(["demo", "--quick", "--logdir", str(d)], stdout=out, stderr=err) == 0, err
     _correlated_run(str(d / "correlated"))
+    warned = health_shots.planted_run(str(d / health_shots.RUN))
+    assert {rule for rule in health_shots.PLANTED if any(rule in w for w in warned)} == set(
+        health_shots.PLANTED), warned  # the fit warned of each planted finding, live
     return str(d)
 
 
@@ -178,3 +184,53 @@ def _assert_partners(logdir, tab):
         shown_partner, shown_r = tab.partners[name].rsplit(" (", 1)
         assert shown_partner == partner and float(shown_r.rstrip(")")) == pytest.approx(r, rel=1e-5)
     assert sorted(tab.partner_marks) == sorted(f"\u2194 {p}" for p, _ in expected.values())
+
+
+ORANGE, RED = (0xEF, 0x6C, 0x00), (0xD5, 0x00, 0x00)  # style.css: warning, error
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(dash.shots.CHROMIUM), reason="needs Debian's chromium")
+def test_the_tab_lists_a_runs_findings_and_marks_them_on_the_heatmap(server, logdir, tmp_path):
+    from PIL import Image
+
+    shown = health_shots.take(server, str(tmp_path))
+    run = load_run(os.path.join(logdir, health_shots.RUN))
+    names = {s.step: s.name for s in run.snapshots}
+    expected = diagnose(run).findings
+    assert {(f.rule, f.layer) for f in expected} == set(health_shots.PLANTED.items())
+    assert [(r["severity"], r["rule"], r["layer"], r["since"], r["message"], r["hint"])
+            for r in shown.rows] == [(f.severity, f.rule, f.layer, names[f.since], f.message,
+                                      f.hint) for f in expected]
+    assert "spectral_freq" in shown.notes  # the run has no spectral metrics: said, not hidden
+    assert sorted((m["rule"], m["key"], m["step"]) for m in shown.marks) == sorted(
+        (f.rule, f.key, names[f.step]) for f in expected)
+    picture = np.asarray(Image.open(tmp_path / "health_tab.png").convert("RGB")).astype(int)
+    for m in shown.marks:
+        assert m["visible"] and m["title"].startswith(f"{m['rule']} (warning) in "), m
+        box = m["box"]  # the ring is drawn in the warning's colour where the page puts it
+        x0, y0 = int(box["x"]), int(box["y"])
+        ring = picture[y0:y0 + int(box["height"]) + 1, x0:x0 + int(box["width"]) + 1]
+        assert (np.abs(ring - ORANGE).sum(axis=-1) < 40).sum() >= 20, m
+    assert not (np.abs(picture - RED).sum(axis=-1) < 40).any()  # no error, no red
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(dash.shots.CHROMIUM), reason="needs Debian's chromium")
+def test_a_healthy_run_says_no_finding(server, logdir):
+    from playwright.sync_api import sync_playwright
+
+    assert diagnose(os.path.join(logdir, "correlated")).findings == []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=dash.shots.CHROMIUM,
+                                    args=dash.shots.CHROMIUM_ARGS)
+        try:
+            _, frame, _ = dash.open_tab(browser, server)
+            frame.locator("#ww-glance-run").select_option("correlated")
+            none = frame.locator("#ww-health-none")
+            none.wait_for(timeout=60_000)
+            assert none.inner_text().startswith("No finding")
+            assert frame.locator(".ww-mark").count() == 0
+            assert frame.locator("#ww-findings").count() == 0
+        finally:
+            browser.close()

@@ -135,8 +135,15 @@ def test_bench_spectral_ratios_and_agreement():
     pytest.importorskip("weightwatcher")
     out = run("bench_spectral.py", "--width", "64", "--depth", "2", "--big-width", "96",
               "--big-depth", "2", "--repeats", "1")
-    sections = out.split("\n\n")[1:]
+    text, table = out.split("\nMeasured with")
+    sections = text.split("\n\n")[1:]
     assert len(sections) == 3
+    # the Markdown table: one row per section, its last cell the section's ours / floor
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3
+    for section, row in zip(sections, rows):
+        ratio = re.search(r"RATIO ours / floor: ([\d.]+)", section).group(1)
+        assert row[-1] == f"**{ratio}** |"
     # the spectral view's worker CPU per snapshot: at least the metrics of the same kernels
     worker = number(r"WORKER spectral view, reference CNN: ([\d.]+) ms CPU", sections[1])
     assert worker > 0

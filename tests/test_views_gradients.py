@@ -171,3 +171,44 @@ def test_show_prints_the_gradient_norms(tmp_path):
 def test_bad_gradient_options(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         WeightWatch(tmp_path / "run", **kwargs)
+
+
+def _dead_bias(shape, dtype=None):
+    n = int(shape[0])
+    return np.r_[np.full(n - n // 4, -10.0), np.zeros(n // 4)].astype("float32")
+
+
+def test_dead_units_are_the_relu_units_off_for_every_probe_sample(tmp_path):
+    from keras_weightwatch.health import diagnose
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = x[:, :1] - x[:, 1:2]
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(32, activation="relu", bias_initializer=_dead_bias, name="dead"),
+        keras.layers.Dense(1, name="out"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    recorded = {}
+
+    class Before(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            h = np.maximum(x @ model.layers[0].kernel.numpy() + model.layers[0].bias.numpy(), 0)
+            z = h @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy()
+            recorded["dead"] = int(np.sum(np.all(z < 0, axis=0)))
+
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[
+        Before(), WeightWatch(tmp_path / "run", gradient_data=(x, y), histograms=False,
+                              kernel_images=False, health=None)])
+    initial = load_run(tmp_path / "run").snapshots[0].stats
+    assert recorded["dead"] == 24
+    assert initial["dead/kernel"]["grad_dead_units"] == recorded["dead"]
+    assert initial["hidden/kernel"]["grad_dead_units"] == 0
+    assert "grad_dead_units" not in initial["dead/bias"]
+    assert "grad_dead_units" not in initial["out/kernel"]  # one unit: not a unit kernel
+    found = diagnose(str(tmp_path / "run")).findings
+    assert [(f.rule, f.layer, f.since) for f in found if f.rule == "dead_units"] == [
+        ("dead_units", "dead", -1)]

@@ -88,8 +88,8 @@ class Health:
     rows: list[dict[str, str]] = field(default_factory=list)
     """Each finding row: {column: shown text}, plus `rule` and `key` (its data attributes)."""
     marks: list[dict[str, str]] = field(default_factory=list)
-    """Each mark: `rule`, `key`, `step`, its tooltip `title`, `visible` and `box` (where it is
-    on the page: x, y, width, height)."""
+    """Each mark: `rule`, `key`, `step`, its `title`, `visible`, `box` (where it is on the page:
+    x, y, width, height) and `tooltip`, the heatmap's tooltip with the pointer on the mark."""
     notes: str = ""
     """The notes line (what the run lacks for some rules)."""
 
@@ -105,12 +105,17 @@ def read(frame) -> Health:
                   for j in range(cells.count())}
         values.update(rule=row.get_attribute("data-rule"), key=row.get_attribute("data-key"))
         out.rows.append(values)
+    canvas = frame.locator("#ww-heatmap")
     marks = frame.locator("#ww-heatmap ~ .ww-mark")
     for i in range(marks.count()):
         m = marks.nth(i)
+        box, at = m.bounding_box(), canvas.bounding_box()
+        canvas.hover(position={"x": box["x"] + box["width"] / 2 - at["x"],
+                               "y": box["y"] + box["height"] / 2 - at["y"]})
         out.marks.append({"rule": m.get_attribute("data-rule"), "key": m.get_attribute("data-key"),
                           "step": m.get_attribute("data-step"), "title": m.get_attribute("title"),
-                          "visible": m.is_visible(), "box": m.bounding_box()})
+                          "visible": m.is_visible(), "box": box,
+                          "tooltip": canvas.get_attribute("title")})
     notes = frame.locator("#ww-health-notes")
     out.notes = notes.inner_text() if notes.count() else ""
     return out
@@ -130,10 +135,10 @@ def take(url: str, out_dir: str | None, run: str = RUN) -> Health:
             frame.locator("#ww-findings tr.ww-finding").first.wait_for(timeout=120_000)
             frame.locator("#ww-heatmap ~ .ww-mark").first.wait_for(timeout=120_000)
             page.wait_for_timeout(500)
-            shown = read(frame)
             if out_dir:
                 page.screenshot(path=os.path.join(out_dir, "health_tab.png"),
                                 clip={"x": 0, "y": 0, "width": 1400, "height": HEIGHT})
+            shown = read(frame)
         finally:
             browser.close()
     return shown

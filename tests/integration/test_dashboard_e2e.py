@@ -206,8 +206,11 @@ def test_the_tab_lists_a_runs_findings_and_marks_them_on_the_heatmap(server, log
     assert sorted((m["rule"], m["key"], m["step"]) for m in shown.marks) == sorted(
         (f.rule, f.key, names[f.step]) for f in expected)
     picture = np.asarray(Image.open(tmp_path / "health_tab.png").convert("RGB")).astype(int)
+    messages = {f.rule: f.message for f in expected}
     for m in shown.marks:
         assert m["visible"] and m["title"].startswith(f"{m['rule']} (warning) in "), m
+        assert m["tooltip"].startswith(f"{m['key']} @ {m['step']}: "), m  # the cell's tooltip
+        assert f"\n{m['rule']} (warning): {messages[m['rule']]}" in m["tooltip"], m
         box = m["box"]  # the ring is drawn in the warning's colour where the page puts it
         x0, y0 = int(box["x"]), int(box["y"])
         ring = picture[y0:y0 + int(box["height"]) + 1, x0:x0 + int(box["width"]) + 1]

@@ -227,23 +227,26 @@ function heatmap(where, data, run, detail, findings) {
     const rect = canvas.getBoundingClientRect();
     const c = Math.floor((ev.clientX - rect.left - left) / cell);
     const r = Math.floor((ev.clientY - rect.top - top) / rowH);
-    canvas.title = (r >= 0 && r < data.keys.length && c >= 0 && c < data.steps.length)
-      ? `${data.keys[r]} @ ${data.steps[c]}: ${fmt(data.values[r][c])}` : '';
+    const inside = r >= 0 && r < data.keys.length && c >= 0 && c < data.steps.length;
+    const found = inside ? findings.filter((f) => f.key === data.keys[r] && f.column === data.steps[c]) : [];
+    canvas.title = inside ? `${data.keys[r]} @ ${data.steps[c]}: ${fmt(data.values[r][c])}` +
+      found.map((f) => `\n${f.rule} (${f.severity}): ${f.message}`).join('') : '';
   });
-  const marks = findingMarks(data, findings, {cell, rowH, left, top}, (r, c) => openTensor(detail, run, data.keys[r], data.steps[c]));
+  const marks = findingMarks(data, findings, {cell, rowH, left, top});
   const legend = $('div', {class: 'ww-note', text:
     `Colour: ${data.metric === 'update' ? '‖Wₜ − Wₜ₋₁‖ / ‖Wₜ₋₁‖' : '‖Wₜ − W₀‖ / ‖W₀‖'}` +
     ` on a log scale from ${fmt(10 ** lo)} (pale) to ${fmt(10 ** hi)} (dark red); black: ` +
     'infinite; grey: no value (the first snapshot, or a tensor that was all zeros); a cross: ' +
     'the tensor holds NaN/Inf' + (marks.length ? '; a ringed cell with a dot: a health finding ' +
-    'reported at that snapshot (red: error, orange: warning; hover it for the rule)' : '') +
+    'reported at that snapshot (red: error, orange: warning; hover the cell for the rule)' : '') +
     '. Click a cell to open that tensor at that step.' + (data.complete ? '' : ' (still reading…)')});
   where.replaceChildren(legend, $('div', {class: 'ww-heatmap-box'}, canvas, ...marks));
 }
 
 // One mark per finding on its weight's row, in the column of the snapshot that reported it:
-// a ring and a dot over the cell (elements over the canvas, so each has its own tooltip).
-function findingMarks(data, findings, {cell, rowH, left, top}, open) {
+// a ring and a dot over the cell. The marks let the pointer through to the canvas, whose
+// tooltip names the cell's findings and whose click opens the cell's tensor.
+function findingMarks(data, findings, {cell, rowH, left, top}) {
   const marks = [];
   for (const f of findings) {
     const r = data.keys.indexOf(f.key), c = data.steps.indexOf(f.column);
@@ -251,8 +254,8 @@ function findingMarks(data, findings, {cell, rowH, left, top}, open) {
     const w = Math.max(cell - 1, 10) + 4, cx = left + c * cell + (cell - 1) / 2;
     const mark = $('div', {class: `ww-mark ww-sev-${f.severity}`, 'data-rule': f.rule, 'data-key': f.key,
       'data-step': f.column, title: `${f.rule} (${f.severity}) in ${f.layer} at step ${f.step_name}: ${f.message}`,
-      style: `left:${cx - w / 2}px;top:${top + r * rowH - 2}px;width:${w}px;height:${rowH + 3}px`,
-      onclick: () => open(r, c)}, $('span', {class: 'ww-dot'}));
+      style: `left:${cx - w / 2}px;top:${top + r * rowH - 2}px;width:${w}px;height:${rowH + 3}px`},
+    $('span', {class: 'ww-dot'}));
     marks.push(mark);
   }
   return marks;

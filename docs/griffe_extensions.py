@@ -1,8 +1,11 @@
-"""A Griffe extension for the API reference: doctest examples render as code.
+"""Griffe extensions for the API reference (mkdocs.yml lists them).
 
-The package's docstrings show examples as doctests (`>>>` lines and their output) inside
-free text such as "Example (the README's quickstart run):". Markdown would read those
-lines as prose, so each run of doctest lines is fenced as a `pycon` block first.
+- `DoctestFences`: the package's docstrings show examples as doctests (`>>>` lines and
+  their output) inside free text such as "Example (the README's quickstart run):".
+  Markdown would read those lines as prose, so each run of doctest lines is fenced as a
+  `pycon` block first.
+- `SettingsDefaults`: `WeightWatch`'s signature takes each default from the settings
+  record (`freq: int = S.freq`, one source for each); the reference shows the value.
 """
 
 from __future__ import annotations
@@ -48,3 +51,19 @@ class DoctestFences(griffe.Extension):
             inside = obj.docstring.value.count("```")
             if inside == 0:
                 obj.docstring.value = fence_doctests(obj.docstring.value)
+
+
+class SettingsDefaults(griffe.Extension):
+    """Shows a default written `S.<option>` as the settings record's value for it."""
+
+    def on_object(self, *, obj: griffe.Object, loader: Any, **kwargs: Any) -> None:
+        """Replace each `S.<option>` default of a function's parameters by its value."""
+        if not isinstance(obj, griffe.Function):
+            return
+        from keras_weightwatch.settings import Settings
+
+        for parameter in obj.parameters:
+            text = str(parameter.default) if parameter.default is not None else ""
+            name = text[2:]
+            if text.startswith("S.") and name.isidentifier() and hasattr(Settings, name):
+                parameter.default = repr(getattr(Settings, name))

@@ -61,8 +61,9 @@ def render_cli() -> str:
            "## `weightwatch`\n", "```text\n" + _help(parser) + "```\n"]
     for name, sub in subcommands(parser).items():
         out.append(f"## `weightwatch {name}`\n")
-        if summaries.get(name):
-            out.append(summaries[name].rstrip(".") + ".\n")
+        summary = (summaries.get(name) or "").rstrip(".")
+        if summary:
+            out.append(summary[0].upper() + summary[1:] + ".\n")
         out.append("```text\n" + _help(sub) + "```\n")
     return "\n".join(out)
 

@@ -460,3 +460,15 @@ def test_finding_to_json_is_a_plain_dict():
     assert f.to_json() == {"rule": "non_finite", "severity": ERROR, "layer": "d1",
                            "key": "d1/kernel", "step": 3, "since": 3, "last": 4,
                            "message": "m", "hint": "h", "also": ["d2/kernel@4"]}
+
+
+def test_non_finite_counts_a_missing_count_as_zero():
+    f = _only(non_finite(_ctx({0: {"d1/kernel": {"nan_count": 3.0}}})), "non_finite", "d1")
+    assert "3 NaN and 0 Inf" in f.message
+
+
+@pytest.mark.parametrize("name", [GRAD_DEAD_UNITS, UNITS_COLLAPSED])
+def test_dead_units_of_a_frozen_layer_are_not_this_trainings_doing(name):
+    stats = _stats(d2={UNITS: float(UNITS_PER_LAYER), name: UNITS_PER_LAYER / 2})
+    assert dead_units(_ctx({0: stats}, facts=_facts(frozen=("d2",)))) == []
+    assert [f.layer for f in dead_units(_ctx({0: stats}))] == ["d2"]

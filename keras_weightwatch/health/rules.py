@@ -197,7 +197,8 @@ def non_finite(ctx: Context) -> list[Finding]:
     if not bad:
         return []
     k = bad[0]
-    nan, inf = value(ctx.now.stats, k, "nan_count"), value(ctx.now.stats, k, "inf_count")
+    nan, inf = (value(ctx.now.stats, k, name) for name in ("nan_count", "inf_count"))
+    nan, inf = (x if math.isfinite(x) else 0.0 for x in (nan, inf))
     return [_found(
         ctx, "non_finite", ERROR, k, ctx.now.step,
         f"{k} holds {int(nan)} NaN and {int(inf)} Inf values"
@@ -309,11 +310,14 @@ def gradients_across_depth(ctx: Context) -> list[Finding]:
 
 
 def dead_units(ctx: Context) -> list[Finding]:
-    """At least `dead_fraction` of a layer's units get an exactly-zero gradient on the probe
-    batch (while some do not), or have incoming weights that collapsed (not all of them)."""
+    """At least `dead_fraction` of a trainable layer's units get an exactly-zero gradient on
+    the probe batch (while some do not), or have incoming weights that collapsed (not all of
+    them)."""
     out = []
     frac = ctx.limits.dead_fraction
     for k in ctx.model.unit_kernels():
+        if not ctx.model.trainable.get(k, False):
+            continue  # a frozen layer's units are not this training's doing
         units = value(ctx.now.stats, k, UNITS)
         if not units >= 2:
             units = float(ctx.model.shape[k][-1])

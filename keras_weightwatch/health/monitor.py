@@ -156,13 +156,16 @@ class Diagnosis(NamedTuple):
                 "findings": [f.to_json() for f in self.findings], "notes": self.notes}
 
 
-def diagnose(run: Any, limits: Thresholds = DEFAULTS) -> Diagnosis:
+def diagnose(run: Any, limits: Thresholds = DEFAULTS, *, read_tensors: bool = True
+             ) -> Diagnosis:
     """Every finding of a stored run, from what its snapshots store (the per-unit numbers
     of runs that did not store them are computed from the stored tensors).
 
     Args:
         run: A `Run` (or a path: it is opened with `load_run`).
         limits: The thresholds. Defaults to `rules.DEFAULTS`.
+        read_tensors: Compute the per-unit numbers a snapshot does not store from its
+            tensors. Defaults to True; False judges the stored statistics alone.
 
     Example:
 
@@ -177,7 +180,7 @@ def diagnose(run: Any, limits: Thresholds = DEFAULTS) -> Diagnosis:
         run = load_run(run)
     facts = ModelFacts.from_specs(run.specs, run.derived)
     monitor = Monitor(facts, limits)
-    units = facts.unit_kernels()
+    units = facts.unit_kernels() if read_tensors else []
     for snap in run.snapshots:
         monitor.observe(snap.step, with_units(run, snap, units))
     return Diagnosis(str(run.path), len(run.snapshots), monitor.all(), monitor.notes())

@@ -14,7 +14,6 @@ out and a note says so), and lists are cut at `MAX_ROWS` / `MAX_COLUMNS`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -205,10 +204,10 @@ def health(run: Run, name: str) -> dict[str, Any]:
     the rules see the stored statistics alone and a note says which findings need more.
     """
     unit_bytes = _unit_bytes(run)
-    judged: Any = run if unit_bytes <= HEALTH_BUDGET_BYTES else _StatsOnly(run)
-    d = diagnose(judged)
+    read = unit_bytes <= HEALTH_BUDGET_BYTES
+    d = diagnose(run, read_tensors=read)
     notes = list(d.notes)
-    if judged is not run:
+    if not read:
         notes.append(f"dead units by collapsed weights and identical units need the per-unit "
                      f"numbers of {unit_bytes / 2**30:.1f} GiB of stored kernels: not read "
                      f"here; `weightwatch doctor` reads them")
@@ -233,14 +232,6 @@ def _unit_bytes(run: Run) -> int:
     keys = facts.unit_kernels()
     return sum(s.tensors[k].bytes for s in run.snapshots for k in keys
                if k in s.tensors and UNITS not in s.stats.get(k, {}))
-
-
-class _StatsOnly:
-    """A run as `diagnose` reads it, with its snapshots' statistics and no tensors."""
-
-    def __init__(self, run: Run):
-        self.path, self.specs, self.derived = run.path, run.specs, run.derived
-        self.snapshots = [dataclasses.replace(s, tensors={}) for s in run.snapshots]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `WeightWatch` is a Keras 3 callback that snapshots every layer's weights into
 a run directory and writes TensorBoard views of them; `load_run` reads a run
-back with numpy arrays.
+back with numpy arrays; `diagnose` says what is wrong with the training it holds.
 """
 
 from typing import TYPE_CHECKING
@@ -12,10 +12,12 @@ from .errors import WeightWatchError, WeightWatchWarning
 from .run import Run, SnapshotRecord, TensorRecord, VerifyReport, load_run, verify_run
 
 __all__ = [
+    "Diagnosis",
     "DiffResult",
     "DriftResult",
     "FeatureDiff",
     "FeatureMove",
+    "Finding",
     "LayerDiff",
     "LayerDrift",
     "Run",
@@ -27,6 +29,7 @@ __all__ = [
     "WeightWatchError",
     "WeightWatchWarning",
     "__version__",
+    "diagnose",
     "diff_runs",
     "drift",
     "load_run",
@@ -46,13 +49,15 @@ if TYPE_CHECKING:
         diff_runs,
         drift,
     )
+    from .health import Diagnosis, Finding, diagnose
 
 # Imported when first used (PEP 562): the callback imports Keras (and its backend), the
 # comparison its numerics; reading runs needs only numpy, so `weightwatch show` and
 # `load_run` pay for neither.
 _LAZY = {"WeightWatch": "callback", **{name: "compare" for name in (
     "DiffResult", "DriftResult", "FeatureDiff", "FeatureMove", "LayerDiff", "LayerDrift",
-    "TensorDiff", "diff_runs", "drift")}}
+    "TensorDiff", "diff_runs", "drift")}, **{name: "health" for name in (
+    "Diagnosis", "Finding", "diagnose")}}
 
 
 def __getattr__(name: str):

@@ -731,8 +731,10 @@ class SnapshotRecord:
     >>> snap.step, snap.label, snap.epoch, snap.name, sorted(snap.logs)
     (3, 'epoch', 3, '3', ['loss', 'mae'])
     >>> names = sorted(snap.stats["hidden/kernel"])
-    >>> names[4:]
-    ['inf_count', 'l2_norm', 'max_abs', 'mean', 'nan_count', 'size', 'std', 'update_ratio']
+    >>> names[4:12]
+    ['inf_count', 'l2_norm', 'max_abs', 'mean', 'nan_count', 'size', 'std', 'units']
+    >>> names[12:]  # the health rules' per-unit numbers, and the change since the last snapshot
+    ['units_collapsed', 'units_duplicate', 'update_ratio']
     >>> names[:4]  # each input feature's effect on the output (the feature table's ranking)
     ['effect/0', 'effect/1', 'effect/2', 'effect/3']
     >>> load_run("runs/exp1").snapshot("initial").step

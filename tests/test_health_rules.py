@@ -401,13 +401,16 @@ def test_spectral_alpha_low_below_alpha_low_not_at_it():
     assert spectral_alpha(_ctx({0: _stats(d1={"alpha": L.alpha_low})})) == []
 
 
-def test_spectral_alpha_high_above_alpha_high_where_it_started_below():
-    start = _stats(d1={"alpha": L.alpha_high})
+def test_spectral_alpha_high_above_alpha_high_where_it_started_trained():
+    start = _stats(d1={"alpha": L.alpha_trained})
     high = _stats(d1={"alpha": np.nextafter(L.alpha_high, math.inf)})
     f = _only(spectral_alpha(_ctx({-1: start, 0: high})), "spectral_alpha", "d1")
     assert "up from" in f.message
     assert spectral_alpha(_ctx({-1: start, 0: _stats(d1={"alpha": L.alpha_high})})) == []
     assert spectral_alpha(_ctx({-1: high, 0: high})) == []  # high from the start
+    # Started in range but near its edge (a random layer's alpha scatters around 6): no finding.
+    near = _stats(d1={"alpha": np.nextafter(L.alpha_trained, math.inf)})
+    assert spectral_alpha(_ctx({-1: near, 0: high})) == []
 
 
 def test_correlation_traps_from_one_trap():

@@ -419,7 +419,7 @@ def test_a_dropped_view_stops_everywhere_training_thread_included(tmp_path, monk
     model.compile(optimizer="sgd", loss="mse")
     run = str(tmp_path / "run")
     ww = WeightWatch(run, sample_images=np.ones((1, 8, 8, 1), "float32"),
-                     response_mode="activation", kernel_images=False)
+                     response_mode="activation", kernel_images=False, health=None)
     join = _JoinWorker(ww)
     x, y = np.zeros((8, 8, 8, 1), "float32"), np.zeros((8, 2), "float32")
     with pytest.warns(WeightWatchWarning) as record:

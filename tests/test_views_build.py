@@ -29,9 +29,11 @@ def test_exact_tags_per_kind_for_a_tiny_cnn(tmp_path, recorder):
     weights = ["conv/kernel", "conv/bias", "out/kernel", "out/bias"]
     kernel_image = _kernel_tags(model, ["conv/kernel"])["conv/kernel"]
     assert _tags_by_plugin(acc) == {
-        "scalars": {f"{w}/{s}" for w in weights for s in STATS},
+        "scalars": {f"{w}/{s}" for w in weights for s in STATS}
+        | {"health/errors", "health/warnings"},
         "histograms": {f"{w}/histogram" for w in weights},
         "images": {kernel_image, _response_tag(model, "conv", 0), _response_tag(model, "conv", 1)},
+        "text": {"health/findings"},
     }
     # steps: the initial snapshot is -1; update_ratio starts at the first epoch
     assert sorted(_values(acc, "conv/kernel/l2_norm")) == [-1, 0, 1]
@@ -68,5 +70,5 @@ def test_exact_tags_per_kind_for_a_tiny_cnn(tmp_path, recorder):
 def test_switches_turn_views_off(tmp_path):
     model = _cnn()
     run = str(tmp_path / "run")
-    _fit(model, WeightWatch(run, histograms=False, kernel_images=False), epochs=1)
+    _fit(model, WeightWatch(run, histograms=False, kernel_images=False, health=None), epochs=1)
     assert set(_tags_by_plugin(_acc(run))) == {"scalars"}

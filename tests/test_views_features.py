@@ -28,7 +28,7 @@ def test_planted_dense_kernel_gives_exact_top_k_in_table_and_scalars(tmp_path):
     _fit(model, WeightWatch(run, feature_names=BOSTON, top_k=5), x=x, y=y, lr=0.0)
     acc = _acc(run)
     tags = _tags_by_plugin(acc)
-    assert tags["text"] == {"features/price"}
+    assert tags["text"] == {"features/price", "health/findings"}
     assert {t for t in tags["scalars"] if t.startswith("features/")} == {
         f"features/price/{n}" for n in BOSTON
     }

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from view_helpers import _acc, _tags_by_plugin, _values
 
-from keras_weightwatch import WeightWatch, drift, load_run
+from keras_weightwatch import WeightWatch, WeightWatchWarning, drift, load_run
 from keras_weightwatch.cli import main
 from keras_weightwatch.report import render_drift, render_show
 from keras_weightwatch.spectral import spectral
@@ -172,9 +172,10 @@ def test_spectral_traps_are_stored_written_and_printed(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 64)).astype("float32")
     run = str(tmp_path / "run")
-    model.fit(x, np.zeros((16, 10), "float32"), epochs=1, verbose=0, callbacks=[
-        WeightWatch(run, histograms=False, kernel_images=False, spectral_freq=1,
-                    spectral_traps=True)])
+    with pytest.warns(WeightWatchWarning, match="correlation_traps in layer 'h1' at step -1"):
+        model.fit(x, np.zeros((16, 10), "float32"), epochs=1, verbose=0, callbacks=[
+            WeightWatch(run, histograms=False, kernel_images=False, spectral_freq=1,
+                        spectral_traps=True)])
     r = load_run(run)
     stats = r.snapshots[-1].stats
     assert stats["h1/kernel"]["num_traps"] >= 1 and stats["h2/kernel"]["num_traps"] == 0

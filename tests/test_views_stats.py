@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from view_helpers import (
     _acc,
     _fit,
     _values,
 )
 
-from keras_weightwatch import WeightWatch, load_run
+from keras_weightwatch import WeightWatch, WeightWatchWarning, load_run
 
 
 def test_nan_and_inf_are_counted_and_histograms_stay_non_empty(tmp_path):
@@ -24,7 +25,8 @@ def test_nan_and_inf_are_counted_and_histograms_stay_non_empty(tmp_path):
     k[3, 0] = -np.inf
     model.set_weights([k, b])
     run = str(tmp_path / "run")
-    _fit(model, WeightWatch(run, feature_names=list("abcd")))
+    with pytest.warns(WeightWatchWarning, match="non_finite in layer 'd' at step -1"):
+        _fit(model, WeightWatch(run, feature_names=list("abcd")))
     acc = _acc(run)
     nan = _values(acc, "d/kernel/nan_count")
     inf = _values(acc, "d/kernel/inf_count")
@@ -68,8 +70,9 @@ def test_nan_and_inf_counts_are_written_once_a_weight_has_one(tmp_path):
     run = str(tmp_path / "run")
     model.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
-    model.fit(rng.random((16, 4)), rng.random((16, 1)), epochs=3, batch_size=8, verbose=0,
-              callbacks=[_PoisonAtLastEpoch(2), WeightWatch(run, histograms=False)])
+    with pytest.warns(WeightWatchWarning, match="non_finite in layer 'd' at step 2"):
+        model.fit(rng.random((16, 4)), rng.random((16, 1)), epochs=3, batch_size=8, verbose=0,
+                  callbacks=[_PoisonAtLastEpoch(2), WeightWatch(run, histograms=False)])
     acc = _acc(run)
     counts = {t for t in acc.Tags()["tensors"] if t.endswith(("nan_count", "inf_count"))}
     assert counts == {"d/kernel/nan_count", "d/kernel/inf_count"}

@@ -54,8 +54,10 @@ class Thresholds:
     """dead_units: at least this fraction of a layer's units dead or collapsed."""
     alpha_low: float = 2.0
     alpha_high: float = 6.0
-    """spectral_alpha: a fitted alpha below `alpha_low`, or above `alpha_high` where the
-    layer's alpha at the run's first snapshot was not."""
+    alpha_trained: float = 5.0
+    """spectral_alpha: a fitted alpha below `alpha_low`, or above `alpha_high` for a layer
+    whose alpha at the run's first snapshot was at most `alpha_trained` (it started
+    trained, well inside the range, and lost its structure)."""
 
 
 DEFAULTS = Thresholds()
@@ -372,8 +374,10 @@ def lora_stalled(ctx: Context) -> list[Finding]:
         since = ctx.history[-back].step if back > 0 else ctx.now.step
         if idle > len(ctx.history):
             since = ctx.first.step
+        why = ("its B still all zeros" if value(ctx.now.stats, k, "lora_update") == 0
+               else "A and B unchanged")
         out.append(_found(ctx, "lora_stalled", WARNING, k, since,
-                          f"the LoRA adapter of {k} has not moved for {idle} snapshots",
+                          f"the LoRA adapter of {k} has not moved for {idle} snapshots ({why})",
                           "are lora_kernel_a/b (lora_embeddings_a/b) trainable, and is their"
                           " learning rate above zero?"))
     return out
@@ -381,7 +385,7 @@ def lora_stalled(ctx: Context) -> list[Finding]:
 
 def spectral_alpha(ctx: Context) -> list[Finding]:
     """A kernel's fitted power-law alpha below `alpha_low` (heavy-tailed: over-trained), or
-    above `alpha_high` where it was not at the run's first snapshot."""
+    above `alpha_high` where it was at most `alpha_trained` at the run's first snapshot."""
     lim = ctx.limits
     out = []
     for k in ctx.model.keys:
@@ -392,7 +396,7 @@ def spectral_alpha(ctx: Context) -> list[Finding]:
         if a < lim.alpha_low:
             what, hint = (f"{k}: spectral alpha {a:.3g} < {lim.alpha_low:g} (heavy-tailed)",
                           "over-trained or over-fit: fewer epochs, more data, regularisation")
-        elif a > lim.alpha_high and math.isfinite(start) and start <= lim.alpha_high:
+        elif a > lim.alpha_high and math.isfinite(start) and start <= lim.alpha_trained:
             what, hint = (f"{k}: spectral alpha {a:.3g} > {lim.alpha_high:g}, up from"
                           f" {start:.3g}", "the layer lost its structure: learning rate?")
         else:

@@ -139,13 +139,16 @@ class AdapterView(View):
     Args:
         idle_snapshots: Snapshots in a row without a move before an adapter is marked as
             not training. Defaults to `IDLE_SNAPSHOTS`.
+        warn: Tell the callback once per stalled adapter (`pop_notices`). Defaults to True;
+            off where the health rules run, whose `lora_stalled` finding says it instead.
     """
 
     name = "adapters"
     measures_stored = True
 
-    def __init__(self, idle_snapshots: int = IDLE_SNAPSHOTS):
+    def __init__(self, idle_snapshots: int = IDLE_SNAPSHOTS, warn: bool = True):
         self.idle_snapshots = idle_snapshots
+        self.warn = warn
         self.adapters: list[Adapter] = []
         self._tracks: dict[str, _Track] = {}
         self._notices: list[str] = []
@@ -175,7 +178,7 @@ class AdapterView(View):
         a, b = arrays[ad.a], arrays[ad.b]
         track.idle = track.idle + 1 if track.still(a, b) else 0
         stalled = track.idle >= self.idle_snapshots
-        if stalled and not track.warned:
+        if stalled and not track.warned and self.warn:
             track.warned = True
             self._notices.append(stalled_text(ad.layer, track.idle, bool(np.any(b))))
         return {STAT_UPDATE: update_size(a, b, ad.scale, track.base_norm),

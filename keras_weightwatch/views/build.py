@@ -33,7 +33,7 @@ def build_views(settings: Settings, info: ModelInfo | None = None) -> list[View]
     """
     views: list[View] = [StatsView()]
     if info is not None and any(d.rule == "lora" for d in info.derived):
-        views.append(AdapterView())
+        views.append(AdapterView(warn=settings.health is None))  # else the health rules warn
     if settings.histograms:
         views.append(HistogramView())
     if settings.wants_features:

@@ -278,6 +278,7 @@ def expected_tags(n_samples: int = 2) -> dict[str, list[int]]:
     tags["features/dense"] = every
     tags |= {f"features/dense/px{i}": every for i in range(6 * 6 * 2)}
     tags |= {response_tag(GROUP, "conv", i): every for i in range(n_samples)}
+    tags |= {t: every for t in ("health/findings", "health/errors", "health/warnings")}
     return tags
 
 

@@ -110,7 +110,8 @@ def test_server_lists_every_run_and_exactly_our_scalar_tags(server, logdir):
     assert set(tags["digits-seed1/weights"]) == {
         tag(s.key, stat) for s in run.specs for stat in STAT_NAMES
         if stat not in NONFINITE_STATS
-    } | {tag(k, stat) for k in trainable for stat in GRAD_STAT_NAMES}
+    } | {tag(k, stat) for k in trainable for stat in GRAD_STAT_NAMES} | {
+        "health/errors", "health/warnings"}  # the health rules' counts of open findings
     # the top-k feature scalars: one per diabetes feature, named after it
     names = _diabetes_names()
     feature_tags = {t for t in tags["diabetes/weights"] if t.startswith("features/")}

@@ -54,30 +54,34 @@ def unit_measures(kernel: np.ndarray) -> dict[str, float]:
     {'units': 4.0, 'units_collapsed': 1.0, 'units_duplicate': 2.0}
     """
     w = _columns(kernel)
-    finite = np.isfinite(w).all(axis=0)
-    sq = np.einsum("ij,ij->j", w, w)
-    norms = np.sqrt(sq.astype(np.float64))
-    med = float(np.median(norms[finite])) if finite.any() else 0.0
+    sq = np.einsum("ij,ij->j", w, w)  # the one pass over the kernel: squared unit norms
+    finite = np.isfinite(sq)  # a column holding NaN or Inf (or too large to square) is not
+    med = float(np.median(sq[finite])) if finite.any() else 0.0  # the median norm, squared
     if med > 0:
-        collapsed = int(np.count_nonzero(finite & (norms <= COLLAPSED_BELOW * med)))
+        collapsed = int(np.count_nonzero(finite & (sq <= COLLAPSED_BELOW**2 * med)))
     else:
-        collapsed = int(np.count_nonzero(finite & (norms == 0)))
+        collapsed = int(np.count_nonzero(finite & (sq == 0)))
     return {UNITS: float(w.shape[1]), UNITS_COLLAPSED: float(collapsed),
-            UNITS_DUPLICATE: float(duplicate_units(w, finite))}
+            UNITS_DUPLICATE: float(duplicate_units(w, sq))}
 
 
-def duplicate_units(w: np.ndarray, finite: np.ndarray | None = None) -> int:
+def duplicate_units(w: np.ndarray, sums: np.ndarray | None = None) -> int:
     """How many columns of `w` equal another column exactly (finite ones only). Columns are
-    grouped by their sum (numpy adds the rows in order, the same for every column, so equal
-    columns have equal sums), then each group is compared element by element."""
-    sums = w.sum(axis=0)
-    ok = np.isfinite(sums) if finite is None else finite & np.isfinite(sums)
+    grouped by a per-column reduction (`sums`, by default their sums: numpy reduces the rows
+    in order, the same for every column, so equal columns give equal values), then each
+    group is compared element by element."""
+    if sums is None:
+        sums = w.sum(axis=0)
+    ok = np.isfinite(sums)
     idx = np.flatnonzero(ok)
     if idx.size < 2:
         return 0
     order = idx[np.argsort(sums[idx], kind="stable")]
     s = sums[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    same = s[1:] == s[:-1]
+    if not same.any():
+        return 0  # every unit's reduction differs: no two units are equal (the usual case)
+    starts = np.flatnonzero(np.r_[True, ~same])
     ends = np.r_[starts[1:], s.size]
     count = 0
     for a, b in zip(starts, ends):

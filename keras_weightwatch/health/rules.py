@@ -11,6 +11,7 @@ blind spots; `Thresholds` holds every threshold, in one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -138,8 +139,13 @@ class ModelFacts:
     def kernels(self) -> list[str]:
         """The trainable weights of at least two axes that are neither biases (an attention
         layer's are 2-D) nor LoRA adapters, in order."""
-        return [k for k in self.keys if self.trainable.get(k, False) and k not in self.adapters
-                and len(self.shape.get(k, ())) >= 2 and not k.endswith("bias")]
+        return list(self._kernels)
+
+    @functools.cached_property
+    def _kernels(self) -> tuple[str, ...]:
+        return tuple(k for k in self.keys if self.trainable.get(k, False)
+                     and k not in self.adapters and len(self.shape.get(k, ())) >= 2
+                     and not k.endswith("bias"))
 
     @property
     def normalized(self) -> bool:

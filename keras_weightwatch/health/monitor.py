@@ -137,6 +137,13 @@ class Diagnosis(NamedTuple):
         snapshots: How many snapshots were judged.
         findings: Every finding, errors first.
         notes: What the run lacks for some rules, one line each.
+
+    Example (the README's quickstart run, which is healthy):
+
+    >>> from keras_weightwatch import diagnose
+    >>> d = diagnose("runs/exp1")
+    >>> d.findings, d.errors, d.to_json()["healthy"]
+    ([], [], True)
     """
 
     path: str

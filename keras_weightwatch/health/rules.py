@@ -79,6 +79,14 @@ class Finding(NamedTuple):
         hint: The first thing to check.
         also: Other weights involved (with a non-finite finding: each that followed, as
             `key@step`).
+
+    Example:
+
+    >>> f = Finding("not_learning", "warning", "hidden", "hidden/kernel", step=1, since=0,
+    ...             last=3, message="hidden/kernel has not changed for 2 snapshots",
+    ...             hint="is the layer frozen by mistake?")
+    >>> f.to_json()["since"], f.to_json()["also"]
+    (0, [])
     """
 
     rule: str

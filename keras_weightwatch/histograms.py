@@ -145,7 +145,8 @@ def _float32_counts(x: np.ndarray, edges: np.ndarray, lo: float, factor: float,
     up = edges.astype(np.float32)
     low = up.astype(np.float64) < edges
     up[low] = np.nextafter(up[low], np.float32(np.inf))
-    lo32, factor32 = np.float32(lo), np.float32(factor)
+    with np.errstate(over="ignore"):  # a range of a few subnormals: its factor is no float32
+        lo32, factor32 = np.float32(lo), np.float32(factor)
     if float(lo32) != lo or not np.isfinite(factor32) or bins > _MAX_FAST_BINS:
         return _float64_counts(x, edges, lo, factor, counts)  # the float32 guess may be far off
     binner = _Float32Binner(up, lo32, factor32, x.size)

@@ -228,9 +228,9 @@ class WeightWatch(keras.callbacks.Callback):
             `WeightWatchWarning` per new finding (layer, step, what, what to check first),
             a `health/findings` table and `health/errors`/`health/warnings` counts in
             TensorBoard, the per-unit numbers in the snapshot's statistics. `"stop"`: the
-            same, and a finding of severity "error" stops training (as `TerminateOnNaN`
-            does) once the snapshot that shows it is stored; the training thread then waits
-            for each snapshot to be judged at its epoch end. None: off. Defaults to
+            same, and a finding of severity "error" stops training at the end of its epoch
+            (as `TerminateOnNaN` does), once the snapshot that shows it is stored; the
+            training thread then waits for each snapshot to be judged at its epoch end. None: off. Defaults to
             `"warn"`.
 
     Example:

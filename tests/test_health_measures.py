@@ -176,3 +176,14 @@ def test_snapshot_unit_measures_skips_keys_it_does_not_hold():
     got = snapshot_unit_measures(arrays, ["a/kernel", "missing/kernel"])
     assert got == {"a/kernel": _oracle(arrays["a/kernel"])}
     assert got["a/kernel"][UNITS_DUPLICATE] == 2
+
+
+def test_units_equal_on_the_probed_rows_but_not_elsewhere_are_not_duplicates():
+    # Same first, middle and last row and the same squared norm (a swapped pair of values
+    # in between): only the whole comparison tells them apart.
+    w = np.zeros((5, 3), np.float32)
+    w[:, 0] = [1, 2, 3, 4, 5]
+    w[:, 1] = [1, 4, 3, 2, 5]
+    w[:, 2] = [1, 2, 3, 4, 5]
+    assert unit_measures(w)["units_duplicate"] == 2.0  # columns 0 and 2
+    assert duplicate_units(w[:, :2]) == 0

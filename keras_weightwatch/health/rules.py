@@ -162,8 +162,10 @@ class ModelFacts:
         return any(k.rpartition("/")[2] in _MOVING for k in self.keys)
 
     def unit_kernels(self) -> list[str]:
-        """The Dense and convolution kernels whose units the rules count (`is_unit_kernel`)."""
-        return [k for k in self.keys if k not in self.adapters
+        """The trainable Dense and convolution kernels whose units the rules count
+        (`is_unit_kernel`): a frozen layer's units (a frozen base, a LoRA layer's base) are
+        not this training's doing, and are not reduced at each snapshot."""
+        return [k for k in self.keys if k not in self.adapters and self.trainable.get(k, False)
                 and is_unit_kernel(k, self.shape.get(k, ()))]
 
 
@@ -331,9 +333,7 @@ def dead_units(ctx: Context) -> list[Finding]:
     them)."""
     out = []
     frac = ctx.limits.dead_fraction
-    for k in ctx.model.unit_kernels():
-        if not ctx.model.trainable.get(k, False):
-            continue  # a frozen layer's units are not this training's doing
+    for k in ctx.model.unit_kernels():  # trainable ones: a frozen layer's are not judged
         units = value(ctx.now.stats, k, UNITS)
         if not units >= 2:
             units = float(ctx.model.shape[k][-1])

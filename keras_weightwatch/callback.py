@@ -230,8 +230,8 @@ class WeightWatch(keras.callbacks.Callback):
             TensorBoard, the per-unit numbers in the snapshot's statistics. `"stop"`: the
             same, and a finding of severity "error" stops training at the end of its epoch
             (as `TerminateOnNaN` does), once the snapshot that shows it is stored; the
-            training thread then waits for each snapshot to be judged at its epoch end. None: off. Defaults to
-            `"warn"`.
+            training thread then waits for each snapshot to be judged at its epoch end.
+            None: off. Defaults to `"warn"`.
 
     Example:
 

@@ -26,13 +26,13 @@ class GradientPayload:
     Attributes:
         norms: Weight key -> ||g|| (float64 L2 norm of the gradient).
         arrays: Weight key -> the gradient, for the histograms; None without them.
-        dead: Dense and convolution kernel key -> its output units whose gradient is
-            exactly zero (`health.measures.dead_units`).
+        units: Dense and convolution kernel key -> its gradient, whose output units that
+            are exactly zero the worker counts (`health.measures.dead_units`).
     """
 
     norms: dict[str, float]
     arrays: dict[str, np.ndarray] | None = None
-    dead: dict[str, int] = dataclasses.field(default_factory=dict)
+    units: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def gradient_norms(grads: dict[str, np.ndarray]) -> dict[str, float]:
@@ -101,8 +101,8 @@ class GradientView(View):
             self.keys[id(v)]: grads[k]
             for v, k in zip(model.trainable_weights, grads) if id(v) in self.keys
         }
-        dead = {k: dead_units(g) for k, g in mine.items() if is_unit_kernel(k, np.shape(g))}
-        return GradientPayload(gradient_norms(mine), mine if self.histograms else None, dead)
+        units = {k: g for k, g in mine.items() if is_unit_kernel(k, np.shape(g))}
+        return GradientPayload(gradient_norms(mine), mine if self.histograms else None, units)
 
     def stats(self, stats: Stats, payload: GradientPayload) -> Stats:
         out = {}
@@ -111,8 +111,8 @@ class GradientView(View):
             w_norm = stats.get(key, {}).get("l2_norm")
             if w_norm is not None and math.isfinite(w_norm) and w_norm > 0:
                 values[GRAD_TO_WEIGHT] = norm / w_norm
-            if key in payload.dead:
-                values[GRAD_DEAD_UNITS] = float(payload.dead[key])
+            if key in payload.units:  # counted here, on the worker
+                values[GRAD_DEAD_UNITS] = float(dead_units(payload.units[key]))
             out[key] = values
         return out
 

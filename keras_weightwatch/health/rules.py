@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from ..spectral import stored_metric
 from .measures import GRAD_DEAD_UNITS, UNITS, UNITS_COLLAPSED, UNITS_DUPLICATE, is_unit_kernel
 
 ERROR = "error"
@@ -184,9 +185,9 @@ class Context(NamedTuple):
 
 
 def value(stats: Stats, key: str, name: str) -> float:
-    """A stored statistic, NaN where absent, None or not a number."""
-    v = stats.get(key, {}).get(name)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    """A stored statistic of weight `key`, NaN where absent, None or not a number (the
+    reading `spectral.stored_metric` makes of one weight's statistics)."""
+    return stored_metric(stats.get(key, {}), name)
 
 
 def _found(ctx: Context, rule: str, severity: str, key: str, since: int, message: str,
